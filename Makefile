@@ -1,0 +1,34 @@
+# make test   creates .venv when missing, installs, runs the tests offline
+# make demo   runs SegGen on the built-in real samples with tiny models (no GPU, no download)
+# make bench  prints the benchmarks of bench/
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+export DIFFUSERS_VERBOSITY := error
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+# Without CUDA, install the pinned CPU torch first so that requirements.txt does not pull a CUDA build.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU); fi
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m common.demo runs/demo
+
+bench: install
+	$(PY) bench/colormap.py
+
+clean:
+	rm -rf $(VENV) runs/demo

@@ -1,0 +1,308 @@
+"""Segmentation masks <-> colour maps: the paper's f_mask→color and f_color→mask (§3.2, appendix A.2).
+
+A colour map encodes a label map as an RGB picture, one colour per class, so that an image diffusion
+model (SDXL) can learn to draw masks (Text2Mask) and be conditioned on them (Mask2Img).
+
+Two palettes per dataset (see DESIGN.md, "Colour maps"):
+- "generation": what the generators are trained on and sample. Colours are picked greedily, each as
+  far as possible from those already chosen, from the 6×6×6 lattice {0, 51, ..., 255}³, so any two are
+  at least 51 RGB units apart and survive the VAE round trip and sampling noise.
+- "usual": the community palette (mmseg / color150.mat for ADE20K, panopticapi's category colours for
+  COCO), for pictures people look at. Not injective: ADE20K road and skyscraper share (140,140,140).
+
+Label values are those of the dataset's annotation PNGs: ADE20K 0 (other) and 1..150; COCO panoptic 0
+(void) and the category ids 1..200. Panoptic colour maps also carry an edge colour that outlines every
+segment (appendix A.2); it decodes to the sentinel value EDGE.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import SegGenError
+
+IGNORE = 255  # label value of pixels that belong to no class (train_seg's ignore index)
+EDGE = 254  # label value the edge colour of a panoptic colour map decodes to
+
+
+@dataclass(frozen=True, eq=False)
+class Palette:
+    """A lookup table between label values and RGB colours."""
+
+    name: str
+    colors: np.ndarray  # (K, 3) uint8, one colour per entry
+    values: np.ndarray  # (K,) uint8, the label value each colour encodes (EDGE for the edge colour)
+
+    def __post_init__(self):
+        if len(self.colors) != len(self.values) or not 0 < len(self.colors) <= 256:
+            raise ValueError(f"palette {self.name!r}: {len(self.colors)} colours for {len(self.values)} values")
+        if len(np.unique(self.values)) != len(self.values):
+            raise ValueError(f"palette {self.name!r}: a label value appears twice")
+
+    @property
+    def edge_color(self) -> tuple[int, int, int] | None:
+        hit = np.flatnonzero(self.values == EDGE)
+        return tuple(int(c) for c in self.colors[hit[0]]) if len(hit) else None
+
+    def min_distance(self) -> float:
+        """Smallest Euclidean distance between two colours of the palette."""
+        c = self.colors.astype(np.float64)
+        d = np.sqrt(((c[:, None] - c[None]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        return float(d.min())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "colors": self.colors.tolist(), "values": self.values.tolist(), "edge_value": EDGE}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Palette:
+        return cls(d["name"], np.asarray(d["colors"], np.uint8).reshape(-1, 3), np.asarray(d["values"], np.uint8))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Palette:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise SegGenError(f"{path}: not a readable palette file ({e})") from e
+
+
+def separated_colors(n: int, seeds=((0, 0, 0),), levels: int = 6) -> np.ndarray:
+    """n colours by greedy max-min selection over the lattice {0, 255/(levels-1), ..., 255}³.
+
+    Starts from `seeds` (they keep their order), then repeatedly adds the lattice colour farthest from
+    all chosen ones (first in lattice order on ties), so the result is deterministic. On the default
+    6-level lattice any two colours are ≥ 51 apart; n may be at most levels³.
+    """
+    if n > levels**3:
+        raise ValueError(f"{n} colours do not fit a {levels}-level lattice; raise levels")
+    axis = np.round(np.linspace(0, 255, levels))
+    lattice = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)  # (levels³, 3)
+    chosen = [np.asarray(s, np.float64) for s in seeds]
+    dist = np.min([((lattice - c) ** 2).sum(1) for c in chosen], axis=0)  # squared distance to the chosen set
+    while len(chosen) < n:
+        i = int(np.argmax(dist))
+        chosen.append(lattice[i])
+        dist = np.minimum(dist, ((lattice - lattice[i]) ** 2).sum(1))
+    return np.asarray(chosen[:n], np.uint8)
+
+
+# ---------------------------------------------------------------- the datasets' palettes
+
+_DATA = Path(__file__).parent / "data"
+
+
+@functools.cache
+def ade20k_classes() -> list[dict]:
+    """The 150 ADE20K classes: png_value 1..150, name, full_name, is_stuff, rgb (usual colour)."""
+    return json.loads((_DATA / "ade20k_classes.json").read_text())["classes"]
+
+
+@functools.cache
+def coco_categories() -> list[dict]:
+    """The 133 COCO panoptic categories: id (1..200), name, isthing, color (panopticapi's)."""
+    return json.loads((_DATA / "coco_panoptic_categories.json").read_text())
+
+
+def class_names(data: str) -> dict[int, str]:
+    """Label value -> short class name, for captions and reports."""
+    if data == "ade20k":
+        return {c["png_value"]: c["name"] for c in ade20k_classes()}
+    return {c["id"]: c["name"] for c in coco_categories()}
+
+
+@functools.cache
+def palette_for(data: str, kind: str = "generation") -> Palette:
+    """The palette of dataset `data` ("ade20k" or "coco"); kind "generation" or "usual" (see module doc)."""
+    if kind not in ("generation", "usual"):
+        raise SegGenError(f"palette kind must be 'generation' or 'usual' (got {kind!r})")
+    if data == "ade20k":
+        values = [0] + [c["png_value"] for c in ade20k_classes()]
+        usual = [(0, 0, 0)] + [tuple(c["rgb"]) for c in ade20k_classes()]
+        colors = separated_colors(151, seeds=[(0, 0, 0)]) if kind == "generation" else np.asarray(usual, np.uint8)
+    elif data == "coco":
+        values = [0, EDGE] + [c["id"] for c in coco_categories()]  # void, edge, 133 categories
+        usual = [(0, 0, 0), (255, 255, 255)] + [tuple(c["color"]) for c in coco_categories()]
+        seeds = [(0, 0, 0), (255, 255, 255)]
+        colors = separated_colors(len(values), seeds=seeds) if kind == "generation" else np.asarray(usual, np.uint8)
+    else:
+        raise SegGenError(f"--data must be 'ade20k' or 'coco' (got {data!r})")
+    return Palette(f"{data}-{kind}", np.asarray(colors, np.uint8), np.asarray(values, np.uint8))
+
+
+# ---------------------------------------------------------------- f_mask→color
+
+def label_to_color(label: np.ndarray, palette: Palette) -> np.ndarray:
+    """(H, W) label values -> (H, W, 3) uint8 colour map, by table lookup (appendix A.2)."""
+    table = np.zeros((256, 3), np.uint8)
+    known = np.zeros(256, bool)
+    table[palette.values] = palette.colors
+    known[palette.values] = True
+    label = np.asarray(label)
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise SegGenError(f"label values must lie in 0..255 (got {label.min()}..{label.max()})")
+        label = label.astype(np.uint8)
+    present = np.unique(label)
+    unknown = present[~known[present]]
+    if len(unknown):
+        raise SegGenError(f"label values {unknown.tolist()} have no colour in palette {palette.name!r}")
+    return table[label]
+
+
+def segment_edges(segment_ids: np.ndarray, width: int = 2) -> np.ndarray:
+    """(H, W) bool: True where a pixel up to `width` steps away along its row or column belongs to
+    another segment. Both sides of a boundary are marked, so the line is 2·width pixels wide."""
+    ids = np.asarray(segment_ids)
+    edge = np.zeros(ids.shape, bool)
+    for shift in range(1, width + 1):
+        dv = ids[shift:, :] != ids[:-shift, :]  # vertical neighbours `shift` apart differ
+        dh = ids[:, shift:] != ids[:, :-shift]
+        edge[shift:, :] |= dv
+        edge[:-shift, :] |= dv
+        edge[:, shift:] |= dh
+        edge[:, :-shift] |= dh
+    return edge
+
+
+def panoptic_to_color(segment_ids: np.ndarray, segments: list[dict], palette: Palette, edge_width: int = 1) -> np.ndarray:
+    """Panoptic segments -> colour map: category colours, every segment outlined in the edge colour
+    (appendix A.2), so instances of one category stay apart.
+
+    segment_ids: (H, W) int, 0 = void; segments: [{"id", "category_id"}, ...] (COCO segments_info).
+    """
+    if palette.edge_color is None:
+        raise SegGenError(f"palette {palette.name!r} has no edge colour; panoptic maps need one")
+    cmap = label_to_color(panoptic_to_semantic(segment_ids, segments), palette)
+    cmap[segment_edges(segment_ids, edge_width)] = palette.edge_color
+    return cmap
+
+
+def panoptic_to_semantic(segment_ids: np.ndarray, segments: list[dict]) -> np.ndarray:
+    """(H, W) segment ids + segments_info -> (H, W) uint8 category ids (0 where void)."""
+    ids = np.asarray(segment_ids)
+    seg_ids = np.asarray([s["id"] for s in segments], np.int64)
+    cats = np.asarray([s["category_id"] for s in segments], np.uint8)
+    order = np.argsort(seg_ids)
+    seg_ids, cats = seg_ids[order], cats[order]
+    pos = np.clip(np.searchsorted(seg_ids, ids), 0, max(len(seg_ids) - 1, 0))
+    hit = (seg_ids[pos] == ids) if len(seg_ids) else np.zeros(ids.shape, bool)
+    return np.where(hit, cats[pos] if len(cats) else 0, 0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- f_color→mask
+
+@functools.lru_cache(maxsize=8)
+def _nearest_lut(colors: bytes) -> np.ndarray:
+    """(2^24,) uint8: for every RGB colour, the index of the nearest palette colour.
+
+    Indexed by b·2^16 + g·2^8 + r, i.e. by the little-endian uint32 view of an RGBX pixel. Distances
+    are exact integers and ties go to the lowest index, exactly like a full argmin. Built once per
+    palette (~3 s) by sweeping blue planes: d = (r-pr)² + (g-pg)² + (b-pb)² for all (g, r) at once.
+    """
+    pal = np.frombuffer(colors, np.uint8).reshape(-1, 3).astype(np.int32)
+    v = np.arange(256, dtype=np.int32)[:, None]
+    sq_r, sq_g, sq_b = ((v - pal[None, :, c]) ** 2 for c in range(3))  # each (256, K)
+    gr = sq_g[:, None, :] + sq_r[None, :, :]  # (256 g, 256 r, K)
+    lut = np.empty((256, 256, 256), np.uint8)  # [b, g, r]
+    for b in range(256):
+        lut[b] = np.argmin(gr + sq_b[b], axis=-1)
+    return lut.reshape(-1)
+
+
+def color_to_index(cmap: np.ndarray, palette: Palette) -> np.ndarray:
+    """(H, W, 3) colour map -> (H, W) uint8 index of the nearest palette colour (Euclidean, exact).
+
+    One table lookup per pixel; besides the output, it allocates 4 bytes per pixel.
+    """
+    cmap = np.asarray(cmap)
+    if cmap.ndim != 3 or cmap.shape[-1] != 3:
+        raise SegGenError(f"a colour map must be (H, W, 3) (got shape {cmap.shape})")
+    if cmap.dtype != np.uint8:  # e.g. a float decoder output in 0..255
+        cmap = np.clip(np.rint(cmap), 0, 255).astype(np.uint8)
+    rgbx = np.zeros(cmap.shape[:2] + (4,), np.uint8)
+    rgbx[..., :3] = cmap
+    key = rgbx.view("<u4")[..., 0]  # (H, W) r + g·2^8 + b·2^16
+    return np.take(_nearest_lut(palette.colors.tobytes()), key)
+
+
+def color_to_label(cmap: np.ndarray, palette: Palette, max_distance: float | None = None, vote: bool = False) -> np.ndarray:
+    """f_color→mask for semantic maps (appendix A.2): each pixel takes the class of the nearest palette
+    colour (Euclidean). Returns (H, W) uint8 label values.
+
+    max_distance: pixels farther than this from every palette colour become IGNORE (off-palette).
+    vote: a 3×3 majority vote over the projected labels afterwards; it mends the isolated errors that
+    decoding noise leaves on segment borders (DESIGN.md measured 97-99% -> 99.2-99.8% of pixels).
+    """
+    index = color_to_index(cmap, palette)
+    if vote:
+        index = majority_vote(index)
+    label = palette.values[index]
+    if max_distance is not None:
+        diff = np.asarray(cmap, np.float32) - palette.colors[index]
+        label[(diff * diff).sum(-1) > max_distance**2] = IGNORE
+    return label
+
+
+def off_palette_fraction(cmap: np.ndarray, palette: Palette, max_distance: float) -> float:
+    """Share of pixels farther than max_distance from every palette colour."""
+    return float((color_to_label(cmap, palette, max_distance) == IGNORE).mean())
+
+
+def majority_vote(label: np.ndarray) -> np.ndarray:
+    """3×3 mode filter on a (H, W) uint8 map. Ties keep the centre pixel's value.
+
+    Each of the nine values in a window is a candidate; its count is how many of the nine equal it.
+    Borders are padded by replication. Memory: a few bytes per pixel.
+    """
+    pad = np.pad(label, 1, mode="edge")
+    h, w = label.shape
+    shifts = [(1, 1)] + [(dy, dx) for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)]  # centre first
+    views = [pad[dy:dy + h, dx:dx + w] for dy, dx in shifts]
+    best, best_count = label.copy(), np.zeros(label.shape, np.uint8)
+    for cand in views:
+        count = np.zeros(label.shape, np.uint8)
+        for other in views:
+            count += cand == other
+        better = count > best_count  # strict: on ties the earlier candidate (the centre) stays
+        best[better] = cand[better]
+        best_count = np.maximum(best_count, count)
+    return best
+
+
+def panoptic_color_to_semantic(cmap: np.ndarray, palette: Palette, vote: bool = False) -> np.ndarray:
+    """Semantic labels back from a panoptic colour map: edge pixels take the class of the nearest
+    non-edge pixel. (Instances cannot be recovered reliably; the paper leaves that open, A.2.)"""
+    from scipy.ndimage import distance_transform_edt
+
+    label = color_to_label(cmap, palette, vote=vote)
+    edge = label == EDGE
+    if edge.all():
+        return np.zeros_like(label)
+    if edge.any():
+        _, (iy, ix) = distance_transform_edt(edge, return_indices=True)
+        label = label[iy, ix]
+    return label
+
+
+# ---------------------------------------------------------------- resizing
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a label map (H, W) or colour map (H, W, 3) to size=(width, height) with NEAREST.
+
+    Label and colour maps are never interpolated: any other filter invents values between classes.
+    """
+    array = np.asarray(array)
+    if (array.shape[1], array.shape[0]) == tuple(size):
+        return array
+    if array.dtype in (np.uint8,):
+        return np.asarray(Image.fromarray(array).resize(size, Image.NEAREST))
+    return np.asarray(Image.fromarray(array.astype(np.int32)).resize(size, Image.NEAREST)).astype(array.dtype)
