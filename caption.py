@@ -1,0 +1,253 @@
+"""Caption every image of a real dataset (paper §3.2): the text side of the Text2Mask and Mask2Img pairs.
+
+    python caption.py --data ade20k --data-root PATH --split train          # -> captions/ade20k_train.jsonl
+    accelerate launch caption.py --data ade20k ...                          # sharded over GPUs
+    python caption.py --data ade20k --captioner labels                      # no model: class names by area
+
+The paper captions with BLIP-2 FlanT5-xxl and the prompt "Question: What are shown in the photo?
+Answer:". Output: one `{"id", "image", "caption", "captioner", "prompt", "model"}` line per image, image
+relative to the data root. Killed runs resume: ids already written are skipped, and every line is
+appended only once its caption exists. Under `accelerate launch` process N takes every N-th sample of
+the dataset (a slice fixed by the dataset, not by what is done, so processes never overlap) and writes
+its own `NAME.rank{N}.jsonl`; readers take the family as one file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from common import SegGenError
+from common.colormap import class_names
+from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
+from common.manifest import ManifestWriter, done_ids, rank_path
+from common.paths import captions_path
+from common.shard import process_state, shard
+
+PAPER_MODEL = "Salesforce/blip2-flan-t5-xxl"
+PAPER_PROMPT = "Question: What are shown in the photo? Answer:"
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
+
+
+class Data(str, Enum):
+    ade20k = "ade20k"
+    coco = "coco"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class Captioner(str, Enum):
+    blip2 = "blip2"
+    labels = "labels"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "8bit"
+    int4 = "4bit"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+# ---------------------------------------------------------------- captioners
+
+def labels_caption(sample: Sample, data: str, names: dict[int, str]) -> str:
+    """The class names present in the sample's annotation, largest area first: "wall, floor, bed".
+    COCO's panoptic names lose their "-merged" / "-other" / "-stuff" tags ("sky-other-merged" -> "sky")."""
+    label = load_label(sample, data)
+    area = np.bincount(label.ravel(), minlength=256)
+    area[0] = 0  # ADE20K "other" / COCO void: not a class
+    order = np.argsort(-area, kind="stable")
+    tags = {"merged", "other", "stuff"}
+    clean = (" ".join(w for w in names[int(v)].split("-") if w not in tags) for v in order if area[v] > 0)
+    return ", ".join(clean)
+
+
+class ImageFolder:
+    """Decodes images in DataLoader workers so that reading overlaps generation. A file that fails to
+    decode comes back as its error message instead of an image."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        try:
+            return i, load_image(self.samples[i].image), None
+        except SegGenError as e:
+            return i, None, str(e)
+
+
+def _collate(batch):
+    return batch  # a list of (index, image or None, error or None)
+
+
+def load_blip2(model: str, quantize: Quantize, precision: Precision, device):
+    """BLIP-2 from a hub id or folder, in the precision / quantisation asked for."""
+    import torch
+    from transformers import BitsAndBytesConfig, Blip2ForConditionalGeneration, Blip2Processor
+
+    if precision == Precision.auto:  # fp32 on CPU; bf16 where the GPU has it, else fp16
+        cuda = device.type == "cuda"
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision.value]
+    kwargs = {"dtype": dtype}
+    if quantize != Quantize.none:  # transformers 5 takes only a BitsAndBytesConfig (no load_in_8bit=)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantize == Quantize.int8, load_in_4bit=quantize == Quantize.int4, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device}
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise SegGenError(f"--model {model}: no such folder; pass a BLIP-2 folder or a hub id such as {PAPER_MODEL}")
+    try:
+        processor = Blip2Processor.from_pretrained(model)
+        net = Blip2ForConditionalGeneration.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:  # missing files, offline hub id, or a path the hub client rejects
+        raise SegGenError(f"--model {model}: cannot load a BLIP-2 model and processor from it ({e})") from e
+    if quantize == Quantize.none:
+        net = net.to(device)
+    return net.eval(), processor, dtype
+
+
+# ---------------------------------------------------------------- the job
+
+def caption(
+    data: str, data_root: Path | None, split: str, out: Path | None = None, captioner: str = "blip2",
+    model: str = PAPER_MODEL, prompt: str = PAPER_PROMPT, quantize: str = "none", precision: str = "auto",
+    batch_size: int = 16, num_workers: int = 2, max_new_tokens: int = 30, num_beams: int = 1, limit: int | None = None,
+) -> dict:
+    """Caption a dataset split; returns the summary {"captioned", "skipped", "failed", "seconds", "out"}."""
+    state = process_state()
+    samples = read_dataset(data, data_root, split)  # bad --data / --data-root fail here, before any model
+    root = Path(data_root) if data_root is not None else default_data_root()
+    out = Path(out) if out is not None else captions_path(data, split)
+    samples = samples[:limit] if limit else samples
+    mine = shard(samples, state)
+    done = done_ids(out)
+    todo = [s for s in mine if s.id not in done]
+    if state.is_main_process:
+        console.print(f"[bold]caption.py[/] {data}/{split}: {len(samples)} image(s) under {root}, output {out}"
+                      f" ({state.num_processes} process(es); {len(done)} already captioned)")
+
+    errors_path = rank_path(out.with_name(out.stem + ".errors.jsonl"), state.process_index, state.num_processes)
+    summary = {"captioned": 0, "skipped": len(mine) - len(todo), "failed": 0, "out": str(out)}
+    failures = []
+    start = time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]captioning"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not state.is_main_process and state.num_processes > 1,
+    )
+    meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
+            "model": model if captioner == "blip2" else None}
+    with ManifestWriter(rank_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
+        task = progress.add_task("", total=len(todo), rate=0.0)
+
+        def write(sample: Sample, text: str):
+            writer.append({"id": sample.id, "image": sample.image.relative_to(root).as_posix(), "caption": text, **meta})
+            summary["captioned"] += 1
+
+        def fail(sample: Sample, reason: str):
+            failures.append({"id": sample.id, "image": str(sample.image), "error": reason})
+            summary["failed"] += 1
+
+        def advance(n: int):
+            progress.update(task, advance=n, rate=(summary["captioned"] + summary["failed"]) / (time.perf_counter() - start))
+
+        if captioner == "labels":
+            names = class_names(data)
+            for sample in todo:
+                try:
+                    write(sample, labels_caption(sample, data, names))
+                except SegGenError as e:
+                    fail(sample, str(e))
+                advance(1)
+        elif todo:
+            import torch
+            from torch.utils.data import DataLoader
+
+            net, processor, dtype = load_blip2(model, Quantize(quantize), Precision(precision), state.device)
+            loader = DataLoader(ImageFolder(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+            for batch in loader:
+                good = [(i, im) for i, im, err in batch if err is None]
+                for i, _, err in batch:
+                    if err is not None:
+                        fail(todo[i], err)
+                if good:
+                    inputs = processor(images=[im for _, im in good], text=[prompt] * len(good), return_tensors="pt", padding=True)
+                    inputs = {k: v.to(state.device, dtype) if v.is_floating_point() else v.to(state.device) for k, v in inputs.items()}
+                    with torch.inference_mode():
+                        ids = net.generate(**inputs, generation_config=net.generation_config,
+                                           max_new_tokens=max_new_tokens, num_beams=num_beams)
+                    for (i, _), text in zip(good, processor.batch_decode(ids, skip_special_tokens=True)):
+                        text = text.strip()
+                        write(todo[i], text[len(prompt):].strip() if text.startswith(prompt) else text)  # decoder-only LMs echo the prompt
+                advance(len(batch))
+
+    if failures:
+        with open(errors_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in failures)
+    summary["seconds"] = time.perf_counter() - start
+    summary["errors"] = str(errors_path) if failures else None
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+def main(
+    data: Annotated[Data, typer.Option(help="Dataset to caption.", rich_help_panel="Data")] = Data.ade20k,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
+    split: Annotated[Split, typer.Option(help="Split to caption.", rich_help_panel="Data")] = Split.train,
+    limit: Annotated[int | None, typer.Option(min=1, help="Caption only the first N images (a quick look).", rich_help_panel="Data")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output JSONL (default: captions/{data}_{split}.jsonl).", rich_help_panel="Output")] = None,
+    captioner: Annotated[Captioner, typer.Option(help="blip2: the paper's captioner (§3.2). labels: the class names in the annotation, largest area first; no model, offline.", rich_help_panel="Captioner")] = Captioner.blip2,
+    model: Annotated[str, typer.Option(help="BLIP-2 hub id or folder.", rich_help_panel="Captioner")] = PAPER_MODEL,
+    prompt: Annotated[str, typer.Option(help="Prompt given to BLIP-2 with each image (the paper's by default).", rich_help_panel="Captioner")] = PAPER_PROMPT,
+    quantize: Annotated[Quantize, typer.Option(help="Load BLIP-2 in 8 or 4 bit through bitsandbytes (8bit fits FlanT5-xxl on a 24 GB card).", rich_help_panel="Captioner")] = Quantize.none,
+    precision: Annotated[Precision, typer.Option(help="Weights dtype: auto = bf16/fp16 on GPU, fp32 on CPU.", rich_help_panel="Captioner")] = Precision.auto,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=512, help="Longest caption, in tokens.", rich_help_panel="Generation")] = 30,
+    num_beams: Annotated[int, typer.Option(min=1, max=16, help="Beam search width (1 = greedy).", rich_help_panel="Generation")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per generate() call.", rich_help_panel="Generation")] = 16,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers decoding images.", rich_help_panel="Generation")] = 2,
+):
+    """Caption a dataset with BLIP-2 (paper §3.2) or with its class names; resumable, shardable."""
+    try:
+        s = caption(data.value, data_root, split.value, out, captioner.value, model, prompt, quantize.value,
+                    precision.value, batch_size, num_workers, max_new_tokens, num_beams, limit)
+    except SegGenError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    rate = s["captioned"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    console.print(f"captioned {s['captioned']}, skipped {s['skipped']} (already done), failed {s['failed']}"
+                  f"  [{s['seconds']:.1f} s, {rate:.1f} img/s] -> {s['out']}")
+    if s["failed"]:
+        console.print(f"[red]{s['failed']} image(s) failed[/]: see {s['errors']}")
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    try:
+        typer.run(main)
+    except KeyboardInterrupt:  # every line written so far is complete; a rerun resumes
+        console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        sys.exit(130)
