@@ -187,6 +187,7 @@ def caption(
             from torch.utils.data import DataLoader
 
             net, processor, dtype = load_blip2(model, Quantize(quantize), Precision(precision), state.device)
+            start = time.perf_counter()  # the rate counts captioning, not loading the model
             loader = DataLoader(ImageFolder(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
             for batch in loader:
                 good = [(i, im) for i, im, err in batch if err is None]

@@ -1,0 +1,80 @@
+"""caption.py's overhead: images/s of the whole job (listing, decoding in DataLoader workers, batching,
+writing the manifest) against a bare loop of `processor + model.generate` over the same images,
+already decoded, at the same batch size, with the same tiny BLIP-2. Goal: ratio >= 0.9.
+
+    python bench/caption.py [--images 64] [--batch-size 16] [--model FOLDER]
+
+Without --model a tiny BLIP-2 is built (common.tiny). The images are the real ADE20K samples of
+tests/data, repeated under new names in a temporary ADE20K layout.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from caption import PAPER_PROMPT, caption  # noqa: E402
+from common import tiny  # noqa: E402
+from common.datasets import load_image, read_dataset  # noqa: E402
+
+
+def make_dataset(root: Path, n: int) -> None:
+    src = read_dataset("ade20k", ROOT / "tests/data/ade20k", "train") + read_dataset("ade20k", ROOT / "tests/data/ade20k", "val")
+    for sub in ("images/training", "annotations/training"):
+        (root / "ADEChallengeData2016" / sub).mkdir(parents=True)
+    for i in range(n):
+        s = src[i % len(src)]
+        shutil.copy(s.image, root / f"ADEChallengeData2016/images/training/img_{i:05d}.jpg")
+        shutil.copy(s.annotation, root / f"ADEChallengeData2016/annotations/training/img_{i:05d}.png")
+
+
+def bare_loop(model_dir: Path, images, batch_size: int, max_new_tokens: int) -> float:
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    net = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = Blip2Processor.from_pretrained(model_dir)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        batch = images[i:i + batch_size]
+        inputs = processor(images=batch, text=[PAPER_PROMPT] * len(batch), return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            ids = net.generate(**inputs, generation_config=net.generation_config, max_new_tokens=max_new_tokens)
+        processor.batch_decode(ids, skip_special_tokens=True)
+    return len(images) / (time.perf_counter() - start)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=30)
+    ap.add_argument("--model", type=Path, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or tiny.save("blip2", tmp / "blip2")
+        make_dataset(tmp / "data", args.images)
+        images = [load_image(s.image) for s in read_dataset("ade20k", tmp / "data", "train")]
+        bare_loop(model, images[: args.batch_size], args.batch_size, args.max_new_tokens)  # warm-up
+        bare = bare_loop(model, images, args.batch_size, args.max_new_tokens)
+        s = caption("ade20k", tmp / "data", "train", tmp / "captions.jsonl", model=str(model), batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens)
+        ours = s["captioned"] / s["seconds"]
+    print(f"{args.images} images, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, model {model}")
+    print(f"  bare processor+generate loop (images pre-decoded): {bare:8.2f} img/s")
+    print(f"  caption.py (decode, batch, generate, write):       {ours:8.2f} img/s")
+    print(f"  ratio caption.py / bare loop: {ours / bare:.2f}  (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
