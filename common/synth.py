@@ -1,0 +1,299 @@
+"""What masksyn.py and imgsyn.py share (paper §3.3): loading Text2Mask and Mask2Img, sampling with the
+EDM sampler, the plan of work (batches, shards, resume, seeds), writing the synthetic folder, and the
+contact sheet.
+
+The plan is what makes runs agree with each other. Work items are (source id, k) for every captioned
+source and k < --per-sample, in a fixed order; they are cut into batches of --batch-size; process N of
+an `accelerate launch` takes batches N, N + P, N + 2P, ... A sample depends only on its own seed
+(derived from source id, k and --seed) and on its batch-mates' arithmetic (a UNet batch is not
+bit-for-bit independent of the other rows on CPU or GPU), so the batch is recorded with every sample:
+a sharded run, a resumed run and `--reproduce` all form exactly the same batches and give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common import SegGenError
+from common.colormap import Palette, label_to_color, palette_for
+from common.manifest import read_manifest
+from common.sampler import Cond, EpsDenoiser, edm_sampler
+
+SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
+SD_PIPELINES = ("StableDiffusionPipeline",)
+JPEG_QUALITY = 95
+
+
+# ---------------------------------------------------------------- the plan: ids, seeds, batches
+
+def sample_id(source_id: str, k: int) -> str:
+    return f"{source_id}_{k:03d}"
+
+
+def derive_seed(base_seed: int, source_id: str, k: int) -> int:
+    """A 63-bit seed from (base seed, source id, k): the same in every shard, rerun and batch size."""
+    digest = hashlib.sha256(f"{base_seed}/{source_id}/{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def plan_batches(source_ids: list[str], per_sample: int, batch_size: int) -> list[list[tuple[str, int]]]:
+    """All work items (source id, k) in order, cut into batches."""
+    items = [(s, k) for s in source_ids for k in range(per_sample)]
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that has it, else fp16; fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+# ---------------------------------------------------------------- checking model folders (before loading)
+
+def _read_json(path: Path, flag: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SegGenError(f"{flag} {path.parent}: cannot read {path.name} ({e})") from e
+
+
+def _is_hub_id(name: str) -> bool:
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def check_pipeline(path: str, flag: str, made_by: str) -> str:
+    """'sdxl' or 'sd15' for a diffusers pipeline folder (or hub id: 'sdxl' assumed until it loads)."""
+    if _is_hub_id(path):
+        return "sdxl"
+    folder = Path(path)
+    if not folder.exists():
+        raise SegGenError(f"{flag} {folder} not found: run {made_by} first, or pass {flag}")
+    if not (folder / "model_index.json").is_file():
+        raise SegGenError(f"{flag} {folder}: not a diffusers pipeline folder (no model_index.json); "
+                          f"pass the folder {made_by} wrote, or an SDXL / SD-1.5 pipeline")
+    name = _read_json(folder / "model_index.json", flag).get("_class_name")
+    if name in SDXL_PIPELINES:
+        return "sdxl"
+    if name in SD_PIPELINES:
+        return "sd15"
+    raise SegGenError(f"{flag} {folder}: a {name}, not an SDXL or SD-1.5 text-to-image pipeline")
+
+
+def check_controlnet(path: str, base: str | None, data: str) -> tuple[str, str]:
+    """(the base pipeline to use, 'sdxl' or 'sd15') for a Mask2Img ControlNet folder; the base is
+    --base, else the one recorded by train_mask2img.py in the folder's seggen.json."""
+    folder = Path(path)
+    if not _is_hub_id(path):
+        if not folder.exists():
+            raise SegGenError(f"--mask2img {folder} not found: run train_mask2img.py --data {data} first, or pass --mask2img")
+        if not (folder / "config.json").is_file():
+            raise SegGenError(f"--mask2img {folder}: not a ControlNet folder (no config.json); pass the folder train_mask2img.py wrote")
+        name = _read_json(folder / "config.json", "--mask2img").get("_class_name")
+        if name != "ControlNetModel":
+            raise SegGenError(f"--mask2img {folder}: its config.json is a {name}, not a ControlNetModel; "
+                              f"pass the folder train_mask2img.py wrote")
+    if base is None:
+        meta = folder / "seggen.json"
+        recorded = _read_json(meta, "--mask2img").get("base") if meta.is_file() else None
+        if not recorded:
+            raise SegGenError(f"--mask2img {folder} records no base pipeline (no 'base' in {meta}): pass --base, "
+                              f"the SDXL / SD-1.5 pipeline the ControlNet was trained on")
+        base = str(recorded)
+    kind = check_pipeline(base, "--base", "train_mask2img.py")
+    if not _is_hub_id(path) and not _is_hub_id(base):
+        cn = _read_json(folder / "config.json", "--mask2img")
+        unet_cfg = Path(base) / "unet" / "config.json"
+        if unet_cfg.is_file():
+            unet = _read_json(unet_cfg, "--base")
+            if cn.get("cross_attention_dim") != unet.get("cross_attention_dim") or cn.get("addition_embed_type") != unet.get("addition_embed_type"):
+                raise SegGenError(f"--mask2img {folder} does not fit --base {base}: the ControlNet was made for another UNet "
+                                  f"(cross_attention_dim {cn.get('cross_attention_dim')} vs {unet.get('cross_attention_dim')})")
+    return base, kind
+
+
+def model_palette(folder: str, data: str) -> Palette:
+    """The palette saved with a trained generator (palette.json), else the dataset's generation palette."""
+    path = Path(folder) / "palette.json"
+    return Palette.load(path) if path.is_file() else palette_for(data, "generation")
+
+
+# ---------------------------------------------------------------- loading and sampling
+
+@dataclass
+class Generator:
+    """A loaded Text2Mask pipeline or Mask2Img (ControlNet + base pipeline), ready to sample."""
+
+    pipe: object  # the diffusers pipeline: text encoders, tokenizers, UNet, VAE, scheduler
+    denoiser: EpsDenoiser
+    sdxl: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+
+def _load(what: str, flag: str, fn):
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()  # our own progress bar is the one that matters
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return fn()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise SegGenError(f"{flag} {what}: cannot load it ({e})") from e
+
+
+def load_text2mask(path: str, kind: str, device: torch.device, dtype: torch.dtype) -> Generator:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = _load(path, "--text2mask", lambda: cls.from_pretrained(path, dtype=dtype, **extra))
+    return _ready(pipe, None, kind, device, dtype)
+
+
+def load_mask2img(path: str, base: str, kind: str, device: torch.device, dtype: torch.dtype) -> Generator:
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    controlnet = _load(path, "--mask2img", lambda: ControlNetModel.from_pretrained(path, dtype=dtype))
+    cls = StableDiffusionXLControlNetPipeline if kind == "sdxl" else StableDiffusionControlNetPipeline
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = _load(base, "--base", lambda: cls.from_pretrained(base, controlnet=controlnet, dtype=dtype, **extra))
+    return _ready(pipe, controlnet, kind, device, dtype)
+
+
+def _ready(pipe, controlnet, kind, device, dtype) -> Generator:
+    pipe.to(device)
+    if dtype == torch.float16 and pipe.vae.config.force_upcast:  # SDXL's VAE overflows in fp16
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = EpsDenoiser(pipe.unet.eval(), pipe.scheduler.alphas_cumprod, controlnet=controlnet and controlnet.eval())
+    return Generator(pipe, denoiser, kind == "sdxl", device, dtype)
+
+
+@torch.no_grad()
+def encode(gen: Generator, captions: list[str], resolution: int) -> tuple[Cond, Cond]:
+    """(cond, uncond) for a batch of captions, through the pipeline's own `encode_prompt`: for SDXL
+    the unconditional side is zeros (force_zeros_for_empty_prompt), for SD-1.5 the empty prompt."""
+    if gen.sdxl:
+        emb, neg, pooled, neg_pooled = gen.pipe.encode_prompt(captions, device=gen.device, do_classifier_free_guidance=True)
+        # SDXL's micro-conditioning: original size, crop top-left, target size (Podell et al. §2.2).
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=emb.dtype, device=gen.device)
+        time_ids = time_ids.repeat(len(captions), 1)
+        return Cond(emb, pooled, time_ids), Cond(neg, neg_pooled, time_ids)
+    emb, neg = gen.pipe.encode_prompt(captions, gen.device, 1, True)
+    return Cond(emb), Cond(neg)
+
+
+def initial_noise(gen: Generator, generators: list[torch.Generator], resolution: int) -> torch.Tensor:
+    """(B, C, h, w) unit noise, each row from its sample's own CPU generator (device independent)."""
+    h = resolution // gen.latent_factor
+    shape = (gen.pipe.unet.config.in_channels, h, h)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(gen.device)
+
+
+@torch.no_grad()
+def sample_images(gen: Generator, cond: Cond, uncond: Cond, generators: list[torch.Generator], resolution: int,
+                  steps: int, guidance: float, sampler: str, churn: dict, control: torch.Tensor | None = None) -> np.ndarray:
+    """EDM sampling then VAE decoding: (B, H, W, 3) uint8 pictures (images, or Text2Mask colour maps).
+
+    control: (B, 3, H, W) in [0, 1], the ControlNet's colour maps (Mask2Img)."""
+    if control is not None:
+        cond.control = uncond.control = control.to(gen.device)
+    latents = initial_noise(gen, generators, resolution)
+    d = gen.denoiser
+    x = edm_sampler(lambda x, sigma: d(x, sigma, cond, uncond, guidance), latents, d.schedule(steps),
+                    sampler=sampler, generators=generators, **churn)
+    vae = gen.pipe.vae
+    image = vae.decode((x / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+    image = (image.float() / 2 + 0.5).clamp(0, 1)
+    return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+
+
+def control_tensor(colormaps: list[np.ndarray]) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] from (H, W, 3) uint8 colour maps, as diffusers' ControlNet
+    trainers feed the conditioning image (ToTensor)."""
+    return torch.from_numpy(np.stack(colormaps)).permute(0, 3, 1, 2).float() / 255
+
+
+# ---------------------------------------------------------------- the output folder
+
+def check_output(out: Path, settings: dict, models: dict) -> set[str]:
+    """Ids already written in out (a rerun skips them). An output folder holding another run's
+    samples made with different settings or models is an error: mixing them would break provenance."""
+    records = read_manifest(out) if out.is_dir() else []
+    if records:
+        old = {**records[0].get("settings", {}), "models": records[0].get("models")}
+        settings = {**settings, "models": models}
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
+            raise SegGenError(f"--out {out} holds samples of another run with different settings ({shown}): "
+                              f"pass another --out, or the same settings to resume it")
+    return {str(r["id"]) for r in records}
+
+
+def save_jpeg(path: Path, image: np.ndarray) -> None:
+    Image.fromarray(image).save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no extra disk for the 50 copies of a human annotation), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def find_record(out: Path, wanted: str) -> dict:
+    for rec in read_manifest(out):
+        if str(rec["id"]) == wanted:
+            return rec
+    raise SegGenError(f"--reproduce {wanted}: no such id in the manifests of --out {out}")
+
+
+# ---------------------------------------------------------------- contact sheet (paper Fig. 3 / 4)
+
+def overlay(image: np.ndarray, label: np.ndarray, data: str, alpha: float = 0.5) -> np.ndarray:
+    """The image with the label in the usual palette (for people) blended over it."""
+    colors = label_to_color(label, palette_for(data, "usual")).astype(np.float32)
+    return (alpha * colors + (1 - alpha) * image.astype(np.float32)).astype(np.uint8)
+
+
+def contact_sheet(rows: list[dict], path: Path, cell: int = 192) -> Path:
+    """One row per sample: caption, colour map, image, overlay; written as a PNG."""
+    head = 40
+    sheet = Image.new("RGB", (3 * cell, len(rows) * (cell + head)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        y = r * (cell + head)
+        draw.text((4, y + 4), f"{row['id']}: {row['caption']}"[:3 * cell // 6], fill="black")
+        for c, key in enumerate(("colormap", "image", "overlay")):
+            tile = Image.fromarray(row[key]).resize((cell, cell), Image.NEAREST if key == "colormap" else Image.BILINEAR)
+            sheet.paste(tile, (c * cell, y + head))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

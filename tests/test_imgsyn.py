@@ -1,0 +1,186 @@
+"""imgsyn.py on the real ADE20K and COCO panoptic samples with the tiny SDXL ControlNet: a valid
+synthetic folder, kill-and-resume, bit-for-bit reproduction from a manifest line, bad inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imgsyn
+from common import SegGenError, synth
+from common.colormap import color_to_label, palette_for, panoptic_to_color
+from common.datasets import load_label, load_panoptic, read_dataset, read_synthetic
+from common.manifest import ManifestWriter
+from conftest import ADE_ROOT, COCO_ROOT
+
+FAST = dict(steps=2, resolution=64, guidance=3.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny UNet's calls are so small that a second thread only adds contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {"mask2img": str(tiny_models("controlnet")), "base": str(tiny_models("sdxl"))}
+
+
+def write_captions(path, data, root, split):
+    with open(path, "w") as f:
+        for s in read_dataset(data, root, split):
+            f.write(json.dumps({"id": s.id, "image": s.image.relative_to(root).as_posix(), "caption": f"a photo of {s.id}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ade_captions(tmp_path_factory):
+    return write_captions(tmp_path_factory.mktemp("cap") / "ade20k_val.jsonl", "ade20k", ADE_ROOT, "val")
+
+
+def run_ade(out, models, captions, **kw):
+    args = dict(data="ade20k", data_root=ADE_ROOT, split="val", captions=captions, per_sample=3, batch_size=2, out=out,
+                **models, **FAST)
+    return imgsyn.imgsyn(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def ade_run(tmp_path_factory, models, ade_captions):
+    out = tmp_path_factory.mktemp("imgsyn") / "ade"
+    summary = run_ade(out, models, ade_captions, preview=2)
+    return out, summary
+
+
+def test_ade20k_folder_is_valid(ade_run):
+    out, summary = ade_run
+    assert summary["written"] == 6 and summary["failed"] == 0 and summary["skipped"] == 0
+    samples = read_synthetic(out)
+    assert sorted(s.id for s in samples) == [f"ADE_val_0000000{i}_00{k}" for i in (1, 2) for k in range(3)]
+    real = {s.id: s for s in read_dataset("ade20k", ADE_ROOT, "val")}
+    palette = palette_for("ade20k", "generation")
+    for s in samples:
+        src = real[s.meta["source_id"]]
+        label = load_label(s, "ade20k")  # valid ADE20K values, and the image has the label's size
+        assert s.annotation.read_bytes() == src.annotation.read_bytes()  # the human annotation itself
+        assert np.array_equal(label, load_label(src, "ade20k"))
+        cmap = np.asarray(Image.open(out / s.meta["colormap"]))
+        assert np.array_equal(color_to_label(cmap, palette), label)  # the map the image was drawn from
+        assert Image.open(s.image).format == "JPEG"
+        m = s.meta
+        assert m["method"] == "imgsyn" and m["caption"] == f"a photo of {m['source_id']}"
+        assert m["seed"] == synth.derive_seed(0, m["source_id"], m["k"])
+        assert m["settings"]["steps"] == 2 and m["settings"]["sampler"] == "heun" and m["models"]["base"]
+    # Different seeds give different images for the same label.
+    a, b = (np.asarray(Image.open(out / "images" / f"ADE_val_00000001_00{k}.jpg")) for k in (0, 1))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1
+    assert Image.open(out / "preview.png").size[1] > 2 * 192
+
+
+def test_coco_panoptic_folder(tmp_path, models):
+    captions = write_captions(tmp_path / "coco_val.jsonl", "coco", COCO_ROOT, "val")
+    out = tmp_path / "coco"
+    s = imgsyn.imgsyn(data="coco", data_root=COCO_ROOT, split="val", captions=captions, per_sample=1, out=out, **models, **FAST)
+    assert s["written"] == 2
+    real = {x.id: x for x in read_dataset("coco", COCO_ROOT, "val")}
+    palette = palette_for("coco", "generation")
+    for sample in read_synthetic(out):
+        src = real[sample.meta["source_id"]]
+        assert sample.segments == src.segments  # segments_info travels with the panoptic PNG
+        ids = load_panoptic(sample)
+        assert np.array_equal(ids, load_panoptic(src))
+        cmap = np.asarray(Image.open(out / sample.meta["colormap"]))
+        assert np.array_equal(cmap, panoptic_to_color(ids, sample.segments, palette))  # category colours + edges
+        with Image.open(sample.image) as im:
+            assert im.size == (ids.shape[1], ids.shape[0])
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, ade_run, models, ade_captions):
+    full, _ = ade_run
+    out = tmp_path / "killed"
+    real_append, calls = ManifestWriter.append, []
+
+    def dying_append(self, record):  # killed after the 4th sample's files, before its line
+        calls.append(record["id"])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_append(self, record)
+
+    monkeypatch.setattr(ManifestWriter, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        run_ade(out, models, ade_captions)
+    monkeypatch.setattr(ManifestWriter, "append", real_append)
+    assert len(read_synthetic(out)) == 3
+    summary = run_ade(out, models, ade_captions)
+    assert summary["written"] == 3 and summary["skipped"] == 2  # the batch holding samples 3 and 4 was redone
+    ids = [s.id for s in read_synthetic(out)]
+    assert len(ids) == len(set(ids)) == 6
+    for sid in ids:
+        for sub, ext in (("images", "jpg"), ("annotations", "png"), ("colormaps", "png")):
+            assert (out / sub / f"{sid}.{ext}").read_bytes() == (full / sub / f"{sid}.{ext}").read_bytes(), sid
+    assert not list(out.rglob(".*tmp*"))
+
+
+def test_reproduce_one_sample_bit_for_bit(tmp_path, ade_run, models, ade_captions):
+    full, _ = ade_run
+    out = tmp_path / "copy"
+    shutil.copytree(full, out)
+    result = run_ade(out, models, ade_captions, reproduce="ADE_val_00000001_002")  # second of its batch
+    assert result["identical"]
+    assert (out / "reproduce" / "ADE_val_00000001_002.jpg").read_bytes() == (full / "images" / "ADE_val_00000001_002.jpg").read_bytes()
+    # The comparison can fail: a sample whose stored image was altered is reported as different.
+    Image.new("RGB", (8, 8)).save(out / "images" / "ADE_val_00000002_000.jpg")
+    assert not run_ade(out, models, ade_captions, reproduce="ADE_val_00000002_000")["identical"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad inputs must fail before any model loads."""
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(synth, "load_mask2img", refuse)
+
+
+def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, models, ade_captions, ade_run, no_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(ade_captions.read_text() + json.dumps({"id": "ADE_val_99999999", "image": "x.jpg", "caption": "c"}) + "\n")
+    with pytest.raises(SegGenError, match=r"--captions .*1 id\(s\) are not in ade20k/val \(e.g. 'ADE_val_99999999'\)"):
+        run_ade(tmp_path / "o", models, bad)
+    with pytest.raises(SegGenError, match=r"--mask2img .*not a ControlNet folder"):
+        run_ade(tmp_path / "o", {**models, "mask2img": models["base"]}, ade_captions)
+    with pytest.raises(SegGenError, match=r"--mask2img .*records no base pipeline.*pass --base"):
+        run_ade(tmp_path / "o", {**models, "base": None}, ade_captions)
+    with pytest.raises(SegGenError, match=r"--mask2img .*not found: run train_mask2img.py --data ade20k first"):
+        run_ade(tmp_path / "o", {**models, "mask2img": str(tmp_path / "nothing")}, ade_captions)
+    full, _ = ade_run
+    with pytest.raises(SegGenError, match=r"--out .* holds samples of another run with different settings \(steps: 2 there, 5 now\)"):
+        run_ade(full, models, ade_captions, steps=5)
+    monkeypatch.chdir(tmp_path)  # the default captions/ade20k_val.jsonl does not exist here
+    with pytest.raises(SegGenError, match=r"captions/ade20k_val.jsonl not found: run caption.py --data ade20k --split val first, or pass --captions"):
+        run_ade(tmp_path / "o", models, None)
+
+
+def test_base_recorded_with_the_controlnet(tmp_path, models):
+    cn = tmp_path / "mask2img"
+    shutil.copytree(models["mask2img"], cn)
+    (cn / "seggen.json").write_text(json.dumps({"base": models["base"]}))
+    assert synth.check_controlnet(str(cn), None, "ade20k") == (models["base"], "sdxl")
+
+
+def test_cli_errors_exit_2_with_the_flag_named(tmp_path, ade_captions):
+    from typer.testing import CliRunner
+    import typer
+
+    app = typer.Typer()
+    app.command()(imgsyn.main)
+    res = CliRunner().invoke(app, ["--per-sample", "0", "--captions", str(ade_captions)])
+    assert res.exit_code == 2 and "--per-sample" in res.output
+    res = CliRunner().invoke(app, ["--data-root", str(ADE_ROOT), "--split", "val", "--captions", str(ade_captions),
+                                   "--mask2img", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "error:" in res.output and "--mask2img" in res.output
