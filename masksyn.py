@@ -1,0 +1,297 @@
+"""MaskSyn (paper §3.3, §4.1): new masks from the captions, then images for them.
+
+    python masksyn.py --per-sample 10                                   # -> synth/masksyn-ade20k/
+    accelerate launch masksyn.py --data ade20k --per-sample 10          # sharded over GPUs
+    python masksyn.py --reproduce ADE_train_00000001_003                # regenerate one sample, compare
+
+For every caption: Text2Mask (SDXL fine-tuned on colour maps, EDM sampler, 200 steps, appendix A.4)
+draws a colour map -> label map by the nearest colour of the palette it was trained with, with a 3×3
+majority vote (appendix A.2, common/colormap.py) -> the clean colour map re-rendered from that label ->
+Mask2Img (ControlNet, 40 steps) -> image. The image is conditioned on the re-rendered map, so the
+stored label and the image agree. Degenerate masks are skipped and counted, not written: fewer than
+two classes, or more than --max-off-palette of the pixels far from every palette colour (farther than
+half the palette's smallest colour distance, i.e. not clearly any class). The paper makes 10 per
+ADE20K sample (202,100). COCO: the paper uses ImgSyn only, since instances cannot be recovered from a
+generated colour map (appendix A.2), and so does this script.
+
+Output: the synthetic folder of DESIGN.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
+common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from common import SegGenError, synth
+from common.colormap import IGNORE, Palette, color_to_label, label_to_color
+from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
+from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
+from common.sampler import SAMPLERS
+
+console = Console(stderr=True, soft_wrap=True)
+PATH_FIELDS = ("image", "annotation", "colormap")
+
+
+class Data(str, Enum):
+    ade20k = "ade20k"
+    coco = "coco"
+
+
+Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+# ---------------------------------------------------------------- one batch: caption -> mask -> image
+
+def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tuple[np.ndarray, float, int]:
+    """A generated colour map -> (label map, share of off-palette pixels, number of classes).
+
+    f_color→mask (appendix A.2): nearest palette colour with a 3×3 majority vote; pixels far from every
+    colour become 0 ("other", ignored in training)."""
+    label = color_to_label(cmap, palette, max_distance=max_distance, vote=True)
+    off = float((label == IGNORE).mean())
+    label[label == IGNORE] = 0
+    classes = int(np.count_nonzero(np.bincount(label.ravel(), minlength=256)[1:]))
+    return label, off, classes
+
+
+def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
+    """Text2Mask then Mask2Img on one batch of (source id, k). Per item: {"label", "colormap", "image",
+    "off_palette", "classes"} or, for a degenerate mask, {"rejected": reason, ...} without an image."""
+    res, churn = settings["resolution"], _churn(settings)
+    generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], s, k)) for s, k in batch]
+    texts = [captions[s] for s, _ in batch]
+
+    # 1. caption -> colour map (Text2Mask)
+    cond, uncond = synth.encode(t2m, texts, res)
+    cmaps = synth.sample_images(t2m, cond, uncond, generators, res, settings["text2mask_steps"], settings["guidance"],
+                                settings["sampler"], churn)
+    # 2. colour map -> label; degenerate masks are dropped here
+    items = []
+    for cmap in cmaps:
+        label, off, classes = decode_mask(cmap, palettes[0], settings["off_palette_distance"])
+        item = {"label": label, "off_palette": round(off, 6), "classes": classes}
+        if classes < 2:
+            item["rejected"] = f"{classes} class(es)"
+        elif off > settings["max_off_palette"]:
+            item["rejected"] = f"{off:.1%} of pixels off the palette"
+        items.append(item)
+    keep = [i for i, it in enumerate(items) if "rejected" not in it]
+    if not keep:
+        return items
+    # 3. label -> clean colour map in Mask2Img's palette -> image (Mask2Img)
+    for i in keep:
+        items[i]["colormap"] = label_to_color(items[i]["label"], palettes[1])
+    cond, uncond = synth.encode(m2i, [texts[i] for i in keep], res)
+    control = synth.control_tensor([items[i]["colormap"] for i in keep])
+    images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], res, settings["mask2img_steps"],
+                                 settings["guidance"], settings["sampler"], churn, control=control)
+    for i, image in zip(keep, images):
+        items[i]["image"] = image
+    return items
+
+
+def _churn(settings: dict) -> dict:
+    churn = {k: settings[k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")}
+    churn["S_tmax"] = float("inf") if churn["S_tmax"] is None else churn["S_tmax"]  # JSON has no infinity
+    return churn
+
+
+# ---------------------------------------------------------------- the job
+
+def masksyn(
+    data: str = "ade20k", captions: Path | None = None, text2mask: str | None = None, mask2img: str | None = None,
+    base: str | None = None, per_sample: int = 10, text2mask_steps: int = 200, mask2img_steps: int = 40,
+    guidance: float = 5.0, sampler: str = "heun", S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"),
+    S_noise: float = 1.0, resolution: int = 768, batch_size: int = 4, seed: int = 0, limit: int | None = None,
+    max_off_palette: float = 0.1, out: Path | None = None, precision: str = "auto", preview: int = 0,
+    reproduce: str | None = None,
+) -> dict:
+    """Run MaskSyn; returns the summary {"written", "skipped", "rejected", "failed", "seconds", "out", ...}."""
+    from accelerate import PartialState
+
+    # -- setup: resolve the chained default paths, check every input before any model loads
+    state = PartialState()
+    if data != "ade20k":
+        raise SegGenError(f"--data {data}: MaskSyn is for semantic segmentation (ADE20K). Instances cannot be recovered "
+                          f"from a generated colour map (paper appendix A.2), so the paper makes COCO data with imgsyn.py only")
+    if resolution % 8:
+        raise SegGenError(f"--resolution {resolution}: must be a multiple of 8 (the VAE's factor)")
+    captions = require(Path(captions) if captions else captions_path(data, "train"), f"caption.py --data {data}", "--captions")
+    text2mask = str(text2mask or text2mask_dir(data))
+    mask2img = str(mask2img or mask2img_dir(data))
+    out = Path(out) if out else synth_dir("masksyn", data)
+
+    # -- data: the captions are the only input
+    caps = {str(r["id"]): r["caption"] for r in read_manifest(captions, CAPTION_FIELDS)}
+    if not caps:
+        raise SegGenError(f"--captions {captions} holds no captions: run caption.py --data {data}")
+    sources = sorted(caps)[:limit] if limit else sorted(caps)
+
+    t2m_kind = synth.check_pipeline(text2mask, "--text2mask", f"train_text2mask.py --data {data}")
+    base, kind = synth.check_controlnet(mask2img, base, data)
+    palettes = (synth.model_palette(text2mask, data), synth.model_palette(mask2img, data))
+    dtype = synth.precision_dtype(precision, state.device)
+    settings = {"data": data, "resolution": resolution, "text2mask_steps": text2mask_steps, "mask2img_steps": mask2img_steps,
+                "guidance": guidance, "sampler": sampler, "S_churn": S_churn, "S_tmin": S_tmin,
+                "S_tmax": S_tmax if S_tmax != float("inf") else None, "S_noise": S_noise, "seed": seed,
+                "precision": synth.precision_name(dtype), "palettes": [p.name for p in palettes],
+                "max_off_palette": max_off_palette, "off_palette_distance": palettes[0].min_distance() / 2}
+    models = {"text2mask": text2mask, "mask2img": mask2img, "base": base}
+    load = lambda s: (synth.load_text2mask(models["text2mask"], t2m_kind, state.device, synth.precision_dtype(s["precision"], state.device)),  # noqa: E731
+                      synth.load_mask2img(models["mask2img"], base, kind, state.device, synth.precision_dtype(s["precision"], state.device)))
+    if reproduce is not None:
+        return _reproduce(out, reproduce, caps, palettes, load)
+    rejected_path = out / "rejected.jsonl"
+    done = synth.check_output(out, settings, models)
+    rejected = {str(r["id"]) for r in read_manifest(rejected_path)}
+
+    # -- the plan: batches of (source id, k); this process takes every world-th batch
+    batches = synth.plan_batches(sources, per_sample, batch_size)[state.process_index::state.num_processes]
+    todo = [b for b in batches if any(synth.sample_id(s, k) not in done | rejected for s, k in b)]
+    n_items = sum(len(b) for b in batches)
+    summary = {"written": 0, "skipped": n_items - sum(len(b) for b in todo), "rejected": 0, "failed": 0, "out": str(out)}
+    if state.is_main_process:
+        console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
+                      f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {sampler} "
+                      f"{text2mask_steps}/{mask2img_steps} steps, guidance {guidance}, {resolution}px, {dtype}; output {out} "
+                      f"({state.num_processes} process(es), {len(done)} already written, {len(rejected)} rejected before)")
+
+    # -- models
+    t2m, m2i = load(settings) if todo else (None, None)
+
+    # -- the loop
+    writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
+    rejects = ManifestWriter(rank_path(rejected_path, state.process_index, state.num_processes))
+    rows, start = [], time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]masksyn"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} samples/s"),
+        TextColumn("{task.fields[rejected]} rejected"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not state.is_main_process,
+    )
+    with writer, rejects, progress:
+        task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0, rejected=0)
+        for batch in todo:
+            items = generate(t2m, m2i, batch, caps, settings, palettes)
+            for (s, k), item in zip(batch, items):
+                sid = synth.sample_id(s, k)
+                if sid in done or sid in rejected:
+                    continue
+                if "rejected" in item:
+                    rejects.append({"id": sid, "source_id": s, "k": k, "reason": item["rejected"],
+                                    "off_palette": item["off_palette"], "classes": item["classes"]})
+                    summary["rejected"] += 1
+                    continue
+                writer.append(_write(out, sid, s, k, item, caps[s], settings, models, batch))
+                summary["written"] += 1
+                if len(rows) < preview and state.is_main_process:
+                    rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
+                                 "overlay": synth.overlay(item["image"], item["label"], data)})
+            progress.update(task, advance=len(batch), rejected=summary["rejected"],
+                            rate=summary["written"] / (time.perf_counter() - start))
+
+    summary["seconds"] = time.perf_counter() - start
+    summary["failures"] = []
+    if rows:
+        summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
+    return summary
+
+
+def _write(out, sid, source_id, k, item, caption, settings, models, batch) -> dict:
+    """The sample's files, each complete before its manifest line (DESIGN.md "Data contract")."""
+    atomic_save(out / "images" / f"{sid}.jpg", lambda p: synth.save_jpeg(p, item["image"]))
+    atomic_save(out / "colormaps" / f"{sid}.png", lambda p: synth.save_png(p, item["colormap"]))
+    atomic_save(out / "annotations" / f"{sid}.png", lambda p: synth.save_png(p, item["label"]))  # ADE20K encoding
+    return {"id": sid, "source_id": source_id, "k": k, "method": "masksyn", "image": f"images/{sid}.jpg",
+            "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png", "caption": caption,
+            "seed": synth.derive_seed(settings["seed"], source_id, k), "settings": settings, "models": models,
+            "batch": [[s, kk] for s, kk in batch], "off_palette": item["off_palette"], "classes": item["classes"]}
+
+
+def _reproduce(out, wanted, caps, palettes, load) -> dict:
+    """Regenerate one sample from its manifest line (its own settings, models and batch) into
+    out/reproduce/ and compare image and annotation with the stored ones byte for byte."""
+    rec = synth.find_record(out, wanted)
+    settings = rec["settings"]
+    batch = [(s, int(k)) for s, k in rec["batch"]]
+    lost = [s for s, _ in batch if s not in caps]
+    if lost:
+        raise SegGenError(f"--reproduce {wanted}: source(s) {lost[:3]} of its batch are not in --captions")
+    t2m, m2i = load(settings)
+    item = generate(t2m, m2i, batch, caps, settings, palettes)[batch.index((rec["source_id"], int(rec["k"])))]
+    if "rejected" in item:
+        return {"reproduced": None, "identical": False}
+    image = atomic_save(out / "reproduce" / f"{wanted}.jpg", lambda p: synth.save_jpeg(p, item["image"]))
+    label = atomic_save(out / "reproduce" / f"{wanted}.png", lambda p: synth.save_png(p, item["label"]))
+    same = image.read_bytes() == (out / rec["image"]).read_bytes() and label.read_bytes() == (out / rec["annotation"]).read_bytes()
+    return {"reproduced": str(image), "identical": same}
+
+
+# ---------------------------------------------------------------- command line
+
+def main(
+    data: Annotated[Data, typer.Option(help="Dataset whose classes and palette the masks use (ADE20K; see the module doc for COCO).", rich_help_panel="Data")] = Data.ade20k,
+    captions: Annotated[Path | None, typer.Option(help="Captions JSONL, the prompts (default: captions/{data}_train.jsonl, from caption.py).", rich_help_panel="Data")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N captions (a quick look).", rich_help_panel="Data")] = None,
+    text2mask: Annotated[str | None, typer.Option(help="Text2Mask pipeline folder or hub id (default: runs/text2mask-{data}/).", rich_help_panel="Models")] = None,
+    mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
+    base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 (else fp16) on GPU, fp32 on CPU.", rich_help_panel="Models")] = Precision.auto,
+    per_sample: Annotated[int, typer.Option(min=1, max=10000, help="Masks drawn per caption (paper §4.1: 10).", rich_help_panel="Sampling")] = 10,
+    text2mask_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Text2Mask (paper A.4: 200).", rich_help_panel="Sampling")] = 200,
+    mask2img_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Mask2Img (paper A.4: 40).", rich_help_panel="Sampling")] = 40,
+    guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale of both models (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
+    sampler: Annotated[Sampler, typer.Option(help="heun: EDM Algorithm 2 (2N-1 UNet calls); euler: first order (N).", rich_help_panel="Sampling")] = Sampler.heun,
+    s_churn: Annotated[float, typer.Option("--s-churn", min=0.0, help="EDM S_churn: stochasticity (0 = deterministic ODE).", rich_help_panel="Sampling")] = 0.0,
+    s_tmin: Annotated[float, typer.Option("--s-tmin", min=0.0, help="EDM S_tmin: churn only for σ >= this.", rich_help_panel="Sampling")] = 0.0,
+    s_tmax: Annotated[float, typer.Option("--s-tmax", min=0.0, help="EDM S_tmax: churn only for σ <= this.", rich_help_panel="Sampling")] = float("inf"),
+    s_noise: Annotated[float, typer.Option("--s-noise", min=0.0, help="EDM S_noise: scale of the churn noise.", rich_help_panel="Sampling")] = 1.0,
+    resolution: Annotated[int, typer.Option(min=64, max=4096, help="Side of the generated masks and images (paper A.4: 768).", rich_help_panel="Sampling")] = 768,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Samples per UNet call.", rich_help_panel="Sampling")] = 4,
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; each sample's seed derives from (source id, k, seed).", rich_help_panel="Sampling")] = 0,
+    max_off_palette: Annotated[float, typer.Option(min=0.0, max=1.0, help="Reject a mask with more than this share of pixels far from every palette colour.", rich_help_panel="Filtering")] = 0.1,
+    out: Annotated[Path | None, typer.Option(help="Synthetic folder (default: synth/masksyn-{data}/).", rich_help_panel="Output")] = None,
+    preview: Annotated[int, typer.Option(min=0, max=64, help="Write preview.png with the first N samples (caption, colour map, image, overlay; paper Fig. 3).", rich_help_panel="Output")] = 0,
+    reproduce: Annotated[str | None, typer.Option(help="Regenerate sample ID of --out from its manifest line into --out/reproduce/ and compare it byte for byte.", rich_help_panel="Output")] = None,
+):
+    """MaskSyn (paper §3.3): new masks from captions with Text2Mask, images for them with Mask2Img."""
+    try:
+        s = masksyn(data.value, captions, text2mask, mask2img, base, per_sample, text2mask_steps, mask2img_steps, guidance,
+                    sampler.value, s_churn, s_tmin, s_tmax, s_noise, resolution, batch_size, seed, limit, max_off_palette,
+                    out, precision.value, preview, reproduce)
+    except SegGenError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    if "reproduced" in s:
+        verdict = "[green]identical[/] to the stored sample" if s["identical"] else "[red]differs[/] from the stored sample"
+        console.print(f"reproduced {s['reproduced']}: {verdict}")
+        raise typer.Exit(0 if s["identical"] else 1)
+    rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate), "
+                  f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
+    if s.get("preview"):
+        console.print(f"preview: {s['preview']}")
+
+
+if __name__ == "__main__":
+    try:
+        typer.run(main)
+    except KeyboardInterrupt:  # every line written so far is complete; a rerun resumes
+        console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        sys.exit(130)

@@ -1,0 +1,167 @@
+"""masksyn.py with the tiny SDXL Text2Mask pipeline and ControlNet, on captions of the real ADE20K
+samples: a valid synthetic folder whose labels and images agree, degenerate masks rejected and
+counted, kill-and-resume, bit-for-bit reproduction from a manifest line, bad inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import masksyn
+from common import SegGenError, synth
+from common.colormap import Palette, label_to_color, palette_for, separated_colors
+from common.datasets import load_label, read_dataset, read_synthetic
+from common.manifest import ManifestWriter, read_manifest
+from conftest import ADE_ROOT
+
+FAST = dict(text2mask_steps=2, mask2img_steps=2, resolution=64, guidance=3.0)
+ACCEPT_ALL = dict(max_off_palette=1.0)  # random tiny weights paint noise, not palette colours
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny UNet's calls are so small that a second thread only adds contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {"text2mask": str(tiny_models("sdxl")), "mask2img": str(tiny_models("controlnet")), "base": str(tiny_models("sdxl"))}
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cap") / "ade20k_train.jsonl"
+    with open(path, "w") as f:
+        for s in read_dataset("ade20k", ADE_ROOT, "val"):
+            f.write(json.dumps({"id": s.id, "image": s.image.relative_to(ADE_ROOT).as_posix(), "caption": f"a photo of {s.id}"}) + "\n")
+    return path
+
+
+def run(out, models, captions, **kw):
+    return masksyn.masksyn(**{**dict(captions=captions, per_sample=3, batch_size=2, out=out, **models, **FAST), **kw})
+
+
+@pytest.fixture(scope="module")
+def accepted_run(tmp_path_factory, models, captions):
+    out = tmp_path_factory.mktemp("masksyn") / "all"
+    return out, run(out, models, captions, preview=2, **ACCEPT_ALL)
+
+
+def test_folder_is_valid_and_labels_match_the_colour_maps(accepted_run):
+    out, summary = accepted_run
+    assert summary["written"] == 6 and summary["rejected"] == 0
+    samples = read_synthetic(out)
+    assert sorted(s.id for s in samples) == [f"ADE_val_0000000{i}_00{k}" for i in (1, 2) for k in range(3)]
+    palette = palette_for("ade20k", "generation")
+    for s in samples:
+        label = load_label(s, "ade20k")  # valid ADE20K label values, image of the label's size
+        assert label.shape == (64, 64)
+        assert len(np.unique(label[label > 0])) == s.meta["classes"] >= 2
+        cmap = np.asarray(Image.open(out / s.meta["colormap"]))
+        assert np.array_equal(cmap, label_to_color(label, palette))  # the clean map Mask2Img was conditioned on
+        assert s.meta["method"] == "masksyn" and s.meta["models"]["text2mask"] and s.meta["settings"]["text2mask_steps"] == 2
+    assert (out / "preview.png").is_file()
+
+
+def test_decode_mask_projects_to_the_palette_and_measures_off_palette_pixels():
+    palette = palette_for("ade20k", "generation")
+    limit = palette.min_distance() / 2
+    # A colour clearly belonging to no class: the lattice midpoint farthest from every palette colour.
+    axis = np.arange(25, 256, 51)
+    cands = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    dist = np.sqrt(((cands[:, None].astype(float) - palette.colors[None]) ** 2).sum(-1)).min(1)
+    far = cands[dist.argmax()]
+    assert dist.max() > limit
+    label = np.zeros((16, 16), np.uint8)
+    label[:, :8], label[:, 8:] = 3, 17
+    cmap = label_to_color(label, palette)
+    cmap[:2] = far  # two rows off the palette
+    got, off, classes = masksyn.decode_mask(cmap, palette, limit)
+    assert off == 2 / 16 and classes == 2
+    assert np.array_equal(got[2:], label[2:]) and (got[:2] == 0).all()  # off-palette pixels become "other"
+    assert masksyn.decode_mask(label_to_color(np.full((8, 8), 5, np.uint8), palette), palette, limit)[2] == 1
+
+
+def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeypatch, models, captions):
+    out = tmp_path / "strict"
+    s = run(out, models, captions)  # default --max-off-palette 0.1: the tiny model's noise is rejected
+    assert s["written"] == 0 and s["rejected"] == 6
+    rejected = read_manifest(out / "rejected.jsonl")
+    assert len(rejected) == 6 and all("off the palette" in r["reason"] and r["off_palette"] > 0.1 for r in rejected)
+    assert not (out / "images").exists()
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(synth, "load_text2mask", refuse)
+    assert run(out, models, captions)["skipped"] == 6  # a rerun does not draw them again
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, accepted_run, models, captions):
+    full, _ = accepted_run
+    out = tmp_path / "killed"
+    real_append, calls = ManifestWriter.append, []
+
+    def dying_append(self, record):  # killed after the 3rd sample's files, before its line
+        calls.append(record["id"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_append(self, record)
+
+    monkeypatch.setattr(ManifestWriter, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, models, captions, **ACCEPT_ALL)
+    monkeypatch.setattr(ManifestWriter, "append", real_append)
+    assert len(read_synthetic(out)) == 2
+    s = run(out, models, captions, **ACCEPT_ALL)
+    assert s["written"] == 4 and s["skipped"] == 2
+    ids = [x.id for x in read_synthetic(out)]
+    assert len(ids) == len(set(ids)) == 6
+    for sid in ids:
+        for sub, ext in (("images", "jpg"), ("annotations", "png"), ("colormaps", "png")):
+            assert (out / sub / f"{sid}.{ext}").read_bytes() == (full / sub / f"{sid}.{ext}").read_bytes(), sid
+
+
+def test_reproduce_one_sample_bit_for_bit(tmp_path, accepted_run, models, captions):
+    full, _ = accepted_run
+    out = tmp_path / "copy"
+    shutil.copytree(full, out)
+    result = run(out, models, captions, reproduce="ADE_val_00000002_000", **ACCEPT_ALL)
+    assert result["identical"]
+    assert (out / "reproduce" / "ADE_val_00000002_000.png").read_bytes() == (full / "annotations" / "ADE_val_00000002_000.png").read_bytes()
+
+
+def test_model_palette_is_read_from_the_model_folder(tmp_path, models):
+    folder = tmp_path / "t2m"
+    shutil.copytree(models["text2mask"], folder)
+    assert synth.model_palette(str(folder), "ade20k").name == "ade20k-generation"
+    Palette("custom", separated_colors(151), palette_for("ade20k").values).save(folder / "palette.json")
+    assert synth.model_palette(str(folder), "ade20k").name == "custom"
+
+
+def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, accepted_run, models, captions):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(synth, "load_text2mask", refuse)
+    monkeypatch.setattr(synth, "load_mask2img", refuse)
+    with pytest.raises(SegGenError, match=r"--text2mask .*not a diffusers pipeline folder"):
+        run(tmp_path / "o", {**models, "text2mask": models["mask2img"]}, captions)
+    with pytest.raises(SegGenError, match=r"--text2mask .*not found: run train_text2mask.py --data ade20k first"):
+        run(tmp_path / "o", {**models, "text2mask": str(tmp_path / "none")}, captions)
+    with pytest.raises(SegGenError, match=r"--data coco: .*imgsyn.py"):
+        run(tmp_path / "o", models, captions, data="coco")
+    full, _ = accepted_run
+    with pytest.raises(SegGenError, match=r"--out .* different settings \(guidance: 3.0 there, 4.0 now\)"):
+        run(full, models, captions, guidance=4.0, **ACCEPT_ALL)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SegGenError, match=r"--captions .* holds no captions"):
+        run(tmp_path / "o", models, empty)
