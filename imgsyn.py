@@ -115,10 +115,8 @@ def imgsyn(
     out: Path | None = None, precision: str = "auto", preview: int = 0, reproduce: str | None = None,
 ) -> dict:
     """Run ImgSyn; returns the summary {"written", "skipped", "failed", "seconds", "out", ...}."""
-    from accelerate import PartialState
-
     # -- setup: resolve the chained default paths, check every input before any model loads
-    state = PartialState()
+    state = synth.process_state()
     per_sample = per_sample or (50 if data == "ade20k" else 10)  # paper §4.1
     captions = require(Path(captions) if captions else captions_path(data, split), f"caption.py --data {data} --split {split}", "--captions")
     mask2img = str(mask2img or mask2img_dir(data))

@@ -124,10 +124,8 @@ def masksyn(
     reproduce: str | None = None,
 ) -> dict:
     """Run MaskSyn; returns the summary {"written", "skipped", "rejected", "failed", "seconds", "out", ...}."""
-    from accelerate import PartialState
-
     # -- setup: resolve the chained default paths, check every input before any model loads
-    state = PartialState()
+    state = synth.process_state()
     if data != "ade20k":
         raise SegGenError(f"--data {data}: MaskSyn is for semantic segmentation (ADE20K). Instances cannot be recovered "
                           f"from a generated colour map (paper appendix A.2), so the paper makes COCO data with imgsyn.py only")
