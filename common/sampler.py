@@ -145,6 +145,8 @@ class EpsDenoiser:
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
         self.evals = 0
+        self._t = {}  # σ -> the UNet's timestep tensor; a schedule visits each σ once or twice
+        self._guided = (None, None, None)  # (cond, uncond, their concatenation): built once per batch
 
     def schedule(self, num_steps: int, rho: float = 7.0) -> torch.Tensor:
         """The Karras schedule over this model's own [σ_min, σ_max], 0 appended."""
@@ -174,14 +176,23 @@ class EpsDenoiser:
         guidance > 1: classifier-free guidance, ε = ε_u + w (ε_c - ε_u), with both halves in one UNet
         batch as diffusers does; uncond defaults to `cond.zeros()` (SDXL style)."""
         self.evals += 1
-        t = sigma_to_t(torch.tensor(sigma), self.log_sigmas).to(torch.float32).to(x.device)  # the UNet's timestep
+        if sigma not in self._t:
+            self._t[sigma] = sigma_to_t(torch.tensor(sigma), self.log_sigmas).to(torch.float32).to(x.device)
+        t = self._t[sigma]  # the UNet's timestep
         x_in = x / math.sqrt(sigma**2 + 1)  # c_in
         if guidance == 1.0:
             eps = self.eps(x_in, t, cond).float()
         else:
-            u = uncond if uncond is not None else cond.zeros()
-            both = Cond(torch.cat([u.prompt_embeds, cond.prompt_embeds]), _cat(u.pooled, cond.pooled),
-                        _cat(u.time_ids, cond.time_ids), _cat(u.control, cond.control))
-            eps_u, eps_c = self.eps(torch.cat([x_in, x_in]), t, both).float().chunk(2)
+            eps_u, eps_c = self.eps(torch.cat([x_in, x_in]), t, self._both(cond, uncond)).float().chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         return x - sigma * eps  # c_skip = 1, c_out = -σ
+
+    def _both(self, cond: Cond, uncond: Cond | None) -> Cond:
+        """[uncond; cond] in one batch, concatenated once per sampling run rather than per step."""
+        c, u, both = self._guided
+        if c is not cond or u is not uncond:
+            z = uncond if uncond is not None else cond.zeros()
+            both = Cond(torch.cat([z.prompt_embeds, cond.prompt_embeds]), _cat(z.pooled, cond.pooled),
+                        _cat(z.time_ids, cond.time_ids), _cat(z.control, cond.control))
+            self._guided = (cond, uncond, both)
+        return both
