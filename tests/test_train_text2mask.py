@@ -158,6 +158,26 @@ def test_colour_maps_hold_palette_colours_and_flip_with_the_image(data, root, sp
         assert flips == {False, True}  # random flip (appendix A.4) happens, both ways
 
 
+def test_the_vae_encodes_palette_colours_only(tmp_path, tiny_models, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    seen, encode = [], AutoencoderKL.encode
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(x.detach().clone())
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", spy)
+    assert run(common_args(tmp_path, tiny_models("sdxl"), tmp_path / "run", **{"--max-steps": 3})).exit_code == 0
+    allowed = {tuple(c) for c in palette_for("ade20k").colors.tolist()}
+    assert len(seen) == 3
+    for x in seen:  # (B, 3, R, R) in [-1, 1]: the colour maps Text2Mask learns to draw
+        assert x.shape == (2, 3, 64, 64)
+        rgb = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).reshape(-1, 3)
+        assert torch.allclose(rgb.float() / 127.5 - 1, x.permute(0, 2, 3, 1).reshape(-1, 3), atol=1e-6)  # exact colours
+        assert {tuple(c) for c in rgb.tolist()} <= allowed
+
+
 def test_time_ids_follow_sdxl_order():
     assert time_ids((480, 640), (10, 20), (768, 768)).tolist() == [480, 640, 10, 20, 768, 768]
 

@@ -1,0 +1,376 @@
+"""Train Mask2Img (paper §3.2, appendix A.4): a ControlNet on the frozen SDXL-base that paints an image for
+a segmentation colour map and a caption.
+
+    accelerate launch train_mask2img.py --data ade20k --data-root PATH       # -> runs/mask2img-ade20k/
+    accelerate launch train_mask2img.py ... --resume latest                   # continue a stopped run
+
+Each training triplet is [caption, colour map, image]: the caption from caption.py's manifest, the colour
+map drawn on the fly from the real annotation with the generation palette (NEAREST only), flipped and
+cropped together with the image. The ControlNet starts as a copy of the UNet's encoder
+(ControlNetModel.from_unet, Zhang et al. 2023) or from --controlnet; the base UNet, VAE and text
+encoders stay frozen. Paper defaults: SDXL-base, resolution 768, 30,000 iterations, lr 1e-5, AdamW,
+random flip. An SD-1.5-style --pretrained pipeline works too (appendix A.11): told from its folder.
+
+The run folder ends as a ControlNetModel folder (ControlNetModel.from_pretrained(folder)) with
+seggen.json ({"base": the --pretrained pipeline, ...}) and palette.json beside it, so imgsyn.py and
+masksyn.py need only the folder; it also holds options.json, stats.jsonl, validation/step-N.png grids,
+checkpoint-N/ folders and cache/ (the caption embeddings, reused on resume; delete it when done).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from PIL import Image
+from rich.console import Console
+
+from common import SegGenError
+from common.colormap import palette_for
+from common.datasets import default_data_root, read_dataset
+from common.paths import captions_path, mask2img_dir
+from common.training import (
+    PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_text_embeddings, check_finite, check_resolution, checkpoint_step,
+    drop_captions, image_grid, inspect_base, make_optimizer, noisy_latents, progress_bar, quiet_loading, read_captions,
+    register_diffusers_hooks, resolve_resume, save_checkpoint, step_generator, to_device,
+)
+
+console = Console(stderr=True, soft_wrap=True)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+class Data(str, Enum):
+    ade20k = "ade20k"
+    coco = "coco"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class PaletteKind(str, Enum):
+    generation = "generation"
+    usual = "usual"
+
+
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Schedule(str, Enum):
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+def train(a: SimpleNamespace) -> Path:
+    """The whole run: checks, data, model, loop, final save. Returns the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    # ---------------------------------------------------------------- setup: every check before heavy work
+    quiet_loading()
+    data_root = a.data_root or default_data_root()
+    captions = a.captions or captions_path(a.data, a.split)
+    out = a.output_dir or mask2img_dir(a.data)
+    base = inspect_base(a.pretrained)
+    check_resolution(a.resolution, base)
+    check_controlnet(a.controlnet, base)
+    resume_from = resolve_resume(a.resume, out)
+    samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
+    palette = palette_for(a.data, a.palette)
+
+    use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=a.gradient_accumulation, mixed_precision=a.mixed_precision,
+        log_with="tensorboard" if use_tb else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    set_seed(a.seed)  # model init of anything random; the data and noise have their own per-step seeds
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if a.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
+               "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
+               "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
+    log = RunLog(out, options, main_proc)
+    if main_proc:
+        console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
+                      f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
+                      f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
+        if a.report_to == "tensorboard" and not use_tb:
+            console.print("[dim]TensorBoard is not installed: stats go to stats.jsonl only[/]")
+
+    # ---------------------------------------------------------------- data
+    # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
+    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator,
+                                       dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32, console=console if main_proc else None)
+    empty = embeddings.empty()  # the empty prompt: SD-1.5's unconditional embedding
+    dataset = ColorMapDataset(samples, a.data, palette, a.resolution, embeddings, flip_p=0.5 if a.random_flip else 0.0,
+                              center_crop=a.center_crop)
+
+    # ---------------------------------------------------------------- model
+    noise_scheduler = DDPMScheduler.from_pretrained(a.pretrained, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae")
+    # SDXL's own VAE overflows in fp16: it stays fp32 unless a fixed VAE (--vae) is given, as in diffusers' examples.
+    vae.requires_grad_(False).to(accelerator.device, **({} if a.vae is None else {"dtype": weight_dtype}))
+    unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet")
+    # The ControlNet: a trainable copy of the UNet's encoder whose zero convolutions start silent
+    # (Zhang et al. 2023), or an existing one. Its conditioning embedding downsamples by 8, like the VAE.
+    if a.controlnet:
+        controlnet = ControlNetModel.from_pretrained(a.controlnet)
+    else:
+        controlnet = ControlNetModel.from_unet(unet)
+    # Frozen: SDXL-base stays as it is, in the training dtype.
+    unet.requires_grad_(False).to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+    controlnet.train()
+    if a.gradient_checkpointing:  # both: the gradient flows back through the frozen UNet into the residuals
+        unet.enable_gradient_checkpointing()
+        controlnet.enable_gradient_checkpointing()
+    ema = None
+    if a.ema:
+        ema = EMAModel(controlnet.parameters(), decay=a.ema_decay, model_cls=ControlNetModel, model_config=controlnet.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    register_diffusers_hooks(accelerator, ControlNetModel, "controlnet")
+
+    optimizer = make_optimizer(controlnet.parameters(), a.lr, a.use_8bit_adam, a.weight_decay)
+    # accelerate steps a prepared scheduler once per process, hence the factor (as diffusers' examples do).
+    lr_scheduler = get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.lr_warmup_steps * world,
+                                 num_training_steps=a.max_steps * world)
+    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+
+    global_step, last_ckpt = 0, None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        global_step, last_ckpt = checkpoint_step(resume_from), resume_from
+        if main_proc:
+            console.print(f"resumed from {resume_from} at step {global_step}")
+    # The batch order is a function of (seed, micro-step): the loader starts where the checkpoint stopped.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(dataset), a.batch_size, a.seed, rank, world, global_step * a.gradient_accumulation),
+        num_workers=a.num_workers, pin_memory=accelerator.device.type == "cuda",
+    )
+    if use_tb:
+        accelerator.init_trackers("mask2img", config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
+
+    # ---------------------------------------------------------------- loop
+    micro = global_step * a.gradient_accumulation
+    val_ids = list(range(min(a.num_validation, len(dataset))))
+    t_start, losses = time.perf_counter(), []
+    progress = progress_bar(console) if main_proc else None
+    if progress:
+        progress.start()
+        task = progress.add_task("Mask2Img", total=a.max_steps, completed=global_step, rate="", info="")
+    for batch in loader:
+        if global_step >= a.max_steps:
+            break
+        g = step_generator(a.seed, micro, rank, accelerator.device)
+        batch = to_device(batch, accelerator.device, weight_dtype)
+        with accelerator.accumulate(controlnet):
+            with torch.no_grad():
+                latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample(generator=g)
+                latents = latents * vae.config.scaling_factor  # (B, 4, R/8, R/8)
+            noisy, t, target = noisy_latents(latents.to(weight_dtype), noise_scheduler, g)
+            embeds, pooled = drop_captions(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), a.caption_dropout, g,
+                                           empty, base.force_zeros_for_empty_prompt)
+            cond = {"text_embeds": pooled, "time_ids": batch["time_ids"]} if base.is_sdxl else None
+            # The colour map enters in [0, 1], as in diffusers' ControlNet trainers and pipelines.
+            control = batch["colormap"].to(weight_dtype) / 255  # (B, 3, R, R)
+            down, mid = controlnet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, controlnet_cond=control,
+                                   return_dict=False)
+            pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond,
+                        down_block_additional_residuals=[r.to(weight_dtype) for r in down],
+                        mid_block_additional_residual=mid.to(weight_dtype)).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()  # the same number on every process
+            check_finite(loss_value, global_step + 1, last_ckpt)  # before backward: the weights stay good
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and a.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(controlnet.parameters(), a.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        losses.append(loss_value)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(controlnet.parameters())
+        step_loss, losses = sum(losses) / len(losses), []
+        elapsed = time.perf_counter() - t_start
+        rate = (global_step - (checkpoint_step(resume_from) if resume_from else 0)) / max(elapsed, 1e-9)
+        stats = {"step": global_step, "loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "seconds": round(elapsed, 3),
+                 "samples_per_s": rate * a.batch_size * world * a.gradient_accumulation}
+        log.write(**stats)
+        accelerator.log({"loss": step_loss, "lr": stats["lr"]}, step=global_step)
+        if progress:
+            progress.update(task, completed=global_step, rate=f"{rate:.2f} step/s", info=f"loss {step_loss:.4f}")
+        if a.checkpointing_steps and global_step % a.checkpointing_steps == 0:
+            last_ckpt = save_checkpoint(accelerator, out, global_step, a.checkpoints_total_limit)
+        if a.validation_steps and (global_step % a.validation_steps == 0 or global_step == a.max_steps):
+            if main_proc:
+                if ema is not None:  # sample with the EMA weights, then put the trained ones back
+                    ema.store(controlnet.parameters())
+                    ema.copy_to(controlnet.parameters())
+                v = validate(a, base, accelerator, unet, accelerator.unwrap_model(controlnet), vae, dataset, val_ids, empty,
+                             global_step, out)
+                if ema is not None:
+                    ema.restore(controlnet.parameters())
+                log.write(step=global_step, validation=v)
+                accelerator.log({f"validation/{k}": x for k, x in v.items() if isinstance(x, float)}, step=global_step)
+            accelerator.wait_for_everyone()
+    if progress:
+        progress.stop()
+
+    # ---------------------------------------------------------------- final save: the ControlNet + its base
+    accelerator.wait_for_everyone()
+    if main_proc:
+        controlnet = accelerator.unwrap_model(controlnet)
+        if ema is not None:
+            ema.copy_to(controlnet.parameters())
+        controlnet.save_pretrained(out)
+        palette.save(out / "palette.json")
+        (out / "seggen.json").write_text(json.dumps({
+            "stage": "mask2img", "base": a.pretrained, "vae": a.vae, "data": a.data, "palette": "palette.json",
+            "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
+        }, indent=2) + "\n")
+        console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - t_start:.1f} s; "
+                      f"ControlNet + seggen.json + palette.json -> {out}")
+    accelerator.end_training()
+    return out
+
+
+def check_controlnet(path: str | None, base) -> None:
+    """--controlnet: a ControlNetModel folder whose conditioning embedding downsamples like the base's VAE."""
+    if path is None:
+        return
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise SegGenError(f"--controlnet {path}: no ControlNet folder there (no config.json); pass a folder written by "
+                          "ControlNetModel.save_pretrained, or leave --controlnet out to copy the UNet's encoder")
+    cfg = json.loads(config.read_text())
+    if cfg.get("_class_name") != "ControlNetModel":
+        raise SegGenError(f"--controlnet {path}: config.json describes a {cfg.get('_class_name')}, not a ControlNetModel")
+    factor = 2 ** (len(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
+    if factor != base.vae_factor:
+        raise SegGenError(f"--controlnet {path}: its conditioning embedding downsamples by {factor}, the VAE of "
+                          f"{base.path} by {base.vae_factor}; the colour map would not meet the latents")
+
+
+@torch.no_grad()
+def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, step, out) -> dict:
+    """Sample an image for the colour maps and captions of the first training samples (centre crop, no
+    flip) and write a PNG grid; per row: colour map, sample, real image."""
+    from diffusers import (
+        EulerDiscreteScheduler, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
+    )
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(a.pretrained, subfolder="scheduler")
+    if base.is_sdxl:
+        pipe = StableDiffusionXLControlNetPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                                   tokenizer_2=None, unet=unet, controlnet=controlnet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionControlNetPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, controlnet=controlnet,
+                                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    view = ColorMapDataset(dataset.samples, dataset.data, dataset.palette, dataset.resolution, dataset.embeddings,
+                           flip_p=0.0, center_crop=True)
+    items = [view[(i, 0)] for i in ids]
+    dev, dtype = accelerator.device, unet.dtype
+    embeds = torch.stack([it["prompt_embeds"] for it in items]).to(dev, dtype)
+    neg = torch.zeros_like(embeds) if base.force_zeros_for_empty_prompt else empty[0][None].expand_as(embeds).to(dev, dtype)
+    kw = dict(prompt_embeds=embeds, negative_prompt_embeds=neg)
+    if base.is_sdxl:
+        pooled = torch.stack([it["pooled_prompt_embeds"] for it in items]).to(dev, dtype)
+        kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled) if base.force_zeros_for_empty_prompt
+                  else empty[1][None].expand_as(pooled).to(dev, dtype))
+    # Colour maps at exactly the output size: the pipeline's own resize (LANCZOS) never touches them.
+    maps = [Image.fromarray(it["colormap"].permute(1, 2, 0).numpy()) for it in items]
+    with accelerator.autocast():
+        images = pipe(**kw, image=maps, height=a.resolution, width=a.resolution, num_inference_steps=a.validation_inference_steps,
+                      guidance_scale=a.validation_guidance, generator=torch.Generator(dev).manual_seed(a.seed),
+                      output_type="pil").images
+    rows = [[m, im, Image.fromarray(((it["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))]
+            for m, im, it in zip(maps, images, items)]
+    path = out / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows).save(path)
+    return {"grid": str(path.relative_to(out))}
+
+
+@app.command()
+def main(
+    data: Annotated[Data, typer.Option(help="Dataset to train on.", rich_help_panel="Data")] = Data.ade20k,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
+    split: Annotated[Split, typer.Option(help="Split to train on (the paper: train).", rich_help_panel="Data")] = Split.train,
+    captions: Annotated[Path | None, typer.Option(help="Captions manifest of caption.py (default: captions/{data}_{split}.jsonl).", rich_help_panel="Data")] = None,
+    palette: Annotated[PaletteKind, typer.Option(help="Colour map palette: generation (separated colours, DESIGN.md) or usual (community colours).", rich_help_panel="Data")] = PaletteKind.generation,
+    random_flip: Annotated[bool, typer.Option(help="Random horizontal flip of image and colour map together (appendix A.4).", rich_help_panel="Data")] = True,
+    center_crop: Annotated[bool, typer.Option(help="Centre crop instead of a random crop.", rich_help_panel="Data")] = False,
+    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.", rich_help_panel="Data")] = 4,
+    pretrained: Annotated[str, typer.Option(help="Base pipeline, hub id or folder; SDXL or SD-1.5-style (told from its folder).", rich_help_panel="Model")] = PAPER_BASE,
+    controlnet: Annotated[str | None, typer.Option(help="Start from this ControlNet folder instead of a copy of the UNet's encoder.", rich_help_panel="Model")] = None,
+    vae: Annotated[str | None, typer.Option(help="Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix so the VAE can run in fp16.", rich_help_panel="Model")] = None,
+    resolution: Annotated[int, typer.Option(min=8, max=4096, help="Training resolution (appendix A.4: 768); a multiple of the VAE factor (8).", rich_help_panel="Training")] = 768,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (appendix A.4: 30,000).", rich_help_panel="Training")] = 30_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per process per micro-step.", rich_help_panel="Training")] = 4,
+    gradient_accumulation: Annotated[int, typer.Option(min=1, help="Micro-steps per optimizer step.", rich_help_panel="Training")] = 1,
+    lr: Annotated[float, typer.Option(min=0, help="Learning rate (appendix A.4: 1e-5).", rich_help_panel="Training")] = 1e-5,
+    lr_schedule: Annotated[Schedule, typer.Option(help="LR schedule after warm-up.", rich_help_panel="Training")] = Schedule.constant_with_warmup,
+    lr_warmup_steps: Annotated[int, typer.Option(min=0, help="Linear LR warm-up steps.", rich_help_panel="Training")] = 0,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.", rich_help_panel="Training")] = 1e-2,
+    max_grad_norm: Annotated[float, typer.Option(min=0, help="Gradient clipping norm (0: off).", rich_help_panel="Training")] = 1.0,
+    caption_dropout: Annotated[float, typer.Option(min=0, max=1, help="Share of captions dropped (zero embeddings, as SDXL's CFG) for classifier-free guidance.", rich_help_panel="Training")] = 0.0,
+    ema: Annotated[bool, typer.Option(help="Keep an EMA of the ControlNet weights; it is what gets saved and sampled.", rich_help_panel="Training")] = False,
+    ema_decay: Annotated[float, typer.Option(min=0, max=1, help="EMA decay.", rich_help_panel="Training")] = 0.9999,
+    seed: Annotated[int, typer.Option(help="Seed of the data order, augmentation and noise.", rich_help_panel="Training")] = 0,
+    mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower.", rich_help_panel="Performance")] = False,
+    use_8bit_adam: Annotated[bool, typer.Option(help="bitsandbytes' 8-bit AdamW.", rich_help_panel="Performance")] = False,
+    allow_tf32: Annotated[bool, typer.Option(help="TF32 matmuls on Ampere+ GPUs.", rich_help_panel="Performance")] = True,
+    output_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/mask2img-{data}).", rich_help_panel="Output")] = None,
+    checkpointing_steps: Annotated[int, typer.Option(min=0, help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel="Output")] = 500,
+    checkpoints_total_limit: Annotated[int | None, typer.Option(min=1, help="Keep at most this many checkpoints.", rich_help_panel="Output")] = 3,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint-N folder to continue from.", rich_help_panel="Output")] = None,
+    validation_steps: Annotated[int, typer.Option(min=0, help="Sample a validation grid every N steps and at the end (0: never).", rich_help_panel="Validation")] = 500,
+    num_validation: Annotated[int, typer.Option(min=1, help="Validation colour maps and captions (the first training samples').", rich_help_panel="Validation")] = 4,
+    validation_inference_steps: Annotated[int, typer.Option(min=1, help="Sampler steps for validation.", rich_help_panel="Validation")] = 30,
+    validation_guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")] = 5.0,
+    report_to: Annotated[str, typer.Option(help="'tensorboard' (if installed) or 'none'.", rich_help_panel="Output")] = "tensorboard",
+):
+    """Train a ControlNet on the frozen SDXL-base into Mask2Img on [caption, colour map, image] (paper §3.2, A.4)."""
+    args = SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in locals().items()})
+    try:
+        train(args)
+    except SegGenError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+
+
+if __name__ == "__main__":
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: continue with --resume latest")
+        sys.exit(130)
