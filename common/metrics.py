@@ -61,6 +61,7 @@ def semantic_scores(confmat: torch.Tensor | np.ndarray, class_names: list[str] |
         "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
         "mean_accuracy": float(acc[valid].mean()) if valid.any() else float("nan"),
         "classes_in_ground_truth": int(valid.sum()),
+        "pixels": int(total),  # labelled pixels evaluated
         "per_class_iou": {n: (float(v) if ok else None) for n, v, ok in zip(names, iou.tolist(), valid.tolist())},
     }
 
