@@ -288,6 +288,17 @@ def build_model(model: str | None, backbone: Backbone | None, data: str):
     return Mask2FormerForUniversalSegmentation(config), Mask2FormerImageProcessor(ignore_index=IGNORE, do_reduce_labels=False)
 
 
+def freeze_unused(model) -> None:
+    """The Swin backbone's final LayerNorm only feeds its pooled output, which Mask2Former never uses:
+    it gets no gradient, and DistributedDataParallel refuses such parameters unless it searches the
+    graph for them every step (find_unused_parameters). Freezing it costs nothing."""
+    encoder = model.model.pixel_level_module.encoder
+    for name in ("swin", "embeddings"):
+        norm = getattr(getattr(encoder, name, None), "layernorm", None)
+        if isinstance(norm, torch.nn.LayerNorm):
+            norm.requires_grad_(False)
+
+
 def param_groups(model, lr: float, weight_decay: float, backbone_multiplier: float) -> list[dict]:
     """detectron2's Mask2Former groups: backbone lr x 0.1; no weight decay on norms and embeddings."""
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.Embedding)
@@ -451,6 +462,7 @@ def run(a) -> dict:
     set_seed(a.seed)
     model_src = str(a.checkpoint) if a.eval_only else a.model
     net, processor = build_model(model_src, None if model_src else (a.backbone or Backbone.r50), a.data)
+    freeze_unused(net)
     mean, std = processor.image_mean, processor.image_std
     crop = a.crop or (640 if a.backbone == Backbone.swin_l else 512)
     eval_size = a.eval_size or crop
@@ -480,14 +492,20 @@ def run(a) -> dict:
     per_proc = a.batch_size // accelerator.num_processes
     dataset = SegData([real, *synthetic], a.data, crop, augment=not a.no_augment)
     source_names = ["real", *[str(f) for f in folders]]
-    drawn = torch.zeros(len(source_names), dtype=torch.long)
-    skipped_images = skipped_steps = 0
+    # Per-process counts: samples drawn from each source, then images left out for having no label.
+    counts = torch.zeros(len(source_names) + 1, dtype=torch.long)
+    skipped_steps = 0  # the same on every process
+
+    def totals() -> dict:  # a collective: every process calls it
+        c = accelerator.reduce(counts.to(accelerator.device), "sum").cpu().tolist()
+        return {"drawn": dict(zip(source_names, c[:-1])), "skipped_images": c[-1], "skipped_steps": skipped_steps}
     start_phase, start_step = 0, 0
     if resume_from is not None:
         state = json.loads((resume_from / "state.json").read_text())
         start_phase, start_step = state["phase"], state["step"]
-        drawn = torch.tensor(state["drawn"], dtype=torch.long)
-        skipped_images, skipped_steps = state["skipped_images"], state["skipped_steps"]
+        if main_proc:  # the run's totals so far, counted once
+            counts = torch.tensor([state["drawn"].get(n, 0) for n in source_names] + [state["skipped_images"]], dtype=torch.long)
+        skipped_steps = state["skipped_steps"]
         say(f"resuming from {resume_from} (phase {start_phase + 1}, step {start_step})")
     stats = open(output_dir / "stats.jsonl", "a") if main_proc else None
     mean_t = torch.tensor(mean, device=accelerator.device).view(1, 3, 1, 1) * 255
@@ -518,9 +536,9 @@ def run(a) -> dict:
                 images = (batch["image"].to(accelerator.device, non_blocking=True).float() - mean_t) / std_t
                 labels = batch["label"].to(accelerator.device, non_blocking=True)
                 valid = batch["valid"].to(accelerator.device, non_blocking=True).long()
-                drawn += torch.bincount(batch["source"], minlength=len(source_names))
+                counts[:-1] += torch.bincount(batch["source"], minlength=len(source_names))
                 mask_labels, class_labels, keep = semantic_targets(labels)
-                skipped_images += int((~keep).sum())
+                counts[-1] += int((~keep).sum())
                 # Every process takes the same branch (the loss itself synchronises its mask count).
                 if bool(accelerator.gather(keep.any()[None].long()).min() == 0):
                     skipped_steps += 1
@@ -540,19 +558,16 @@ def run(a) -> dict:
                     progress.update(task, completed=done)
                 if done % a.log_every == 0 or done == steps:
                     loss = accelerator.reduce(torch.as_tensor(loss_sum / max(n_log, 1), device=accelerator.device), "mean")
-                    total_drawn = accelerator.reduce(drawn.to(accelerator.device), "sum").cpu()
                     now = time.perf_counter()
-                    rec = {"phase": phase, "step": done, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
-                           "it_per_s": a.log_every / (now - t_log) if done % a.log_every == 0 else None,
-                           "drawn": dict(zip(source_names, total_drawn.tolist())),
-                           "skipped_images": skipped_images, "skipped_steps": skipped_steps}
+                    rec = {"phase": phase, "step": done, "loss": float(loss), "lr": max(scheduler.get_last_lr()),  # head lr
+                           "it_per_s": a.log_every / (now - t_log) if done % a.log_every == 0 else None, **totals()}
                     t_log, n_log, loss_sum = now, 0, 0.0
                     if main_proc:
                         stats.write(json.dumps(rec) + "\n")
                         stats.flush()
                     accelerator.log({"loss": rec["loss"], "lr": rec["lr"]}, step=done + sum(s for _, _, s in phases[:k]))
                 if a.checkpoint_every and (done % a.checkpoint_every == 0 or done == steps):
-                    save_checkpoint(accelerator, net, processor, output_dir, k, done, drawn, skipped_images, skipped_steps, a.keep_checkpoints)
+                    save_checkpoint(accelerator, net, processor, output_dir, {"phase": k, "step": done, **totals()}, a.keep_checkpoints)
         accelerator.wait_for_everyone()
         elapsed = time.perf_counter() - t0
         say(f"phase {phase}: {steps - first} steps in {elapsed:.1f} s ({(steps - first) / max(elapsed, 1e-9):.2f} it/s)")
@@ -561,12 +576,10 @@ def run(a) -> dict:
     if main_proc:
         accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
-    total_drawn = accelerator.reduce(drawn.to(accelerator.device), "sum").cpu()
     result = {"data": a.data, "strategy": a.strategy.value, "phases": [{"name": n, "p_aug": p, "steps": s} for n, p, s in phases],
-              "drawn": dict(zip(source_names, total_drawn.tolist())), "skipped_images": skipped_images,
-              "skipped_steps": skipped_steps, "model": str(output_dir / "model")}
-    if skipped_images:
-        say(f"[yellow]{skipped_images} training image(s) without any labelled pixel were left out of the loss "
+              **totals(), "model": str(output_dir / "model")}
+    if result["skipped_images"]:
+        say(f"[yellow]{result['skipped_images']} training image(s) without any labelled pixel were left out of the loss "
             f"({skipped_steps} whole step(s) skipped)[/]")
     with progress_bar(main_proc) as progress:
         result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress)
@@ -589,16 +602,15 @@ def probe_synthetic(folder: Path, samples: list[Sample], data: str, n: int = 8) 
                               f"(was this folder made for another dataset?)") from e
 
 
-def save_checkpoint(accelerator, net, processor, output_dir: Path, phase: int, step: int, drawn, skipped_images, skipped_steps, keep: int) -> None:
+def save_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> None:
     """checkpoints/phase{k}-step{N}: accelerate state (model.safetensors, optimizer, scheduler, RNG) +
     config.json and the image processor, so from_pretrained (and --eval-only --checkpoint) loads it."""
-    path = output_dir / "checkpoints" / f"phase{phase}-step{step:07d}"
+    path = output_dir / "checkpoints" / f"phase{state['phase']}-step{state['step']:07d}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         accelerator.unwrap_model(net).config.save_pretrained(path)
         processor.save_pretrained(path)
-        (path / "state.json").write_text(json.dumps({"phase": phase, "step": step, "drawn": drawn.tolist(),
-                                                     "skipped_images": skipped_images, "skipped_steps": skipped_steps}))
+        (path / "state.json").write_text(json.dumps(state))
         for old in checkpoints(output_dir)[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
