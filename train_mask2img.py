@@ -307,10 +307,18 @@ def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, s
                   else empty[1][None].expand_as(pooled).to(dev, dtype))
     # Colour maps at exactly the output size: the pipeline's own resize (LANCZOS) never touches them.
     maps = [Image.fromarray(it["colormap"].permute(1, 2, 0).numpy()) for it in items]
+    # The residuals join the UNet in its dtype, as in the training step (CPU autocast leaves group_norm
+    # with mixed dtypes otherwise).
+    def cast(module, args, output):
+        down, mid = output
+        return [r.to(dtype) for r in down], mid.to(dtype)
+
+    hook = controlnet.register_forward_hook(cast)
     with accelerator.autocast():
         images = pipe(**kw, image=maps, height=a.resolution, width=a.resolution, num_inference_steps=a.validation_inference_steps,
                       guidance_scale=a.validation_guidance, generator=torch.Generator(dev).manual_seed(a.seed),
                       output_type="pil").images
+    hook.remove()
     rows = [[m, im, Image.fromarray(((it["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))]
             for m, im, it in zip(maps, images, items)]
     path = out / "validation" / f"step-{step:06d}.png"

@@ -246,7 +246,7 @@ def train(a: SimpleNamespace) -> Path:
 @torch.no_grad()
 def validate(a, base, accelerator, unet, vae, dataset, ids, empty, palette, step, out) -> dict:
     """Sample a colour map for the captions of the first training samples; write a PNG grid (per row:
-    sample, its colour → label projection redrawn, the real colour map) and measure how much of each
+    sample, its colour → label projection redrawn, the real colour map, centre crop) and measure how much of each
     sample is off-palette (farther than half the palette's smallest gap from every colour)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -258,7 +258,9 @@ def validate(a, base, accelerator, unet, vae, dataset, ids, empty, palette, step
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    items = [dataset[(i, 0)] for i in ids]
+    view = ColorMapDataset(dataset.samples, dataset.data, dataset.palette, dataset.resolution, dataset.embeddings,
+                           flip_p=0.0, center_crop=True, need_image=False)
+    items = [view[(i, 0)] for i in ids]
     dev = accelerator.device
     embeds = torch.stack([it["prompt_embeds"] for it in items]).to(dev, unet.dtype)
     if base.force_zeros_for_empty_prompt:

@@ -338,8 +338,14 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
 
 
 def to_device(batch: dict, device, dtype) -> dict:
-    """Moves a batch; floating tensors (the colour map stays uint8) take the training dtype."""
-    return {k: (v.to(device, dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Moves a batch. The cached embeddings and time ids take the training dtype (as the pipelines pass
+    them at sampling time); the image stays fp32 for the VAE, the colour map uint8 (exact colours)."""
+    def move(key, v):
+        if not torch.is_tensor(v):
+            return v
+        return v.to(device, dtype if v.is_floating_point() and key != "pixel_values" else None, non_blocking=True)
+
+    return {k: move(k, v) for k, v in batch.items()}
 
 
 def noisy_latents(latents: torch.Tensor, scheduler, generator: torch.Generator):

@@ -1,0 +1,201 @@
+"""One training step of train_text2mask.py and train_mask2img.py, against a bare loop, in one run.
+
+- script: the real `train()` of each script, run in-process on the real ADE20K samples (tiny SDXL,
+  no validation, no checkpoints, data loaded in the main process); its step time is the steady-state
+  slope of the "seconds" column of stats.jsonl.
+- split: the same step taken apart with the same helpers (common/training.py), each phase timed alone:
+  data (decode, colour map, crop/flip, collate), text (a cached embedding row vs encoding the captions
+  with both text encoders), VAE encode, UNet (+ControlNet) forward+backward, optimizer.
+- bare: UNet (+ControlNet) forward+backward + AdamW on random tensors of the same shapes: the floor any
+  trainer pays. "bare+VAE" adds the VAE encode, which a trainer without cached latents pays too.
+
+The goal: the script's step within 1.1× of bare+VAE once embeddings are cached (the data is loaded in
+the main process here; under `--num-workers N` it overlaps with the step). Prints milliseconds and
+ratios. On a CPU the tiny models' numbers are dominated by per-call overheads; the ratios are what to read.
+
+    python bench/train_step.py [--resolution 64] [--batch-size 2] [--steps 20] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import tiny  # noqa: E402
+from common.colormap import palette_for  # noqa: E402
+from common.datasets import read_dataset  # noqa: E402
+from common.training import (  # noqa: E402
+    ColorMapDataset, StepBatches, cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders, noisy_latents,
+    quiet_loading, step_generator, to_device,
+)
+
+ADE = ROOT / "tests" / "data" / "ade20k"
+CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of fn() over `repeat` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def script_step(module, work: Path, base: Path, captions: Path, args, steps: int) -> float:
+    """Seconds per step of the real script, from the slope of stats.jsonl after a few warm-up steps."""
+    from typer.testing import CliRunner
+
+    out, warm = work / f"run-{module.__name__}", 3
+    cli = ["--data-root", str(ADE), "--split", "val", "--captions", str(captions), "--pretrained", str(base),
+           "--output-dir", str(out), "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
+           "--max-steps", str(steps + warm), "--num-workers", "0", "--validation-steps", "0", "--checkpointing-steps", "0",
+           "--report-to", "none"]
+    result = CliRunner().invoke(module.app, cli)
+    if result.exit_code != 0:
+        raise SystemExit(f"{module.__name__} failed:\n{result.output}\n{result.exception!r}")
+    seconds = [json.loads(line)["seconds"] for line in (out / "stats.jsonl").read_text().splitlines()]
+    return (seconds[-1] - seconds[warm - 1]) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable numbers on a shared machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_loading()
+    sys.path.insert(0, str(ROOT))
+    import train_mask2img
+    import train_text2mask
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    base = tiny.save("sdxl", work / "sdxl")
+    captions = work / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"id": i, "image": f"ADEChallengeData2016/images/validation/{i}.jpg", "caption": c}) + "\n"
+                                for i, c in CAPTIONS.items()))
+    r, b, n = args.resolution, args.batch_size, args.steps
+
+    # ------------------------------------------------ the scripts, whole
+    script = {"text2mask": script_step(train_text2mask, work, base, captions, args, n),
+              "mask2img": script_step(train_mask2img, work, base, captions, args, n)}
+
+    # ------------------------------------------------ the step taken apart
+    info, accelerator = inspect_base(str(base)), Accelerator()
+    samples = read_dataset("ade20k", ADE, "val")
+    texts = [CAPTIONS[s.id] for s in samples]
+    emb = cache_text_embeddings(str(base), info, texts, work / "cache", accelerator)
+    dataset = ColorMapDataset(samples, "ade20k", palette_for("ade20k"), r, emb)
+    colormaps_only = ColorMapDataset(samples, "ade20k", palette_for("ade20k"), r, emb, need_image=False)  # Text2Mask's
+    batches = iter(StepBatches(len(dataset), b, 0))
+    collate = torch.utils.data.default_collate
+    t_data = {"text2mask": timed(lambda: collate([colormaps_only[k] for k in next(batches)]), n),
+              "mask2img": timed(lambda: collate([dataset[k] for k in next(batches)]), n)}
+    t_text_cached = timed(lambda: [emb.row(i) for i in range(b)], n)
+    encoders = load_text_encoders(str(base), True, "cpu", torch.float32)
+    t_text_encode = timed(lambda: encode_prompts(texts[:b] * (b // len(texts[:b]) or 1), encoders), n)
+    del encoders
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae").requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    batch = to_device(collate([dataset[k] for k in next(batches)]), "cpu", torch.float32)
+    g = step_generator(0, 0, 0, "cpu")
+    with torch.no_grad():
+        t_vae = timed(lambda: vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g), n)
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g) * vae.config.scaling_factor
+    noisy, t, target = noisy_latents(latents, scheduler, g)
+    embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    cond = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
+
+    rows = {}
+    for name in ("text2mask", "mask2img"):
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        controlnet = ControlNetModel.from_unet(unet) if name == "mask2img" else None
+        trained = controlnet if controlnet is not None else unet
+        if controlnet is not None:
+            unet.requires_grad_(False)
+        opt = torch.optim.AdamW(trained.parameters(), lr=1e-5)
+        control = batch["colormap"].float() / 255
+
+        def forward_backward():
+            kw = {}
+            if controlnet is not None:
+                down, mid = controlnet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, controlnet_cond=control,
+                                       return_dict=False)
+                kw = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, **kw).sample
+            F.mse_loss(pred, target).backward()
+
+        def optimizer_step():
+            opt.step()
+            opt.zero_grad(set_to_none=False)  # keep the grads: the next call times the step alone
+
+        forward_backward()
+        t_fb, t_opt = timed(forward_backward, n), timed(optimizer_step, n)
+        t_clip = timed(lambda: torch.nn.utils.clip_grad_norm_(trained.parameters(), 1e9), n)  # --max-grad-norm
+
+        # bare: random tensors of the same shapes, nothing else
+        x, e, p, ids = torch.randn_like(noisy), torch.randn_like(embeds), torch.randn_like(pooled), batch["time_ids"].clone()
+        c = torch.rand_like(control)
+        ts = torch.randint(0, 1000, (b,))
+
+        def bare():
+            kw = {}
+            bare_cond = {"text_embeds": p, "time_ids": ids}
+            if controlnet is not None:
+                down, mid = controlnet(x, ts, encoder_hidden_states=e, added_cond_kwargs=bare_cond, controlnet_cond=c, return_dict=False)
+                kw = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            F.mse_loss(unet(x, ts, encoder_hidden_states=e, added_cond_kwargs=bare_cond, **kw).sample, x).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t_bare = timed(bare, n)
+        rows[name] = dict(script=script[name], data=t_data[name], text_cached=t_text_cached, text_encode=t_text_encode, vae=t_vae,
+                          fwd_bwd=t_fb, clip=t_clip, optimizer=t_opt, bare=t_bare, bare_vae=t_bare + t_vae)
+
+    print(f"one training step, tiny SDXL, {r}x{r}, batch {b}, {args.threads} thread(s), median of {n} "
+          f"({'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")
+    print(f"{'ms':<34}{'Text2Mask':>12}{'Mask2Img':>12}")
+    labels = [("script step (train(), stats.jsonl)", "script"), ("  data: decode, colour map, crop/flip", "data"),
+              ("  text: cached embedding rows", "text_cached"), ("  (text: encoding instead, not done)", "text_encode"),
+              ("  VAE encode", "vae"), ("  UNet (+ControlNet) fwd+bwd", "fwd_bwd"), ("  gradient clipping", "clip"), ("  optimizer", "optimizer"),
+              ("bare loop: fwd+bwd+AdamW", "bare"), ("bare loop + VAE encode", "bare_vae")]
+    for label, key in labels:
+        print(f"{label:<34}{rows['text2mask'][key] * 1e3:>12.2f}{rows['mask2img'][key] * 1e3:>12.2f}")
+    for row in rows.values():
+        row["parts"] = row["data"] + row["text_cached"] + row["vae"] + row["fwd_bwd"] + row["clip"] + row["optimizer"]
+    print(f"{'sum of the parts':<34}{rows['text2mask']['parts'] * 1e3:>12.2f}{rows['mask2img']['parts'] * 1e3:>12.2f}")
+    for name, row in rows.items():
+        print(f"{name}: script / sum of its parts = {row['script'] / row['parts']:.2f}x (accelerate, logging, progress)")
+        print(f"{name}: script / bare = {row['script'] / row['bare']:.2f}x; script / (bare + VAE) = "
+              f"{row['script'] / row['bare_vae']:.2f}x; script / (bare + VAE + data) = "
+              f"{row['script'] / (row['bare_vae'] + row['data']):.2f}x (goal: <= 1.1x once embeddings are cached); "
+              f"encoding captions every step would add {row['text_encode'] / row['script']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
