@@ -88,16 +88,22 @@ def _is_hub_id(name: str) -> bool:
 
 
 def check_pipeline(path: str, flag: str, made_by: str) -> str:
-    """'sdxl' or 'sd15' for a diffusers pipeline folder (or hub id: 'sdxl' assumed until it loads)."""
-    if _is_hub_id(path):
-        return "sdxl"
+    """'sdxl' or 'sd15' for a diffusers pipeline folder or hub id, from its model_index.json alone."""
     folder = Path(path)
-    if not folder.exists():
+    if _is_hub_id(path):
+        from diffusers import DiffusionPipeline
+
+        try:  # the hub cache (offline) or the hub: the config only, no weights
+            name = DiffusionPipeline.load_config(path).get("_class_name")
+        except (OSError, ValueError) as e:
+            raise SegGenError(f"{flag} {path}: not a local folder, and no pipeline of that hub id can be read ({e})") from e
+    elif not folder.exists():
         raise SegGenError(f"{flag} {folder} not found: run {made_by} first, or pass {flag}")
-    if not (folder / "model_index.json").is_file():
+    elif not (folder / "model_index.json").is_file():
         raise SegGenError(f"{flag} {folder}: not a diffusers pipeline folder (no model_index.json); "
                           f"pass the folder {made_by} wrote, or an SDXL / SD-1.5 pipeline")
-    name = _read_json(folder / "model_index.json", flag).get("_class_name")
+    else:
+        name = _read_json(folder / "model_index.json", flag).get("_class_name")
     if name in SDXL_PIPELINES:
         return "sdxl"
     if name in SD_PIPELINES:

@@ -147,7 +147,7 @@ def no_model(monkeypatch):
     monkeypatch.setattr(synth, "load_mask2img", refuse)
 
 
-def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, models, ade_captions, ade_run, no_model):
+def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, models, ade_captions, ade_run, no_model, tiny_models):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(ade_captions.read_text() + json.dumps({"id": "ADE_val_99999999", "image": "x.jpg", "caption": "c"}) + "\n")
     with pytest.raises(SegGenError, match=r"--captions .*1 id\(s\) are not in ade20k/val \(e.g. 'ADE_val_99999999'\)"):
@@ -158,6 +158,8 @@ def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, models, ade_cap
         run_ade(tmp_path / "o", {**models, "base": None}, ade_captions)
     with pytest.raises(SegGenError, match=r"--mask2img .*not found: run train_mask2img.py --data ade20k first"):
         run_ade(tmp_path / "o", {**models, "mask2img": str(tmp_path / "nothing")}, ade_captions)
+    with pytest.raises(SegGenError, match=r"--mask2img .* does not fit --base .*sd15.*: the ControlNet was made for another UNet"):
+        run_ade(tmp_path / "o", {**models, "base": str(tiny_models("sd15"))}, ade_captions)
     full, _ = ade_run
     with pytest.raises(SegGenError, match=r"--out .* holds samples of another run with different settings \(steps: 2 there, 5 now\)"):
         run_ade(full, models, ade_captions, steps=5)

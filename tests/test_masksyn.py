@@ -165,3 +165,9 @@ def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, accepted_run, m
     empty.write_text("")
     with pytest.raises(SegGenError, match=r"--captions .* holds no captions"):
         run(tmp_path / "o", models, empty)
+
+
+def test_sd15_text2mask(tmp_path, models, captions, tiny_models):
+    """Paper appendix A.11: SD-1.5 as the Text2Mask base (detected from the pipeline folder)."""
+    s = run(tmp_path / "sd15", {**models, "text2mask": str(tiny_models("sd15"))}, captions, per_sample=1, **ACCEPT_ALL)
+    assert s["written"] == 2 and {x.meta["models"]["text2mask"] for x in read_synthetic(tmp_path / "sd15")} == {str(tiny_models("sd15"))}
