@@ -1,5 +1,5 @@
 # make test   creates .venv when missing, installs, runs the tests offline
-# make demo   runs SegGen on the built-in real samples with tiny models (no GPU, no download)
+# make demo   the whole SegGen chain on the built-in real samples with tiny models (no GPU, no download)
 # make bench  prints the benchmarks of bench/
 
 VENV ?= .venv
@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m common.demo runs/demo
+	./reproduce.sh --preset tiny --work runs/demo
 
 bench: install
 	$(PY) bench/colormap.py

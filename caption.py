@@ -14,6 +14,7 @@ its own `NAME.rank{N}.jsonl`; readers take the family as one file.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -188,6 +189,8 @@ def caption(
 
             net, processor, dtype = load_blip2(model, Quantize(quantize), Precision(precision), state.device)
             start = time.perf_counter()  # the rate counts captioning, not loading the model
+            gen = copy.deepcopy(net.generation_config)  # the checkpoint's, with our length and beams
+            gen.max_new_tokens, gen.num_beams = max_new_tokens, num_beams
             loader = DataLoader(ImageFolder(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
             for batch in loader:
                 good = [(i, im) for i, im, err in batch if err is None]
@@ -198,8 +201,7 @@ def caption(
                     inputs = processor(images=[im for _, im in good], text=[prompt] * len(good), return_tensors="pt", padding=True)
                     inputs = {k: v.to(state.device, dtype) if v.is_floating_point() else v.to(state.device) for k, v in inputs.items()}
                     with torch.inference_mode():
-                        ids = net.generate(**inputs, generation_config=net.generation_config,
-                                           max_new_tokens=max_new_tokens, num_beams=num_beams)
+                        ids = net.generate(**inputs, generation_config=gen)
                     for (i, _), text in zip(good, processor.batch_decode(ids, skip_special_tokens=True)):
                         text = text.strip()
                         write(todo[i], text[len(prompt):].strip() if text.startswith(prompt) else text)  # decoder-only LMs echo the prompt

@@ -9,6 +9,7 @@ tests/data, repeated under new names in a temporary ADE20K layout.
 """
 
 import argparse
+import copy
 import os
 import shutil
 import sys
@@ -43,12 +44,14 @@ def bare_loop(model_dir: Path, images, batch_size: int, max_new_tokens: int) -> 
 
     net = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = Blip2Processor.from_pretrained(model_dir)
+    gen = copy.deepcopy(net.generation_config)
+    gen.max_new_tokens = max_new_tokens
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
         inputs = processor(images=batch, text=[PAPER_PROMPT] * len(batch), return_tensors="pt", padding=True)
         with torch.inference_mode():
-            ids = net.generate(**inputs, generation_config=net.generation_config, max_new_tokens=max_new_tokens)
+            ids = net.generate(**inputs, generation_config=gen)
         processor.batch_decode(ids, skip_special_tokens=True)
     return len(images) / (time.perf_counter() - start)
 

@@ -62,7 +62,8 @@ def test_blip2_captions_a_real_image(tiny_models):
     processor = Blip2Processor.from_pretrained(tiny_models("blip2"))
     inputs = processor(images=[load_image(SAMPLE.image)], text=["Question: What are shown in the photo? Answer:"],
                        return_tensors="pt")
-    out = model.generate(**inputs, generation_config=model.generation_config, max_new_tokens=5)
+    model.generation_config.max_new_tokens = 5
+    out = model.generate(**inputs, generation_config=model.generation_config)
     text = processor.batch_decode(out, skip_special_tokens=True)
     assert len(text) == 1 and len(text[0].strip()) > 0  # visible text, not only special tokens
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# SegGen end to end, each stage one script (paper §3–§4, appendices A.3–A.4):
+#   caption -> train Text2Mask -> train Mask2Img -> MaskSyn + ImgSyn -> Mask2Former (real | real+synthetic) -> metrics
+#
+#   ./reproduce.sh --preset paper --data ade20k --data-root PATH --gpus 8     the paper's settings
+#   ./reproduce.sh --preset tiny                                              the demo: tiny models, built-in samples, CPU
+#   ./reproduce.sh ... --dry-run                                              print the exact commands, run nothing
+#   ./reproduce.sh ... --max-steps N                                          every trainer stops after N steps (a smoke run)
+#
+# Reruns resume: a stage whose output is complete (its marker in WORK/.done/) is skipped; a stage cut
+# short continues where it stopped (caption/masksyn/imgsyn skip the ids already written, the trainers
+# pass --resume latest when they have a checkpoint).
+set -euo pipefail
+cd "$(dirname "$0")"
+REPO=$(pwd)
+
+PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS=""
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,tiny} --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=$2; shift 2 ;;
+    --data) DATA=$2; shift 2 ;;
+    --data-root) DATA_ROOT=$2; shift 2 ;;
+    --gpus) GPUS=$2; shift 2 ;;
+    --work) WORK=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --max-steps) MAX_STEPS=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "reproduce.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+case "$PRESET" in paper|tiny) ;; *) echo "reproduce.sh: --preset must be paper or tiny (got $PRESET)" >&2; exit 2 ;; esac
+case "$DATA" in ade20k|coco) ;; *) echo "reproduce.sh: --data must be ade20k or coco (got $DATA)" >&2; exit 2 ;; esac
+[[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --gpus must be a positive integer (got $GPUS)" >&2; exit 2; }
+[[ -z "$MAX_STEPS" || "$MAX_STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --max-steps must be a positive integer (got $MAX_STEPS)" >&2; exit 2; }
+
+PY=${PYTHON:-$REPO/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error} DIFFUSERS_VERBOSITY=${DIFFUSERS_VERBOSITY:-error}
+
+# ---------------------------------------------------------------- settings of each preset
+if [ "$PRESET" = paper ]; then
+  WORK=${WORK:-.}
+  DATA_ROOT=${DATA_ROOT:-${SEGGEN_DATASETS:-datasets}}
+  SDXL=stabilityai/stable-diffusion-xl-base-1.0
+  CAPTION_ARGS=(--model Salesforce/blip2-flan-t5-xxl --batch-size 16)     # §3.2, the paper's prompt is the default
+  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 768 --max-steps 30000 --lr 1e-5 --batch-size 4
+                  --mixed-precision bf16 --gradient-checkpointing --use-8bit-adam)  # A.4
+  if [ "$DATA" = ade20k ]; then IMGSYN_PER_SAMPLE=50; else IMGSYN_PER_SAMPLE=10; fi  # §4.1
+  MASKSYN_ARGS=(--per-sample 10 --text2mask-steps 200 --mask2img-steps 40 --resolution 768)  # §4.1, A.4
+  IMGSYN_ARGS=(--per-sample "$IMGSYN_PER_SAMPLE" --steps 40 --resolution 768)
+  SEG_ARGS=(--backbone r50 --max-steps 160000 --batch-size 16 --crop 512 --mixed-precision bf16)  # A.3, Table 1
+else
+  WORK=${WORK:-runs/demo}
+  DATA_ROOT=${DATA_ROOT:-tests/data/$DATA}
+  export HF_HUB_OFFLINE=1  # everything is local; never wait on the hub
+  TINY=$WORK/tiny
+  SDXL=$TINY/sdxl
+  # A random tiny BLIP-2 writes gibberish; the class-name captioner gives readable prompts for free.
+  CAPTION_ARGS=(--captioner labels)
+  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 64 --max-steps 20 --lr 1e-4 --batch-size 2 --num-workers 0
+                  --checkpointing-steps 10 --validation-steps 0 --report-to none)
+  MASKSYN_ARGS=(--per-sample 2 --text2mask-steps 4 --mask2img-steps 4 --resolution 64 --max-off-palette 1.0 --preview 2)
+  IMGSYN_ARGS=(--per-sample 2 --steps 4 --resolution 64 --preview 2)
+  SEG_ARGS=(--model "$TINY/mask2former" --max-steps 40 --batch-size 2 --crop 128 --num-workers 0
+            --checkpoint-every 20 --log-every 10)
+fi
+if [ -n "$MAX_STEPS" ]; then GEN_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); SEG_ARGS+=(--max-steps "$MAX_STEPS"); fi
+CAPTIONS=$WORK/captions/${DATA}_train.jsonl
+T2M=$WORK/runs/text2mask-$DATA
+M2I=$WORK/runs/mask2img-$DATA
+MASKSYN=$WORK/synth/masksyn-$DATA
+IMGSYN=$WORK/synth/imgsyn-$DATA
+SEG_REAL=$WORK/runs/seg-$DATA-real
+if [ "$DATA" = ade20k ]; then SEG_STRATEGY=aug; else SEG_STRATEGY=pretrain; fi  # §3.4, §4.2
+SEG_SYN=$WORK/runs/seg-$DATA-$SEG_STRATEGY
+
+# One process for the tiny preset; accelerate over the GPUs otherwise.
+if [ "$PRESET" = tiny ]; then LAUNCH=("$PY"); LAUNCH_MANY=("$PY")
+elif [ "$GPUS" -gt 1 ]; then LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$GPUS"); LAUNCH_MANY=("${LAUNCH[@]}")
+else LAUNCH=("$PY" -m accelerate.commands.launch --num_processes 1); LAUNCH_MANY=("${LAUNCH[@]}"); fi
+
+# ---------------------------------------------------------------- stage runner
+DONE=$WORK/.done
+TIMES=$WORK/stage_times.tsv
+stage() {  # stage NAME COMMAND...: skip when done, else run, time it, mark done
+  local name=$1; shift
+  if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return; fi
+  if [ -e "$DONE/$name" ]; then echo "== $name: done before, skipped"; return; fi
+  echo "== $name: $*"
+  local t0=$EPOCHREALTIME
+  "$@"
+  mkdir -p "$DONE"
+  awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%s\t%.1f\n", n, b - a }' >> "$TIMES"
+  touch "$DONE/$name"
+}
+resume_if_checkpoint() {  # --resume latest when the run folder holds a checkpoint
+  if compgen -G "$1/checkpoint-*" >/dev/null || compgen -G "$1/checkpoints/*" >/dev/null; then echo --resume latest; fi
+}
+
+if [ "$DRY" = 0 ]; then mkdir -p "$WORK"; fi
+echo "# SegGen reproduce.sh --preset $PRESET --data $DATA --data-root $DATA_ROOT --gpus $GPUS (work: $WORK)"
+
+if [ "$PRESET" = tiny ]; then
+  for kind in sdxl mask2former; do stage "tiny-$kind" "$PY" -m common.tiny "$kind" "$TINY/$kind"; done
+fi
+stage caption "${LAUNCH_MANY[@]}" caption.py --data "$DATA" --data-root "$DATA_ROOT" --split train --out "$CAPTIONS" "${CAPTION_ARGS[@]}"
+# shellcheck disable=SC2046
+stage train-text2mask "${LAUNCH[@]}" train_text2mask.py --data "$DATA" --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
+  --output-dir "$T2M" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$T2M")
+# shellcheck disable=SC2046
+stage train-mask2img "${LAUNCH[@]}" train_mask2img.py --data "$DATA" --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
+  --output-dir "$M2I" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
+if [ "$DATA" = ade20k ]; then  # COCO: ImgSyn only, instances cannot be read back from colour maps (§4.1, A.2)
+  stage masksyn "${LAUNCH_MANY[@]}" masksyn.py --data "$DATA" --captions "$CAPTIONS" --text2mask "$T2M" --mask2img "$M2I" \
+    --out "$MASKSYN" "${MASKSYN_ARGS[@]}"
+fi
+stage imgsyn "${LAUNCH_MANY[@]}" imgsyn.py --data "$DATA" --data-root "$DATA_ROOT" --split train --captions "$CAPTIONS" \
+  --mask2img "$M2I" --out "$IMGSYN" "${IMGSYN_ARGS[@]}"
+SYNTH=(--synthetic "$IMGSYN")
+if [ "$DATA" = ade20k ]; then SYNTH+=(--synthetic "$MASKSYN"); fi
+# shellcheck disable=SC2046
+stage seg-real "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" --strategy real \
+  --output-dir "$SEG_REAL" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$SEG_REAL")
+# shellcheck disable=SC2046
+stage "seg-$SEG_STRATEGY" "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" --strategy "$SEG_STRATEGY" \
+  --p-aug 0.6 "${SYNTH[@]}" --output-dir "$SEG_SYN" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$SEG_SYN")
+if [ "$DRY" = 0 ]; then
+  "$PY" -m common.report "$WORK" --data "$DATA" --preset "$PRESET"
+fi

@@ -1,0 +1,96 @@
+"""reproduce.sh: the paper's settings in --dry-run, and the tiny chain killed mid-way then resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from common.datasets import read_synthetic
+from common.manifest import CAPTION_FIELDS, read_manifest
+
+SCRIPT = str(ROOT / "reproduce.sh")
+
+
+def run(*args, **kw):
+    return subprocess.run([SCRIPT, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_paper_preset_dry_run_prints_the_paper_settings():
+    r = run("--preset", "paper", "--data-root", "/data", "--gpus", "8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = {next(t for t in line.split() if t.endswith(".py")): line for line in r.stdout.splitlines()[1:]}
+    assert set(lines) == {"caption.py", "train_text2mask.py", "train_mask2img.py", "masksyn.py", "imgsyn.py", "train_seg.py"}
+    assert all("--num_processes 8" in line for line in lines.values())
+    assert "--model Salesforce/blip2-flan-t5-xxl" in lines["caption.py"]
+    for trainer in ("train_text2mask.py", "train_mask2img.py"):  # appendix A.4
+        for setting in ("--pretrained stabilityai/stable-diffusion-xl-base-1.0", "--resolution 768", "--max-steps 30000", "--lr 1e-5"):
+            assert setting in lines[trainer]
+    assert "--per-sample 10 --text2mask-steps 200 --mask2img-steps 40" in lines["masksyn.py"]  # §4.1, A.4
+    assert "--per-sample 50 --steps 40" in lines["imgsyn.py"]
+    seg = [line for line in r.stdout.splitlines() if "train_seg.py" in line]
+    assert "--strategy real" in seg[0] and "--strategy aug --p-aug 0.6" in seg[1]  # §3.4
+    assert all("--backbone r50 --max-steps 160000 --batch-size 16 --crop 512" in line for line in seg)  # A.3, Table 1
+    assert not (ROOT / "captions").exists()  # a dry run writes nothing
+
+
+def test_coco_uses_imgsyn_only_and_pretrain_then_finetune():
+    r = run("--preset", "paper", "--data", "coco", "--data-root", "/data", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "masksyn.py" not in r.stdout  # instances cannot be read back from colour maps (§4.1)
+    assert "imgsyn.py" in r.stdout and "--per-sample 10 --steps 40" in r.stdout
+    assert "--strategy pretrain" in r.stdout
+
+
+def test_bad_options_are_named():
+    r = run("--preset", "huge")
+    assert r.returncode == 2 and "--preset must be paper or tiny (got huge)" in r.stderr
+    r = run("--gpus", "zero", "--dry-run")
+    assert r.returncode == 2 and "--gpus must be a positive integer" in r.stderr
+    r = run("--frobnicate")
+    assert r.returncode == 2 and "unknown option --frobnicate" in r.stderr
+
+
+def test_tiny_chain_killed_midway_resumes_and_validates(tmp_path):
+    work = tmp_path / "demo"
+    env = {**os.environ, "PYTHON": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"}
+    args = [SCRIPT, "--preset", "tiny", "--work", str(work), "--max-steps", "4"]
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while not (work / ".done" / "masksyn").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert (work / ".done" / "masksyn").exists(), "the first run did not reach masksyn"
+    os.killpg(first.pid, signal.SIGKILL)  # killed in the middle of a later stage
+    first.wait()
+    finished_before = {p.name for p in (work / ".done").iterdir()}
+    assert {"caption", "train-text2mask", "train-mask2img", "masksyn"} <= finished_before
+
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for stage in finished_before:
+        assert f"== {stage}: done before, skipped" in second.stdout
+    # Every stage's output exists and validates.
+    caps = read_manifest(work / "captions/ade20k_train.jsonl", CAPTION_FIELDS, path_fields=("image",))
+    assert [c["id"] for c in caps] == ["ADE_train_00000001"] and caps[0]["caption"].startswith("ceiling, wall")
+    assert (work / "runs/text2mask-ade20k/model_index.json").is_file()
+    assert (work / "runs/text2mask-ade20k/palette.json").is_file()
+    assert json.loads((work / "runs/mask2img-ade20k/seggen.json").read_text())["base"]
+    for method in ("masksyn", "imgsyn"):
+        samples = read_synthetic(work / f"synth/{method}-ade20k")
+        assert len(samples) == 2 and all(s.image.is_file() and s.annotation.is_file() for s in samples)
+    for strategy in ("real", "aug"):
+        scores = json.loads((work / f"runs/seg-ade20k-{strategy}/metrics.json").read_text())["single_scale"]
+        assert 0.0 <= scores["mIoU"] <= 1.0 and 0.0 <= scores["pixel_accuracy"] <= 1.0
+    report = (work / "report.md").read_text()
+    assert "tiny and randomly initialised" in report and "| seg-aug |" in report and "| mIoU (%) |" in report
+    assert Image.open(work / "contact_sheet.png").size[0] > 0
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_options(flag):
+    r = run(flag)
+    assert r.returncode == 0 and "--preset {paper,tiny}" in r.stdout and "--dry-run" in r.stdout
