@@ -169,3 +169,62 @@ class PanopticQuality:
             out["n" + name] = len(rows)
         out["per_class"] = per_class
         return out
+
+
+# ---------------------------------------------------------------- instance: mask AP (pycocotools)
+
+class MaskAP:
+    """COCO mask AP through pycocotools' COCOeval (iouType "segm"), the instance metric of §4.1.
+
+    Ground truth comes from panoptic "thing" segments (crowd ones kept as iscrowd regions), as DESIGN.md's
+    data contract says; predictions are binary masks with a score and a category per image."""
+
+    def __init__(self, categories: dict[int, bool]):
+        self.things = sorted(c for c, isthing in categories.items() if isthing)
+        self.images, self.gt, self.dt = [], [], []
+
+    def add_ground_truth(self, image_id: int, segment_ids: np.ndarray, segments: list[dict]) -> None:
+        from pycocotools import mask as mask_util
+
+        h, w = segment_ids.shape
+        self.images.append({"id": image_id, "height": h, "width": w})
+        for s in segments:
+            if s["category_id"] not in self.things:
+                continue
+            m = np.asfortranarray((segment_ids == s["id"]).astype(np.uint8))
+            if not m.any():
+                continue
+            rle = mask_util.encode(m)
+            self.gt.append({"id": len(self.gt) + 1, "image_id": image_id, "category_id": s["category_id"],
+                            "segmentation": rle, "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(),
+                            "iscrowd": int(s.get("iscrowd", 0))})
+
+    def add_predictions(self, image_id: int, masks: np.ndarray, scores, category_ids) -> None:
+        """masks: (N, H, W) bool; scores, category_ids: (N,)."""
+        from pycocotools import mask as mask_util
+
+        for m, score, cat in zip(masks, scores, category_ids):
+            rle = mask_util.encode(np.asfortranarray(np.asarray(m, np.uint8)))
+            self.dt.append({"image_id": image_id, "category_id": int(cat), "segmentation": rle, "score": float(score)})
+
+    def compute(self) -> dict:
+        """AP, AP50, AP75, APs, APm, APl as fractions (-1 where undefined, as pycocotools)."""
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        if not self.dt:
+            return dict.fromkeys(keys, 0.0)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            gt = COCO()
+            gt.dataset = {"images": self.images, "annotations": self.gt, "categories": [{"id": c} for c in self.things]}
+            gt.createIndex()
+            dt = gt.loadRes(self.dt)
+            ev = COCOeval(gt, dt, iouType="segm")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return dict(zip(keys, (float(v) for v in ev.stats[:6])))

@@ -183,3 +183,25 @@ def test_crowd_region_forgives_predictions_like_panopticapi():
     as_other.update(ids, s.segments, ids, [other if seg is crowd else seg for seg in s.segments])
     assert ours.compute()["PQ"] == 1.0
     assert as_other.compute()["per_class"][other["category_id"]]["FP"] == 1  # another category is not forgiven
+
+
+def test_mask_ap_on_real_coco_samples():
+    from common.metrics import MaskAP
+
+    samples = read_dataset("coco", COCO_ROOT, "val")
+    perfect, half = MaskAP(CATEGORIES), MaskAP(CATEGORIES)
+    n_things = 0
+    for image_id, s in enumerate(samples):
+        ids = load_panoptic(s)
+        things = [seg for seg in s.segments if CATEGORIES[seg["category_id"]] and not seg["iscrowd"]]
+        n_things += len(things)
+        masks = np.stack([ids == seg["id"] for seg in things])
+        cats = [seg["category_id"] for seg in things]
+        for m in (perfect, half):
+            m.add_ground_truth(image_id, ids, s.segments)
+        perfect.add_predictions(image_id, masks, np.linspace(1, 0.5, len(things)), cats)
+        half.add_predictions(image_id, masks[::2], np.ones(len(things[::2])), cats[::2])
+    assert n_things > 20
+    assert perfect.compute()["AP"] == pytest.approx(1.0)
+    # Half of the instances found, all right: precision 1 up to recall ~1/2 per category.
+    assert 0.3 < half.compute()["AP"] < 0.7
