@@ -38,7 +38,7 @@ from common.colormap import color_to_label, label_to_color, palette_for
 from common.datasets import default_data_root, read_dataset
 from common.paths import captions_path, text2mask_dir
 from common.training import (
-    PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_text_embeddings, check_finite, check_resolution, checkpoint_step,
+    PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite, check_resolution, checkpoint_step,
     drop_captions, image_grid, inspect_base, make_optimizer, noisy_latents, progress_bar, quiet_loading, read_captions,
     register_diffusers_hooks, resolve_resume, save_checkpoint, step_generator, to_device,
 )
@@ -81,6 +81,7 @@ def train(a: SimpleNamespace) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -92,6 +93,9 @@ def train(a: SimpleNamespace) -> Path:
     base = inspect_base(a.pretrained)
     check_resolution(a.resolution, base)
     resume_from = resolve_resume(a.resume, out)
+    if a.cache_latents and not a.center_crop:
+        raise SegGenError("--cache-latents needs --center-crop: the latent of a random crop cannot be cut from a cached "
+                          "latent; add --center-crop (random flips stay: both flips are cached)")
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     palette = palette_for(a.data, a.palette)
 
@@ -129,6 +133,9 @@ def train(a: SimpleNamespace) -> Path:
     vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae")
     # SDXL's own VAE overflows in fp16: it stays fp32 unless a fixed VAE (--vae) is given, as in diffusers' examples.
     vae.requires_grad_(False).to(accelerator.device, **({} if a.vae is None else {"dtype": weight_dtype}))
+    if a.cache_latents:
+        dataset.latents = cache_latents(vae, dataset, "colormap", out / "cache", accelerator, a.vae or a.pretrained,
+                                        console=console if main_proc else None)
     unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet")
     unet.train()
     if a.gradient_checkpointing:
@@ -175,8 +182,11 @@ def train(a: SimpleNamespace) -> Path:
         batch = to_device(batch, accelerator.device, weight_dtype)
         with accelerator.accumulate(unet):
             with torch.no_grad():  # the colour map is the picture Text2Mask learns to draw
-                pixels = batch["colormap"].to(vae.dtype) / 127.5 - 1  # (B, 3, R, R) in [-1, 1]
-                latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor  # (B, 4, R/8, R/8)
+                if "latent_params" in batch:  # --cache-latents: the same distribution, encoded once
+                    dist = DiagonalGaussianDistribution(batch["latent_params"].float())
+                else:
+                    dist = vae.encode(batch["colormap"].to(vae.dtype) / 127.5 - 1).latent_dist  # from (B, 3, R, R) in [-1, 1]
+                latents = dist.sample(generator=g) * vae.config.scaling_factor  # (B, 4, R/8, R/8)
             noisy, t, target = noisy_latents(latents.to(weight_dtype), noise_scheduler, g)
             embeds, pooled = drop_captions(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), a.caption_dropout, g,
                                            empty, base.force_zeros_for_empty_prompt)
@@ -316,6 +326,7 @@ def main(
     ema_decay: Annotated[float, typer.Option(min=0, max=1, help="EMA decay.", rich_help_panel="Training")] = 0.9999,
     seed: Annotated[int, typer.Option(help="Seed of the data order, augmentation and noise.", rich_help_panel="Training")] = 0,
     mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")] = None,
+    cache_latents: Annotated[bool, typer.Option(help="Encode every picture once (both flips) and train from the cache; needs --center-crop.", rich_help_panel="Performance")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower.", rich_help_panel="Performance")] = False,
     use_8bit_adam: Annotated[bool, typer.Option(help="bitsandbytes' 8-bit AdamW.", rich_help_panel="Performance")] = False,
     allow_tf32: Annotated[bool, typer.Option(help="TF32 matmuls on Ampere+ GPUs.", rich_help_panel="Performance")] = True,

@@ -223,6 +223,68 @@ def cache_text_embeddings(pretrained: str, base: BaseInfo, captions: list[str], 
     return TextEmbeddings(folder)
 
 
+class LatentCache:
+    """Row i (or 2i + flipped, when random flips are on) = the VAE's latent distribution of training
+    picture i at the centre crop: (2·C, R/8, R/8) mean and log-variance, fp16, memory-mapped. A training
+    step samples from it with its own generator, exactly as it samples vae.encode(x).latent_dist."""
+
+    def __init__(self, folder: Path, flips: bool):
+        self.folder, self.flips, self._params = Path(folder), flips, None
+
+    def __getstate__(self):
+        return {"folder": self.folder, "flips": self.flips, "_params": None}
+
+    def row(self, i: int) -> torch.Tensor:
+        if self._params is None:
+            self._params = np.load(self.folder / "latents.npy", mmap_mode="r")
+        return torch.from_numpy(np.array(self._params[i]))
+
+
+@torch.no_grad()
+def cache_latents(vae, dataset: ColorMapDataset, key: str, folder: Path, accelerator, pretrained: str,
+                  batch_size: int = 8, console=None) -> LatentCache:
+    """Encode every training picture once (key "colormap" for Text2Mask, "pixel_values" for Mask2Img),
+    both flips when random flips are on, into folder/latents.npy. Needs centre crops: a random crop of a
+    latent is not the latent of a random crop. Processes share the rows; a fingerprint of the model,
+    resolution, samples and picture keeps a valid cache for --resume."""
+    folder, flips = Path(folder), dataset.flip_p > 0
+    ids = [s.id for s in dataset.samples]
+    fingerprint = hashlib.sha256(json.dumps([pretrained, key, flips, dataset.resolution, dataset.data,
+                                             dataset.palette.name, ids]).encode()).hexdigest()
+    meta = folder / "latents.json"
+    cache = LatentCache(folder, flips)
+    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
+        return cache
+    t = time.perf_counter()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = dataset.resolution // factor
+    rows = len(ids) * (2 if flips else 1)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta.unlink(missing_ok=True)
+        np.lib.format.open_memmap(folder / "latents.npy", "w+", np.float16, (rows, 2 * vae.config.latent_channels, side, side)).flush()
+    accelerator.wait_for_everyone()
+    params = np.load(folder / "latents.npy", mmap_mode="r+")
+    views = [ColorMapDataset(dataset.samples, dataset.data, dataset.palette, dataset.resolution, flip_p=float(f),
+                             center_crop=True, need_image=key == "pixel_values") for f in (0, 1)]
+    mine = list(range(accelerator.process_index, rows, accelerator.num_processes))
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        items = [views[r % 2 if flips else 0][(r // 2 if flips else r, 0)] for r in chunk]
+        x = torch.stack([it[key] for it in items])
+        x = x.float() / 127.5 - 1 if key == "colormap" else x  # (B, 3, R, R) in [-1, 1]
+        out = vae.encode(x.to(accelerator.device, vae.dtype)).latent_dist.parameters  # (B, 2·C, R/8, R/8)
+        params[chunk] = out.float().cpu().numpy()
+    params.flush()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta.write_text(json.dumps({"fingerprint": fingerprint, "rows": rows, "key": key}) + "\n")
+        if console is not None:
+            console.print(f"latents: {rows} pictures encoded once in {time.perf_counter() - t:.1f} s -> {folder}")
+    accelerator.wait_for_everyone()
+    return cache
+
+
 def drop_captions(embeds: torch.Tensor, pooled: torch.Tensor | None, p: float, generator: torch.Generator,
                   empty: tuple[torch.Tensor, torch.Tensor | None], zeros: bool):
     """Caption dropout for classifier-free guidance: each sample loses its caption with probability p.
@@ -259,9 +321,10 @@ class ColorMapDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], data: str, palette: Palette, resolution: int,
                  embeddings: TextEmbeddings | None = None, flip_p: float = 0.5, center_crop: bool = False,
-                 need_image: bool = True):
+                 need_image: bool = True, latents: LatentCache | None = None):
         self.samples, self.data, self.palette, self.resolution = samples, data, palette, resolution
         self.embeddings, self.flip_p, self.center_crop, self.need_image = embeddings, flip_p, center_crop, need_image
+        self.latents = latents
 
     def __len__(self):
         return len(self.samples)
@@ -274,8 +337,9 @@ class ColorMapDataset(torch.utils.data.Dataset):
         scale = r / min(w0, h0)
         w, h = max(r, round(w0 * scale)), max(r, round(h0 * scale))
         cmap = resize_nearest(cmap, (w, h))  # (h, w, 3), palette colours only
-        # Text2Mask draws only the colour map: it need not decode the JPEG.
-        image = np.asarray(load_image(sample.image).resize((w, h), Image.BICUBIC)) if self.need_image else cmap  # (h, w, 3)
+        # Text2Mask draws only the colour map, and cached latents replace the image: no JPEG to decode then.
+        need_image = self.need_image and self.latents is None
+        image = np.asarray(load_image(sample.image).resize((w, h), Image.BICUBIC)) if need_image else cmap  # (h, w, 3)
         rng = np.random.default_rng(aug_seed)
         top, left, flip = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1)), bool(rng.random() < self.flip_p)
         if self.center_crop:
@@ -289,7 +353,9 @@ class ColorMapDataset(torch.utils.data.Dataset):
             "colormap": torch.from_numpy(cmap.copy()).permute(2, 0, 1),  # (3, R, R) uint8
             "time_ids": time_ids((h0, w0), (top, left), (r, r)),  # (6,)
         }
-        if self.need_image:
+        if self.latents is not None:  # (2·C, R/8, R/8): the VAE's mean and log-variance of this very crop and flip
+            item["latent_params"] = self.latents.row(2 * index + flip if self.latents.flips else index)
+        elif need_image:
             item["pixel_values"] = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, R, R) in [-1, 1]
         if self.embeddings is not None:
             item["prompt_embeds"], pooled = self.embeddings.row(index)  # (77, D) fp16
@@ -343,7 +409,8 @@ def to_device(batch: dict, device, dtype) -> dict:
     def move(key, v):
         if not torch.is_tensor(v):
             return v
-        return v.to(device, dtype if v.is_floating_point() and key != "pixel_values" else None, non_blocking=True)
+        keep = key in ("pixel_values", "latent_params")
+        return v.to(device, dtype if v.is_floating_point() and not keep else None, non_blocking=True)
 
     return {k: move(k, v) for k, v in batch.items()}
 

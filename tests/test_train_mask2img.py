@@ -65,7 +65,8 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_mask2img.py"),
            *common_args(tmp_path, base, out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
-                                                "--validation-steps": 2, "--validation-inference-steps": 2})]
+                                                "--validation-steps": 2, "--validation-inference-steps": 2,
+                                                "--cache-latents": None, "--center-crop": None})]  # latents shared out
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -75,6 +76,7 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     assert [s["step"] for s in stats if "loss" in s] == [1, 2]
     assert (out / [s for s in stats if "validation" in s][0]["validation"]["grid"]).is_file()
     assert (out / "checkpoint-2" / "controlnet" / "config.json").is_file()
+    assert json.loads((out / "cache" / "latents.json").read_text())["rows"] == 4  # both processes' rows, both flips
     meta = json.loads((out / "seggen.json").read_text())
     assert meta["base"] == str(base) and meta["palette"] == "palette.json"
     assert Palette.load(out / meta["palette"]).colors.tolist() == palette_for("ade20k").colors.tolist()
@@ -142,11 +144,30 @@ def test_starts_from_a_given_controlnet(tmp_path, tiny_models):
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)  # lr 0: unchanged copy
 
 
+def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, monkeypatch):
+    """--cache-latents stores the VAE's latent distribution (fp16) of both flips and samples from it with
+    the step's generator: the losses are those of encoding every step, up to the fp16 storage."""
+    from diffusers import AutoencoderKL
+
+    base, losses, calls, encode = tiny_models("sdxl"), {}, [], AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k))
+    for cached in (False, True):
+        out, calls[:] = tmp_path / f"run-{cached}", []
+        extra = {"--max-steps": 4, "--lr": 1e-3, "--center-crop": None, **({"--cache-latents": None} if cached else {})}
+        assert run(common_args(tmp_path, base, out, **extra)).exit_code == 0
+        losses[cached] = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
+    assert calls == [4]  # cached: one encode of 2 samples × 2 flips, none per step
+    rows = np.load(tmp_path / "run-True" / "cache" / "latents.npy", mmap_mode="r")
+    assert rows.shape == (2 * 2, 8, 8, 8)  # (mean, log-variance) × 4 channels, 64/8
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 @pytest.mark.parametrize("case,message", [
     ("resolution", "--resolution 60 is not a multiple of 8"),
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
+    ("cache-latents", "--cache-latents needs --center-crop"),
     ("resume-path", "--resume {tmp}/checkpoint-3: not a checkpoint folder"),
     ("controlnet", "--controlnet {tmp}/nowhere: no ControlNet folder there"),
     ("controlnet-factor", "its conditioning embedding downsamples by 4, the VAE of"),
@@ -163,6 +184,8 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--pretrained", str(tmp_path / "nowhere")]
     elif case == "resume":
         args += ["--resume", "latest"]
+    elif case == "cache-latents":
+        args += ["--cache-latents"]
     elif case == "resume-path":
         (tmp_path / "checkpoint-3").mkdir()
         args += ["--resume", str(tmp_path / "checkpoint-3")]

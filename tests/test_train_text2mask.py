@@ -182,11 +182,30 @@ def test_time_ids_follow_sdxl_order():
     assert time_ids((480, 640), (10, 20), (768, 768)).tolist() == [480, 640, 10, 20, 768, 768]
 
 
+def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, monkeypatch):
+    """--cache-latents stores the VAE's latent distribution (fp16) of both flips and samples from it with
+    the step's generator: the losses are those of encoding every step, up to the fp16 storage."""
+    from diffusers import AutoencoderKL
+
+    base, losses, calls, encode = tiny_models("sdxl"), {}, [], AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k))
+    for cached in (False, True):
+        out, calls[:] = tmp_path / f"run-{cached}", []
+        extra = {"--max-steps": 4, "--lr": 1e-3, "--center-crop": None, **({"--cache-latents": None} if cached else {})}
+        assert run(common_args(tmp_path, base, out, **extra)).exit_code == 0
+        losses[cached] = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
+    assert calls == [4]  # cached: one encode of 2 samples × 2 flips, none per step
+    rows = np.load(tmp_path / "run-True" / "cache" / "latents.npy", mmap_mode="r")
+    assert rows.shape == (2 * 2, 8, 8, 8)  # (mean, log-variance) × 4 channels, 64/8
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 @pytest.mark.parametrize("case,message", [
     ("resolution", "--resolution 100 is not a multiple of 8"),
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
+    ("cache-latents", "--cache-latents needs --center-crop"),
     ("leftover", "holds checkpoints of an earlier run: pass --resume latest"),
 ])
 def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
@@ -201,6 +220,8 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--pretrained", str(tmp_path / "nowhere")]
     elif case == "resume":
         args += ["--resume", "latest"]
+    elif case == "cache-latents":
+        args += ["--cache-latents"]
     elif case == "leftover":
         (out / "checkpoint-5").mkdir(parents=True)
     result = run(args)
