@@ -134,6 +134,8 @@ def imgsyn(
         raise SegGenError(f"--captions {captions}: {len(missing)} id(s) are not in {data}/{split} (e.g. {missing[0]!r}); "
                           f"pass the --data / --data-root / --split the captions were made from, or their --captions")
     sources = sorted(caps)[:limit] if limit else sorted(caps)
+    if reproduce is not None:  # the sample's own manifest line says which models and settings
+        return _reproduce(out, reproduce, samples, caps, state)
 
     base, kind = synth.check_controlnet(mask2img, base, data)
     palette = synth.model_palette(mask2img, data)
@@ -142,8 +144,6 @@ def imgsyn(
                 "S_churn": S_churn, "S_tmin": S_tmin, "S_tmax": S_tmax if S_tmax != float("inf") else None,
                 "S_noise": S_noise, "seed": seed, "precision": synth.precision_name(dtype), "palette": palette.name}
     models = {"mask2img": mask2img, "base": base}
-    if reproduce is not None:
-        return _reproduce(out, reproduce, samples, caps, state, console)
     done = synth.check_output(out, settings, models)
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
@@ -207,7 +207,7 @@ def _write(out, sid, source_id, k, image, sample, caption, settings, models, bat
     return record
 
 
-def _reproduce(out, wanted, samples, caps, state, console) -> dict:
+def _reproduce(out, wanted, samples, caps, state) -> dict:
     """Regenerate one sample from its manifest line (its own settings, models and batch) into
     out/reproduce/ and compare it with the stored image byte for byte."""
     rec = synth.find_record(out, wanted)

@@ -141,9 +141,11 @@ def masksyn(
     if not caps:
         raise SegGenError(f"--captions {captions} holds no captions: run caption.py --data {data}")
     sources = sorted(caps)[:limit] if limit else sorted(caps)
+    if reproduce is not None:  # the sample's own manifest line says which models and settings
+        return _reproduce(out, reproduce, caps, state)
 
-    t2m_kind = synth.check_pipeline(text2mask, "--text2mask", f"train_text2mask.py --data {data}")
-    base, kind = synth.check_controlnet(mask2img, base, data)
+    synth.check_pipeline(text2mask, "--text2mask", f"train_text2mask.py --data {data}")  # bad folders fail here, not mid-run
+    base, _ = synth.check_controlnet(mask2img, base, data)
     palettes = (synth.model_palette(text2mask, data), synth.model_palette(mask2img, data))
     dtype = synth.precision_dtype(precision, state.device)
     settings = {"data": data, "resolution": resolution, "text2mask_steps": text2mask_steps, "mask2img_steps": mask2img_steps,
@@ -152,10 +154,6 @@ def masksyn(
                 "precision": synth.precision_name(dtype), "palettes": [p.name for p in palettes],
                 "max_off_palette": max_off_palette, "off_palette_distance": palettes[0].min_distance() / 2}
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base}
-    load = lambda s: (synth.load_text2mask(models["text2mask"], t2m_kind, state.device, synth.precision_dtype(s["precision"], state.device)),  # noqa: E731
-                      synth.load_mask2img(models["mask2img"], base, kind, state.device, synth.precision_dtype(s["precision"], state.device)))
-    if reproduce is not None:
-        return _reproduce(out, reproduce, caps, palettes, load)
     rejected_path = out / "rejected.jsonl"
     done = synth.check_output(out, settings, models)
     rejected = {str(r["id"]) for r in read_manifest(rejected_path)}
@@ -172,7 +170,7 @@ def masksyn(
                       f"({state.num_processes} process(es), {len(done)} already written, {len(rejected)} rejected before)")
 
     # -- models
-    t2m, m2i = load(settings) if todo else (None, None)
+    t2m, m2i = load_models(models, settings, state.device) if todo else (None, None)
 
     # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
@@ -222,16 +220,26 @@ def _write(out, sid, source_id, k, item, caption, settings, models, batch) -> di
             "batch": [[s, kk] for s, kk in batch], "off_palette": item["off_palette"], "classes": item["classes"]}
 
 
-def _reproduce(out, wanted, caps, palettes, load) -> dict:
+def load_models(models: dict, settings: dict, device) -> tuple:
+    """(Text2Mask, Mask2Img) ready to sample, in the run's precision."""
+    dtype = synth.precision_dtype(settings["precision"], device)
+    t2m_kind = synth.check_pipeline(models["text2mask"], "--text2mask", "train_text2mask.py")
+    base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings["data"])
+    return (synth.load_text2mask(models["text2mask"], t2m_kind, device, dtype),
+            synth.load_mask2img(models["mask2img"], base, kind, device, dtype))
+
+
+def _reproduce(out, wanted, caps, state) -> dict:
     """Regenerate one sample from its manifest line (its own settings, models and batch) into
     out/reproduce/ and compare image and annotation with the stored ones byte for byte."""
     rec = synth.find_record(out, wanted)
-    settings = rec["settings"]
+    settings, models = rec["settings"], rec["models"]
     batch = [(s, int(k)) for s, k in rec["batch"]]
     lost = [s for s, _ in batch if s not in caps]
     if lost:
         raise SegGenError(f"--reproduce {wanted}: source(s) {lost[:3]} of its batch are not in --captions")
-    t2m, m2i = load(settings)
+    palettes = tuple(synth.model_palette(models[m], settings["data"]) for m in ("text2mask", "mask2img"))
+    t2m, m2i = load_models(models, settings, state.device)
     item = generate(t2m, m2i, batch, caps, settings, palettes)[batch.index((rec["source_id"], int(rec["k"])))]
     if "rejected" in item:
         return {"reproduced": None, "identical": False}

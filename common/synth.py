@@ -12,6 +12,7 @@ a sharded run, a resumed run and `--reproduce` all form exactly the same batches
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -234,7 +235,7 @@ def sample_images(gen: Generator, cond: Cond, uncond: Cond, generators: list[tor
 
     control: (B, 3, H, W) in [0, 1], the ControlNet's colour maps (Mask2Img)."""
     if control is not None:
-        cond.control = uncond.control = control.to(gen.device)
+        cond, uncond = (dataclasses.replace(c, control=control.to(gen.device)) for c in (cond, uncond))
     latents = initial_noise(gen, generators, resolution)
     d = gen.denoiser
     x = edm_sampler(lambda x, sigma: d(x, sigma, cond, uncond, guidance), latents, d.schedule(steps),
