@@ -69,6 +69,11 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Tracker(str, Enum):
+    tensorboard = "tensorboard"
+    none = "none"
+
+
 class Schedule(str, Enum):
     constant_with_warmup = "constant_with_warmup"
     linear = "linear"
@@ -115,7 +120,7 @@ def train(a: SimpleNamespace) -> Path:
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
-    log = RunLog(out, options, main_proc)
+    log = RunLog(out, options, main_proc, checkpoint_step(resume_from) if resume_from else None)
     if main_proc:
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
                       f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
@@ -215,7 +220,7 @@ def train(a: SimpleNamespace) -> Path:
             check_finite(loss_value, global_step + 1, last_ckpt)  # before backward: the weights stay good
             accelerator.backward(loss)
             if accelerator.sync_gradients and a.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(controlnet.parameters(), a.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(controlnet.parameters(), a.max_grad_norm)  # before clipping
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -231,6 +236,8 @@ def train(a: SimpleNamespace) -> Path:
         rate = (global_step - (checkpoint_step(resume_from) if resume_from else 0)) / max(elapsed, 1e-9)
         stats = {"step": global_step, "loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "seconds": round(elapsed, 3),
                  "samples_per_s": rate * a.batch_size * world * a.gradient_accumulation}
+        if a.max_grad_norm > 0 and grad_norm is not None:  # (DeepSpeed clips inside and reports none)
+            stats["grad_norm"] = float(grad_norm)
         log.write(**stats)
         accelerator.log({"loss": step_loss, "lr": stats["lr"]}, step=global_step)
         if progress:
@@ -376,7 +383,7 @@ def main(
     num_validation: Annotated[int, typer.Option(min=1, help="Validation colour maps and captions (the first training samples').", rich_help_panel="Validation")] = 4,
     validation_inference_steps: Annotated[int, typer.Option(min=1, help="Sampler steps for validation.", rich_help_panel="Validation")] = 30,
     validation_guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")] = 5.0,
-    report_to: Annotated[str, typer.Option(help="'tensorboard' (if installed) or 'none'.", rich_help_panel="Output")] = "tensorboard",
+    report_to: Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")] = Tracker.tensorboard,
 ):
     """Train a ControlNet on the frozen SDXL-base into Mask2Img on [caption, colour map, image] (paper §3.2, A.4)."""
     args = SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in locals().items()})

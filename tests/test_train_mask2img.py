@@ -167,6 +167,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
+    ("earlier-run", "--output-dir {tmp}/run holds an earlier run (options.json) without checkpoints"),
     ("cache-latents", "--cache-latents needs --center-crop"),
     ("resume-path", "--resume {tmp}/checkpoint-3: not a checkpoint folder"),
     ("controlnet", "--controlnet {tmp}/nowhere: no ControlNet folder there"),
@@ -184,6 +185,9 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--pretrained", str(tmp_path / "nowhere")]
     elif case == "resume":
         args += ["--resume", "latest"]
+    elif case == "earlier-run":
+        out.mkdir()
+        (out / "options.json").write_text("{}")
     elif case == "cache-latents":
         args += ["--cache-latents"]
     elif case == "resume-path":

@@ -74,6 +74,7 @@ def test_two_process_accelerate_run_leaves_a_pipeline_that_samples(tmp_path, tin
     assert options["world_size"] == 2 and options["resolution"] == 64 and options["is_sdxl"]
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats if "loss" in s] == [1, 2] and all(np.isfinite(s["loss"]) for s in stats if "loss" in s)
+    assert all(s["grad_norm"] > 0 and s["lr"] == 1e-5 for s in stats if "loss" in s)
     validation = [s["validation"] for s in stats if "validation" in s]
     assert len(validation) == 1 and 0 <= validation[0]["off_palette"] <= 1 and (out / validation[0]["grid"]).is_file()
     assert (out / "checkpoint-2" / "unet" / "config.json").is_file()  # diffusers-format checkpoints
@@ -95,6 +96,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models)
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     assert run(common_args(tmp_path, base, stopped, **{"--max-steps": 2, "--checkpointing-steps": 2}, **extra)).exit_code == 0
     halfway = unet_weights(stopped)
+    with open(stopped / "stats.jsonl", "a") as f:  # as if killed after logging a step past its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     assert run(common_args(tmp_path, base, stopped, **{"--max-steps": 4, "--resume": "latest"}, **extra)).exit_code == 0
     assert run(common_args(tmp_path, base, whole, **{"--max-steps": 4}, **extra)).exit_code == 0
     resumed, uninterrupted = unet_weights(stopped), unet_weights(whole)
@@ -205,6 +208,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
+    ("earlier-run", "--output-dir {tmp}/run holds an earlier run (options.json) without checkpoints"),
     ("cache-latents", "--cache-latents needs --center-crop"),
     ("leftover", "holds checkpoints of an earlier run: pass --resume latest"),
 ])
@@ -220,6 +224,9 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--pretrained", str(tmp_path / "nowhere")]
     elif case == "resume":
         args += ["--resume", "latest"]
+    elif case == "earlier-run":
+        out.mkdir()
+        (out / "options.json").write_text("{}")
     elif case == "cache-latents":
         args += ["--cache-latents"]
     elif case == "leftover":
