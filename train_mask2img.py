@@ -130,8 +130,9 @@ def train(a: SimpleNamespace) -> Path:
 
     # ---------------------------------------------------------------- data
     # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
-    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator,
-                                       dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32, console=console if main_proc else None)
+    text_dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32  # CPUs lack fast fp16 kernels
+    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator, dtype=text_dtype,
+                                       console=console if main_proc else None)
     empty = embeddings.empty()  # the empty prompt: SD-1.5's unconditional embedding
     dataset = ColorMapDataset(samples, a.data, palette, a.resolution, embeddings, flip_p=0.5 if a.random_flip else 0.0,
                               center_crop=a.center_crop)
@@ -385,7 +386,7 @@ def main(
     validation_guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")] = 5.0,
     report_to: Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")] = Tracker.tensorboard,
 ):
-    """Train a ControlNet on the frozen SDXL-base into Mask2Img on [caption, colour map, image] (paper §3.2, A.4)."""
+    """Train a ControlNet on the frozen SDXL-base into Mask2Img on (caption, colour map, image) triplets (paper §3.2, A.4)."""
     args = SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in locals().items()})
     try:
         train(args)

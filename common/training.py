@@ -479,7 +479,8 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise SegGenError(f"--resume latest: no checkpoint-* folder in {output_dir}; drop --resume to start a new run, or fix --output-dir")
+            raise SegGenError(f"--resume latest: no checkpoint-* folder in {output_dir}; drop --resume to start a new run, "
+                              "or fix --output-dir")
         return found[-1]
     path = Path(resume)
     name_ok = path.name.startswith("checkpoint-") and path.name.split("-", 1)[1].isdigit()
@@ -552,7 +553,8 @@ class RunLog:
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
     """Stop on a NaN/inf loss before it reaches the weights, naming the step and where to resume from."""
     if not math.isfinite(loss):
-        where = f"the last good checkpoint is {last_checkpoint} (resume with --resume latest)" if last_checkpoint else "no checkpoint was written yet"
+        where = (f"the last good checkpoint is {last_checkpoint} (resume with --resume latest)" if last_checkpoint
+                 else "no checkpoint was written yet")
         raise SegGenError(
             f"the training loss became {loss} at step {step}; {where}. Try a lower --lr, --mixed-precision bf16 "
             "instead of fp16, or --max-grad-norm"
