@@ -52,9 +52,9 @@ from rich.console import Console
 from rich.table import Table
 
 from common import SegGenError
-from common.colormap import IGNORE, ade20k_classes
-from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset, read_synthetic
-from common.metrics import SemanticMetrics
+from common.colormap import IGNORE, ade20k_classes, coco_categories
+from common.datasets import Sample, default_data_root, load_image, load_label, load_panoptic, read_dataset, read_synthetic
+from common.metrics import MaskAP, PanopticQuality, SemanticMetrics
 from common.paths import seg_run_dir, synth_dir
 
 console = Console(stderr=True, soft_wrap=True)
@@ -74,6 +74,12 @@ class Strategy(str, Enum):
     synthetic = "synthetic"
 
 
+class Task(str, Enum):
+    semantic = "semantic"
+    panoptic = "panoptic"
+    instance = "instance"
+
+
 class Backbone(str, Enum):
     r50 = "r50"
     swin_t = "swin-t"
@@ -90,13 +96,54 @@ def ade20k_train_ids() -> np.ndarray:
     return lut
 
 
+def coco_train_ids() -> np.ndarray:
+    """(256,) uint8 lookup: COCO panoptic category id -> contiguous train id 0..132 (sorted by id); void -> 255."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])):
+        lut[c["id"]] = i
+    return lut
+
+
 def class_names(data: str) -> list[str]:
-    return [c["name"] for c in sorted(ade20k_classes(), key=lambda c: c["train_id"])]
+    if data == "ade20k":
+        return [c["name"] for c in sorted(ade20k_classes(), key=lambda c: c["train_id"])]
+    return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"])]
+
+
+def thing_train_ids(data: str) -> set[int]:
+    """Train ids of the "thing" classes (COCO); none for ADE20K semantic."""
+    if data == "ade20k":
+        return set()
+    return {i for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])) if c["isthing"]}
 
 
 def load_train_label(sample: Sample, data: str) -> np.ndarray:
-    """(H, W) uint8 train ids, 255 = ignore (checks values and size through common.datasets)."""
-    return ade20k_train_ids()[load_label(sample, data)]
+    """(H, W) uint8 semantic train ids, 255 = ignore (checks values and size through common.datasets)."""
+    lut = ade20k_train_ids() if data == "ade20k" else coco_train_ids()
+    return lut[load_label(sample, data)]
+
+
+# Training targets of every task in one int32 map: class * SEG + k for the k-th segment of the image
+# (k = 0 for semantic targets: one mask per class), -1 = ignore (ADE20K class 0, COCO void and crowd).
+SEG = 1000
+
+
+def load_target(sample: Sample, data: str, task: str) -> np.ndarray:
+    """(H, W) int32 training target of `sample` for `task` (semantic, panoptic, instance)."""
+    if data == "ade20k" or task == "semantic":
+        label = load_train_label(sample, data).astype(np.int32)
+        return np.where(label == IGNORE, -1, label * SEG)
+    ids = load_panoptic(sample)
+    lut, things = coco_train_ids(), thing_train_ids(data)
+    target = np.full(ids.shape, -1, np.int32)
+    for k, seg in enumerate(sample.segments or [], 1):
+        cls = int(lut[seg["category_id"]])
+        # Mask2Former (detectron2's panoptic mapper) leaves crowd regions out of the targets; the
+        # instance task keeps things only.
+        if seg.get("iscrowd", 0) or (task == "instance" and cls not in things):
+            continue
+        target[ids == seg["id"]] = cls * SEG + k
+    return target
 
 
 # ---------------------------------------------------------------- §3.4: which samples each iteration sees
@@ -152,27 +199,30 @@ class MixedBatches(torch.utils.data.Sampler):
 
 # ---------------------------------------------------------------- augmentation (Mask2Former's ADE20K recipe)
 
-def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng) -> tuple[Image.Image, np.ndarray]:
-    """Short side to U(0.5, 2.0) x crop, long side at most 4 x crop (detectron2: 256..1024, max 2048 at 512)."""
+def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bool = False) -> tuple[Image.Image, np.ndarray]:
+    """ADE20K: short side to U(0.5, 2.0) x crop, long side at most 4 x crop (detectron2: 256..1024, max
+    2048 at 512). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x crop squared."""
     w, h = image.size
-    scale = rng.uniform(0.5, 2.0) * crop / min(w, h)
-    scale = min(scale, 4 * crop / max(w, h))
+    if lsj:
+        scale = rng.uniform(0.1, 2.0) * crop / max(w, h)
+    else:
+        scale = min(rng.uniform(0.5, 2.0) * crop / min(w, h), 4 * crop / max(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
 
 
 def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int = 10):
-    """A crop x crop window (padded with grey 128 / ignore 255 where the image is smaller); among up to
+    """A crop x crop window (padded with grey 128 / ignore -1 where the image is smaller); among up to
     `tries` windows the first with a labelled pixel, so that few crops arrive empty."""
     h, w = label.shape
     for _ in range(tries):
         y, x = rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
         lab = label[y:y + crop, x:x + crop]
-        if (lab != IGNORE).any():
+        if (lab >= 0).any():
             break
     img = image[y:y + crop, x:x + crop]
     out_img = np.full((crop, crop, 3), 128, np.uint8)
-    out_lab = np.full((crop, crop), IGNORE, np.uint8)
+    out_lab = np.full((crop, crop), -1, np.int32)
     out_img[:img.shape[0], :img.shape[1]] = img
     out_lab[:lab.shape[0], :lab.shape[1]] = lab
     valid = np.zeros((crop, crop), bool)
@@ -207,11 +257,12 @@ def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
 class SegData(torch.utils.data.Dataset):
     """Decodes and augments one (source, index, seed) from MixedBatches.
 
-    Returns image (3, crop, crop) uint8, label (crop, crop) uint8 train ids (255 = ignore and padding),
-    valid (crop, crop) bool (False on padding), source."""
+    Returns image (3, crop, crop) uint8, label (crop, crop) int32 targets (see load_target; -1 = ignore
+    and padding), valid (crop, crop) bool (False on padding), source. ADE20K: Mask2Former's ADE20K
+    recipe; COCO: its large-scale jitter recipe (resize, crop, flip; no colour jitter)."""
 
-    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: bool = True):
-        self.sources, self.data, self.crop, self.augment = sources, data, crop, augment
+    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: bool = True, task: str = "semantic"):
+        self.sources, self.data, self.crop, self.augment, self.task = sources, data, crop, augment, task
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)
@@ -220,14 +271,16 @@ class SegData(torch.utils.data.Dataset):
         source, index, seed = key
         sample = self.sources[source][index]
         rng = np.random.default_rng(seed)
-        image, label = load_image(sample.image), load_train_label(sample, self.data)
+        image, label = load_image(sample.image), load_target(sample, self.data, self.task)
+        lsj = self.data == "coco"
         if self.augment:
-            image, label = random_resize(image, label, self.crop, rng)
-        else:  # A.9's ablation without augmentation: short side to the crop size, centre window
-            image, label = random_resize(image, label, self.crop, np.random.default_rng([0]))
+            image, label = random_resize(image, label, self.crop, rng, lsj)
+        else:  # A.9's ablation without augmentation: one fixed scale and window
+            image, label = random_resize(image, label, self.crop, np.random.default_rng(0), lsj)
         img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng if self.augment else np.random.default_rng(0))
         if self.augment:
-            img = photometric_distortion(img, rng)
+            if not lsj:
+                img = photometric_distortion(img, rng)
             if rng.random() < 0.5:
                 img, lab, valid = img[:, ::-1], lab[:, ::-1], valid[:, ::-1]
         return {
@@ -238,17 +291,18 @@ class SegData(torch.utils.data.Dataset):
         }
 
 
-def semantic_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """(B, H, W) train ids -> Mask2Former targets: per image one binary mask per class present
-    (mask_labels (N_i, H, W) float, class_labels (N_i,) long), and keep (B,) bool: images with any
-    labelled pixel. Images without one must not reach the loss (it crashes on empty targets)."""
+def mask_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(B, H, W) int32 targets (load_target) -> Mask2Former targets: per image one binary mask per
+    segment (per class for semantic) present (mask_labels (N_i, H, W) float, class_labels (N_i,) long),
+    and keep (B,) bool: images with any labelled pixel. Images without one must not reach the loss (it
+    crashes on empty targets)."""
     masks, classes, keep = [], [], []
     for lab in labels:
         present = torch.unique(lab)
-        present = present[present != IGNORE].long()
+        present = present[present >= 0]
         keep.append(len(present) > 0)
         if len(present):
-            classes.append(present)
+            classes.append((present // SEG).long())
             masks.append((lab[None] == present[:, None, None]).float())
     return masks, classes, torch.tensor(keep, device=labels.device)
 
@@ -320,14 +374,15 @@ def param_groups(model, lr: float, weight_decay: float, backbone_multiplier: flo
 # ---------------------------------------------------------------- evaluation at the original resolution
 
 @torch.no_grad()
-def semantic_scores(model, image: torch.Tensor, short: int, flip: bool = False) -> torch.Tensor:
-    """(3, H, W) normalised image -> (C, H, W) class scores at the original resolution.
+def predict(model, image: torch.Tensor, short: int, max_long: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, H, W) normalised image -> class probabilities (Q, C + 1) and mask logits (Q, H, W) at the
+    original resolution.
 
-    Short side resized to `short` (long side at most 4x), padded to a multiple of 32, mask logits
-    upsampled to the padded input, cropped, upsampled to (H, W); then Mask2Former's semantic inference
-    softmax(class)[:, :-1]^T . sigmoid(mask), as detectron2 does after sem_seg_postprocess."""
+    Short side resized to `short` (long side at most max_long), padded to a multiple of 32; the mask
+    logits upsampled to the padded input, cropped, upsampled to (H, W), as detectron2's
+    sem_seg_postprocess does (transformers' post-processing would go through 384x384 instead)."""
     _, h, w = image.shape
-    scale = min(short / min(h, w), 4 * short / max(h, w))
+    scale = min(short / min(h, w), max_long / max(h, w))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
     if flip:
@@ -338,43 +393,145 @@ def semantic_scores(model, image: torch.Tensor, short: int, flip: bool = False) 
     mask[:, :size[0], :size[1]] = 1
     out = model(pixel_values=x, pixel_mask=mask)
     masks = F.interpolate(out.masks_queries_logits.float(), size=(ph, pw), mode="bilinear", align_corners=False)
-    if flip:  # the padding is on the right of the flipped input: crop there, then unflip
-        masks = masks[..., :size[0], :size[1]].flip(-1)
-    else:
-        masks = masks[..., :size[0], :size[1]]
-    masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False).sigmoid()[0]  # (Q, H, W)
-    classes = out.class_queries_logits.float().softmax(-1)[0, :, :-1]  # (Q, C), the no-object class dropped
-    return torch.einsum("qc,qhw->chw", classes, masks)
+    masks = masks[..., :size[0], :size[1]]  # the padding is on the right and bottom of the (flipped) input
+    if flip:
+        masks = masks.flip(-1)
+    masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)[0]  # (Q, H, W)
+    return out.class_queries_logits.float().softmax(-1)[0], masks
 
 
-def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, accelerator, multiscale: bool, progress=None) -> dict:
-    """mIoU etc. over `samples` (each process takes every world_size-th, confusion matrices summed)."""
+def semantic_scores(model, image: torch.Tensor, short: int, flip: bool = False, max_long: int | None = None) -> torch.Tensor:
+    """(C, H, W) class scores at the original resolution: Mask2Former's semantic inference
+    softmax(class)[:, :-1]^T . sigmoid(mask)."""
+    classes, masks = predict(model, image, short, max_long or 4 * short, flip)
+    return torch.einsum("qc,qhw->chw", classes[:, :-1], masks.sigmoid())
+
+
+def panoptic_inference(classes: torch.Tensor, masks: torch.Tensor, things: set[int],
+                       object_threshold: float = 0.8, overlap_threshold: float = 0.8) -> tuple[torch.Tensor, list[dict]]:
+    """Mask2Former's panoptic inference: queries whose best class is not "no object" and scores above
+    object_threshold; each pixel to the query of highest score x mask probability; segments that keep
+    less than overlap_threshold of their own mask dropped; stuff of one class merged.
+    Returns (H, W) segment ids (0 = void) and [{"id", "category" (train id), "isthing"}]."""
+    scores, labels = classes.max(-1)
+    keep = (labels != classes.shape[-1] - 1) & (scores > object_threshold)
+    scores, labels, probs = scores[keep], labels[keep], masks[keep].sigmoid()
+    seg = torch.zeros(masks.shape[-2:], dtype=torch.int32, device=masks.device)
+    segments: list[dict] = []
+    if len(labels) == 0:
+        return seg, segments
+    owner = (scores[:, None, None] * probs).argmax(0)
+    stuff_ids: dict[int, int] = {}
+    for k, cls in enumerate(labels.tolist()):
+        mine = owner == k
+        own = probs[k] >= 0.5
+        area, original = int(mine.sum()), int(own.sum())
+        region = mine & own
+        if area == 0 or original == 0 or not bool(region.any()) or area / original < overlap_threshold:
+            continue
+        if cls not in things and cls in stuff_ids:
+            seg[region] = stuff_ids[cls]
+            continue
+        sid = len(segments) + 1
+        seg[region] = sid
+        segments.append({"id": sid, "category": cls, "isthing": cls in things})
+        if cls not in things:
+            stuff_ids[cls] = sid
+    return seg, segments
+
+
+def instance_inference(classes: torch.Tensor, masks: torch.Tensor, things: set[int] | None, topk: int = 100):
+    """Mask2Former's instance inference: the top-k (query, class) pairs by class probability (things
+    only for a panoptic model), binary masks at logit 0, score = class probability x mean mask
+    probability inside the mask. Returns masks (K, H, W) bool, scores (K,), train ids (K,)."""
+    num_classes = classes.shape[-1] - 1
+    flat = classes[:, :-1].flatten()
+    scores, idx = flat.topk(min(topk, len(flat)))
+    query, labels = idx // num_classes, idx % num_classes
+    if things is not None:
+        keep = torch.tensor([int(c) in things for c in labels.tolist()], dtype=torch.bool, device=labels.device)
+        scores, query, labels = scores[keep], query[keep], labels[keep]
+    logits = masks[query]
+    binary = logits > 0
+    mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    return binary, scores * mask_scores, labels
+
+
+def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, accelerator, multiscale: bool,
+             progress=None, task: str = "semantic") -> dict:
+    """The metrics of `task` over `samples` (each process takes every world_size-th, results combined):
+    semantic mIoU; panoptic PQ (+ AP of the things and mIoU, the paper's Table 2); instance mask AP."""
+    from accelerate.utils import gather_object
+
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
     device = accelerator.device
     names = class_names(data)
-    metric = SemanticMetrics(len(names), IGNORE, names)
+    semantic = SemanticMetrics(len(names), IGNORE, names) if task in ("semantic", "panoptic") else None
+    cats = sorted(coco_categories(), key=lambda c: c["id"]) if data == "coco" else []
+    categories = {c["id"]: bool(c["isthing"]) for c in cats}
+    pq = PanopticQuality(categories) if task == "panoptic" else None
+    ap = MaskAP(categories) if task in ("panoptic", "instance") else None
+    things = thing_train_ids(data)
     mean_t = torch.tensor(mean, device=device).view(3, 1, 1) * 255
     std_t = torch.tensor(std, device=device).view(3, 1, 1) * 255
+    max_long = 4 * size if data == "ade20k" else round(size * 1333 / 800)  # detectron2's test sizes
     views = [(s, f) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for f in (False, True)] if multiscale else [(1.0, False)]
-    mine = samples[accelerator.process_index::accelerator.num_processes]
-    task = progress.add_task("evaluating" + (" (multi-scale + flip)" if multiscale else ""), total=len(mine)) if progress else None
-    for sample in mine:
-        label = torch.from_numpy(load_train_label(sample, data)).to(device)
+    mine = list(enumerate(samples))[accelerator.process_index::accelerator.num_processes]
+    bar = progress.add_task("evaluating" + (" (multi-scale + flip)" if multiscale else ""), total=len(mine)) if progress else None
+    for image_id, sample in mine:
         image = torch.from_numpy(np.asarray(load_image(sample.image)).copy()).to(device).permute(2, 0, 1).float()
         image = (image - mean_t) / std_t
         with accelerator.autocast():
-            scores = sum(semantic_scores(net, image, round(size * s), f) for s, f in views)
-        metric.update(scores.argmax(0), label)
+            if task == "semantic":
+                scores = sum(semantic_scores(net, image, round(size * s), f, round(max_long * s)) for s, f in views)
+            else:
+                classes, masks = predict(net, image, size, max_long)
+                scores = torch.einsum("qc,qhw->chw", classes[:, :-1], masks.sigmoid())
+        if semantic is not None:
+            semantic.update(scores.argmax(0), torch.from_numpy(load_train_label(sample, data)).to(device))
+        if pq is not None or ap is not None:
+            gt_ids = load_panoptic(sample)
+        if pq is not None:
+            seg, segs = panoptic_inference(classes, masks, things)
+            pq.update(gt_ids, sample.segments, seg.cpu().numpy(),
+                      [{"id": x["id"], "category_id": cats[x["category"]]["id"]} for x in segs])
+        if ap is not None:
+            ap.add_ground_truth(image_id, gt_ids, sample.segments)
+            binary, inst_scores, labels = instance_inference(classes, masks, things if task == "panoptic" else None)
+            ap.add_predictions(image_id, binary.cpu().numpy(), inst_scores.tolist(), [cats[c]["id"] for c in labels.tolist()])
         if progress:
-            progress.advance(task)
+            progress.advance(bar)
     if progress:
-        progress.remove_task(task)
-    confmat = accelerator.reduce(metric.confmat.to(device), reduction="sum")
-    metric.confmat = confmat.cpu()
+        progress.remove_task(bar)
+    result = {}
+    if semantic is not None:
+        semantic.confmat = accelerator.reduce(semantic.confmat.to(device), reduction="sum").cpu()
+        result.update(semantic.compute())
+    if pq is not None:
+        if accelerator.num_processes > 1:
+            parts = gather_object([(dict(pq.iou), dict(pq.tp), dict(pq.fp), dict(pq.fn))])
+            pq = PanopticQuality(categories)
+            for iou, tp, fp, fn in parts:
+                for dst, src in ((pq.iou, iou), (pq.tp, tp), (pq.fp, fp), (pq.fn, fn)):
+                    for c, v in src.items():
+                        dst[c] += v
+        got = pq.compute()
+        name_of = {c["id"]: c["name"] for c in cats}
+        got["per_class"] = {name_of[k]: v for k, v in got["per_class"].items()}
+        result["panoptic"] = got
+    if ap is not None:
+        if accelerator.num_processes > 1:
+            parts = gather_object([(ap.images, ap.gt, ap.dt)])
+            ap = MaskAP(categories)
+            for images, gt, dt in parts:
+                ap.images += images
+                ap.dt += dt
+                ap.gt += [dict(g, id=len(ap.gt) + i + 1) for i, g in enumerate(gt)]
+        result["instance"] = ap.compute()
     net.train(was_training)
-    return metric.compute()
+    return result
 
 
 # ---------------------------------------------------------------- run folder
@@ -398,11 +555,19 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 
 
 def print_metrics(title: str, scores: dict) -> None:
+    """The paper's columns in %: mIoU (Table 1); PQ, PQ^Th, PQ^St, AP^Th_pan, mIoU_pan (Table 2); AP (Table 3)."""
+    cols: dict[str, float | int] = {}
+    if "panoptic" in scores:
+        p = scores["panoptic"]
+        cols.update({"PQ": p["PQ"], "SQ": p["SQ"], "RQ": p["RQ"], "PQ th": p["PQ_th"], "PQ st": p["PQ_st"]})
+    if "instance" in scores:
+        cols.update({"AP": scores["instance"]["AP"], "AP50": scores["instance"]["AP50"]})
+    if "mIoU" in scores:
+        cols.update({"mIoU": scores["mIoU"], "pixel acc.": scores["pixel_accuracy"], "mean acc.": scores["mean_accuracy"]})
     table = Table(title=title)
-    for col in ("mIoU", "pixel acc.", "mean acc.", "classes"):
+    for col in cols:
         table.add_column(col, justify="right")
-    table.add_row(f"{100 * scores['mIoU']:.2f}", f"{100 * scores['pixel_accuracy']:.2f}",
-                  f"{100 * scores['mean_accuracy']:.2f}", str(scores["classes_in_ground_truth"]))
+    table.add_row(*(f"{100 * v:.2f}" for v in cols.values()))
     console.print(table)
 
 
@@ -413,8 +578,16 @@ def run(a) -> dict:
     from accelerate.utils import set_seed
 
     a.data = a.data.value
-    if a.data != "ade20k":
-        raise SegGenError("--data coco: panoptic/instance training is not implemented yet in train_seg.py (ADE20K semantic only)")
+    # Paper defaults per dataset (§4.2, A.3): ADE20K semantic with synthetic augmentation, 160k
+    # iterations, crop 512 (Swin-L 640); COCO panoptic with synthetic pre-training, 50 epochs
+    # (368,750 iterations at batch 16), large-scale jitter at 1024, tested at short side 800.
+    a.task = (a.task.value if a.task else "semantic" if a.data == "ade20k" else "panoptic")
+    a.strategy = a.strategy or (Strategy.aug if a.data == "ade20k" else Strategy.pretrain)
+    a.max_steps = a.max_steps or (160_000 if a.data == "ade20k" else 368_750)
+    if a.data == "ade20k" and a.task != "semantic":
+        raise SegGenError(f"--task {a.task} needs COCO panoptic data (--data coco); ADE20K is trained for semantic segmentation")
+    if a.multiscale and a.task != "semantic":
+        raise SegGenError("--multiscale is for semantic segmentation (the paper's ADE20K m.s. column)")
     if a.model is not None and a.backbone is not None:
         raise SegGenError("pass either --model (a checkpoint) or --backbone (a fresh paper configuration), not both")
     if a.eval_only and a.checkpoint is None:
@@ -464,8 +637,8 @@ def run(a) -> dict:
     net, processor = build_model(model_src, None if model_src else (a.backbone or Backbone.r50), a.data)
     freeze_unused(net)
     mean, std = processor.image_mean, processor.image_std
-    crop = a.crop or (640 if a.backbone == Backbone.swin_l else 512)
-    eval_size = a.eval_size or crop
+    crop = a.crop or (1024 if a.data == "coco" else 640 if a.backbone == Backbone.swin_l else 512)
+    eval_size = a.eval_size or (800 if a.data == "coco" else crop)
     say(f"Mask2Former ({model_src or (a.backbone or Backbone.r50).value + ' from config'}, "
         f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters) on {a.data}; "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
@@ -475,9 +648,9 @@ def run(a) -> dict:
 
     if a.eval_only:
         model = accelerator.prepare(net)
-        result = {"checkpoint": str(a.checkpoint)}
+        result = {"data": a.data, "task": a.task, "checkpoint": str(a.checkpoint)}
         with progress_bar(main_proc) as progress:
-            result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress)
+            result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task)
             if a.multiscale:
                 result["multi_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, True, progress)
         return finish(result, output_dir, main_proc, a.metrics_file)
@@ -490,7 +663,7 @@ def run(a) -> dict:
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
     per_proc = a.batch_size // accelerator.num_processes
-    dataset = SegData([real, *synthetic], a.data, crop, augment=not a.no_augment)
+    dataset = SegData([real, *synthetic], a.data, crop, augment=not a.no_augment, task=a.task)
     source_names = ["real", *[str(f) for f in folders]]
     # Per-process counts: samples drawn from each source, then images left out for having no label.
     counts = torch.zeros(len(source_names) + 1, dtype=torch.long)
@@ -537,7 +710,7 @@ def run(a) -> dict:
                 labels = batch["label"].to(accelerator.device, non_blocking=True)
                 valid = batch["valid"].to(accelerator.device, non_blocking=True).long()
                 counts[:-1] += torch.bincount(batch["source"], minlength=len(source_names))
-                mask_labels, class_labels, keep = semantic_targets(labels)
+                mask_labels, class_labels, keep = mask_targets(labels)
                 counts[-1] += int((~keep).sum())
                 # Every process takes the same branch (the loss itself synchronises its mask count).
                 if bool(accelerator.gather(keep.any()[None].long()).min() == 0):
@@ -576,13 +749,13 @@ def run(a) -> dict:
     if main_proc:
         accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
-    result = {"data": a.data, "strategy": a.strategy.value, "phases": [{"name": n, "p_aug": p, "steps": s} for n, p, s in phases],
+    result = {"data": a.data, "task": a.task, "strategy": a.strategy.value, "phases": [{"name": n, "p_aug": p, "steps": s} for n, p, s in phases],
               **totals(), "model": str(output_dir / "model")}
     if result["skipped_images"]:
         say(f"[yellow]{result['skipped_images']} training image(s) without any labelled pixel were left out of the loss "
             f"({skipped_steps} whole step(s) skipped)[/]")
     with progress_bar(main_proc) as progress:
-        result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress)
+        result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task)
         if a.multiscale:
             result["multi_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, True, progress)
     if stats:
@@ -594,8 +767,16 @@ def run(a) -> dict:
 def probe_synthetic(folder: Path, samples: list[Sample], data: str, n: int = 8) -> None:
     """Decode a few labels of a synthetic folder up front: labels of another dataset fail here, named,
     not hours into training."""
+    known = {c["id"] for c in coco_categories()}
     for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
         try:
+            if data == "coco":
+                if samples[i].segments is None:
+                    raise SegGenError(f"{samples[i].annotation}: no segments_info in the manifest (a COCO folder's records need it)")
+                bad = sorted({s["category_id"] for s in samples[i].segments} - known)
+                if bad:
+                    raise SegGenError(f"{samples[i].annotation}: category ids {bad[:8]} are not coco categories")
+                load_panoptic(samples[i])
             load_label(samples[i], data)
         except SegGenError as e:
             raise SegGenError(f"--synthetic {folder}: {e}. Synthetic labels must use {data}'s label encoding "
@@ -645,24 +826,25 @@ def finish(result: dict, output_dir: Path, main_proc: bool, metrics_file: Path |
 
 @app.command()
 def main(
-    data: Annotated[Data, typer.Option(help="Dataset (ADE20K semantic; COCO panoptic/instance: not yet).", rich_help_panel="Data")] = Data.ade20k,
+    data: Annotated[Data, typer.Option(help="Dataset: ADE20K (semantic) or COCO panoptic (panoptic / instance).", rich_help_panel="Data")] = Data.ade20k,
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
     synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
-    strategy: Annotated[Strategy, typer.Option(help="aug: replace real samples by synthetic ones with p_aug (§3.4, ADE20K); pretrain: synthetic then real (COCO); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = Strategy.aug,
+    task: Annotated[Task | None, typer.Option(help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
+    strategy: Annotated[Strategy | None, typer.Option(help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = None,
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
     max_real_samples: Annotated[int | None, typer.Option(min=1, help="Train on a fixed random subset of this many real samples (Table 4).", rich_help_panel="Data")] = None,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per process.", rich_help_panel="Data")] = 4,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resize/crop, colour jitter or flip (appendix A.9's ablation).", rich_help_panel="Data")] = False,
     model: Annotated[str | None, typer.Option(help="Mask2Former checkpoint to fine-tune: hub id or folder (e.g. facebook/mask2former-swin-large-ade-semantic).", rich_help_panel="Model")] = None,
     backbone: Annotated[Backbone | None, typer.Option(help="Build the paper's configuration with random weights instead (default r50).", rich_help_panel="Model")] = None,
-    max_steps: Annotated[int, typer.Option(min=1, help="Iterations (per phase for pretrain; A.3: 160k on ADE20K).", rich_help_panel="Training")] = 160_000,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Iterations, per phase for pretrain (ADE20K 160k; COCO 368,750 = 50 epochs at batch 16).", rich_help_panel="Training")] = None,
     pretrain_steps: Annotated[int | None, typer.Option(min=1, help="--strategy pretrain: iterations on synthetic data (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch over all processes (A.3: 16).", rich_help_panel="Training")] = 16,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate (A.3: 1e-4).", rich_help_panel="Training")] = 1e-4,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay (A.3: 0.05).", rich_help_panel="Training")] = 0.05,
     backbone_lr_multiplier: Annotated[float, typer.Option(min=0.0, help="Backbone lr factor (Mask2Former: 0.1).", rich_help_panel="Training")] = 0.1,
     grad_clip: Annotated[float, typer.Option(min=0.0, help="Full-model gradient norm clip (Mask2Former: 0.01; 0: off).", rich_help_panel="Training")] = 0.01,
-    crop: Annotated[int | None, typer.Option(min=32, max=2048, help="Training crop (Table 1: 512, Swin-L 640).", rich_help_panel="Training")] = None,
+    crop: Annotated[int | None, typer.Option(min=32, max=2048, help="Training crop (ADE20K: 512, Swin-L 640; COCO: 1024).", rich_help_panel="Training")] = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws and augmentation.", rich_help_panel="Training")] = 0,
     mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (default: accelerate's config).", rich_help_panel="Training")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (default runs/seg-{data}-{strategy}).", rich_help_panel="Output")] = None,
@@ -674,7 +856,7 @@ def main(
     metrics_file: Annotated[Path | None, typer.Option(help="Where metrics.json goes (default: in --output-dir).", rich_help_panel="Output")] = None,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Only evaluate --checkpoint on the val split.", rich_help_panel="Evaluation")] = False,
     checkpoint: Annotated[Path | None, typer.Option(help="Model to evaluate: a run's model/ or checkpoints/phase*-step* folder.", rich_help_panel="Evaluation")] = None,
-    eval_size: Annotated[int | None, typer.Option(min=32, help="Short side at test time (default: the crop size).", rich_help_panel="Evaluation")] = None,
+    eval_size: Annotated[int | None, typer.Option(min=32, help="Short side at test time (default: ADE20K the crop size, COCO 800).", rich_help_panel="Evaluation")] = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Also evaluate with flip + scales 0.5..1.75.", rich_help_panel="Evaluation")] = False,
 ):
     """Train Mask2Former on real + synthetic data (paper §3.4) and write metrics.json."""
