@@ -82,20 +82,32 @@ def source_inputs(sample: Sample, data: str, palette: Palette, cache: dict) -> d
     return cache[sample.id]
 
 
+def generation_size(h: int, w: int, res: int) -> tuple[int, int]:
+    """(h, w) to draw a label of size (h, w) at: short side `res`, the label's aspect ratio (long side at
+    most 2·res), multiples of 8. The scale train_mask2img.py trains at (short side to R, then R×R crops)."""
+    scale = res / min(h, w)
+    return tuple(int(min(2 * res, max(8, round(x * scale / 8) * 8))) for x in (h, w))
+
+
 def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np.ndarray]:
-    """Mask2Img on one batch of (source id, k): (H, W, 3) uint8 images at each label's own size."""
+    """Mask2Img on one batch of (source id, k): (H, W, 3) uint8 images at each label's own size.
+
+    Items are drawn at `generation_size` and resized back, so the human label fits as it is. A UNet
+    batch needs one shape: items of different shapes (a batch that spans two sources) go in turns."""
     res = settings["resolution"]
     inputs = [source_inputs(samples[s], settings["data"], palette, cache) for s, _ in batch]
-    # Generated at res × res (one shape per batch), then resized back, so the human label fits as it is.
-    control = synth.control_tensor([resize_nearest(i["colormap"], (res, res)) for i in inputs])
-    generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], s, k)) for s, k in batch]
-    cond, uncond = synth.encode(gen, [captions[s] for s, _ in batch], res)
-    images = synth.sample_images(gen, cond, uncond, generators, res, settings["steps"], settings["guidance"],
-                                 settings["sampler"], _churn(settings), control=control)
-    out = []
-    for im, i in zip(images, inputs):
-        h, w = i["label"].shape
-        out.append(im if (h, w) == (res, res) else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)))
+    sizes = [generation_size(*i["label"].shape, res) for i in inputs]
+    out = [None] * len(batch)
+    for size in dict.fromkeys(sizes):  # in order of first appearance
+        idx = [i for i, sz in enumerate(sizes) if sz == size]
+        control = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1]) for i in idx])
+        generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], *batch[i])) for i in idx]
+        cond, uncond = synth.encode(gen, [captions[batch[i][0]] for i in idx], size)
+        images = synth.sample_images(gen, cond, uncond, generators, size, settings["steps"], settings["guidance"],
+                                     settings["sampler"], _churn(settings), control=control)
+        for i, im in zip(idx, images):
+            h, w = inputs[i]["label"].shape
+            out[i] = im if (h, w) == size else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
     return out
 
 
@@ -143,7 +155,7 @@ def imgsyn(
     settings = {"data": data, "resolution": resolution, "steps": steps, "guidance": guidance, "sampler": sampler,
                 "S_churn": S_churn, "S_tmin": S_tmin, "S_tmax": S_tmax if S_tmax != float("inf") else None,
                 "S_noise": S_noise, "seed": seed, "precision": synth.precision_name(dtype), "palette": palette.name}
-    models = {"mask2img": mask2img, "base": base}
+    models = {"mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     done = synth.check_output(out, settings, models)
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
@@ -158,7 +170,7 @@ def imgsyn(
                       f"({state.num_processes} process(es), {len(done)} already written)")
 
     # -- model
-    gen = synth.load_mask2img(mask2img, base, kind, state.device, dtype) if todo else None
+    gen = synth.load_mask2img(mask2img, base, kind, state.device, dtype, models["vae"]) if todo else None
 
     # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
@@ -219,7 +231,7 @@ def _reproduce(out, wanted, samples, caps, state) -> dict:
     base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings["data"])
     palette = synth.model_palette(models["mask2img"], settings["data"])
     dtype = synth.precision_dtype(settings["precision"], state.device)
-    gen = synth.load_mask2img(models["mask2img"], base, kind, state.device, dtype)
+    gen = synth.load_mask2img(models["mask2img"], base, kind, state.device, dtype, models.get("vae"))
     images = generate(gen, batch, samples, caps, settings, palette, {})
     image = images[batch.index((rec["source_id"], int(rec["k"])))]
     path = atomic_save(out / "reproduce" / f"{wanted}.jpg", lambda p: synth.save_jpeg(p, image))
@@ -254,7 +266,7 @@ def main(
     s_tmin: Annotated[float, typer.Option("--s-tmin", min=0.0, help="EDM S_tmin: churn only for σ >= this.", rich_help_panel="Sampling")] = 0.0,
     s_tmax: Annotated[float, typer.Option("--s-tmax", min=0.0, help="EDM S_tmax: churn only for σ <= this.", rich_help_panel="Sampling")] = float("inf"),
     s_noise: Annotated[float, typer.Option("--s-noise", min=0.0, help="EDM S_noise: scale of the churn noise.", rich_help_panel="Sampling")] = 1.0,
-    resolution: Annotated[int, typer.Option(min=64, max=4096, help="Side of the generated square (paper A.4: 768); images are resized back to their label's size.", rich_help_panel="Sampling")] = 768,
+    resolution: Annotated[int, typer.Option(min=64, max=4096, help="Short side of the generated image (paper A.4: 768); the long side keeps the label's aspect ratio, and the image is resized back to the label's size.", rich_help_panel="Sampling")] = 768,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Samples per UNet call.", rich_help_panel="Sampling")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; each sample's seed derives from (source id, k, seed).", rich_help_panel="Sampling")] = 0,
     out: Annotated[Path | None, typer.Option(help="Synthetic folder (default: synth/imgsyn-{data}/).", rich_help_panel="Output")] = None,

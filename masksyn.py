@@ -79,8 +79,8 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     texts = [captions[s] for s, _ in batch]
 
     # 1. caption -> colour map (Text2Mask)
-    cond, uncond = synth.encode(t2m, texts, res)
-    cmaps = synth.sample_images(t2m, cond, uncond, generators, res, settings["text2mask_steps"], settings["guidance"],
+    cond, uncond = synth.encode(t2m, texts, (res, res))
+    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings["text2mask_steps"], settings["guidance"],
                                 settings["sampler"], churn)
     # 2. colour map -> label; degenerate masks are dropped here
     items = []
@@ -98,9 +98,9 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     # 3. label -> clean colour map in Mask2Img's palette -> image (Mask2Img)
     for i in keep:
         items[i]["colormap"] = label_to_color(items[i]["label"], palettes[1])
-    cond, uncond = synth.encode(m2i, [texts[i] for i in keep], res)
+    cond, uncond = synth.encode(m2i, [texts[i] for i in keep], (res, res))
     control = synth.control_tensor([items[i]["colormap"] for i in keep])
-    images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], res, settings["mask2img_steps"],
+    images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], (res, res), settings["mask2img_steps"],
                                  settings["guidance"], settings["sampler"], churn, control=control)
     for i, image in zip(keep, images):
         items[i]["image"] = image
@@ -153,7 +153,7 @@ def masksyn(
                 "S_tmax": S_tmax if S_tmax != float("inf") else None, "S_noise": S_noise, "seed": seed,
                 "precision": synth.precision_name(dtype), "palettes": [p.name for p in palettes],
                 "max_off_palette": max_off_palette, "off_palette_distance": palettes[0].min_distance() / 2}
-    models = {"text2mask": text2mask, "mask2img": mask2img, "base": base}
+    models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     rejected_path = out / "rejected.jsonl"
     done = synth.check_output(out, settings, models)
     rejected = {str(r["id"]) for r in read_manifest(rejected_path)}
@@ -226,7 +226,7 @@ def load_models(models: dict, settings: dict, device) -> tuple:
     t2m_kind = synth.check_pipeline(models["text2mask"], "--text2mask", "train_text2mask.py")
     base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings["data"])
     return (synth.load_text2mask(models["text2mask"], t2m_kind, device, dtype),
-            synth.load_mask2img(models["mask2img"], base, kind, device, dtype))
+            synth.load_mask2img(models["mask2img"], base, kind, device, dtype, models.get("vae")))
 
 
 def _reproduce(out, wanted, caps, state) -> dict:

@@ -144,6 +144,13 @@ def check_controlnet(path: str, base: str | None, data: str) -> tuple[str, str]:
     return base, kind
 
 
+def recorded_vae(mask2img: str) -> str | None:
+    """The VAE train_mask2img.py --vae trained with (e.g. an fp16-fixed SDXL VAE), from seggen.json; None
+    when it used the base pipeline's own."""
+    meta = Path(mask2img) / "seggen.json"
+    return _read_json(meta, "--mask2img").get("vae") if meta.is_file() else None
+
+
 def model_palette(folder: str, data: str) -> Palette:
     """The palette saved with a trained generator (palette.json), else the dataset's generation palette."""
     path = Path(folder) / "palette.json"
@@ -188,12 +195,14 @@ def load_text2mask(path: str, kind: str, device: torch.device, dtype: torch.dtyp
     return _ready(pipe, None, kind, device, dtype)
 
 
-def load_mask2img(path: str, base: str, kind: str, device: torch.device, dtype: torch.dtype) -> Generator:
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+def load_mask2img(path: str, base: str, kind: str, device: torch.device, dtype: torch.dtype, vae: str | None = None) -> Generator:
+    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     controlnet = _load(path, "--mask2img", lambda: ControlNetModel.from_pretrained(path, dtype=dtype))
     cls = StableDiffusionXLControlNetPipeline if kind == "sdxl" else StableDiffusionControlNetPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if vae:  # the VAE the ControlNet was trained with (seggen.json), instead of the base's
+        extra["vae"] = _load(vae, "--mask2img (its seggen.json 'vae')", lambda: AutoencoderKL.from_pretrained(vae, dtype=dtype))
     pipe = _load(base, "--base", lambda: cls.from_pretrained(base, controlnet=controlnet, dtype=dtype, **extra))
     return _ready(pipe, controlnet, kind, device, dtype)
 
@@ -208,35 +217,36 @@ def _ready(pipe, controlnet, kind, device, dtype) -> Generator:
 
 
 @torch.no_grad()
-def encode(gen: Generator, captions: list[str], resolution: int) -> tuple[Cond, Cond]:
-    """(cond, uncond) for a batch of captions, through the pipeline's own `encode_prompt`: for SDXL
-    the unconditional side is zeros (force_zeros_for_empty_prompt), for SD-1.5 the empty prompt."""
+def encode(gen: Generator, captions: list[str], size: tuple[int, int]) -> tuple[Cond, Cond]:
+    """(cond, uncond) for a batch of captions to be drawn at size (h, w), through the pipeline's own
+    `encode_prompt`: for SDXL the unconditional side is zeros (force_zeros_for_empty_prompt), for
+    SD-1.5 the empty prompt."""
     if gen.sdxl:
         emb, neg, pooled, neg_pooled = gen.pipe.encode_prompt(captions, device=gen.device, do_classifier_free_guidance=True)
         # SDXL's micro-conditioning: original size, crop top-left, target size (Podell et al. §2.2).
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=emb.dtype, device=gen.device)
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=emb.dtype, device=gen.device)
         time_ids = time_ids.repeat(len(captions), 1)
         return Cond(emb, pooled, time_ids), Cond(neg, neg_pooled, time_ids)
     emb, neg = gen.pipe.encode_prompt(captions, gen.device, 1, True)
     return Cond(emb), Cond(neg)
 
 
-def initial_noise(gen: Generator, generators: list[torch.Generator], resolution: int) -> torch.Tensor:
+def initial_noise(gen: Generator, generators: list[torch.Generator], size: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) unit noise, each row from its sample's own CPU generator (device independent)."""
-    h = resolution // gen.latent_factor
-    shape = (gen.pipe.unet.config.in_channels, h, h)
+    shape = (gen.pipe.unet.config.in_channels, size[0] // gen.latent_factor, size[1] // gen.latent_factor)
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(gen.device)
 
 
 @torch.no_grad()
-def sample_images(gen: Generator, cond: Cond, uncond: Cond, generators: list[torch.Generator], resolution: int,
+def sample_images(gen: Generator, cond: Cond, uncond: Cond, generators: list[torch.Generator], size: tuple[int, int],
                   steps: int, guidance: float, sampler: str, churn: dict, control: torch.Tensor | None = None) -> np.ndarray:
-    """EDM sampling then VAE decoding: (B, H, W, 3) uint8 pictures (images, or Text2Mask colour maps).
+    """EDM sampling then VAE decoding: (B, h, w, 3) uint8 pictures (images, or Text2Mask colour maps)
+    of size = (h, w).
 
     control: (B, 3, H, W) in [0, 1], the ControlNet's colour maps (Mask2Img)."""
     if control is not None:
         cond, uncond = (dataclasses.replace(c, control=control.to(gen.device)) for c in (cond, uncond))
-    latents = initial_noise(gen, generators, resolution)
+    latents = initial_noise(gen, generators, size)
     d = gen.denoiser
     x = edm_sampler(lambda x, sigma: d(x, sigma, cond, uncond, guidance), latents, d.schedule(steps),
                     sampler=sampler, generators=generators, **churn)

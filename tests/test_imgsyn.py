@@ -169,11 +169,18 @@ def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, models, ade_cap
         run_ade(tmp_path / "o", models, None)
 
 
-def test_base_recorded_with_the_controlnet(tmp_path, models):
+def test_base_and_vae_recorded_with_the_controlnet(tmp_path, models, ade_captions):
+    """train_mask2img.py writes seggen.json {"base", "vae", ...} beside the ControlNet: only --mask2img is needed."""
     cn = tmp_path / "mask2img"
     shutil.copytree(models["mask2img"], cn)
-    (cn / "seggen.json").write_text(json.dumps({"base": models["base"]}))
+    (cn / "seggen.json").write_text(json.dumps({"base": models["base"], "vae": None}))
     assert synth.check_controlnet(str(cn), None, "ade20k") == (models["base"], "sdxl")
+    vae = str(tmp_path / "vae")
+    shutil.copytree(f"{models['base']}/vae", vae)
+    (cn / "seggen.json").write_text(json.dumps({"base": models["base"], "vae": vae}))
+    s = run_ade(tmp_path / "o", {"mask2img": str(cn), "base": None}, ade_captions, per_sample=1, limit=1)
+    assert s["written"] == 1
+    assert read_synthetic(tmp_path / "o")[0].meta["models"] == {"mask2img": str(cn), "base": models["base"], "vae": vae}
 
 
 def test_cli_errors_exit_2_with_the_flag_named(tmp_path, ade_captions):
@@ -214,3 +221,10 @@ def test_two_processes_give_the_same_samples_as_one(tmp_path, ade_run, models, a
     assert ids == sorted(s.id for s in read_synthetic(full))
     for sid in ids:
         assert (out / "images" / f"{sid}.jpg").read_bytes() == (full / "images" / f"{sid}.jpg").read_bytes(), sid
+
+
+def test_generation_size_keeps_the_aspect_ratio_at_the_training_scale():
+    assert imgsyn.generation_size(512, 683, 768) == (768, 1024)  # ADE_val_00000001: short side 768, as trained
+    assert imgsyn.generation_size(768, 768, 768) == (768, 768)
+    assert imgsyn.generation_size(100, 1000, 768) == (768, 1536)  # a panorama: the long side stops at 2·768
+    assert all(x % 8 == 0 for x in imgsyn.generation_size(333, 517, 512))
