@@ -132,6 +132,9 @@ def check_controlnet(path: str, base: str | None, data: str) -> tuple[str, str]:
             raise SegGenError(f"--mask2img {folder} records no base pipeline (no 'base' in {meta}): pass --base, "
                               f"the SDXL / SD-1.5 pipeline the ControlNet was trained on")
         base = str(recorded)
+        if not _is_hub_id(base) and not Path(base).exists():  # recorded relative to where training ran
+            raise SegGenError(f"--mask2img {folder} records base pipeline {base!r} (in seggen.json), which is not found "
+                              f"from {Path.cwd()}: pass --base with that pipeline's folder or hub id")
     kind = check_pipeline(base, "--base", "train_mask2img.py")
     if not _is_hub_id(path) and not _is_hub_id(base):
         cn = _read_json(folder / "config.json", "--mask2img")

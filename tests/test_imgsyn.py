@@ -175,6 +175,9 @@ def test_base_and_vae_recorded_with_the_controlnet(tmp_path, models, ade_caption
     shutil.copytree(models["mask2img"], cn)
     (cn / "seggen.json").write_text(json.dumps({"base": models["base"], "vae": None}))
     assert synth.check_controlnet(str(cn), None, "ade20k") == (models["base"], "sdxl")
+    (cn / "seggen.json").write_text(json.dumps({"base": "../elsewhere/sdxl"}))  # relative to where training ran
+    with pytest.raises(SegGenError, match=r"records base pipeline '../elsewhere/sdxl' \(in seggen.json\), which is not found from .*: pass --base"):
+        synth.check_controlnet(str(cn), None, "ade20k")
     vae = str(tmp_path / "vae")
     shutil.copytree(f"{models['base']}/vae", vae)
     (cn / "seggen.json").write_text(json.dumps({"base": models["base"], "vae": vae}))
