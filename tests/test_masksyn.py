@@ -172,3 +172,15 @@ def test_sd15_text2mask(tmp_path, models, captions, tiny_models):
     """Paper appendix A.11: SD-1.5 as the Text2Mask base (detected from the pipeline folder)."""
     s = run(tmp_path / "sd15", {**models, "text2mask": str(tiny_models("sd15"))}, captions, per_sample=1, **ACCEPT_ALL)
     assert s["written"] == 2 and {x.meta["models"]["text2mask"] for x in read_synthetic(tmp_path / "sd15")} == {str(tiny_models("sd15"))}
+
+
+def test_cli_errors_exit_2_with_the_flag_named(tmp_path, captions):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(masksyn.main)
+    res = CliRunner().invoke(app, ["--per-sample", "0", "--captions", str(captions)])
+    assert res.exit_code == 2 and "--per-sample" in res.output
+    res = CliRunner().invoke(app, ["--captions", str(captions), "--text2mask", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "error:" in res.output and "--text2mask" in res.output and "train_text2mask.py" in res.output
