@@ -88,7 +88,9 @@ def edm_sampler(
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_tmin <= t_cur <= S_tmax else 0.0
         t_hat = t_cur + gamma * t_cur
         # Add the matching fresh noise: x̂ = x + sqrt(t̂² - t²) · S_noise · ε.
-        x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * _randn_like(x_cur, generators) if gamma > 0 else x_cur
+        x_hat = x_cur
+        if gamma > 0:
+            x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * _randn_like(x_cur, generators)
         # Euler step from t̂ to t_{i+1} along d = (x̂ - D(x̂; t̂)) / t̂.
         d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
