@@ -59,7 +59,7 @@ def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the sampler
 
 def edm_sampler(
-    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
     latents: torch.Tensor,
     t_steps: torch.Tensor,
     sampler: str = "heun",
