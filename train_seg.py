@@ -14,16 +14,19 @@ The paper's two ways of using synthetic data (§3.4):
 - `real`: the baseline; `synthetic`: synthetic only (Table 5, against DiffuMask).
 
 The model is transformers' Mask2FormerForUniversalSegmentation (detectron2 is not installable here),
-trained with the official Mask2Former ADE20K recipe (A.3: "we keep the official training
-hyper-parameters"): AdamW lr 1e-4, weight decay 0.05 (none on norms and embeddings), backbone lr x 0.1,
-poly schedule (power 0.9), full-model gradient clipping at norm 0.01, batch 16, 160k iterations; random
-resize of the short side to 0.5-2.0 x crop, crop (512, Swin-L 640), photometric distortion, flip;
-ignore label 255 (ADE20K class 0), classes shifted to 0..149.
+trained with the official Mask2Former recipes (A.3: "we keep the official training hyper-parameters"):
+AdamW lr 1e-4, weight decay 0.05 (none on norms and embeddings), backbone lr x 0.1, poly schedule
+(power 0.9), full-model gradient clipping at norm 0.01, batch 16.
+- ADE20K semantic: 160k iterations; random resize of the short side to 0.5-2.0 x crop, crop (512,
+  Swin-L 640), photometric distortion, flip; ignore label 255 (ADE20K class 0), classes 0..149.
+- COCO panoptic (or --task instance, things only): 50 epochs (368,750 iterations); large-scale jitter
+  (0.1-2.0) at 1024, flip; one target mask per panoptic segment, crowd regions left out; 133 classes.
 
 Evaluation is done at each image's original resolution (transformers' post-processing resizes to
 384x384 first, so it is not used): short side resized to --eval-size, mask logits upsampled back to the
-image, semantic scores = softmax(class) . sigmoid(mask) as Mask2Former's semantic inference;
-mIoU / per-class IoU / pixel accuracy from one confusion matrix over the split (common/metrics.py).
+image, then Mask2Former's inference: semantic (softmax(class) . sigmoid(mask)) -> mIoU, per-class IoU,
+pixel accuracy (optionally flip + multi-scale); panoptic -> PQ / SQ / RQ, things and stuff; instance
+(top-100 query-class pairs) -> mask AP through pycocotools. Metrics: common/metrics.py.
 
 The run folder holds options.json, stats.jsonl (loss, lr, it/s, what was drawn from where),
 checkpoints/phase{k}-step{N}/ (accelerate state + config.json: loadable with from_pretrained),
@@ -199,14 +202,18 @@ class MixedBatches(torch.utils.data.Sampler):
 
 # ---------------------------------------------------------------- augmentation (Mask2Former's ADE20K recipe)
 
-def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bool = False) -> tuple[Image.Image, np.ndarray]:
+def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bool = False,
+                  factor: float | None = None) -> tuple[Image.Image, np.ndarray]:
     """ADE20K: short side to U(0.5, 2.0) x crop, long side at most 4 x crop (detectron2: 256..1024, max
-    2048 at 512). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x crop squared."""
+    2048 at 512). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x crop squared.
+    A given `factor` replaces the random draw."""
     w, h = image.size
+    if factor is None:
+        factor = rng.uniform(0.1, 2.0) if lsj else rng.uniform(0.5, 2.0)
     if lsj:
-        scale = rng.uniform(0.1, 2.0) * crop / max(w, h)
+        scale = factor * crop / max(w, h)
     else:
-        scale = min(rng.uniform(0.5, 2.0) * crop / min(w, h), 4 * crop / max(w, h))
+        scale = min(factor * crop / min(w, h), 4 * crop / max(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
 
@@ -226,6 +233,20 @@ def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int
     out_img[:img.shape[0], :img.shape[1]] = img
     out_lab[:lab.shape[0], :lab.shape[1]] = lab
     valid = np.zeros((crop, crop), bool)
+    valid[:img.shape[0], :img.shape[1]] = True
+    return out_img, out_lab, valid
+
+
+def center_crop(image: np.ndarray, label: np.ndarray, crop: int):
+    """The centre crop x crop window, padded like random_crop."""
+    h, w = label.shape
+    y, x = max(h - crop, 0) // 2, max(w - crop, 0) // 2
+    out_img = np.full((crop, crop, 3), 128, np.uint8)
+    out_lab = np.full((crop, crop), -1, np.int32)
+    valid = np.zeros((crop, crop), bool)
+    img, lab = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
+    out_img[:img.shape[0], :img.shape[1]] = img
+    out_lab[:lab.shape[0], :lab.shape[1]] = lab
     valid[:img.shape[0], :img.shape[1]] = True
     return out_img, out_lab, valid
 
@@ -275,9 +296,10 @@ class SegData(torch.utils.data.Dataset):
         lsj = self.data == "coco"
         if self.augment:
             image, label = random_resize(image, label, self.crop, rng, lsj)
-        else:  # A.9's ablation without augmentation: one fixed scale and window
-            image, label = random_resize(image, label, self.crop, np.random.default_rng(0), lsj)
-        img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng if self.augment else np.random.default_rng(0))
+            img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng)
+        else:  # A.9's ablation without augmentation: scale 1 and the centre window
+            image, label = random_resize(image, label, self.crop, rng, lsj, factor=1.0)
+            img, lab, valid = center_crop(np.asarray(image), label, self.crop)
         if self.augment:
             if not lsj:
                 img = photometric_distortion(img, rng)

@@ -132,11 +132,14 @@ def main():
         model_dir = args.model or (None if backbone else str(tiny.save("mask2former", work / "tiny")))
         print(f"device {device}, torch threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, "
               f"{args.num_workers} worker(s), model {model_dir if args.model else backbone.value if backbone else 'tiny'}")
-        bare = bare_loop(model_dir, backbone, args, device)
+        # bare, ours, bare again: the mean of the two bare runs cancels a slow drift of a shared machine.
+        bare_before = bare_loop(model_dir, backbone, args, device)
         if device.type == "cuda":
             print(f"peak GPU memory (bare loop): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         full = ours(model_dir, backbone, args, work)
-    print(f"bare forward/backward/step: {bare:.2f} it/s")
+        bare_after = bare_loop(model_dir, backbone, args, device)
+    bare = (bare_before + bare_after) / 2
+    print(f"bare forward/backward/step: {bare:.2f} it/s (before {bare_before:.2f}, after {bare_after:.2f})")
     print(f"train_seg.py (p_aug 0.6, augmentation, {args.num_workers} worker(s)): {full:.2f} it/s")
     print(f"ratio ours / bare: {full / bare:.2f} (goal >= 0.9)")
 

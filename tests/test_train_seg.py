@@ -108,6 +108,22 @@ def test_evaluation_at_original_resolution_of_non_square_images(tiny, tmp_path):
     assert train_seg.semantic_scores(net, image, 64, flip=True).shape == (150, 77, 130)
 
 
+def test_augmentation_keeps_labels_exact_and_crops_to_size():
+    (train,) = read_dataset("ade20k", ADE_ROOT, "train")
+    values = set((train_seg.load_target(train, "ade20k", "semantic")).flatten().tolist())
+    data = train_seg.SegData([[train]], "ade20k", 96)
+    for seed in range(12):
+        item = data[(0, 0, seed)]
+        assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.uint8
+        lab = item["label"].numpy()
+        assert set(np.unique(lab).tolist()) <= values | {-1}  # NEAREST only: no invented classes
+        assert (lab[~item["valid"].numpy()] == -1).all()  # padding is ignored
+        assert (lab >= 0).any()  # a crop with labels was found
+    assert np.array_equal(data[(0, 0, 5)]["label"], data[(0, 0, 5)]["label"])  # the seed fixes it
+    plain = train_seg.SegData([[train]], "ade20k", 96, augment=False)
+    assert np.array_equal(plain[(0, 0, 1)]["image"], plain[(0, 0, 2)]["image"])  # --no-augment: fixed
+
+
 # ---------------------------------------------------------------- §3.4: p_aug
 
 def test_p_aug_draws_synthetic_at_its_rate_from_every_folder():
