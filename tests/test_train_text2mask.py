@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import train_text2mask
 from common.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
 from common.datasets import load_image, load_label, load_panoptic, read_dataset
-from common.training import ColorMapDataset, time_ids
+from common.training import ColorMapDataset, drop_captions, make_optimizer, time_ids
 
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
 
@@ -110,7 +110,9 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models)
 
 def test_loss_falls_on_two_real_samples(tmp_path, tiny_models):
     out = tmp_path / "run"
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 100, "--lr": 1e-3})).exit_code == 0
+    extra = {"--max-steps": 100, "--lr": 1e-3, "--checkpointing-steps": 40, "--checkpoints-total-limit": 1}
+    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **extra)).exit_code == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-80"]  # the total limit removed checkpoint-40
     loss = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
     # Measured here: first 10 steps 0.81 on average, last 20 0.15 (ratio 0.19).
     assert len(loss) == 100 and np.mean(loss[-20:]) < 0.5 * np.mean(loss[:10]), (np.mean(loss[:10]), np.mean(loss[-20:]))
@@ -179,6 +181,28 @@ def test_the_vae_encodes_palette_colours_only(tmp_path, tiny_models, monkeypatch
         rgb = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).reshape(-1, 3)
         assert torch.allclose(rgb.float() / 127.5 - 1, x.permute(0, 2, 3, 1).reshape(-1, 3), atol=1e-6)  # exact colours
         assert {tuple(c) for c in rgb.tolist()} <= allowed
+
+
+def test_caption_dropout_zeroes_sdxl_embeddings_and_uses_the_empty_prompt_otherwise():
+    embeds, pooled = torch.randn(64, 77, 8), torch.randn(64, 4)
+    empty = (torch.full((77, 8), 7.0), torch.full((4,), 7.0))
+    g = torch.Generator().manual_seed(0)
+    e, p = drop_captions(embeds, pooled, 0.5, g, empty, zeros=True)  # SDXL: force_zeros_for_empty_prompt
+    dropped = (e == 0).all(-1).all(-1)
+    assert 16 < dropped.sum() < 48 and torch.equal(dropped, (p == 0).all(-1))  # caption and pooled go together
+    assert torch.equal(e[~dropped], embeds[~dropped]) and torch.equal(p[~dropped], pooled[~dropped])
+    e, p = drop_captions(embeds, pooled, 1.0, g, empty, zeros=False)  # SD-1.5: the empty prompt's embedding
+    assert (e == 7).all() and (p == 7).all()
+    assert drop_captions(embeds, pooled, 0.0, g, empty, zeros=True)[0] is embeds
+
+
+def test_8bit_adamw_from_bitsandbytes_steps():
+    w = torch.nn.Parameter(torch.ones(64, 64))
+    opt = make_optimizer([w], 1e-2, use_8bit=True)
+    assert type(opt).__name__ == "AdamW8bit"
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full_like(w, 1 - 1e-2 - 1e-2 * 1e-2), atol=1e-3)  # Adam moves each weight by ~lr on its first step
 
 
 def test_time_ids_follow_sdxl_order():
