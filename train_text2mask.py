@@ -38,9 +38,10 @@ from common.colormap import color_to_label, label_to_color, palette_for
 from common.datasets import default_data_root, read_dataset
 from common.paths import captions_path, text2mask_dir
 from common.training import (
-    PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite, check_resolution, checkpoint_step,
-    drop_captions, image_grid, inspect_base, make_optimizer, noisy_latents, progress_bar, quiet_loading, read_captions,
-    register_diffusers_hooks, resolve_resume, save_checkpoint, step_generator, to_device,
+    PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite,
+    check_resolution, check_vae, checkpoint_step, drop_captions, image_grid, inspect_base, make_optimizer,
+    noisy_latents, progress_bar, quiet_loading, read_captions, register_diffusers_hooks, resolve_resume,
+    save_checkpoint, step_generator, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -97,11 +98,13 @@ def train(a: SimpleNamespace) -> Path:
     out = a.output_dir or text2mask_dir(a.data)
     base = inspect_base(a.pretrained)
     check_resolution(a.resolution, base)
+    check_vae(a.vae)
     resume_from = resolve_resume(a.resume, out)
     if a.cache_latents and not a.center_crop:
         raise SegGenError("--cache-latents needs --center-crop: the latent of a random crop cannot be cut from a cached "
                           "latent; add --center-crop (random flips stay: both flips are cached)")
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
+    samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
 
     use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
@@ -317,6 +320,7 @@ def main(
     palette: Annotated[PaletteKind, typer.Option(help="Colour map palette: generation (separated colours, DESIGN.md) or usual (community colours).", rich_help_panel="Data")] = PaletteKind.generation,
     random_flip: Annotated[bool, typer.Option(help="Random horizontal flip of image and colour map together (appendix A.4).", rich_help_panel="Data")] = True,
     center_crop: Annotated[bool, typer.Option(help="Centre crop instead of a random crop.", rich_help_panel="Data")] = False,
+    max_train_samples: Annotated[int | None, typer.Option(min=1, help="Train on the first N captioned samples only (a quick try).", rich_help_panel="Data")] = None,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.", rich_help_panel="Data")] = 4,
     pretrained: Annotated[str, typer.Option(help="Base pipeline, hub id or folder; SDXL or SD-1.5-style (told from its folder).", rich_help_panel="Model")] = PAPER_BASE,
     vae: Annotated[str | None, typer.Option(help="Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix so the VAE can run in fp16.", rich_help_panel="Model")] = None,

@@ -49,15 +49,16 @@ class BaseInfo:
     force_zeros_for_empty_prompt: bool  # SDXL's unconditional embedding is all zeros, not encode("")
 
 
-def _base_file(pretrained: str, name: str) -> dict:
-    """A JSON file of the base pipeline, from its folder or (for a hub id) the hub cache."""
+def _base_file(pretrained: str, name: str, flag: str = "--pretrained") -> dict:
+    """A JSON file of the base pipeline (or of the --vae), from its folder or (for a hub id) the hub cache."""
     folder = Path(pretrained)
+    what = "a diffusers pipeline folder" if flag == "--pretrained" else "an AutoencoderKL folder"
     if folder.exists():
         path = folder / name
         if not path.is_file():
             raise SegGenError(
-                f"--pretrained {pretrained}: {name} is missing; pass a diffusers pipeline folder "
-                f"(as written by save_pretrained, e.g. `python -m common.tiny sdxl DIR`) or a hub id such as {PAPER_BASE}"
+                f"{flag} {pretrained}: {name} is missing; pass {what} (as written by save_pretrained, "
+                f"e.g. `python -m common.tiny sdxl DIR`) or a hub id such as {PAPER_BASE}"
             )
     else:
         try:
@@ -67,8 +68,8 @@ def _base_file(pretrained: str, name: str) -> dict:
             path = Path(hf_hub_download(pretrained, file, subfolder=sub or None))
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, bad id: all mean the same to the user
             raise SegGenError(
-                f"--pretrained {pretrained}: no such folder, and not a hub id that can be read here "
-                f"({type(e).__name__}). Pass a diffusers pipeline folder (e.g. `python -m common.tiny sdxl DIR`) "
+                f"{flag} {pretrained}: no such folder, and not a hub id that can be read here "
+                f"({type(e).__name__}). Pass {what} (e.g. `python -m common.tiny sdxl DIR`) "
                 f"or a hub id such as {PAPER_BASE} on a machine that can download it"
             ) from None
     try:
@@ -87,6 +88,14 @@ def inspect_base(pretrained: str) -> BaseInfo:
     vae = _base_file(pretrained, "vae/config.json")
     factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     return BaseInfo(pretrained, is_sdxl, factor, bool(index.get("force_zeros_for_empty_prompt", is_sdxl)))
+
+
+def check_vae(vae: str | None) -> None:
+    """--vae: an AutoencoderKL folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix), checked before loading."""
+    if vae is not None:
+        config = _base_file(vae, "config.json", "--vae")
+        if config.get("_class_name") != "AutoencoderKL":
+            raise SegGenError(f"--vae {vae}: config.json describes a {config.get('_class_name')}, not an AutoencoderKL")
 
 
 def check_resolution(resolution: int, base: BaseInfo) -> None:

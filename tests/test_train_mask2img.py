@@ -138,8 +138,10 @@ def test_the_controlnet_sees_palette_colours_only(tmp_path, tiny_models, monkeyp
 
 def test_starts_from_a_given_controlnet(tmp_path, tiny_models):
     out = tmp_path / "run"
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1, "--lr": 0, "--max-grad-norm": 0,
+    vae = tiny_models("sdxl") / "vae"  # a separate VAE folder, as for madebyollin/sdxl-vae-fp16-fix
+    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1, "--lr": 0, "--max-grad-norm": 0, "--vae": vae,
                                                                   "--controlnet": tiny_models("controlnet")})).exit_code == 0
+    assert json.loads((out / "seggen.json").read_text())["vae"] == str(vae)  # imgsyn must sample with it too
     start, end = weights(tiny_models("controlnet")), weights(out)
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)  # lr 0: unchanged copy
 

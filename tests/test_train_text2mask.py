@@ -122,8 +122,10 @@ def test_sd15_base_is_detected_from_its_folder(tmp_path, tiny_models):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    assert run(common_args(tmp_path, tiny_models("sd15"), out, **{"--max-steps": 1, "--caption-dropout": 1.0})).exit_code == 0
-    assert json.loads((out / "options.json").read_text())["is_sdxl"] is False
+    extra = {"--max-steps": 1, "--caption-dropout": 1.0, "--max-train-samples": 1}
+    assert run(common_args(tmp_path, tiny_models("sd15"), out, **extra)).exit_code == 0
+    options = json.loads((out / "options.json").read_text())
+    assert options["is_sdxl"] is False and options["samples"] == 1
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe("a sofa", height=64, width=64, num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
 
@@ -231,6 +233,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("resolution", "--resolution 100 is not a multiple of 8"),
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
+    ("vae", "--vae {tmp}/novae: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
     ("earlier-run", "--output-dir {tmp}/run holds an earlier run (options.json) without checkpoints"),
     ("cache-latents", "--cache-latents needs --center-crop"),
@@ -246,6 +249,8 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--captions", str(tmp_path / "other.jsonl")]
     elif case == "pretrained":
         args += ["--pretrained", str(tmp_path / "nowhere")]
+    elif case == "vae":
+        args += ["--vae", str(tmp_path / "novae")]
     elif case == "resume":
         args += ["--resume", "latest"]
     elif case == "earlier-run":
