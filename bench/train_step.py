@@ -1,8 +1,8 @@
 """One training step of train_text2mask.py and train_mask2img.py, against a bare loop, in one run.
 
 - script: the real `train()` of each script, run in-process on the real ADE20K samples (tiny SDXL,
-  no validation, no checkpoints, data loaded in the main process); its step time is the steady-state
-  slope of the "seconds" column of stats.jsonl.
+  no validation, no checkpoints, data loaded in the main process); its step time is the median step of
+  the "seconds" column of stats.jsonl after 3 warm-up steps.
 - split: the same step taken apart with the same helpers (common/training.py), each phase timed alone:
   data (decode, colour map, crop/flip, collate), text (a cached embedding row vs encoding the captions
   with both text encoders), VAE encode, UNet (+ControlNet) forward+backward, optimizer.
@@ -63,7 +63,7 @@ def timed(fn, repeat: int) -> float:
 
 
 def script_step(module, work: Path, base: Path, captions: Path, args, steps: int) -> float:
-    """Seconds per step of the real script, from the slope of stats.jsonl after a few warm-up steps."""
+    """Seconds per step of the real script: the median step in stats.jsonl after a few warm-up steps."""
     from typer.testing import CliRunner
 
     out, warm = work / f"run-{module.__name__}", 3
@@ -75,7 +75,7 @@ def script_step(module, work: Path, base: Path, captions: Path, args, steps: int
     if result.exit_code != 0:
         raise SystemExit(f"{module.__name__} failed:\n{result.output}\n{result.exception!r}")
     seconds = [json.loads(line)["seconds"] for line in (out / "stats.jsonl").read_text().splitlines()]
-    return (seconds[-1] - seconds[warm - 1]) / steps
+    return statistics.median(b - a for a, b in zip(seconds[warm - 1:], seconds[warm:]))  # robust to a busy machine
 
 
 def main():
