@@ -121,7 +121,7 @@ def train(a: SimpleNamespace) -> Path:
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
-    log = RunLog(out, options, main_proc, checkpoint_step(resume_from) if resume_from else None)
+    log = RunLog(out, options, main_proc, checkpoint_step(resume_from) if resume_from else 0)
     if main_proc:
         console.print(f"Text2Mask ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")

@@ -470,8 +470,8 @@ def checkpoint_step(path: Path) -> int:
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     """--resume latest | PATH -> the checkpoint folder (checked before any model is loaded).
 
-    Without --resume, an output folder that holds an earlier run (checkpoints or options.json) is
-    refused rather than mixed with a new one."""
+    Without --resume, an output folder that holds checkpoints or a trained model is refused rather than
+    mixed with a new run; one left by a run killed before its first checkpoint is simply started over."""
     output_dir = Path(output_dir)
     if resume is None:
         if list_checkpoints(output_dir):
@@ -479,11 +479,12 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
                 f"--output-dir {output_dir} holds checkpoints of an earlier run: pass --resume latest to continue it, "
                 "or choose another --output-dir"
             )
-        if (output_dir / "options.json").is_file():
-            raise SegGenError(
-                f"--output-dir {output_dir} holds an earlier run (options.json) without checkpoints to resume from: "
-                "choose another --output-dir, or delete that folder to start over"
-            )
+        for done in ("model_index.json", "config.json"):  # Text2Mask's pipeline, Mask2Img's ControlNet
+            if (output_dir / done).is_file():
+                raise SegGenError(
+                    f"--output-dir {output_dir} holds a trained model ({done}) and no checkpoint to resume from: "
+                    "choose another --output-dir, or delete that folder to train again"
+                )
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
@@ -542,15 +543,16 @@ class RunLog:
     """options.json (every option after resolution) and stats.jsonl (one line per logged step) in the
     run folder; written by the main process only."""
 
-    def __init__(self, output_dir: Path, options: dict, main: bool, resume_step: int | None = None):
+    def __init__(self, output_dir: Path, options: dict, main: bool, start_step: int = 0):
         self.main, self.path = main, Path(output_dir) / "stats.jsonl"
         if main:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "options.json").write_text(json.dumps(options, indent=2, default=str) + "\n")
-            if resume_step is not None and self.path.is_file():
-                # A run killed after its last checkpoint logged steps that the resumed run takes again.
+            if self.path.is_file():
+                # A killed run logged steps past its last checkpoint (past step 0 when it had none): the
+                # run that starts at start_step takes them again.
                 lines = self.path.read_text().splitlines()
-                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
                 self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **stats) -> None:

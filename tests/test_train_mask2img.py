@@ -169,7 +169,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
-    ("earlier-run", "--output-dir {tmp}/run holds an earlier run (options.json) without checkpoints"),
+    ("trained", "--output-dir {tmp}/run holds a trained model"),
     ("cache-latents", "--cache-latents needs --center-crop"),
     ("resume-path", "--resume {tmp}/checkpoint-3: not a checkpoint folder"),
     ("controlnet", "--controlnet {tmp}/nowhere: no ControlNet folder there"),
@@ -187,9 +187,9 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--pretrained", str(tmp_path / "nowhere")]
     elif case == "resume":
         args += ["--resume", "latest"]
-    elif case == "earlier-run":
+    elif case == "trained":  # a finished run that kept no checkpoint
         out.mkdir()
-        (out / "options.json").write_text("{}")
+        (out / "config.json").write_text("{}")
     elif case == "cache-latents":
         args += ["--cache-latents"]
     elif case == "resume-path":
@@ -206,4 +206,4 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
     result = run(args)
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in " ".join(result.output.split())
-    assert not (out / "config.json").exists()
+    assert (out / "config.json").read_text() == "{}" if case == "trained" else not (out / "config.json").exists()  # nothing written

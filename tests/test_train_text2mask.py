@@ -235,7 +235,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
     ("vae", "--vae {tmp}/novae: no such folder"),
     ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
-    ("earlier-run", "--output-dir {tmp}/run holds an earlier run (options.json) without checkpoints"),
+    ("trained", "--output-dir {tmp}/run holds a trained model"),
     ("cache-latents", "--cache-latents needs --center-crop"),
     ("leftover", "holds checkpoints of an earlier run: pass --resume latest"),
 ])
@@ -253,9 +253,9 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--vae", str(tmp_path / "novae")]
     elif case == "resume":
         args += ["--resume", "latest"]
-    elif case == "earlier-run":
+    elif case == "trained":  # a finished run that kept no checkpoint
         out.mkdir()
-        (out / "options.json").write_text("{}")
+        (out / "model_index.json").write_text("{}")
     elif case == "cache-latents":
         args += ["--cache-latents"]
     elif case == "leftover":
@@ -263,7 +263,17 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
     result = run(args)
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in " ".join(result.output.split())
-    assert not (out / "model_index.json").exists()
+    assert (out / "model_index.json").read_text() == "{}" if case == "trained" else not (out / "model_index.json").exists()  # nothing written
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "options.json").write_text("{}")
+    (out / "stats.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")  # what the killed run logged
+    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1})).exit_code == 0
+    stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert len(stats) == 1 and stats[0]["loss"] != 9.0
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, tiny_models):
