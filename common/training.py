@@ -4,7 +4,8 @@
 - prompt encoding the SDXL way (`encode_prompts`) and a cache of every caption's embeddings on disk,
   so the two large text encoders run once and are freed before training (`cache_text_embeddings`);
 - SDXL's size/crop conditioning (`time_ids`) and caption dropout that zeroes the embeddings the way
-  SDXL's classifier-free guidance does (`drop_captions`);
+  SDXL's classifier-free guidance does (`drop_captions`); optionally the VAE latents, encoded once for
+  both flips of the centre crop (`cache_latents`);
 - the data: real annotations rendered to colour maps on the fly with the generation palette, NEAREST
   only, the same random crop and flip on image and colour map (`ColorMapDataset`), and a batch order
   that is a pure function of (seed, step) so that a resumed run sees exactly the batches an
