@@ -7,10 +7,10 @@
 Same tiny SDXL UNet (and ControlNet), same prompt embeddings, noise, steps, batch and guidance (5, so
 each UNet call carries 2×batch rows). Only the denoising loop is timed: both get the embeddings
 precomputed and return latents (no text encoders, no VAE). For each setting it prints the UNet
-evaluations (Heun: 2N-1), the time per sample batch (best of --repeat, the two alternating; CPU time
-with one thread, else wall time), the
-time per UNet evaluation and the ratio ours / pipeline (goal: ≤ 1.05, no overhead of ours), and the
-largest difference between the two results (they compute the same thing).
+evaluations (Heun: 2N-1), the time per sampling run (best of --repeat, the two alternating; CPU time
+with one thread, else wall time), the time per UNet evaluation and the ratio ours / pipeline (goal:
+≤ 1.05, no overhead of ours), the time per evaluation spent outside the networks (forward hooks: the
+sampler's own overhead), and the largest difference between the two results (they compute the same).
 
     python bench/sampling.py [--steps 20] [--batch 1 4] [--repeat 7] [--threads 1]
 """
@@ -41,24 +41,45 @@ def scheduler(kind, config):
     return cls.from_config(config, use_karras_sigmas=True, timestep_spacing="linspace")
 
 
-class Counter:
-    """Counts forward calls of a module (a pre-hook: no change to what runs)."""
+class ModelClock:
+    """Counts the forward calls of the networks and the time spent inside them (hooks: no change to
+    what runs); the rest of a sampling run is the sampler's own overhead."""
 
-    def __init__(self, module):
-        self.n = 0
-        module.register_forward_pre_hook(lambda *a: setattr(self, "n", self.n + 1))
+    def __init__(self, counted, timed):
+        self.n, self.inside, self._start = 0, 0.0, None
+        counted.register_forward_pre_hook(lambda *a: setattr(self, "n", self.n + 1))
+        for m in timed:
+            m.register_forward_pre_hook(self._enter)
+            m.register_forward_hook(self._leave)
+
+    def _enter(self, *a):
+        if self._start is None:  # the ControlNet's call and the UNet's: one span each
+            self._start = clock()
+
+    def _leave(self, *a):
+        self.inside += clock() - self._start
+        self._start = None
+
+    def reset(self):
+        self.n, self.inside = 0, 0.0
 
 
-def best_of(fn, repeat):
-    """Best CPU time of this process over `repeat` calls. With one torch thread, CPU time is the work
-    done, unlike wall time, which on a shared machine also counts the time other jobs held the core."""
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
-    best, out = float("inf"), None
+def clock():
+    """CPU time of this process with one torch thread: the work done, unlike wall time, which on a
+    shared machine also counts the time other jobs held the core. Wall time with more threads."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+def best_of(fn, model, repeat):
+    """(best time, time outside the networks in that run, result) over `repeat` calls."""
+    best, out = (float("inf"), 0.0), None
     for _ in range(repeat):
+        model.reset()
         t = clock()
         out = fn()
-        best = min(best, clock() - t)
-    return best, out
+        t = clock() - t
+        best = min(best, (t, t - model.inside))
+    return best[0], best[1], out
 
 
 def main():
@@ -81,11 +102,12 @@ def main():
     )
     for p in (base, cpipe):
         p.set_progress_bar_config(disable=True)
-    unet_calls = Counter(base.unet)
+    model = ModelClock(base.unet, [base.unet, controlnet])
     config = dict(base.scheduler.config)
     print(f"tiny SDXL UNet ({sum(p.numel() for p in base.unet.parameters()) / 1e6:.1f} M parameters), {RES}x{RES}, "
           f"{args.steps} steps, guidance {GUIDANCE}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"{'setting':<28}{'UNet evals':>12}{'ours ms':>10}{'pipe ms':>10}{'ms/eval ours':>14}{'ms/eval pipe':>14}{'ratio':>8}{'max |diff|':>12}")
+    print(f"{'':<26}{'UNet':>8}{'total ms':>18}{'ms / eval':>18}{'':>7}{'us/eval outside':>16}")
+    print(f"{'setting':<26}{'evals':>8}{'ours':>9}{'pipe':>9}{'ours':>9}{'pipe':>9}{'ratio':>7}{'ours':>8}{'pipe':>8}{'max|diff|':>10}")
 
     for use_cn in (False, True):
         pipe = cpipe if use_cn else base
@@ -111,63 +133,25 @@ def main():
                 def ours():
                     return edm_sampler(lambda x, s: d(x, s, cond, guidance=GUIDANCE), noise, d.schedule(args.steps), sampler=kind)
 
-                unet_calls.n = 0
+                model.reset()
                 theirs()
-                evals_pipe = unet_calls.n
-                unet_calls.n = 0
+                evals_pipe = model.n
+                model.reset()
                 ours()
-                evals_ours = unet_calls.n
-                t_ours = t_pipe = float("inf")
+                evals_ours = model.n
+                (t_ours, o_ours), (t_pipe, o_pipe) = (float("inf"), 0.0), (float("inf"), 0.0)
                 for _ in range(args.repeat):  # alternate, so that load on the machine hits both alike
-                    t, a = best_of(ours, 1)
-                    t_ours = min(t_ours, t)
-                    t, b = best_of(theirs, 1)
-                    t_pipe = min(t_pipe, t)
+                    t, o, a = best_of(ours, model, 1)
+                    t_ours, o_ours = min((t_ours, o_ours), (t, o))
+                    t, o, b = best_of(theirs, model, 1)
+                    t_pipe, o_pipe = min((t_pipe, o_pipe), (t, o))
                 name = f"{'ControlNet ' if use_cn else ''}{kind} batch {batch}"
                 per_ours, per_pipe = 1e3 * t_ours / evals_ours, 1e3 * t_pipe / evals_pipe
-                print(f"{name:<28}{f'{evals_ours}/{evals_pipe}':>12}{1e3 * t_ours:>10.1f}{1e3 * t_pipe:>10.1f}"
-                      f"{per_ours:>14.2f}{per_pipe:>14.2f}{per_ours / per_pipe:>8.3f}{float((a - b).abs().max()):>12.2e}")
-    print("UNet evals: ours/pipeline (Heun: 2N-1, Euler: N). ratio: ours / pipeline per UNet evaluation (goal <= 1.05).")
-    overhead(config, args.repeat)
-
-
-class StubUNet(torch.nn.Module):
-    """Costs nothing: what remains is the sampler's own arithmetic."""
-
-    dtype = torch.float32
-
-    def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False, **kw):
-        return (x,)
-
-
-def overhead(config, repeat, steps=200, batch=1):
-    """Per-evaluation cost of the sampler itself with a zero-cost UNet: ours against the diffusers
-    scheduler calls a pipeline makes per step (scale_model_input, guidance, step). On a tiny UNet the
-    timings above move by several % from run to run on a shared machine; this is the steady part."""
-    g = torch.Generator().manual_seed(0)
-    cond = Cond(torch.randn(batch, 77, 64, generator=g), torch.randn(batch, 32, generator=g), torch.zeros(batch, 6))
-    noise = torch.randn(batch, 4, 8, 8, generator=g)
-    stub = StubUNet()
-    for kind in ("heun", "euler"):
-        sched = scheduler(kind, config)
-        d = EpsDenoiser(stub, sched.alphas_cumprod)
-
-        def ours():
-            return edm_sampler(lambda x, s: d(x, s, cond, guidance=GUIDANCE), noise, d.schedule(steps), sampler=kind)
-
-        def theirs():
-            sched.set_timesteps(steps)
-            x = noise * sched.init_noise_sigma
-            for t in sched.timesteps:
-                e = stub(sched.scale_model_input(torch.cat([x, x]), t), t)[0]
-                e_u, e_c = e.chunk(2)
-                x = sched.step(e_u + GUIDANCE * (e_c - e_u), t, x).prev_sample
-            return len(sched.timesteps)
-
-        t_ours, _ = best_of(ours, repeat)
-        t_theirs, n = best_of(theirs, repeat)
-        print(f"sampler arithmetic alone ({kind}, {steps} steps, UNet stubbed): ours {1e6 * t_ours / n:.0f} us/eval, "
-              f"diffusers scheduler {1e6 * t_theirs / n:.0f} us/eval (ratio {t_ours / t_theirs:.2f})")
+                print(f"{name:<26}{f'{evals_ours}/{evals_pipe}':>8}{1e3 * t_ours:>9.1f}{1e3 * t_pipe:>9.1f}"
+                      f"{per_ours:>9.2f}{per_pipe:>9.2f}{per_ours / per_pipe:>7.3f}"
+                      f"{1e6 * o_ours / evals_ours:>8.0f}{1e6 * o_pipe / evals_pipe:>8.0f}{float((a - b).abs().max()):>10.1e}")
+    print("UNet evals: ours/pipeline (Heun: 2N-1, Euler: N). ratio: ours / pipeline per UNet evaluation (goal <= 1.05).\n"
+          "outside: time per evaluation spent outside the UNet and ControlNet (sampler, guidance, scheduler, pipeline).")
 
 
 if __name__ == "__main__":

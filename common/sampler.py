@@ -143,6 +143,7 @@ class EpsDenoiser:
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor, controlnet=None, control_scale: float = 1.0):
         self.unet, self.controlnet, self.control_scale = unet, controlnet, control_scale
+        self.dtype = unet.dtype if unet is not None else torch.float32  # read once: diffusers' .dtype walks the parameters
         self.sigmas = model_sigmas(alphas_cumprod)  # (T,) float64
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
@@ -157,7 +158,7 @@ class EpsDenoiser:
     @torch.no_grad()
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """ε_θ(x_in, t | cond): one UNet call (plus the ControlNet's), in the UNet's dtype."""
-        dtype = self.unet.dtype
+        dtype = self.dtype
         x_in, emb = x_in.to(dtype), cond.prompt_embeds.to(dtype)
         added = None
         if cond.pooled is not None:  # SDXL's "text_time" added conditioning
