@@ -29,6 +29,8 @@ demo: install
 
 bench: install
 	$(PY) bench/colormap.py
+	$(PY) bench/caption.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) runs/demo
