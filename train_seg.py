@@ -376,7 +376,8 @@ def freeze_unused(model) -> None:
 
 
 def param_groups(model, lr: float, weight_decay: float, backbone_multiplier: float) -> list[dict]:
-    """detectron2's Mask2Former groups: backbone lr x 0.1; no weight decay on norms and embeddings."""
+    """Mask2Former's optimizer groups (its build_optimizer): backbone lr x 0.1; no weight decay on norm
+    layers, nn.Embedding (queries, level embeddings) and Swin's relative position bias tables."""
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.Embedding)
     backbone = model.model.pixel_level_module.encoder
     backbone_ids = {id(p) for p in backbone.parameters()}
@@ -385,7 +386,7 @@ def param_groups(model, lr: float, weight_decay: float, backbone_multiplier: flo
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            no_decay = isinstance(module, norm_types) or "relative_position_bias_table" in name or "embed" in name
+            no_decay = isinstance(module, norm_types) or name in ("relative_position_bias_table", "absolute_pos_embed")
             groups.setdefault((id(p) in backbone_ids, no_decay), []).append(p)
     return [
         {"params": ps, "lr": lr * (backbone_multiplier if in_backbone else 1.0), "weight_decay": 0.0 if no_decay else weight_decay}

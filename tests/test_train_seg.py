@@ -334,3 +334,20 @@ def test_coco_panoptic_training_runs(tiny, coco_train, tmp_path):
     got = json.loads((tmp_path / "run/metrics.json").read_text())
     assert got["task"] == "panoptic" and got["drawn"] == {"real": 4}
     assert {"PQ", "PQ_th", "PQ_st"} <= set(got["single_scale"]["panoptic"]) and "AP" in got["single_scale"]["instance"]
+
+
+def test_optimizer_groups_follow_mask2former(tiny):
+    net, _ = train_seg.build_model(str(tiny), None, "ade20k")
+    train_seg.freeze_unused(net)
+    groups = train_seg.param_groups(net, 1e-4, 0.05, 0.1)
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(where) == sum(p.requires_grad for p in net.parameters())
+    named = dict(net.named_parameters())
+    backbone = "model.pixel_level_module.encoder."
+    assert where[id(named[backbone + "swin.embeddings.patch_embeddings.projection.weight"])] == (1e-5, 0.05)
+    assert where[id(named[backbone + "hidden_states_norms.stage1.weight"])] == (1e-5, 0.0)
+    table = next(n for n in named if n.endswith("relative_position_bias_table"))
+    assert where[id(named[table])] == (1e-5, 0.0)
+    assert where[id(named["model.transformer_module.queries_embedder.weight"])] == (1e-4, 0.0)
+    assert where[id(named["class_predictor.weight"])] == (1e-4, 0.05)
+    assert not named[backbone + "swin.layernorm.weight"].requires_grad  # unused by Mask2Former: frozen for DDP
