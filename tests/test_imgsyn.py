@@ -211,7 +211,8 @@ def test_two_processes_give_the_same_samples_as_one(tmp_path, ade_run, models, a
     out = tmp_path / "ranks"
     root = Path(imgsyn.__file__).parent
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(root / "imgsyn.py"),
+    # --standalone: a free rendezvous port, so that runs beside ours cannot collide on torchrun's default
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(root / "imgsyn.py"),
            "--data", "ade20k", "--data-root", str(ADE_ROOT), "--split", "val", "--captions", str(ade_captions),
            "--mask2img", models["mask2img"], "--base", models["base"], "--per-sample", "3", "--batch-size", "2",
            "--steps", "2", "--resolution", "64", "--guidance", "3.0", "--out", str(out)]
