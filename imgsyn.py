@@ -69,8 +69,6 @@ def source_inputs(sample: Sample, data: str, palette: Palette, cache: dict) -> d
     samples of a source come in a row."""
     if sample.id in cache:
         return cache[sample.id]
-    if len(cache) > 16:
-        cache.clear()
     if data == "coco":  # panoptic: category colours, segments outlined (appendix A.2)
         ids = load_panoptic(sample)
         label = load_label(sample, data)  # semantic, for the overlay
@@ -179,6 +177,8 @@ def imgsyn(
     with writer, progress:
         task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0)
         for batch in todo:
+            for gone in set(cache) - {s for s, _ in batch}:  # keep the sources of this batch only
+                del cache[gone]
             try:
                 images = generate(gen, batch, samples, caps, settings, palette, cache)
             except SegGenError as e:  # an unreadable label: the batch's samples fail, the run goes on
@@ -188,7 +188,8 @@ def imgsyn(
                 continue
             for (s, k), image in zip(batch, images):
                 sid = synth.sample_id(s, k)
-                if sid in done:
+                if sid in done:  # a batch cut by a kill is drawn again whole; its written samples stay
+                    summary["skipped"] += 1
                     continue
                 record = _write(out, sid, s, k, image, samples[s], caps[s], settings, models, batch, cache[s]["colormap"])
                 writer.append(record)

@@ -187,7 +187,8 @@ def masksyn(
             items = generate(t2m, m2i, batch, caps, settings, palettes)
             for (s, k), item in zip(batch, items):
                 sid = synth.sample_id(s, k)
-                if sid in done or sid in rejected:
+                if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
+                    summary["skipped"] += 1
                     continue
                 if "rejected" in item:
                     rejects.append({"id": sid, "source_id": s, "k": k, "reason": item["rejected"],
