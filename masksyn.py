@@ -160,7 +160,8 @@ def masksyn(
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
     batches = synth.plan_batches(sources, per_sample, batch_size)[state.process_index::state.num_processes]
-    todo = [b for b in batches if any(synth.sample_id(s, k) not in done | rejected for s, k in b)]
+    finished = done | rejected
+    todo = [b for b in batches if any(synth.sample_id(s, k) not in finished for s, k in b)]
     n_items = sum(len(b) for b in batches)
     summary = {"written": 0, "skipped": n_items - sum(len(b) for b in todo), "rejected": 0, "failed": 0, "out": str(out)}
     if state.is_main_process:
@@ -187,7 +188,7 @@ def masksyn(
             items = generate(t2m, m2i, batch, caps, settings, palettes)
             for (s, k), item in zip(batch, items):
                 sid = synth.sample_id(s, k)
-                if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
+                if sid in finished:  # a batch cut by a kill is drawn again whole
                     summary["skipped"] += 1
                     continue
                 if "rejected" in item:
