@@ -360,6 +360,8 @@ def build_model(model: str | None, backbone: Backbone | None, data: str):
         name = {Backbone.swin_t: "tiny", Backbone.swin_l: "large"}[backbone]
         cfg = json.loads((_CONFIGS / f"mask2former_swin_{name}_ade_semantic_config.json").read_text())
     cfg.update(num_labels=len(names), id2label=id2label, label2id=label2id)
+    if data == "coco" and backbone == Backbone.swin_l:
+        cfg["num_queries"] = 200  # Mask2Former's COCO Swin-L (IN21k, 384) configs use 200 queries
     config = Mask2FormerConfig.from_dict(cfg)
     return Mask2FormerForUniversalSegmentation(config), Mask2FormerImageProcessor(ignore_index=IGNORE, do_reduce_labels=False)
 

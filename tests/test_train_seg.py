@@ -351,3 +351,24 @@ def test_optimizer_groups_follow_mask2former(tiny):
     assert where[id(named["model.transformer_module.queries_embedder.weight"])] == (1e-4, 0.0)
     assert where[id(named["class_predictor.weight"])] == (1e-4, 0.05)
     assert not named[backbone + "swin.layernorm.weight"].requires_grad  # unused by Mask2Former: frozen for DDP
+
+
+def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_path):
+    """A real 2-process gloo run (ENVIRONMENT.md: `accelerate launch --cpu` would run only one)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(ADE_ROOT.parents[2]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ADE_ROOT.parents[2] / "train_seg.py"),
+           "--data-root", str(ADE_ROOT), "--strategy", "real", "--max-steps", "2", "--batch-size", "4", "--crop", "64",
+           "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "1", "--eval-size", "32",
+           "--model", str(tiny), "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stderr
+    got = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert got["drawn"] == {"real": 8}  # 2 steps x global batch 4, counted over both processes
+    labels = [load_label(s, "ade20k") for s in read_dataset("ade20k", ADE_ROOT, "val")]
+    assert got["single_scale"]["pixels"] == sum(int((lab > 0).sum()) for lab in labels)  # both halves of val
