@@ -372,3 +372,37 @@ def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_pat
     assert got["drawn"] == {"real": 8}  # 2 steps x global batch 4, counted over both processes
     labels = [load_label(s, "ade20k") for s in read_dataset("ade20k", ADE_ROOT, "val")]
     assert got["single_scale"]["pixels"] == sum(int((lab > 0).sum()) for lab in labels)  # both halves of val
+
+
+def _write_coco_synthetic(folder, with_segments=True):
+    """A COCO synthetic folder: copies of the real panoptic samples with their segments_info."""
+    for sub in ("images", "annotations", "colormaps"):
+        (folder / sub).mkdir(parents=True)
+    with ManifestWriter(folder / "manifest.jsonl", path_fields=("image", "annotation", "colormap")) as w:
+        for s in read_dataset("coco", COCO_ROOT, "val"):
+            sid = f"syn_{s.id}"
+            shutil.copy(s.image, folder / f"images/{sid}.jpg")
+            shutil.copy(s.annotation, folder / f"annotations/{sid}.png")
+            shutil.copy(s.annotation, folder / f"colormaps/{sid}.png")
+            rec = {"id": sid, "source_id": s.id, "method": "imgsyn", "image": f"images/{sid}.jpg",
+                   "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png", "caption": "",
+                   "seed": 0, "models": {}}
+            if with_segments:
+                rec["segments_info"] = s.segments
+            w.append(rec)
+    return folder
+
+
+def test_coco_defaults_to_pretrain_on_synthetic_then_real(tiny, coco_train, tmp_path):
+    syn = _write_coco_synthetic(tmp_path / "synth")
+    args = ["--data", "coco", "--data-root", coco_train, "--synthetic", syn, "--pretrain-steps", "2", "--max-steps", "2",
+            "--output-dir", tmp_path / "run", "--eval-size", "64", *FAST]
+    _ok(_cli(args, tiny))
+    stats = _stats(tmp_path / "run")
+    assert [(r["phase"], r["drawn"]["real"], r["drawn"][str(syn)]) for r in stats] == [
+        ("pretrain-synthetic", 0, 4), ("finetune-real", 4, 4)]
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["strategy"] == "pretrain"  # COCO's default
+    bad = _write_coco_synthetic(tmp_path / "no_segments", with_segments=False)
+    args[args.index("--synthetic") + 1] = bad
+    result = _cli(args, tiny)
+    assert result.exit_code == 2 and "no segments_info in the manifest" in " ".join(result.output.split())
