@@ -31,6 +31,7 @@ bench: install
 	$(PY) bench/colormap.py
 	$(PY) bench/caption.py
 	$(PY) bench/train_step.py
+	$(PY) bench/sampling.py
 
 clean:
 	rm -rf $(VENV) runs/demo

@@ -37,6 +37,7 @@ from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_pa
 from common.paths import captions_path, mask2img_dir, require, synth_dir
 from common.sampler import SAMPLERS
 from common import synth
+from common.shard import process_state
 
 console = Console(stderr=True, soft_wrap=True)
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -126,7 +127,7 @@ def imgsyn(
 ) -> dict:
     """Run ImgSyn; returns the summary {"written", "skipped", "failed", "seconds", "out", ...}."""
     # -- setup: resolve the chained default paths, check every input before any model loads
-    state = synth.process_state()
+    state = process_state()
     per_sample = per_sample or (50 if data == "ade20k" else 10)  # paper §4.1
     captions = require(Path(captions) if captions else captions_path(data, split), f"caption.py --data {data} --split {split}", "--captions")
     mask2img = str(mask2img or mask2img_dir(data))

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from common import SegGenError, synth
+from common.shard import process_state
 from common.colormap import IGNORE, Palette, color_to_label, label_to_color
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
@@ -125,7 +126,7 @@ def masksyn(
 ) -> dict:
     """Run MaskSyn; returns the summary {"written", "skipped", "rejected", "failed", "seconds", "out", ...}."""
     # -- setup: resolve the chained default paths, check every input before any model loads
-    state = synth.process_state()
+    state = process_state()
     if data != "ade20k":
         raise SegGenError(f"--data {data}: MaskSyn is for semantic segmentation (ADE20K). Instances cannot be recovered "
                           f"from a generated colour map (paper appendix A.2), so the paper makes COCO data with imgsyn.py only")

@@ -52,16 +52,6 @@ def plan_batches(source_ids: list[str], per_sample: int, batch_size: int) -> lis
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def process_state():
-    """accelerate's view of this process (index, count, device). `PartialState()` alone does not read
-    ACCELERATE_USE_CPU and, without a GPU, treats `torchrun` / `accelerate launch` workers as one
-    process each; asking for CPU there makes them a real gloo group with their own ranks."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on a GPU that has it, else fp16; fp32 on CPU."""
     if precision == "auto":
