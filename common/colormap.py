@@ -188,14 +188,9 @@ def panoptic_to_color(segment_ids: np.ndarray, segments: list[dict], palette: Pa
 
 def panoptic_to_semantic(segment_ids: np.ndarray, segments: list[dict]) -> np.ndarray:
     """(H, W) segment ids + segments_info -> (H, W) uint8 category ids (0 where void)."""
-    ids = np.asarray(segment_ids)
-    seg_ids = np.asarray([s["id"] for s in segments], np.int64)
-    cats = np.asarray([s["category_id"] for s in segments], np.uint8)
-    order = np.argsort(seg_ids)
-    seg_ids, cats = seg_ids[order], cats[order]
-    pos = np.clip(np.searchsorted(seg_ids, ids), 0, max(len(seg_ids) - 1, 0))
-    hit = (seg_ids[pos] == ids) if len(seg_ids) else np.zeros(ids.shape, bool)
-    return np.where(hit, cats[pos] if len(cats) else 0, 0).astype(np.uint8)
+    category = {s["id"]: s["category_id"] for s in segments}
+    ids, inverse = np.unique(np.asarray(segment_ids), return_inverse=True)
+    return np.array([category.get(int(i), 0) for i in ids], np.uint8)[inverse].reshape(np.shape(segment_ids))
 
 
 # ---------------------------------------------------------------- f_color→mask
@@ -303,6 +298,6 @@ def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     array = np.asarray(array)
     if (array.shape[1], array.shape[0]) == tuple(size):
         return array
-    if array.dtype in (np.uint8,):
+    if array.dtype == np.uint8:
         return np.asarray(Image.fromarray(array).resize(size, Image.NEAREST))
     return np.asarray(Image.fromarray(array.astype(np.int32)).resize(size, Image.NEAREST)).astype(array.dtype)
