@@ -83,6 +83,17 @@ class Task(str, Enum):
     instance = "instance"
 
 
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+
+
 class Backbone(str, Enum):
     r50 = "r50"
     swin_t = "swin-t"
@@ -871,13 +882,13 @@ def main(
     grad_clip: Annotated[float, typer.Option(min=0.0, help="Full-model gradient norm clip (Mask2Former: 0.01; 0: off).", rich_help_panel="Training")] = 0.01,
     crop: Annotated[int | None, typer.Option(min=32, max=2048, help="Training crop (ADE20K: 512, Swin-L 640; COCO: 1024).", rich_help_panel="Training")] = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws and augmentation.", rich_help_panel="Training")] = 0,
-    mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (default: accelerate's config).", rich_help_panel="Training")] = None,
+    mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision (default: accelerate's config; Mask2Former trains with AMP).", rich_help_panel="Training")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (default runs/seg-{data}-{strategy}).", rich_help_panel="Output")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoints/phase*-step* folder.", rich_help_panel="Output")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Save a checkpoint every N steps (and at each phase's end); 0: never.", rich_help_panel="Output")] = 5000,
     keep_checkpoints: Annotated[int, typer.Option(min=0, help="Keep the last N checkpoints (0: all).", rich_help_panel="Output")] = 2,
     log_every: Annotated[int, typer.Option(min=1, help="Write a stats.jsonl line every N steps.", rich_help_panel="Output")] = 50,
-    report_to: Annotated[str, typer.Option(help="'none' or 'tensorboard' (through accelerate).", rich_help_panel="Output")] = "none",
+    report_to: Annotated[ReportTo, typer.Option(help="Also log to TensorBoard (through accelerate; needs the tensorboard package).", rich_help_panel="Output")] = ReportTo.none,
     metrics_file: Annotated[Path | None, typer.Option(help="Where metrics.json goes (default: in --output-dir).", rich_help_panel="Output")] = None,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Only evaluate --checkpoint on the val split.", rich_help_panel="Evaluation")] = False,
     checkpoint: Annotated[Path | None, typer.Option(help="Model to evaluate: a run's model/ or checkpoints/phase*-step* folder.", rich_help_panel="Evaluation")] = None,
@@ -887,15 +898,13 @@ def main(
     """Train Mask2Former on real + synthetic data (paper §3.4) and write metrics.json."""
     args = SimpleNamespace(**locals())
     try:
-        if args.report_to not in ("none", "tensorboard"):
-            raise SegGenError(f"--report-to must be 'none' or 'tensorboard' (got {args.report_to!r})")
+        args.report_to = args.report_to.value
+        args.mixed_precision = args.mixed_precision.value if args.mixed_precision else None
         if args.report_to == "tensorboard":
             try:
                 import tensorboard  # noqa: F401
             except ImportError as e:
                 raise SegGenError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from e
-        if args.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise SegGenError(f"--mixed-precision must be no, fp16 or bf16 (got {args.mixed_precision!r})")
         if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
             raise SegGenError(f"--checkpoint {args.checkpoint}: no config.json there; pass a run's model/ or checkpoints/phase*-step* folder")
         run(args)
