@@ -39,7 +39,7 @@ from common.datasets import default_data_root, read_dataset
 from common.paths import captions_path, text2mask_dir
 from common.training import (
     PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite,
-    check_resolution, check_vae, checkpoint_step, drop_captions, image_grid, inspect_base, make_optimizer,
+    check_resolution, check_vae, checkpoint_step, drop_captions, image_grid, inspect_base, load_checkpoint, make_optimizer,
     noisy_latents, progress_bar, quiet_loading, read_captions, register_diffusers_hooks, resolve_resume,
     save_checkpoint, step_generator, to_device,
 )
@@ -162,10 +162,9 @@ def train(a: SimpleNamespace) -> Path:
                                  num_training_steps=a.max_steps * world)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
-    global_step, last_ckpt = 0, None
+    global_step, last_ckpt = 0, resume_from
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        global_step, last_ckpt = checkpoint_step(resume_from), resume_from
+        global_step = load_checkpoint(accelerator, resume_from, ema)
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
     # The batch order is a function of (seed, micro-step): the loader starts where the checkpoint stopped.

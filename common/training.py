@@ -516,6 +516,18 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     return path
 
 
+def load_checkpoint(accelerator, path: Path, ema=None) -> int:
+    """accelerator.load_state(path) -> the step it was saved at.
+
+    accelerate loads registered objects such as the EMAModel with map_location="cpu", so the EMA's
+    shadow weights come back on the CPU while the model trains on the GPU: moved back here, or the
+    first ema.step after a resume fails on a device mismatch."""
+    accelerator.load_state(str(path))
+    if ema is not None:
+        ema.to(accelerator.device)
+    return checkpoint_step(path)
+
+
 def register_diffusers_hooks(accelerator, model_cls, subfolder: str) -> None:
     """Checkpoints keep the trained model in diffusers format (checkpoint-N/{subfolder}/, loadable with
     from_pretrained for a look at an intermediate model) instead of accelerate's flat state dict."""

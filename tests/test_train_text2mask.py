@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 import train_text2mask
 from common.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
 from common.datasets import load_image, load_label, load_panoptic, read_dataset
-from common.training import ColorMapDataset, drop_captions, make_optimizer, time_ids
+from common.training import (
+    ColorMapDataset, drop_captions, load_checkpoint, make_optimizer, time_ids,
+)
 
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
 
@@ -205,6 +207,25 @@ def test_8bit_adamw_from_bitsandbytes_steps():
     w.grad = torch.ones_like(w)
     opt.step()
     assert torch.allclose(w.detach(), torch.full_like(w, 1 - 1e-2 - 1e-2 * 1e-2), atol=1e-3)  # Adam moves each weight by ~lr on its first step
+
+
+def test_a_resumed_ema_comes_back_to_the_training_device(tmp_path):
+    """accelerate loads registered objects (the EMAModel) with map_location="cpu": on a GPU run the EMA
+    must be moved back, or the first ema.step after --resume fails on a device mismatch."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(torch.nn.Linear(3, 3).parameters())
+    (tmp_path / "checkpoint-7").mkdir()
+    torch.save(ema.state_dict(), tmp_path / "checkpoint-7" / "custom_checkpoint_0.pkl")
+
+    class GpuRun:  # "meta" stands in for the GPU; load_state loads as accelerate's load_custom_state does
+        device = torch.device("meta")
+
+        def load_state(self, path):
+            ema.load_state_dict(torch.load(f"{path}/custom_checkpoint_0.pkl", map_location="cpu", weights_only=False))
+
+    assert load_checkpoint(GpuRun(), tmp_path / "checkpoint-7", ema) == 7
+    assert {p.device.type for p in ema.shadow_params} == {"meta"}
 
 
 def test_time_ids_follow_sdxl_order():
