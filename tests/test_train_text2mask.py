@@ -19,7 +19,7 @@ import train_text2mask
 from common.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
 from common.datasets import load_image, load_label, load_panoptic, read_dataset
 from common.training import (
-    ColorMapDataset, drop_captions, load_checkpoint, make_optimizer, time_ids,
+    ColorMapDataset, drop_captions, encode_prompts, load_checkpoint, load_text_encoders, make_optimizer, time_ids,
 )
 
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
@@ -226,6 +226,24 @@ def test_a_resumed_ema_comes_back_to_the_training_device(tmp_path):
 
     assert load_checkpoint(GpuRun(), tmp_path / "checkpoint-7", ema) == 7
     assert {p.device.type for p in ema.shadow_params} == {"meta"}
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_prompt_embeddings_are_the_pipelines_own(tiny_models, kind):
+    """The cached embeddings must be what the pipeline computes at sampling time: SDXL's penultimate hidden
+    states of both encoders concatenated and the second encoder's pooled projection; SD-1.5's last ones."""
+    from diffusers import DiffusionPipeline
+
+    base, prompts = tiny_models(kind), ["a living room with a sofa", "a street"]
+    pipe = DiffusionPipeline.from_pretrained(base)
+    embeds, pooled = encode_prompts(prompts, load_text_encoders(str(base), kind == "sdxl", "cpu", torch.float32))
+    expected = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert torch.allclose(embeds, expected[0], atol=1e-6)
+    if kind == "sdxl":
+        assert embeds.shape[-1] == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+        assert torch.allclose(pooled, expected[2], atol=1e-6)
+    else:
+        assert pooled is None
 
 
 def test_time_ids_follow_sdxl_order():
