@@ -89,6 +89,18 @@ def test_decode_mask_projects_to_the_palette_and_measures_off_palette_pixels():
     assert masksyn.decode_mask(label_to_color(np.full((8, 8), 5, np.uint8), palette), palette, limit)[2] == 1
 
 
+def test_decode_mask_keeps_the_pixels_the_vote_mends():
+    """An isolated pixel of another class's exact colour is mended by the 3×3 vote: it takes its
+    neighbours' class and is on the palette, not "other" and not counted off-palette."""
+    palette = palette_for("ade20k", "generation")
+    label = np.full((8, 8), 3, np.uint8)
+    label[:, 6:] = 5
+    painted = label.copy()
+    painted[4, 4] = 17  # a decoding error: class 17's colour amid class 3
+    got, off, classes = masksyn.decode_mask(label_to_color(painted, palette), palette, palette.min_distance() / 2)
+    assert np.array_equal(got, label) and off == 0.0 and classes == 2
+
+
 def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeypatch, models, captions):
     out = tmp_path / "strict"
     s = run(out, models, captions)  # default --max-off-palette 0.1: the tiny model's noise is rejected
