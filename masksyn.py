@@ -160,7 +160,8 @@ def masksyn(
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     rejected_path = out / "rejected.jsonl"
     done = synth.check_output(out, settings, models)
-    rejected = {str(r["id"]) for r in read_manifest(rejected_path)}
+    # Rejections carry their settings too: a rerun with e.g. a looser --max-off-palette must not skip them.
+    rejected = synth.check_output(out, settings, models, read_manifest(rejected_path))
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
     batches = synth.plan_batches(sources, per_sample, batch_size)[state.process_index::state.num_processes]
@@ -197,7 +198,8 @@ def masksyn(
                     continue
                 if "rejected" in item:
                     rejects.append({"id": sid, "source_id": s, "k": k, "reason": item["rejected"],
-                                    "off_palette": item["off_palette"], "classes": item["classes"]})
+                                    "off_palette": item["off_palette"], "classes": item["classes"],
+                                    "settings": settings, "models": models})
                     summary["rejected"] += 1
                     continue
                 writer.append(_write(out, sid, s, k, item, caps[s], settings, models, batch))

@@ -257,10 +257,13 @@ def control_tensor(colormaps: list[np.ndarray]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the output folder
 
-def check_output(out: Path, settings: dict, models: dict) -> set[str]:
+def check_output(out: Path, settings: dict, models: dict, records: list[dict] | None = None) -> set[str]:
     """Ids already written in out (a rerun skips them). An output folder holding another run's
-    samples made with different settings or models is an error: mixing them would break provenance."""
-    records = read_manifest(out) if out.is_dir() else []
+    samples made with different settings or models is an error: mixing them would break provenance.
+
+    records: other lines to check the same way instead of out's manifest (masksyn's rejected.jsonl)."""
+    if records is None:
+        records = read_manifest(out) if out.is_dir() else []
     if records:
         old = {**records[0].get("settings", {}), "models": records[0].get("models")}
         settings = {**settings, "models": models}

@@ -114,6 +114,9 @@ def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeyp
 
     monkeypatch.setattr(synth, "load_text2mask", refuse)
     assert run(out, models, captions)["skipped"] == 6  # a rerun does not draw them again
+    # Another run's rejections are not silently skipped: a looser filter on the same --out is refused.
+    with pytest.raises(SegGenError, match=r"--out .* different settings \(max_off_palette: 0.1 there, 1.0 now\)"):
+        run(out, models, captions, **ACCEPT_ALL)
 
 
 def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, accepted_run, models, captions):
