@@ -38,49 +38,23 @@ from common import SegGenError
 from common.colormap import palette_for
 from common.datasets import default_data_root, read_dataset
 from common.paths import captions_path, mask2img_dir
+from common.training import (  # the command line both trainers share: choices and options, declared once
+    AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
+    CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GradientAccumulationOpt,
+    GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt,
+    MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
+    ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
+    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt,
+)
 from common.training import (
-    PAPER_BASE, ColorMapDataset, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite,
-    check_resolution, check_vae, checkpoint_step, drop_captions, image_grid, inspect_base, load_checkpoint, make_optimizer,
-    noisy_latents, progress_bar, quiet_loading, read_captions, register_diffusers_hooks, resolve_resume,
-    save_checkpoint, step_generator, to_device,
+    ColorMapDataset, PAPER_BASE, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite,
+    check_resolution, check_vae, checkpoint_step, drop_captions, image_grid, inspect_base, load_checkpoint,
+    make_optimizer, noisy_latents, progress_bar, quiet_loading, read_captions, register_diffusers_hooks,
+    resolve_resume, save_checkpoint, step_generator, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-
-
-class PaletteKind(str, Enum):
-    generation = "generation"
-    usual = "usual"
-
-
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class Tracker(str, Enum):
-    tensorboard = "tensorboard"
-    none = "none"
-
-
-class Schedule(str, Enum):
-    constant_with_warmup = "constant_with_warmup"
-    linear = "linear"
-    cosine = "cosine"
-    cosine_with_restarts = "cosine_with_restarts"
-    polynomial = "polynomial"
 
 
 def train(a: SimpleNamespace) -> Path:
@@ -349,45 +323,45 @@ def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, s
 
 @app.command()
 def main(
-    data: Annotated[Data, typer.Option(help="Dataset to train on.", rich_help_panel="Data")] = Data.ade20k,
-    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
-    split: Annotated[Split, typer.Option(help="Split to train on (the paper: train).", rich_help_panel="Data")] = Split.train,
-    captions: Annotated[Path | None, typer.Option(help="Captions manifest of caption.py (default: captions/{data}_{split}.jsonl).", rich_help_panel="Data")] = None,
-    palette: Annotated[PaletteKind, typer.Option(help="Colour map palette: generation (separated colours, DESIGN.md) or usual (community colours).", rich_help_panel="Data")] = PaletteKind.generation,
-    random_flip: Annotated[bool, typer.Option(help="Random horizontal flip of image and colour map together (appendix A.4).", rich_help_panel="Data")] = True,
-    center_crop: Annotated[bool, typer.Option(help="Centre crop instead of a random crop.", rich_help_panel="Data")] = False,
-    max_train_samples: Annotated[int | None, typer.Option(min=1, help="Train on the first N captioned samples only (a quick try).", rich_help_panel="Data")] = None,
-    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.", rich_help_panel="Data")] = 4,
-    pretrained: Annotated[str, typer.Option(help="Base pipeline, hub id or folder; SDXL or SD-1.5-style (told from its folder).", rich_help_panel="Model")] = PAPER_BASE,
+    data: DataOpt = Data.ade20k,
+    data_root: DataRootOpt = None,
+    split: SplitOpt = Split.train,
+    captions: CaptionsOpt = None,
+    palette: PaletteOpt = PaletteKind.generation,
+    random_flip: RandomFlipOpt = True,
+    center_crop: CenterCropOpt = False,
+    max_train_samples: MaxTrainSamplesOpt = None,
+    num_workers: NumWorkersOpt = 4,
+    pretrained: PretrainedOpt = PAPER_BASE,
     controlnet: Annotated[str | None, typer.Option(help="Start from this ControlNet folder instead of a copy of the UNet's encoder.", rich_help_panel="Model")] = None,
-    vae: Annotated[str | None, typer.Option(help="Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix so the VAE can run in fp16.", rich_help_panel="Model")] = None,
-    resolution: Annotated[int, typer.Option(min=8, max=4096, help="Training resolution (appendix A.4: 768); a multiple of the VAE factor (8).", rich_help_panel="Training")] = 768,
-    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (appendix A.4: 30,000).", rich_help_panel="Training")] = 30_000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per process per micro-step.", rich_help_panel="Training")] = 4,
-    gradient_accumulation: Annotated[int, typer.Option(min=1, help="Micro-steps per optimizer step.", rich_help_panel="Training")] = 1,
-    lr: Annotated[float, typer.Option(min=0, help="Learning rate (appendix A.4: 1e-5).", rich_help_panel="Training")] = 1e-5,
-    lr_schedule: Annotated[Schedule, typer.Option(help="LR schedule after warm-up.", rich_help_panel="Training")] = Schedule.constant_with_warmup,
-    lr_warmup_steps: Annotated[int, typer.Option(min=0, help="Linear LR warm-up steps.", rich_help_panel="Training")] = 0,
-    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.", rich_help_panel="Training")] = 1e-2,
-    max_grad_norm: Annotated[float, typer.Option(min=0, help="Gradient clipping norm (0: off).", rich_help_panel="Training")] = 1.0,
-    caption_dropout: Annotated[float, typer.Option(min=0, max=1, help="Share of captions dropped (zero embeddings, as SDXL's CFG) for classifier-free guidance.", rich_help_panel="Training")] = 0.0,
+    vae: VaeOpt = None,
+    resolution: ResolutionOpt = 768,
+    max_steps: MaxStepsOpt = 30_000,
+    batch_size: BatchSizeOpt = 4,
+    gradient_accumulation: GradientAccumulationOpt = 1,
+    lr: LrOpt = 1e-5,
+    lr_schedule: LrScheduleOpt = Schedule.constant_with_warmup,
+    lr_warmup_steps: LrWarmupStepsOpt = 0,
+    weight_decay: WeightDecayOpt = 1e-2,
+    max_grad_norm: MaxGradNormOpt = 1.0,
+    caption_dropout: CaptionDropoutOpt = 0.0,
     ema: Annotated[bool, typer.Option(help="Keep an EMA of the ControlNet weights; it is what gets saved and sampled.", rich_help_panel="Training")] = False,
-    ema_decay: Annotated[float, typer.Option(min=0, max=1, help="EMA decay.", rich_help_panel="Training")] = 0.9999,
-    seed: Annotated[int, typer.Option(help="Seed of the data order, augmentation and noise.", rich_help_panel="Training")] = 0,
-    mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")] = None,
-    cache_latents: Annotated[bool, typer.Option(help="Encode every picture once (both flips) and train from the cache; needs --center-crop.", rich_help_panel="Performance")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower.", rich_help_panel="Performance")] = False,
-    use_8bit_adam: Annotated[bool, typer.Option(help="bitsandbytes' 8-bit AdamW.", rich_help_panel="Performance")] = False,
-    allow_tf32: Annotated[bool, typer.Option(help="TF32 matmuls on Ampere+ GPUs.", rich_help_panel="Performance")] = True,
+    ema_decay: EmaDecayOpt = 0.9999,
+    seed: SeedOpt = 0,
+    mixed_precision: MixedPrecisionOpt = None,
+    cache_latents: CacheLatentsOpt = False,
+    gradient_checkpointing: GradientCheckpointingOpt = False,
+    use_8bit_adam: Use8bitAdamOpt = False,
+    allow_tf32: AllowTf32Opt = True,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/mask2img-{data}).", rich_help_panel="Output")] = None,
-    checkpointing_steps: Annotated[int, typer.Option(min=0, help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel="Output")] = 500,
-    checkpoints_total_limit: Annotated[int | None, typer.Option(min=1, help="Keep at most this many checkpoints.", rich_help_panel="Output")] = 3,
-    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint-N folder to continue from.", rich_help_panel="Output")] = None,
-    validation_steps: Annotated[int, typer.Option(min=0, help="Sample a validation grid every N steps and at the end (0: never).", rich_help_panel="Validation")] = 500,
+    checkpointing_steps: CheckpointingStepsOpt = 500,
+    checkpoints_total_limit: CheckpointsTotalLimitOpt = 3,
+    resume: ResumeOpt = None,
+    validation_steps: ValidationStepsOpt = 500,
     num_validation: Annotated[int, typer.Option(min=1, help="Validation colour maps and captions (the first training samples').", rich_help_panel="Validation")] = 4,
-    validation_inference_steps: Annotated[int, typer.Option(min=1, help="Sampler steps for validation.", rich_help_panel="Validation")] = 30,
-    validation_guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")] = 5.0,
-    report_to: Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")] = Tracker.tensorboard,
+    validation_inference_steps: ValidationInferenceStepsOpt = 30,
+    validation_guidance: ValidationGuidanceOpt = 5.0,
+    report_to: ReportToOpt = Tracker.tensorboard,
 ):
     """Train a ControlNet on the frozen SDXL-base into Mask2Img on (caption, colour map, image) triplets (paper §3.2, A.4)."""
     args = SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in locals().items()})

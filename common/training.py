@@ -13,6 +13,8 @@
 - optimiser (AdamW / 8-bit AdamW), checkpoints on accelerate's save_state/load_state with a total
   limit and `--resume latest`, the run folder's options.json and stats.jsonl, the NaN stop.
 
+- the command line: choices (Enum) and Typer options that both scripts declare alike.
+
 The training loops themselves stay in the two scripts, readable top to bottom.
 """
 
@@ -24,10 +26,13 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import typer
 from PIL import Image
 
 from common import SegGenError
@@ -36,6 +41,81 @@ from common.datasets import Sample, load_image, load_label, load_panoptic
 from common.manifest import CAPTION_FIELDS, read_manifest
 
 PAPER_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # appendix A.4: both generators start from SDXL-base
+
+
+# ---------------------------------------------------------------- the command line both scripts share
+# Choices and Typer options that train_text2mask.py and train_mask2img.py declare alike: one definition,
+# used in both `main` signatures (`data: DataOpt = Data.ade20k`), so the two --help pages cannot drift.
+
+class Data(str, Enum):
+    ade20k = "ade20k"
+    coco = "coco"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class PaletteKind(str, Enum):
+    generation = "generation"
+    usual = "usual"
+
+
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Tracker(str, Enum):
+    tensorboard = "tensorboard"
+    none = "none"
+
+
+class Schedule(str, Enum):  # diffusers.optimization.get_scheduler names
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+DataOpt = Annotated[Data, typer.Option(help="Dataset to train on.", rich_help_panel="Data")]
+DataRootOpt = Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")]
+SplitOpt = Annotated[Split, typer.Option(help="Split to train on (the paper: train).", rich_help_panel="Data")]
+CaptionsOpt = Annotated[Path | None, typer.Option(help="Captions manifest of caption.py (default: captions/{data}_{split}.jsonl).", rich_help_panel="Data")]
+PaletteOpt = Annotated[PaletteKind, typer.Option(help="Colour map palette: generation (separated colours, DESIGN.md) or usual (community colours).", rich_help_panel="Data")]
+RandomFlipOpt = Annotated[bool, typer.Option(help="Random horizontal flip of image and colour map together (appendix A.4).", rich_help_panel="Data")]
+CenterCropOpt = Annotated[bool, typer.Option(help="Centre crop instead of a random crop.", rich_help_panel="Data")]
+MaxTrainSamplesOpt = Annotated[int | None, typer.Option(min=1, help="Train on the first N captioned samples only (a quick try).", rich_help_panel="Data")]
+NumWorkersOpt = Annotated[int, typer.Option(min=0, help="DataLoader worker processes.", rich_help_panel="Data")]
+PretrainedOpt = Annotated[str, typer.Option(help="Base pipeline, hub id or folder; SDXL or SD-1.5-style (told from its folder).", rich_help_panel="Model")]
+VaeOpt = Annotated[str | None, typer.Option(help="Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix so the VAE can run in fp16.", rich_help_panel="Model")]
+ResolutionOpt = Annotated[int, typer.Option(min=8, max=4096, help="Training resolution (appendix A.4: 768); a multiple of the VAE factor (8).", rich_help_panel="Training")]
+MaxStepsOpt = Annotated[int, typer.Option(min=1, help="Optimizer steps (appendix A.4: 30,000).", rich_help_panel="Training")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per process per micro-step.", rich_help_panel="Training")]
+GradientAccumulationOpt = Annotated[int, typer.Option(min=1, help="Micro-steps per optimizer step.", rich_help_panel="Training")]
+LrOpt = Annotated[float, typer.Option(min=0, help="Learning rate (appendix A.4: 1e-5).", rich_help_panel="Training")]
+LrScheduleOpt = Annotated[Schedule, typer.Option(help="LR schedule after warm-up.", rich_help_panel="Training")]
+LrWarmupStepsOpt = Annotated[int, typer.Option(min=0, help="Linear LR warm-up steps.", rich_help_panel="Training")]
+WeightDecayOpt = Annotated[float, typer.Option(min=0, help="AdamW weight decay.", rich_help_panel="Training")]
+MaxGradNormOpt = Annotated[float, typer.Option(min=0, help="Gradient clipping norm (0: off).", rich_help_panel="Training")]
+CaptionDropoutOpt = Annotated[float, typer.Option(min=0, max=1, help="Share of captions dropped (zero embeddings, as SDXL's CFG) for classifier-free guidance.", rich_help_panel="Training")]
+EmaDecayOpt = Annotated[float, typer.Option(min=0, max=1, help="EMA decay.", rich_help_panel="Training")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the data order, augmentation and noise.", rich_help_panel="Training")]
+MixedPrecisionOpt = Annotated[Precision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")]
+CacheLatentsOpt = Annotated[bool, typer.Option(help="Encode every picture once (both flips) and train from the cache; needs --center-crop.", rich_help_panel="Performance")]
+GradientCheckpointingOpt = Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower.", rich_help_panel="Performance")]
+Use8bitAdamOpt = Annotated[bool, typer.Option(help="bitsandbytes' 8-bit AdamW.", rich_help_panel="Performance")]
+AllowTf32Opt = Annotated[bool, typer.Option(help="TF32 matmuls on Ampere+ GPUs.", rich_help_panel="Performance")]
+CheckpointingStepsOpt = Annotated[int, typer.Option(min=0, help="Save a resumable checkpoint every N steps (0: never).", rich_help_panel="Output")]
+CheckpointsTotalLimitOpt = Annotated[int | None, typer.Option(min=1, help="Keep at most this many checkpoints.", rich_help_panel="Output")]
+ResumeOpt = Annotated[str | None, typer.Option(help="'latest' or a checkpoint-N folder to continue from.", rich_help_panel="Output")]
+ValidationStepsOpt = Annotated[int, typer.Option(min=0, help="Sample a validation grid every N steps and at the end (0: never).", rich_help_panel="Validation")]
+ValidationInferenceStepsOpt = Annotated[int, typer.Option(min=1, help="Sampler steps for validation.", rich_help_panel="Validation")]
+ValidationGuidanceOpt = Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")]
+ReportToOpt = Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")]
 
 
 # ---------------------------------------------------------------- the base pipeline
