@@ -2,6 +2,7 @@
 schedulers with Karras sigmas on the tiny SDXL UNet, and a denoiser whose data distribution is a
 known Gaussian (its exact D(x; σ) and the ODE's exact end distribution are known in closed form)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -172,3 +173,44 @@ def test_churn_window_and_per_sample_noise():
     churned = run(noise, [1, 2], S_churn=40.0, S_tmin=0.5, S_tmax=5.0)
     assert not torch.allclose(churned, plain)
     torch.testing.assert_close(run(noise[1:], [2], S_churn=40.0, S_tmin=0.5, S_tmax=5.0), churned[1:], rtol=0, atol=1e-6)
+
+
+def test_controlnet_guided_sample_matches_sdxl_controlnet_pipeline(tiny_models):
+    """Mask2Img's path: the ControlNet residuals under classifier-free guidance, the control image as
+    common/synth.py feeds it ([0, 1], both guidance halves) and SDXL's size conditioning (h, w) from
+    synth.encode, against StableDiffusionXLControlNetPipeline itself on a non-square image."""
+    import numpy as np
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from common import synth
+
+    controlnet = ControlNetModel.from_pretrained(tiny_models("controlnet"))
+    # A fresh ControlNet's output convs are zero (no residuals at all): give them weights, so that the
+    # control image and its preprocessing show in the result.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            m.weight.normal_(0, 1.0)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_models("sdxl"), controlnet=controlnet)
+    pipe.scheduler = reference_scheduler("heun")
+    pipe.set_progress_bar_config(disable=True)
+    h, w = 64, 96
+    cmap = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    noise = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(4))
+    ref = pipe("a street", image=Image.fromarray(cmap), height=h, width=w, num_inference_steps=4, guidance_scale=4.0,
+               latents=noise.clone(), output_type="latent").images
+
+    d = EpsDenoiser(pipe.unet, pipe.scheduler.alphas_cumprod, controlnet=controlnet)
+    gen = synth.Generator(pipe, d, True, torch.device("cpu"), torch.float32)
+    assert gen.latent_factor == 8
+    cond, uncond = synth.encode(gen, ["a street"], (h, w))
+    control = synth.control_tensor([cmap])  # (1, 3, h, w)
+    cond, uncond = (Cond(c.prompt_embeds, c.pooled, c.time_ids, control) for c in (cond, uncond))
+    ours = edm_sampler(lambda x, s: d(x, s, cond, uncond, guidance=4.0), noise, d.schedule(4))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert d.evals == 7
+    # The comparison can fail: the control image in [-1, 1] (the VAE's range) gives another sample.
+    cond, uncond = (dataclasses.replace(c, control=control * 2 - 1) for c in (cond, uncond))
+    other = edm_sampler(lambda x, s: d(x, s, cond, uncond, guidance=4.0), noise, d.schedule(4))
+    assert not torch.allclose(other, ref, rtol=1e-4, atol=1e-4)
