@@ -46,10 +46,10 @@ from common.training import (  # the command line both trainers share: choices a
     ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt,
 )
 from common.training import (
-    ColorMapDataset, PAPER_BASE, RunLog, StepBatches, cache_latents, cache_text_embeddings, check_finite,
-    check_resolution, check_vae, checkpoint_step, drop_captions, image_grid, inspect_base, load_checkpoint,
-    make_optimizer, noisy_latents, progress_bar, quiet_loading, read_captions, register_diffusers_hooks,
-    resolve_resume, save_checkpoint, step_generator, to_device,
+    ColorMapDataset, PAPER_BASE, RunLog, StepBatches, StepMeter, cache_latents, cache_text_embeddings, check_finite,
+    check_resolution, check_vae, checkpoint_step, drop_captions, ema_weights, image_grid, inspect_base,
+    load_checkpoint, make_optimizer, noisy_latents, optimizer_step, quiet_loading, read_captions,
+    register_diffusers_hooks, resolve_resume, sample_latents, save_checkpoint, step_generator, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -61,7 +61,6 @@ def train(a: SimpleNamespace) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -152,23 +151,15 @@ def train(a: SimpleNamespace) -> Path:
     # ---------------------------------------------------------------- loop
     micro = global_step * a.gradient_accumulation
     val_ids = list(range(min(a.num_validation, len(dataset))))
-    t_start, losses = time.perf_counter(), []
-    progress = progress_bar(console) if main_proc else None
-    if progress:
-        progress.start()
-        task = progress.add_task("Text2Mask", total=a.max_steps, completed=global_step, rate="", info="")
+    t_start = time.perf_counter()
+    meter = StepMeter("Text2Mask", log, accelerator, global_step, a.max_steps, a.batch_size * world * a.gradient_accumulation, console)
     for batch in loader:
         if global_step >= a.max_steps:
             break
         g = step_generator(a.seed, micro, rank, accelerator.device)
         batch = to_device(batch, accelerator.device, weight_dtype)
         with accelerator.accumulate(unet):
-            with torch.no_grad():  # the colour map is the picture Text2Mask learns to draw
-                if "latent_params" in batch:  # --cache-latents: the same distribution, encoded once
-                    dist = DiagonalGaussianDistribution(batch["latent_params"].float())
-                else:
-                    dist = vae.encode(batch["colormap"].to(vae.dtype) / 127.5 - 1).latent_dist  # from (B, 3, R, R) in [-1, 1]
-                latents = dist.sample(generator=g) * vae.config.scaling_factor  # (B, 4, R/8, R/8)
+            latents = sample_latents(batch, "colormap", vae, g)  # the colour map is the picture Text2Mask learns to draw  # (B, 4, R/8, R/8)
             noisy, t, target = noisy_latents(latents.to(weight_dtype), noise_scheduler, g)
             embeds, pooled = drop_captions(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), a.caption_dropout, g,
                                            empty, base.force_zeros_for_empty_prompt)
@@ -177,45 +168,25 @@ def train(a: SimpleNamespace) -> Path:
             loss = F.mse_loss(pred.float(), target.float())
             loss_value = accelerator.reduce(loss.detach(), "mean").item()  # the same number on every process
             check_finite(loss_value, global_step + 1, last_ckpt)  # before backward: the weights stay good
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and a.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), a.max_grad_norm)  # before clipping
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, unet, optimizer, lr_scheduler, loss, a.max_grad_norm)
         micro += 1
-        losses.append(loss_value)
+        meter.micro_step(loss_value)
         if not accelerator.sync_gradients:
             continue
         global_step += 1
         if ema is not None:
             ema.step(unet.parameters())
-        step_loss, losses = sum(losses) / len(losses), []
-        elapsed = time.perf_counter() - t_start
-        rate = (global_step - (checkpoint_step(resume_from) if resume_from else 0)) / max(elapsed, 1e-9)
-        stats = {"step": global_step, "loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "seconds": round(elapsed, 3),
-                 "samples_per_s": rate * a.batch_size * world * a.gradient_accumulation}
-        if a.max_grad_norm > 0 and grad_norm is not None:  # (DeepSpeed clips inside and reports none)
-            stats["grad_norm"] = float(grad_norm)
-        log.write(**stats)
-        accelerator.log({"loss": step_loss, "lr": stats["lr"]}, step=global_step)
-        if progress:
-            progress.update(task, completed=global_step, rate=f"{rate:.2f} step/s", info=f"loss {step_loss:.4f}")
+        meter.step(global_step, lr_scheduler.get_last_lr()[0], grad_norm)
         if a.checkpointing_steps and global_step % a.checkpointing_steps == 0:
             last_ckpt = save_checkpoint(accelerator, out, global_step, a.checkpoints_total_limit)
         if a.validation_steps and (global_step % a.validation_steps == 0 or global_step == a.max_steps):
             if main_proc:
-                if ema is not None:  # sample with the EMA weights, then put the trained ones back
-                    ema.store(unet.parameters())
-                    ema.copy_to(unet.parameters())
-                v = validate(a, base, accelerator, accelerator.unwrap_model(unet), vae, dataset, val_ids, empty, palette, global_step, out)
-                if ema is not None:
-                    ema.restore(unet.parameters())
+                with ema_weights(ema, unet):  # sample with the EMA weights
+                    v = validate(a, base, accelerator, accelerator.unwrap_model(unet), vae, dataset, val_ids, empty, palette, global_step, out)
                 log.write(step=global_step, validation=v)
                 accelerator.log({f"validation/{k}": x for k, x in v.items() if isinstance(x, float)}, step=global_step)
             accelerator.wait_for_everyone()
-    if progress:
-        progress.stop()
+    meter.close()
 
     # ---------------------------------------------------------------- final save: a complete pipeline folder
     accelerator.wait_for_everyone()

@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -362,8 +363,7 @@ def cache_latents(vae, dataset: ColorMapDataset, key: str, folder: Path, acceler
         chunk = mine[start:start + batch_size]
         items = [views[r % 2 if flips else 0][(r // 2 if flips else r, 0)] for r in chunk]
         x = torch.stack([it[key] for it in items])
-        x = x.float() / 127.5 - 1 if key == "colormap" else x  # (B, 3, R, R) in [-1, 1]
-        out = vae.encode(x.to(accelerator.device, vae.dtype)).latent_dist.parameters  # (B, 2·C, R/8, R/8)
+        out = vae.encode(vae_input(x, key).to(accelerator.device, vae.dtype)).latent_dist.parameters  # (B, 2·C, R/8, R/8)
         params[chunk] = out.float().cpu().numpy()
     params.flush()
     accelerator.wait_for_everyone()
@@ -520,6 +520,25 @@ def noisy_latents(latents: torch.Tensor, scheduler, generator: torch.Generator):
     return noisy, t, target
 
 
+def vae_input(pictures: torch.Tensor, key: str) -> torch.Tensor:
+    """What the VAE encodes: key "colormap" (Text2Mask: uint8 colours, exact) or "pixel_values" (Mask2Img:
+    already in [-1, 1]) -> (B, 3, R, R) in [-1, 1]."""
+    return pictures.float() / 127.5 - 1 if key == "colormap" else pictures
+
+
+@torch.no_grad()
+def sample_latents(batch: dict, key: str, vae, generator: torch.Generator) -> torch.Tensor:
+    """z ~ q(z | picture) times the VAE's scaling factor (as the pipelines decode it): (B, 4, R/8, R/8).
+    With --cache-latents the distribution comes from the cache, the draw from the same generator."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_params" in batch:
+        dist = DiagonalGaussianDistribution(batch["latent_params"].float())
+    else:
+        dist = vae.encode(vae_input(batch[key], key).to(vae.dtype)).latent_dist
+    return dist.sample(generator=generator) * vae.config.scaling_factor
+
+
 # ---------------------------------------------------------------- optimiser
 
 def make_optimizer(params, lr: float, use_8bit: bool, weight_decay: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -534,6 +553,20 @@ def make_optimizer(params, lr: float, use_8bit: bool, weight_decay: float = 1e-2
             raise SegGenError(f"--use-8bit-adam needs bitsandbytes: pip install bitsandbytes ({e})") from e
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def optimizer_step(accelerator, model, optimizer, lr_scheduler, loss: torch.Tensor, max_grad_norm: float):
+    """backward, then (on the micro-step that ends an accumulation) clip, step and zero the gradients;
+    the prepared optimizer and scheduler skip the other micro-steps themselves. Returns the gradient norm
+    before clipping when it was clipped (None otherwise, and under DeepSpeed, which clips inside)."""
+    accelerator.backward(loss)  # divides by the accumulation steps
+    grad_norm = None
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -608,6 +641,20 @@ def load_checkpoint(accelerator, path: Path, ema=None) -> int:
     return checkpoint_step(path)
 
 
+@contextmanager
+def ema_weights(ema, model):
+    """Inside: the model holds the EMA weights (to sample with); after: the trained ones again."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
 def register_diffusers_hooks(accelerator, model_cls, subfolder: str) -> None:
     """Checkpoints keep the trained model in diffusers format (checkpoint-N/{subfolder}/, loadable with
     from_pretrained for a look at an intermediate model) instead of accelerate's flat state dict."""
@@ -652,6 +699,38 @@ class RunLog:
         if self.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
+
+
+class StepMeter:
+    """The bookkeeping of each optimizer step: the mean loss of its micro-steps, the rate since the run
+    (or the resume) started, a stats.jsonl line, the trackers, the progress bar (main process)."""
+
+    def __init__(self, name: str, log: RunLog, accelerator, start_step: int, max_steps: int, samples_per_step: int, console):
+        self.log, self.accelerator, self.start_step, self.samples_per_step = log, accelerator, start_step, samples_per_step
+        self.losses, self.t_start = [], time.perf_counter()
+        self.progress = progress_bar(console) if accelerator.is_main_process else None
+        if self.progress:
+            self.progress.start()
+            self.task = self.progress.add_task(name, total=max_steps, completed=start_step, rate="", info="")
+
+    def micro_step(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def step(self, step: int, lr: float, grad_norm) -> None:
+        loss, self.losses = sum(self.losses) / len(self.losses), []
+        elapsed = time.perf_counter() - self.t_start
+        rate = (step - self.start_step) / max(elapsed, 1e-9)
+        stats = {"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), "samples_per_s": rate * self.samples_per_step}
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+        self.log.write(**stats)
+        self.accelerator.log({"loss": loss, "lr": lr}, step=step)
+        if self.progress:
+            self.progress.update(self.task, completed=step, rate=f"{rate:.2f} step/s", info=f"loss {loss:.4f}")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
 
 
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
