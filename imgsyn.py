@@ -27,40 +27,21 @@ import numpy as np
 import torch
 import typer
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from common import SegGenError
+from common import SegGenError, synth
 from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir
-from common.sampler import SAMPLERS
-from common import synth
 from common.shard import process_state
+from common.synth import Data, Precision, Sampler, console
 
-console = Console(stderr=True, soft_wrap=True)
 PATH_FIELDS = ("image", "annotation", "colormap")
-
-
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
 
 
 class Split(str, Enum):
     train = "train"
     val = "val"
-
-
-Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 # ---------------------------------------------------------------- one source sample's inputs
@@ -103,17 +84,11 @@ def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np
         generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], *batch[i])) for i in idx]
         cond, uncond = synth.encode(gen, [captions[batch[i][0]] for i in idx], size)
         images = synth.sample_images(gen, cond, uncond, generators, size, settings["steps"], settings["guidance"],
-                                     settings["sampler"], _churn(settings), control=control)
+                                     settings["sampler"], synth.churn_kwargs(settings), control=control)
         for i, im in zip(idx, images):
             h, w = inputs[i]["label"].shape
             out[i] = im if (h, w) == size else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
     return out
-
-
-def _churn(settings: dict) -> dict:
-    churn = {k: settings[k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")}
-    churn["S_tmax"] = float("inf") if churn["S_tmax"] is None else churn["S_tmax"]  # JSON has no infinity
-    return churn
 
 
 # ---------------------------------------------------------------- the job
@@ -152,16 +127,14 @@ def imgsyn(
     palette = synth.model_palette(mask2img, data)
     dtype = synth.precision_dtype(precision, state.device)
     settings = {"data": data, "resolution": resolution, "steps": steps, "guidance": guidance, "sampler": sampler,
-                "S_churn": S_churn, "S_tmin": S_tmin, "S_tmax": S_tmax if S_tmax != float("inf") else None,
-                "S_noise": S_noise, "seed": seed, "precision": synth.precision_name(dtype), "palette": palette.name}
+                **synth.churn_settings(S_churn, S_tmin, S_tmax, S_noise), "seed": seed,
+                "precision": synth.precision_name(dtype), "palette": palette.name}
     models = {"mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     done = synth.check_output(out, settings, models)
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
-    batches = synth.plan_batches(sources, per_sample, batch_size)[state.process_index::state.num_processes]
-    todo = [b for b in batches if any(synth.sample_id(s, k) not in done for s, k in b)]
-    n_items = sum(len(b) for b in batches)
-    summary = {"written": 0, "skipped": n_items - sum(len(b) for b in todo), "failed": 0, "rejected": 0, "out": str(out)}
+    todo, skipped = synth.process_plan(sources, per_sample, batch_size, state, done)
+    summary = {"written": 0, "skipped": skipped, "failed": 0, "rejected": 0, "out": str(out)}
     if state.is_main_process:
         console.print(f"[bold]imgsyn.py[/] {data}/{split}: {len(sources)} source(s) x {per_sample} = "
                       f"{len(sources) * per_sample} sample(s); captions {captions}; Mask2Img {mask2img} on {base}; "
@@ -174,7 +147,7 @@ def imgsyn(
     # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
     rows, failures, cache, start = [], [], {}, time.perf_counter()
-    progress = _progress(state)
+    progress = synth.progress("imgsyn", state)
     with writer, progress:
         task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0)
         for batch in todo:
@@ -192,7 +165,10 @@ def imgsyn(
                 if sid in done:  # a batch cut by a kill is drawn again whole; its written samples stay
                     summary["skipped"] += 1
                     continue
-                record = _write(out, sid, s, k, image, samples[s], caps[s], settings, models, batch, cache[s]["colormap"])
+                synth.save_sample(out, sid, image, cache[s]["colormap"], lambda p: synth.link_or_copy(samples[s].annotation, p))
+                record = synth.sample_record("imgsyn", sid, s, k, caps[s], settings, models, batch)
+                if samples[s].segments is not None:
+                    record["segments_info"] = samples[s].segments
                 writer.append(record)
                 summary["written"] += 1
                 if len(rows) < preview and state.is_main_process:
@@ -205,20 +181,6 @@ def imgsyn(
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
     return summary
-
-
-def _write(out, sid, source_id, k, image, sample, caption, settings, models, batch, colormap) -> dict:
-    """The sample's files, each complete before its manifest line (DESIGN.md "Data contract")."""
-    atomic_save(out / "images" / f"{sid}.jpg", lambda p: synth.save_jpeg(p, image))
-    atomic_save(out / "colormaps" / f"{sid}.png", lambda p: synth.save_png(p, colormap))
-    atomic_save(out / "annotations" / f"{sid}.png", lambda p: synth.link_or_copy(sample.annotation, p))
-    record = {"id": sid, "source_id": source_id, "k": k, "method": "imgsyn", "image": f"images/{sid}.jpg",
-              "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png", "caption": caption,
-              "seed": synth.derive_seed(settings["seed"], source_id, k), "settings": settings, "models": models,
-              "batch": [[s, kk] for s, kk in batch]}
-    if sample.segments is not None:
-        record["segments_info"] = sample.segments
-    return record
 
 
 def _reproduce(out, wanted, samples, caps, state) -> dict:
@@ -239,14 +201,6 @@ def _reproduce(out, wanted, samples, caps, state) -> dict:
     path = atomic_save(out / "reproduce" / f"{wanted}.jpg", lambda p: synth.save_jpeg(p, image))
     same = path.read_bytes() == (out / rec["image"]).read_bytes()
     return {"reproduced": str(path), "identical": same}
-
-
-def _progress(state) -> Progress:
-    return Progress(
-        TextColumn("[bold]imgsyn"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} samples/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-        disable=not state.is_main_process,
-    )
 
 
 # ---------------------------------------------------------------- command line
@@ -282,23 +236,7 @@ def main(
     except SegGenError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    _report(s)
-
-
-def _report(s: dict) -> None:
-    if "reproduced" in s:
-        verdict = "[green]identical[/] to the stored image" if s["identical"] else "[red]differs[/] from the stored image"
-        console.print(f"reproduced {s['reproduced']}: {verdict}")
-        raise typer.Exit(0 if s["identical"] else 1)
-    rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
-    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate), "
-                  f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
-    if s.get("preview"):
-        console.print(f"preview: {s['preview']}")
-    for f in s["failures"][:3]:
-        console.print(f"[red]failed:[/] {f}")
-    if s["failed"]:
-        raise typer.Exit(1)
+    raise typer.Exit(synth.report(s, compared="image"))
 
 
 if __name__ == "__main__":

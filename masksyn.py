@@ -22,40 +22,22 @@ from __future__ import annotations
 
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 
 from common import SegGenError, synth
-from common.shard import process_state
 from common.colormap import IGNORE, Palette, color_to_label, label_to_color
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
-from common.sampler import SAMPLERS
+from common.shard import process_state
+from common.synth import Data, Precision, Sampler, console
 
-console = Console(stderr=True, soft_wrap=True)
 PATH_FIELDS = ("image", "annotation", "colormap")
-
-
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
-
-
-Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 # ---------------------------------------------------------------- one batch: caption -> mask -> image
@@ -78,7 +60,7 @@ def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tupl
 def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     """Text2Mask then Mask2Img on one batch of (source id, k). Per item: {"label", "colormap", "image",
     "off_palette", "classes"} or, for a degenerate mask, {"rejected": reason, ...} without an image."""
-    res, churn = settings["resolution"], _churn(settings)
+    res, churn = settings["resolution"], synth.churn_kwargs(settings)
     generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], s, k)) for s, k in batch]
     texts = [captions[s] for s, _ in batch]
 
@@ -109,12 +91,6 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     for i, image in zip(keep, images):
         items[i]["image"] = image
     return items
-
-
-def _churn(settings: dict) -> dict:
-    churn = {k: settings[k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")}
-    churn["S_tmax"] = float("inf") if churn["S_tmax"] is None else churn["S_tmax"]  # JSON has no infinity
-    return churn
 
 
 # ---------------------------------------------------------------- the job
@@ -153,8 +129,7 @@ def masksyn(
     palettes = (synth.model_palette(text2mask, data), synth.model_palette(mask2img, data))
     dtype = synth.precision_dtype(precision, state.device)
     settings = {"data": data, "resolution": resolution, "text2mask_steps": text2mask_steps, "mask2img_steps": mask2img_steps,
-                "guidance": guidance, "sampler": sampler, "S_churn": S_churn, "S_tmin": S_tmin,
-                "S_tmax": S_tmax if S_tmax != float("inf") else None, "S_noise": S_noise, "seed": seed,
+                "guidance": guidance, "sampler": sampler, **synth.churn_settings(S_churn, S_tmin, S_tmax, S_noise), "seed": seed,
                 "precision": synth.precision_name(dtype), "palettes": [p.name for p in palettes],
                 "max_off_palette": max_off_palette, "off_palette_distance": palettes[0].min_distance() / 2}
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
@@ -164,11 +139,9 @@ def masksyn(
     rejected = synth.check_output(out, settings, models, read_manifest(rejected_path))
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
-    batches = synth.plan_batches(sources, per_sample, batch_size)[state.process_index::state.num_processes]
     finished = done | rejected
-    todo = [b for b in batches if any(synth.sample_id(s, k) not in finished for s, k in b)]
-    n_items = sum(len(b) for b in batches)
-    summary = {"written": 0, "skipped": n_items - sum(len(b) for b in todo), "rejected": 0, "failed": 0, "out": str(out)}
+    todo, skipped = synth.process_plan(sources, per_sample, batch_size, state, finished)
+    summary = {"written": 0, "skipped": skipped, "rejected": 0, "failed": 0, "out": str(out)}
     if state.is_main_process:
         console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
                       f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {sampler} "
@@ -182,11 +155,7 @@ def masksyn(
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
     rejects = ManifestWriter(rank_path(rejected_path, state.process_index, state.num_processes))
     rows, start = [], time.perf_counter()
-    progress = Progress(
-        TextColumn("[bold]masksyn"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} samples/s"),
-        TextColumn("{task.fields[rejected]} rejected"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not state.is_main_process,
-    )
+    progress = synth.progress("masksyn", state, TextColumn("{task.fields[rejected]} rejected"))
     with writer, rejects, progress:
         task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0, rejected=0)
         for batch in todo:
@@ -202,7 +171,9 @@ def masksyn(
                                     "settings": settings, "models": models})
                     summary["rejected"] += 1
                     continue
-                writer.append(_write(out, sid, s, k, item, caps[s], settings, models, batch))
+                synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, item["label"]))  # ADE20K encoding
+                writer.append({**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
+                               "off_palette": item["off_palette"], "classes": item["classes"]})
                 summary["written"] += 1
                 if len(rows) < preview and state.is_main_process:
                     rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
@@ -215,17 +186,6 @@ def masksyn(
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
     return summary
-
-
-def _write(out, sid, source_id, k, item, caption, settings, models, batch) -> dict:
-    """The sample's files, each complete before its manifest line (DESIGN.md "Data contract")."""
-    atomic_save(out / "images" / f"{sid}.jpg", lambda p: synth.save_jpeg(p, item["image"]))
-    atomic_save(out / "colormaps" / f"{sid}.png", lambda p: synth.save_png(p, item["colormap"]))
-    atomic_save(out / "annotations" / f"{sid}.png", lambda p: synth.save_png(p, item["label"]))  # ADE20K encoding
-    return {"id": sid, "source_id": source_id, "k": k, "method": "masksyn", "image": f"images/{sid}.jpg",
-            "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png", "caption": caption,
-            "seed": synth.derive_seed(settings["seed"], source_id, k), "settings": settings, "models": models,
-            "batch": [[s, kk] for s, kk in batch], "off_palette": item["off_palette"], "classes": item["classes"]}
 
 
 def load_models(models: dict, settings: dict, device) -> tuple:
@@ -292,15 +252,7 @@ def main(
     except SegGenError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    if "reproduced" in s:
-        verdict = "[green]identical[/] to the stored sample" if s["identical"] else "[red]differs[/] from the stored sample"
-        console.print(f"reproduced {s['reproduced']}: {verdict}")
-        raise typer.Exit(0 if s["identical"] else 1)
-    rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
-    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate), "
-                  f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
-    if s.get("preview"):
-        console.print(f"preview: {s['preview']}")
+    raise typer.Exit(synth.report(s, compared="sample"))
 
 
 if __name__ == "__main__":

@@ -18,20 +18,54 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from common import SegGenError
 from common.colormap import Palette, label_to_color, palette_for
-from common.manifest import read_manifest
-from common.sampler import Cond, EpsDenoiser, edm_sampler
+from common.manifest import atomic_save, read_manifest
+from common.sampler import SAMPLERS, Cond, EpsDenoiser, edm_sampler
+from common.shard import shard
 
+console = Console(stderr=True, soft_wrap=True)  # both scripts' messages, on stderr
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 SD_PIPELINES = ("StableDiffusionPipeline",)
 JPEG_QUALITY = 95
+
+
+# ---------------------------------------------------------------- option choices of both scripts
+
+class Data(str, Enum):
+    ade20k = "ade20k"
+    coco = "coco"
+
+
+Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def churn_settings(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> dict:
+    """The EDM churn parameters as the manifest records them (JSON has no infinity: S_tmax = ∞ is null)."""
+    return {"S_churn": S_churn, "S_tmin": S_tmin, "S_tmax": None if S_tmax == float("inf") else S_tmax, "S_noise": S_noise}
+
+
+def churn_kwargs(settings: dict) -> dict:
+    """The `edm_sampler` keyword arguments from a run's recorded settings (the inverse of churn_settings)."""
+    churn = {k: settings[k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")}
+    churn["S_tmax"] = float("inf") if churn["S_tmax"] is None else churn["S_tmax"]
+    return churn
 
 
 # ---------------------------------------------------------------- the plan: ids, seeds, batches
@@ -50,6 +84,14 @@ def plan_batches(source_ids: list[str], per_sample: int, batch_size: int) -> lis
     """All work items (source id, k) in order, cut into batches."""
     items = [(s, k) for s in source_ids for k in range(per_sample)]
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def process_plan(source_ids: list[str], per_sample: int, batch_size: int, state, finished: set[str]) -> tuple[list, int]:
+    """This process's share of the plan (every world-th batch): (the batches that still hold an
+    unfinished sample, how many of its samples are finished already in the batches left out)."""
+    batches = shard(plan_batches(source_ids, per_sample, batch_size), state)
+    todo = [b for b in batches if any(sample_id(s, k) not in finished for s, k in b)]
+    return todo, sum(len(b) for b in batches) - sum(len(b) for b in todo)
 
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -275,6 +317,23 @@ def check_output(out: Path, settings: dict, models: dict, records: list[dict] | 
     return {str(r["id"]) for r in records}
 
 
+def sample_record(method: str, sid: str, source_id: str, k: int, caption: str, settings: dict, models: dict,
+                  batch: list[tuple[str, int]]) -> dict:
+    """The manifest line's fields that both methods write: the files, the provenance, the batch."""
+    return {"id": sid, "source_id": source_id, "k": k, "method": method, "image": f"images/{sid}.jpg",
+            "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png", "caption": caption,
+            "seed": derive_seed(settings["seed"], source_id, k), "settings": settings, "models": models,
+            "batch": [[s, kk] for s, kk in batch]}
+
+
+def save_sample(out: Path, sid: str, image: np.ndarray, colormap: np.ndarray, save_annotation) -> None:
+    """The sample's files at the paths of `sample_record`, each complete before its manifest line
+    (DESIGN.md "Data contract"). save_annotation(path) writes the annotation PNG."""
+    atomic_save(out / "images" / f"{sid}.jpg", lambda p: save_jpeg(p, image))
+    atomic_save(out / "colormaps" / f"{sid}.png", lambda p: save_png(p, colormap))
+    atomic_save(out / "annotations" / f"{sid}.png", save_annotation)
+
+
 def save_jpeg(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path, format="JPEG", quality=JPEG_QUALITY)
 
@@ -296,6 +355,35 @@ def find_record(out: Path, wanted: str) -> dict:
         if str(rec["id"]) == wanted:
             return rec
     raise SegGenError(f"--reproduce {wanted}: no such id in the manifests of --out {out}")
+
+
+# ---------------------------------------------------------------- progress and summary
+
+def progress(name: str, state, *columns) -> Progress:
+    """The bar of the main process: done/total, samples/s, extra columns, elapsed, ETA. The task's
+    `rate` field (and any field the extra columns name) is set by the caller."""
+    return Progress(
+        TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} samples/s"),
+        *columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        disable=not state.is_main_process,
+    )
+
+
+def report(s: dict, compared: str) -> int:
+    """Print a run's summary (or a --reproduce verdict about the stored `compared`); the exit code:
+    1 when samples failed or a reproduction differs."""
+    if "reproduced" in s:
+        verdict = f"[green]identical[/] to the stored {compared}" if s["identical"] else f"[red]differs[/] from the stored {compared}"
+        console.print(f"reproduced {s['reproduced']}: {verdict}")
+        return 0 if s["identical"] else 1
+    rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate), "
+                  f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
+    if s.get("preview"):
+        console.print(f"preview: {s['preview']}")
+    for f in s["failures"][:3]:
+        console.print(f"[red]failed:[/] {f}")
+    return 1 if s["failed"] else 0
 
 
 # ---------------------------------------------------------------- contact sheet (paper Fig. 3 / 4)
