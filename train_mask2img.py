@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -47,10 +46,11 @@ from common.training import (  # the command line both trainers share: choices a
     ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt,
 )
 from common.training import (
-    ColorMapDataset, PAPER_BASE, RunLog, StepBatches, StepMeter, cache_latents, cache_text_embeddings, check_finite,
-    check_resolution, check_vae, checkpoint_step, drop_captions, ema_weights, image_grid, inspect_base,
-    load_checkpoint, make_optimizer, noisy_latents, optimizer_step, quiet_loading, read_captions,
-    register_diffusers_hooks, resolve_resume, sample_latents, save_checkpoint, step_generator, to_device,
+    ColorMapDataset, PAPER_BASE, RunLog, StepMeter, cache_latents, cache_text_embeddings, check_cache_latents,
+    check_finite, check_resolution, check_vae, checkpoint_step, cli, drop_captions, ema_weights, image_grid,
+    inspect_base, load_checkpoint, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
+    noisy_latents, optimizer_step, quiet_loading, read_captions, register_diffusers_hooks, resolve_resume,
+    sample_latents, save_checkpoint, step_generator, step_loader, to_device, validation_prompts,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -59,11 +59,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def train(a: SimpleNamespace) -> Path:
     """The whole run: checks, data, model, loop, final save. Returns the output folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
     quiet_loading()
@@ -75,24 +71,13 @@ def train(a: SimpleNamespace) -> Path:
     check_vae(a.vae)
     check_controlnet(a.controlnet, base)
     resume_from = resolve_resume(a.resume, out)
-    if a.cache_latents and not a.center_crop:
-        raise SegGenError("--cache-latents needs --center-crop: the latent of a random crop cannot be cut from a cached "
-                          "latent; add --center-crop (random flips stay: both flips are cached)")
+    check_cache_latents(a.cache_latents, a.center_crop)
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
 
-    use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=a.gradient_accumulation, mixed_precision=a.mixed_precision,
-        log_with="tensorboard" if use_tb else None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    set_seed(a.seed)  # model init of anything random; the data and noise have their own per-step seeds
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if a.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
@@ -101,8 +86,6 @@ def train(a: SimpleNamespace) -> Path:
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
                       f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
-        if a.report_to == "tensorboard" and not use_tb:
-            console.print("[dim]TensorBoard is not installed: stats go to stats.jsonl only[/]")
 
     # ---------------------------------------------------------------- data
     # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
@@ -115,9 +98,7 @@ def train(a: SimpleNamespace) -> Path:
 
     # ---------------------------------------------------------------- model
     noise_scheduler = DDPMScheduler.from_pretrained(a.pretrained, subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae")
-    # SDXL's own VAE overflows in fp16: it stays fp32 unless a fixed VAE (--vae) is given, as in diffusers' examples.
-    vae.requires_grad_(False).to(accelerator.device, **({} if a.vae is None else {"dtype": weight_dtype}))
+    vae = load_vae(a, accelerator.device, weight_dtype)  # frozen; fp32 unless --vae (SDXL's overflows in fp16)
     if a.cache_latents:
         dataset.latents = cache_latents(vae, dataset, "pixel_values", out / "cache", accelerator, a.vae or a.pretrained,
                                         console=console if main_proc else None)
@@ -129,22 +110,16 @@ def train(a: SimpleNamespace) -> Path:
     else:
         controlnet = ControlNetModel.from_unet(unet)
     # Frozen: SDXL-base stays as it is, in the training dtype.
-    unet.requires_grad_(False).to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+    unet.requires_grad_(False).to(accelerator.device, weight_dtype)
     controlnet.train()
     if a.gradient_checkpointing:  # both: the gradient flows back through the frozen UNet into the residuals
         unet.enable_gradient_checkpointing()
         controlnet.enable_gradient_checkpointing()
-    ema = None
-    if a.ema:
-        ema = EMAModel(controlnet.parameters(), decay=a.ema_decay, model_cls=ControlNetModel, model_config=controlnet.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(controlnet, ControlNetModel, a.ema_decay, accelerator) if a.ema else None
     register_diffusers_hooks(accelerator, ControlNetModel, "controlnet")
 
     optimizer = make_optimizer(controlnet.parameters(), a.lr, a.use_8bit_adam, a.weight_decay)
-    # accelerate steps a prepared scheduler once per process, hence the factor (as diffusers' examples do).
-    lr_scheduler = get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.lr_warmup_steps * world,
-                                 num_training_steps=a.max_steps * world)
+    lr_scheduler = make_lr_scheduler(a, optimizer, world)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
 
     global_step, last_ckpt = 0, resume_from
@@ -152,11 +127,7 @@ def train(a: SimpleNamespace) -> Path:
         global_step = load_checkpoint(accelerator, resume_from, ema)
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
-    # The batch order is a function of (seed, micro-step): the loader starts where the checkpoint stopped.
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(dataset), a.batch_size, a.seed, rank, world, global_step * a.gradient_accumulation),
-        num_workers=a.num_workers, pin_memory=accelerator.device.type == "cuda",
-    )
+    loader = step_loader(dataset, a, accelerator, global_step)  # starts where the checkpoint stopped
     if use_tb:
         accelerator.init_trackers("mask2img", config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
 
@@ -263,13 +234,7 @@ def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, s
                            flip_p=0.0, center_crop=True)
     items = [view[(i, 0)] for i in ids]
     dev, dtype = accelerator.device, unet.dtype
-    embeds = torch.stack([it["prompt_embeds"] for it in items]).to(dev, dtype)
-    neg = torch.zeros_like(embeds) if base.force_zeros_for_empty_prompt else empty[0][None].expand_as(embeds).to(dev, dtype)
-    kw = dict(prompt_embeds=embeds, negative_prompt_embeds=neg)
-    if base.is_sdxl:
-        pooled = torch.stack([it["pooled_prompt_embeds"] for it in items]).to(dev, dtype)
-        kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled) if base.force_zeros_for_empty_prompt
-                  else empty[1][None].expand_as(pooled).to(dev, dtype))
+    kw = validation_prompts(items, base, empty, dev, dtype)
     # Colour maps at exactly the output size: the pipeline's own resize (LANCZOS) never touches them.
     maps = [Image.fromarray(it["colormap"].permute(1, 2, 0).numpy()) for it in items]
     # The residuals join the UNet in its dtype, as in the training step (CPU autocast leaves group_norm
@@ -335,12 +300,7 @@ def main(
     report_to: ReportToOpt = Tracker.tensorboard,
 ):
     """Train a ControlNet on the frozen SDXL-base into Mask2Img on (caption, colour map, image) triplets (paper §3.2, A.4)."""
-    args = SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in locals().items()})
-    try:
-        train(args)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    cli(train, locals(), console)
 
 
 if __name__ == "__main__":

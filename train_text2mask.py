@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -33,7 +32,6 @@ import typer
 from PIL import Image
 from rich.console import Console
 
-from common import SegGenError
 from common.colormap import color_to_label, label_to_color, palette_for
 from common.datasets import default_data_root, read_dataset
 from common.paths import captions_path, text2mask_dir
@@ -46,10 +44,11 @@ from common.training import (  # the command line both trainers share: choices a
     ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt,
 )
 from common.training import (
-    ColorMapDataset, PAPER_BASE, RunLog, StepBatches, StepMeter, cache_latents, cache_text_embeddings, check_finite,
-    check_resolution, check_vae, checkpoint_step, drop_captions, ema_weights, image_grid, inspect_base,
-    load_checkpoint, make_optimizer, noisy_latents, optimizer_step, quiet_loading, read_captions,
-    register_diffusers_hooks, resolve_resume, sample_latents, save_checkpoint, step_generator, to_device,
+    ColorMapDataset, PAPER_BASE, RunLog, StepMeter, cache_latents, cache_text_embeddings, check_cache_latents,
+    check_finite, check_resolution, check_vae, checkpoint_step, cli, drop_captions, ema_weights, image_grid,
+    inspect_base, load_checkpoint, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
+    noisy_latents, optimizer_step, quiet_loading, read_captions, register_diffusers_hooks, resolve_resume,
+    sample_latents, save_checkpoint, step_generator, step_loader, to_device, validation_prompts,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -58,11 +57,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def train(a: SimpleNamespace) -> Path:
     """The whole run: checks, data, model, loop, final save. Returns the output folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
     quiet_loading()
@@ -73,24 +68,13 @@ def train(a: SimpleNamespace) -> Path:
     check_resolution(a.resolution, base)
     check_vae(a.vae)
     resume_from = resolve_resume(a.resume, out)
-    if a.cache_latents and not a.center_crop:
-        raise SegGenError("--cache-latents needs --center-crop: the latent of a random crop cannot be cut from a cached "
-                          "latent; add --center-crop (random flips stay: both flips are cached)")
+    check_cache_latents(a.cache_latents, a.center_crop)
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
 
-    use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=a.gradient_accumulation, mixed_precision=a.mixed_precision,
-        log_with="tensorboard" if use_tb else None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    set_seed(a.seed)  # model init of anything random; the data and noise have their own per-step seeds
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if a.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
@@ -98,8 +82,6 @@ def train(a: SimpleNamespace) -> Path:
     if main_proc:
         console.print(f"Text2Mask ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
-        if a.report_to == "tensorboard" and not use_tb:
-            console.print("[dim]TensorBoard is not installed: stats go to stats.jsonl only[/]")
 
     # ---------------------------------------------------------------- data
     # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
@@ -112,9 +94,7 @@ def train(a: SimpleNamespace) -> Path:
 
     # ---------------------------------------------------------------- model
     noise_scheduler = DDPMScheduler.from_pretrained(a.pretrained, subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae")
-    # SDXL's own VAE overflows in fp16: it stays fp32 unless a fixed VAE (--vae) is given, as in diffusers' examples.
-    vae.requires_grad_(False).to(accelerator.device, **({} if a.vae is None else {"dtype": weight_dtype}))
+    vae = load_vae(a, accelerator.device, weight_dtype)  # frozen; fp32 unless --vae (SDXL's overflows in fp16)
     if a.cache_latents:
         dataset.latents = cache_latents(vae, dataset, "colormap", out / "cache", accelerator, a.vae or a.pretrained,
                                         console=console if main_proc else None)
@@ -122,17 +102,11 @@ def train(a: SimpleNamespace) -> Path:
     unet.train()
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    ema = None
-    if a.ema:
-        ema = EMAModel(unet.parameters(), decay=a.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(unet, UNet2DConditionModel, a.ema_decay, accelerator) if a.ema else None
     register_diffusers_hooks(accelerator, UNet2DConditionModel, "unet")
 
     optimizer = make_optimizer(unet.parameters(), a.lr, a.use_8bit_adam, a.weight_decay)
-    # accelerate steps a prepared scheduler once per process, hence the factor (as diffusers' examples do).
-    lr_scheduler = get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.lr_warmup_steps * world,
-                                 num_training_steps=a.max_steps * world)
+    lr_scheduler = make_lr_scheduler(a, optimizer, world)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     global_step, last_ckpt = 0, resume_from
@@ -140,11 +114,7 @@ def train(a: SimpleNamespace) -> Path:
         global_step = load_checkpoint(accelerator, resume_from, ema)
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
-    # The batch order is a function of (seed, micro-step): the loader starts where the checkpoint stopped.
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(dataset), a.batch_size, a.seed, rank, world, global_step * a.gradient_accumulation),
-        num_workers=a.num_workers, pin_memory=accelerator.device.type == "cuda",
-    )
+    loader = step_loader(dataset, a, accelerator, global_step)  # starts where the checkpoint stopped
     if use_tb:
         accelerator.init_trackers("text2mask", config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
 
@@ -227,16 +197,7 @@ def validate(a, base, accelerator, unet, vae, dataset, ids, empty, palette, step
                            flip_p=0.0, center_crop=True, need_image=False)
     items = [view[(i, 0)] for i in ids]
     dev = accelerator.device
-    embeds = torch.stack([it["prompt_embeds"] for it in items]).to(dev, unet.dtype)
-    if base.force_zeros_for_empty_prompt:
-        neg = torch.zeros_like(embeds)
-    else:
-        neg = empty[0][None].expand_as(embeds).to(dev, unet.dtype)
-    kw = dict(prompt_embeds=embeds, negative_prompt_embeds=neg)
-    if base.is_sdxl:
-        pooled = torch.stack([it["pooled_prompt_embeds"] for it in items]).to(dev, unet.dtype)
-        kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.zeros_like(pooled) if base.force_zeros_for_empty_prompt
-                  else empty[1][None].expand_as(pooled).to(dev, unet.dtype))
+    kw = validation_prompts(items, base, empty, dev, unet.dtype)
     with accelerator.autocast():
         images = pipe(**kw, height=a.resolution, width=a.resolution, num_inference_steps=a.validation_inference_steps,
                       guidance_scale=a.validation_guidance, generator=torch.Generator(dev).manual_seed(a.seed),
@@ -297,12 +258,7 @@ def main(
     report_to: ReportToOpt = Tracker.tensorboard,
 ):
     """Fine-tune the SDXL-base UNet into Text2Mask on (caption, colour map) pairs (paper §3.2, A.4)."""
-    args = SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in locals().items()})
-    try:
-        train(args)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    cli(train, locals(), console)
 
 
 if __name__ == "__main__":

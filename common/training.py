@@ -119,6 +119,85 @@ ValidationGuidanceOpt = Annotated[float, typer.Option(min=0, help="Classifier-fr
 ReportToOpt = Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")]
 
 
+def cli(train, options: dict, console) -> None:
+    """What each script's `main` does with its options: plain values (Enum -> str) into train(); a
+    SegGenError is printed in red and exits with code 2."""
+    from types import SimpleNamespace
+
+    try:
+        train(SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in options.items()}))
+    except SegGenError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+# ---------------------------------------------------------------- the run's set-up
+
+def check_cache_latents(cache_latents: bool, center_crop: bool) -> None:
+    if cache_latents and not center_crop:
+        raise SegGenError("--cache-latents needs --center-crop: the latent of a random crop cannot be cut from a cached "
+                          "latent; add --center-crop (random flips stay: both flips are cached)")
+
+
+def make_accelerator(a, out: Path, console):
+    """The Accelerator of a run folder (gradient accumulation, mixed precision: the flag, else the launch
+    config's; TensorBoard when asked for and installed), the global seed and TF32.
+    Returns (accelerator, weight_dtype: what the frozen parts and inputs run in, use_tensorboard)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+
+    use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=a.gradient_accumulation, mixed_precision=a.mixed_precision,
+        log_with="tensorboard" if use_tb else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(a.seed)  # model init of anything random; the data and noise have their own per-step seeds
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if a.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if a.report_to == "tensorboard" and not use_tb and accelerator.is_main_process:
+        console.print("[dim]TensorBoard is not installed: stats go to stats.jsonl only[/]")
+    return accelerator, weight_dtype, use_tb
+
+
+def load_vae(a, device, weight_dtype):
+    """The frozen VAE: the base's, or --vae. SDXL's own VAE overflows in fp16, so it stays fp32 unless a
+    fixed VAE is given (which then runs in the training dtype), as in diffusers' examples."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae")
+    return vae.requires_grad_(False).to(device, **({} if a.vae is None else {"dtype": weight_dtype}))
+
+
+def make_ema(model, model_cls, decay: float, accelerator):
+    """diffusers' EMAModel of the trained model, on the training device, saved and loaded with the checkpoints."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=decay, model_cls=model_cls, model_config=model.config)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def make_lr_scheduler(a, optimizer, num_processes: int):
+    """--lr-schedule with --lr-warmup-steps over --max-steps. accelerate steps a prepared scheduler once
+    per process, hence the factor (as diffusers' examples do)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.lr_warmup_steps * num_processes,
+                         num_training_steps=a.max_steps * num_processes)
+
+
+def step_loader(dataset, a, accelerator, global_step: int):
+    """The training DataLoader from optimizer step `global_step` on. The batch order is a function of
+    (seed, micro-step), so the loader starts where a checkpoint stopped (StepBatches)."""
+    batches = StepBatches(len(dataset), a.batch_size, a.seed, accelerator.process_index, accelerator.num_processes,
+                          global_step * a.gradient_accumulation)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=a.num_workers,
+                                       pin_memory=accelerator.device.type == "cuda")
+
+
 # ---------------------------------------------------------------- the base pipeline
 
 @dataclass(frozen=True)
@@ -742,6 +821,20 @@ def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
             f"the training loss became {loss} at step {step}; {where}. Try a lower --lr, --mixed-precision bf16 "
             "instead of fp16, or --max-grad-norm"
         )
+
+
+def validation_prompts(items: list[dict], base: BaseInfo, empty, device, dtype) -> dict:
+    """Pipeline keyword arguments from the items' cached embeddings, with the unconditional branch as
+    the base samples it: zeros for SDXL (force_zeros_for_empty_prompt), else the empty prompt's."""
+    embeds = torch.stack([it["prompt_embeds"] for it in items]).to(device, dtype)  # (B, 77, D)
+    zeros = base.force_zeros_for_empty_prompt
+    kw = dict(prompt_embeds=embeds,
+              negative_prompt_embeds=torch.zeros_like(embeds) if zeros else empty[0][None].expand_as(embeds).to(device, dtype))
+    if base.is_sdxl:
+        pooled = torch.stack([it["pooled_prompt_embeds"] for it in items]).to(device, dtype)  # (B, P)
+        kw.update(pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=torch.zeros_like(pooled) if zeros else empty[1][None].expand_as(pooled).to(device, dtype))
+    return kw
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
