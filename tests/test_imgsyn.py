@@ -3,6 +3,7 @@ synthetic folder, kill-and-resume, bit-for-bit reproduction from a manifest line
 
 import json
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -101,29 +102,40 @@ def test_coco_panoptic_folder(tmp_path, models):
             assert im.size == (ids.shape[1], ids.shape[0])
 
 
-def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, ade_run, models, ade_captions):
-    full, _ = ade_run
-    out = tmp_path / "killed"
+@contextmanager
+def killed_at_sample(monkeypatch, n):
+    """The run inside is killed after the n-th sample's files are written, before its manifest line."""
     real_append, calls = ManifestWriter.append, []
 
-    def dying_append(self, record):  # killed after the 4th sample's files, before its line
+    def dying_append(self, record):
         calls.append(record["id"])
-        if len(calls) == 4:
+        if len(calls) == n:
             raise KeyboardInterrupt
         real_append(self, record)
 
-    monkeypatch.setattr(ManifestWriter, "append", dying_append)
-    with pytest.raises(KeyboardInterrupt):
-        run_ade(out, models, ade_captions)
-    monkeypatch.setattr(ManifestWriter, "append", real_append)
-    assert len(read_synthetic(out)) == 3
-    summary = run_ade(out, models, ade_captions)
-    assert summary["written"] == 3 and summary["skipped"] == 3  # the batch holding samples 3 and 4 was redone
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(ManifestWriter, "append", dying_append)
+        yield
+
+
+def assert_same_samples(out, full, n):
+    """out holds n samples, each id once, with the same files byte for byte as the folder full."""
     ids = [s.id for s in read_synthetic(out)]
-    assert len(ids) == len(set(ids)) == 6
+    assert len(ids) == len(set(ids)) == n
     for sid in ids:
         for sub, ext in (("images", "jpg"), ("annotations", "png"), ("colormaps", "png")):
             assert (out / sub / f"{sid}.{ext}").read_bytes() == (full / sub / f"{sid}.{ext}").read_bytes(), sid
+
+
+def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, ade_run, models, ade_captions):
+    full, _ = ade_run
+    out = tmp_path / "killed"
+    with killed_at_sample(monkeypatch, 4):
+        run_ade(out, models, ade_captions)
+    assert len(read_synthetic(out)) == 3
+    summary = run_ade(out, models, ade_captions)
+    assert summary["written"] == 3 and summary["skipped"] == 3  # the batch holding samples 3 and 4 was redone
+    assert_same_samples(out, full, 6)
     assert not list(out.rglob(".*tmp*"))
 
 

@@ -14,8 +14,9 @@ import masksyn
 from common import SegGenError, synth
 from common.colormap import Palette, label_to_color, palette_for, separated_colors
 from common.datasets import load_label, read_dataset, read_synthetic
-from common.manifest import ManifestWriter, read_manifest
+from common.manifest import read_manifest
 from conftest import ADE_ROOT
+from test_imgsyn import assert_same_samples, killed_at_sample  # the kill and the comparison, as for imgsyn
 
 FAST = dict(text2mask_steps=2, mask2img_steps=2, resolution=64, guidance=3.0)
 ACCEPT_ALL = dict(max_off_palette=1.0)  # random tiny weights paint noise, not palette colours
@@ -122,26 +123,12 @@ def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeyp
 def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, accepted_run, models, captions):
     full, _ = accepted_run
     out = tmp_path / "killed"
-    real_append, calls = ManifestWriter.append, []
-
-    def dying_append(self, record):  # killed after the 3rd sample's files, before its line
-        calls.append(record["id"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real_append(self, record)
-
-    monkeypatch.setattr(ManifestWriter, "append", dying_append)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_sample(monkeypatch, 3):
         run(out, models, captions, **ACCEPT_ALL)
-    monkeypatch.setattr(ManifestWriter, "append", real_append)
     assert len(read_synthetic(out)) == 2
     s = run(out, models, captions, **ACCEPT_ALL)
     assert s["written"] == 4 and s["skipped"] == 2
-    ids = [x.id for x in read_synthetic(out)]
-    assert len(ids) == len(set(ids)) == 6
-    for sid in ids:
-        for sub, ext in (("images", "jpg"), ("annotations", "png"), ("colormaps", "png")):
-            assert (out / sub / f"{sid}.{ext}").read_bytes() == (full / sub / f"{sid}.{ext}").read_bytes(), sid
+    assert_same_samples(out, full, 6)
 
 
 def test_reproduce_one_sample_bit_for_bit(tmp_path, accepted_run, models, captions):
