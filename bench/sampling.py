@@ -70,16 +70,13 @@ def clock():
     return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
-def best_of(fn, model, repeat):
-    """(best time, time outside the networks in that run, result) over `repeat` calls."""
-    best, out = (float("inf"), 0.0), None
-    for _ in range(repeat):
-        model.reset()
-        t = clock()
-        out = fn()
-        t = clock() - t
-        best = min(best, (t, t - model.inside))
-    return best[0], best[1], out
+def timed(fn, model):
+    """(time, time outside the networks, result) of one call."""
+    model.reset()
+    t = clock()
+    out = fn()
+    t = clock() - t
+    return t, t - model.inside, out
 
 
 def main():
@@ -141,9 +138,9 @@ def main():
                 evals_ours = model.n
                 (t_ours, o_ours), (t_pipe, o_pipe) = (float("inf"), 0.0), (float("inf"), 0.0)
                 for _ in range(args.repeat):  # alternate, so that load on the machine hits both alike
-                    t, o, a = best_of(ours, model, 1)
+                    t, o, a = timed(ours, model)
                     t_ours, o_ours = min((t_ours, o_ours), (t, o))
-                    t, o, b = best_of(theirs, model, 1)
+                    t, o, b = timed(theirs, model)
                     t_pipe, o_pipe = min((t_pipe, o_pipe), (t, o))
                 name = f"{'ControlNet ' if use_cn else ''}{kind} batch {batch}"
                 per_ours, per_pipe = 1e3 * t_ours / evals_ours, 1e3 * t_pipe / evals_pipe
