@@ -19,7 +19,8 @@ import train_text2mask
 from common.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
 from common.datasets import load_image, load_label, load_panoptic, read_dataset
 from common.training import (
-    ColorMapDataset, drop_captions, encode_prompts, load_checkpoint, load_text_encoders, make_optimizer, time_ids,
+    ColorMapDataset, drop_captions, encode_prompts, load_checkpoint, load_text_encoders, make_optimizer, noisy_latents,
+    time_ids,
 )
 
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
@@ -244,6 +245,29 @@ def test_prompt_embeddings_are_the_pipelines_own(tiny_models, kind):
         assert torch.allclose(pooled, expected[2], atol=1e-6)
     else:
         assert pooled is None
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_noise_and_target_follow_the_schedulers_prediction_type(prediction_type):
+    """x_t = sqrt(ᾱ_t)·x + sqrt(1-ᾱ_t)·ε at a uniform t; the target is ε, or v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x
+    when the base's scheduler says v_prediction (SD-2-style bases); anything else is refused."""
+    from diffusers import DDPMScheduler
+
+    from common import SegGenError
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    x = torch.randn(256, 4, 8, 8)
+    if prediction_type == "sample":
+        with pytest.raises(SegGenError, match="prediction_type 'sample' is not supported"):
+            noisy_latents(x, scheduler, torch.Generator().manual_seed(0))
+        return
+    noisy, t, target = noisy_latents(x, scheduler, torch.Generator().manual_seed(0))
+    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noise = (noisy - ab.sqrt() * x) / (1 - ab).sqrt()
+    assert abs(noise.std().item() - 1) < 0.02  # what was added is unit Gaussian noise
+    expected = noise if prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x
+    assert torch.allclose(target, expected, atol=1e-4)
+    assert 0 <= t.min() and t.max() < 1000 and t.float().std() > 200  # spread over all 1000 timesteps
 
 
 def test_time_ids_follow_sdxl_order():
