@@ -8,6 +8,9 @@ an `accelerate launch` takes batches N, N + P, N + 2P, ... A sample depends only
 (derived from source id, k and --seed) and on its batch-mates' arithmetic (a UNet batch is not
 bit-for-bit independent of the other rows on CPU or GPU), so the batch is recorded with every sample:
 a sharded run, a resumed run and `--reproduce` all form exactly the same batches and give the same bytes.
+That holds for the same sources and --batch-size: a run resumed with another --batch-size or --limit, or
+with more captions, cuts other batches, so its new samples are not byte-identical to those of one
+uninterrupted run (each is still reproduced exactly from the batch in its own line).
 """
 
 from __future__ import annotations
