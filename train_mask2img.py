@@ -81,7 +81,7 @@ def train(a: SimpleNamespace) -> Path:
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
-    log = RunLog(out, options, main_proc, checkpoint_step(resume_from) if resume_from else 0)
+    log = RunLog(out, options, main_proc, checkpoint_step(resume_from) or 0)
     if main_proc:
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
                       f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
@@ -134,8 +134,7 @@ def train(a: SimpleNamespace) -> Path:
     # ---------------------------------------------------------------- loop
     micro = global_step * a.gradient_accumulation
     val_ids = list(range(min(a.num_validation, len(dataset))))
-    t_start = time.perf_counter()
-    meter = StepMeter("Mask2Img", log, accelerator, global_step, a.max_steps, a.batch_size * world * a.gradient_accumulation, console)
+    meter = StepMeter("Mask2Img", log, accelerator, global_step, a.max_steps, options["global_batch"], console)
     for batch in loader:
         if global_step >= a.max_steps:
             break
@@ -190,7 +189,7 @@ def train(a: SimpleNamespace) -> Path:
             "stage": "mask2img", "base": a.pretrained, "vae": a.vae, "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
-        console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - t_start:.1f} s; "
+        console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "
                       f"ControlNet + seggen.json + palette.json -> {out}")
     accelerator.end_training()
     return out

@@ -650,14 +650,16 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, loss: torch.Tens
 
 # ---------------------------------------------------------------- checkpoints
 
+def checkpoint_step(path: Path | None) -> int | None:
+    """The step of a checkpoint-{step} folder; None for no path or another name."""
+    name = Path(path).name if path is not None else ""
+    return int(name[len("checkpoint-"):]) if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """output_dir/checkpoint-{step} folders, oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(Path(path).name.split("-", 1)[1])
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -686,8 +688,7 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
                               "or fix --output-dir")
         return found[-1]
     path = Path(resume)
-    name_ok = path.name.startswith("checkpoint-") and path.name.split("-", 1)[1].isdigit()
-    if not (path.is_dir() and name_ok and any(path.glob("random_states_*.pkl"))):
+    if not (path.is_dir() and checkpoint_step(path) is not None and any(path.glob("random_states_*.pkl"))):
         raise SegGenError(
             f"--resume {resume}: not a checkpoint folder (checkpoint-STEP with random_states_0.pkl, written by this script); "
             "pass --resume latest or a checkpoint-* path"
