@@ -155,9 +155,11 @@ def imgsyn(
                 del cache[gone]
             try:
                 images = generate(gen, batch, samples, caps, settings, palette, cache)
-            except SegGenError as e:  # an unreadable label: the batch's samples fail, the run goes on
+            except SegGenError as e:  # an unreadable label: the batch's new samples fail, the run goes on
                 failures.append(str(e))
-                summary["failed"] += len(batch)
+                new = sum(synth.sample_id(s, k) not in done for s, k in batch)  # a redone batch's written ones stay
+                summary["failed"] += new
+                summary["skipped"] += len(batch) - new
                 progress.update(task, advance=len(batch))
                 continue
             for (s, k), image in zip(batch, images):

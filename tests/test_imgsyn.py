@@ -133,6 +133,18 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, a
     with killed_at_sample(monkeypatch, 4):
         run_ade(out, models, ade_captions)
     assert len(read_synthetic(out)) == 3
+    # A label that cannot be read fails its batches' new samples only: sample 3, written, is not "failed".
+    real_load_label = imgsyn.load_label
+
+    def unreadable(sample, data):
+        if sample.id == "ADE_val_00000002":
+            raise SegGenError(f"{sample.annotation}: cannot read it")
+        return real_load_label(sample, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(imgsyn, "load_label", unreadable)
+        summary = run_ade(out, models, ade_captions)
+    assert (summary["written"], summary["skipped"], summary["failed"]) == (0, 3, 3) and len(read_synthetic(out)) == 3
     summary = run_ade(out, models, ade_captions)
     assert summary["written"] == 3 and summary["skipped"] == 3  # the batch holding samples 3 and 4 was redone
     assert_same_samples(out, full, 6)
