@@ -42,7 +42,7 @@ from common.colormap import palette_for  # noqa: E402
 from common.datasets import read_dataset  # noqa: E402
 from common.training import (  # noqa: E402
     ColorMapDataset, StepBatches, cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders, noisy_latents,
-    quiet_loading, step_generator, to_device,
+    quiet_loading, sample_latents, step_generator, to_device,
 )
 
 ADE = ROOT / "tests" / "data" / "ade20k"
@@ -124,9 +124,8 @@ def main():
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     batch = to_device(collate([dataset[k] for k in next(batches)]), "cpu", torch.float32)
     g = step_generator(0, 0, 0, "cpu")
-    with torch.no_grad():
-        t_vae = timed(lambda: vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g), n)
-        latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g) * vae.config.scaling_factor
+    t_vae = timed(lambda: sample_latents(batch, "pixel_values", vae, g), n)  # the scripts' own encode
+    latents = sample_latents(batch, "pixel_values", vae, g)
     noisy, t, target = noisy_latents(latents, scheduler, g)
     embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
     cond = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
