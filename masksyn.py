@@ -46,11 +46,9 @@ def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tupl
     """A generated colour map -> (label map, share of off-palette pixels, number of classes).
 
     f_color→mask (appendix A.2): nearest palette colour with a 3×3 majority vote; pixels far from every
-    colour become 0 ("other", ignored in training). "Far" is measured from the pixel's own nearest
-    colour, before the vote: `color_to_label(..., max_distance, vote=True)` measures it from the voted
-    colour instead, which would turn every pixel the vote mends into an off-palette "other" pixel."""
-    far = color_to_label(cmap, palette, max_distance=max_distance) == IGNORE  # (H, W) bool
-    label = color_to_label(cmap, palette, vote=True)
+    colour (measured before the vote) become 0 ("other", ignored in training)."""
+    label = color_to_label(cmap, palette, max_distance=max_distance, vote=True)
+    far = label == IGNORE  # (H, W) bool
     off = float(far.mean())
     label[far] = 0
     classes = int(np.count_nonzero(np.bincount(label.ravel(), minlength=256)[1:]))

@@ -18,6 +18,17 @@ ADE_ROOT = DATA / "ade20k"  # parent of ADEChallengeData2016
 COCO_ROOT = DATA / "coco"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread: the tiny models' ops are so small that a second thread only adds contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Build a tiny model of each kind on first use: tiny_models("sdxl") -> its folder."""

@@ -112,6 +112,17 @@ def test_max_distance_marks_off_palette_pixels_ignore():
     assert off_palette_fraction(cmap, pal, 21) == pytest.approx(1 / 16)
 
 
+def test_off_palette_is_judged_before_the_vote():
+    pal = palette_for("ade20k")
+    label = np.full((5, 5), 3, np.uint8)
+    label[2, 2] = 9  # an isolated pixel of another class, exactly on its palette colour
+    cmap = label_to_color(label, pal)
+    cmap[0, 0] = (pal.colors[3].astype(int) + pal.colors[5]) // 2  # truly off-palette
+    out = color_to_label(cmap, pal, max_distance=10, vote=True)
+    assert out[2, 2] == 3  # mended by the vote, not turned into IGNORE
+    assert out[0, 0] == IGNORE and (out == IGNORE).sum() == 1
+
+
 def test_float_colour_maps_are_rounded_not_truncated():
     pal = palette_for("ade20k")
     cmap = label_to_color(np.array([[5, 9]], np.uint8), pal).astype(np.float32) - 0.4

@@ -20,15 +20,6 @@ from conftest import ADE_ROOT, COCO_ROOT
 FAST = dict(steps=2, resolution=64, guidance=3.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's calls are so small that a second thread only adds contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_models):
     return {"mask2img": str(tiny_models("controlnet")), "base": str(tiny_models("sdxl"))}

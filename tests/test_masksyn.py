@@ -22,15 +22,6 @@ FAST = dict(text2mask_steps=2, mask2img_steps=2, resolution=64, guidance=3.0)
 ACCEPT_ALL = dict(max_off_palette=1.0)  # random tiny weights paint noise, not palette colours
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's calls are so small that a second thread only adds contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_models):
     return {"text2mask": str(tiny_models("sdxl")), "mask2img": str(tiny_models("controlnet")), "base": str(tiny_models("sdxl"))}

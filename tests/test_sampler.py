@@ -23,15 +23,6 @@ def reference_scheduler(kind):
     return cls.from_config({**cfg, "use_karras_sigmas": True, "timestep_spacing": "linspace"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's calls are so small that a second thread only adds contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet(tiny_models):
     from diffusers import UNet2DConditionModel
