@@ -89,8 +89,7 @@ def train(a: SimpleNamespace) -> Path:
 
     # ---------------------------------------------------------------- data
     # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
-    text_dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32  # CPUs lack fast fp16 kernels
-    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator, dtype=text_dtype,
+    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator, dtype=weight_dtype,
                                        console=console if main_proc else None)
     empty = embeddings.empty()  # the empty prompt: SD-1.5's unconditional embedding
     dataset = ColorMapDataset(samples, a.data, palette, a.resolution, embeddings, flip_p=0.5 if a.random_flip else 0.0,

@@ -357,11 +357,14 @@ class TextEmbeddings:
 
 def cache_text_embeddings(pretrained: str, base: BaseInfo, captions: list[str], folder: Path, accelerator,
                           batch_size: int = 64, dtype=torch.float32, console=None) -> TextEmbeddings:
-    """Encode every caption once (plus the empty prompt) into folder/{embeds,pooled}.npy, fp16.
+    """Encode every caption once (plus the empty prompt) into folder/{embeds,pooled}.npy, fp16; the
+    encoders run in `dtype` on a GPU, fp32 elsewhere.
 
     The main process encodes; the others wait and then map the files. A fingerprint of the base and the
     captions is kept beside them, so a resumed run reuses the cache and a changed captions file rebuilds it."""
     folder = Path(folder)
+    if accelerator.device.type != "cuda":
+        dtype = torch.float32  # CPUs lack fast fp16 kernels
     fingerprint = hashlib.sha256(json.dumps([pretrained, base.is_sdxl, captions]).encode()).hexdigest()
     meta = folder / "meta.json"
     fresh = meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint
