@@ -10,12 +10,16 @@
   only, the same random crop and flip on image and colour map (`ColorMapDataset`), and a batch order
   that is a pure function of (seed, step) so that a resumed run sees exactly the batches an
   uninterrupted one would (`StepBatches`); the noise is drawn the same way (`step_generator`);
+- the run's set-up (`make_accelerator`, `load_vae`, `make_ema`, `make_lr_scheduler`, `step_loader`) and
+  the pieces of a step (`sample_latents`, `noisy_latents`, `optimizer_step`, `StepMeter`, `ema_weights`);
 - optimiser (AdamW / 8-bit AdamW), checkpoints on accelerate's save_state/load_state with a total
-  limit and `--resume latest`, the run folder's options.json and stats.jsonl, the NaN stop.
+  limit and `--resume latest` (`load_checkpoint` puts the EMA back on the training device), the run
+  folder's options.json and stats.jsonl, the NaN stop;
+- the command line: choices (Enum) and Typer options that both scripts declare alike (`DataOpt`, ...),
+  and `cli`, which turns a SegGenError into one red line and exit code 2.
 
-- the command line: choices (Enum) and Typer options that both scripts declare alike.
-
-The training loops themselves stay in the two scripts, readable top to bottom.
+The training loops themselves stay in the two scripts, readable top to bottom: set-up, data, model,
+loop (forward, loss, step), final save; what differs between Text2Mask and Mask2Img stays visible there.
 """
 
 from __future__ import annotations
