@@ -32,6 +32,7 @@ bench: install
 	$(PY) bench/caption.py
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
+	$(PY) bench/train_seg.py
 
 clean:
 	rm -rf $(VENV) runs/demo
