@@ -17,7 +17,7 @@ The model is transformers' Mask2FormerForUniversalSegmentation (detectron2 is no
 trained with the official Mask2Former recipes (A.3: "we keep the official training hyper-parameters"):
 AdamW lr 1e-4, weight decay 0.05 (none on norms and embeddings), backbone lr x 0.1, poly schedule
 (power 0.9), full-model gradient clipping at norm 0.01, batch 16.
-- ADE20K semantic: 160k iterations; random resize of the short side to 0.5-2.0 x crop, crop (512,
+- ADE20K semantic: 160k iterations; short side resized to one of int(x * 0.1 * crop), x = 5..20, crop (512,
   Swin-L 640), photometric distortion, flip; ignore label 255 (ADE20K class 0), classes 0..149.
 - COCO panoptic (or --task instance, things only): 50 epochs (368,750 iterations); large-scale jitter
   (0.1-2.0) at 1024, flip; one target mask per panoptic segment, crowd regions left out; 133 classes.
@@ -215,12 +215,13 @@ class MixedBatches(torch.utils.data.Sampler):
 
 def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bool = False,
                   factor: float | None = None) -> tuple[Image.Image, np.ndarray]:
-    """ADE20K: short side to U(0.5, 2.0) x crop, long side at most 4 x crop (detectron2: 256..1024, max
-    2048 at 512). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x crop squared.
-    A given `factor` replaces the random draw."""
+    """ADE20K: detectron2's ResizeShortestEdge as Mask2Former configures it: the short side drawn from
+    the 16 sizes int(x * 0.1 * crop), x = 5..20 ("choice" sampling: 256, 281, .., 1024 at 512), the long
+    side at most 4 x crop (2048). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x
+    crop squared. A given `factor` replaces the random draw."""
     w, h = image.size
     if factor is None:
-        factor = rng.uniform(0.1, 2.0) if lsj else rng.uniform(0.5, 2.0)
+        factor = rng.uniform(0.1, 2.0) if lsj else int(rng.integers(5, 21) * 0.1 * crop) / crop
     if lsj:
         scale = factor * crop / max(w, h)
     else:

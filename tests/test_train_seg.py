@@ -124,6 +124,17 @@ def test_augmentation_keeps_labels_exact_and_crops_to_size():
     assert np.array_equal(plain[(0, 0, 1)]["image"], plain[(0, 0, 2)]["image"])  # --no-augment: fixed
 
 
+def test_ade20k_resize_draws_the_short_side_from_mask2formers_16_sizes():
+    # Mask2Former's ADE20K config: MIN_SIZE_TRAIN [int(x * 0.1 * 512) for x in range(5, 21)], "choice".
+    allowed = {int(x * 0.1 * 512) for x in range(5, 21)}
+    image, label = Image.new("RGB", (300, 200)), np.zeros((200, 300), np.uint8)
+    rng = np.random.default_rng(0)
+    shorts = [min(train_seg.random_resize(image, label, 512, rng)[0].size) for _ in range(300)]
+    assert set(shorts) == allowed
+    wide = Image.new("RGB", (900, 100))  # the long side stays within MAX_SIZE_TRAIN 2048
+    assert max(max(train_seg.random_resize(wide, np.zeros((100, 900), np.uint8), 512, rng)[0].size) for _ in range(50)) <= 2048
+
+
 # ---------------------------------------------------------------- §3.4: p_aug
 
 def test_p_aug_draws_synthetic_at_its_rate_from_every_folder():
