@@ -266,25 +266,30 @@ def center_crop(image: np.ndarray, label: np.ndarray, crop: int):
 def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
     """Mask2Former's ColorAugSSDTransform (the SSD colour jitter): each with probability 1/2, brightness
     +-32, contrast and saturation x U(0.5, 1.5), hue +-18 degrees/2 (OpenCV units); contrast either first
-    or last."""
-    x = img.astype(np.float32)
-    if rng.random() < 0.5:
-        x += rng.uniform(-32, 32)
-    contrast_first = rng.random() < 0.5
-    c = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-    if c is not None and contrast_first:
-        x *= c
-    do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
-    if do_sat or do_hue:
-        hsv = np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).convert("HSV")).astype(np.float32)
+    or last. As there, every step clips to 0..255 and rounds down to uint8 before the next one."""
+
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(x):
+        return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
+
+    def saturation_hue(x):
+        do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
+        if not (do_sat or do_hue):
+            return x
+        hsv = np.array(Image.fromarray(x).convert("HSV"))
         if do_sat:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+            hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
         if do_hue:  # OpenCV hue is 0..180, PIL's 0..255
             hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 255 / 180) % 256
-        x = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
-    if c is not None and not contrast_first:
-        x *= c
-    return np.clip(x, 0, 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+    if rng.random() < 0.5:
+        img = convert(img, beta=rng.uniform(-32, 32))
+    if rng.random() < 0.5:
+        return saturation_hue(contrast(img))
+    return contrast(saturation_hue(img))
 
 
 class SegData(torch.utils.data.Dataset):

@@ -135,6 +135,27 @@ def test_ade20k_resize_draws_the_short_side_from_mask2formers_16_sizes():
     assert max(max(train_seg.random_resize(wide, np.zeros((100, 900), np.uint8), 512, rng)[0].size) for _ in range(50)) <= 2048
 
 
+class _ScriptedRng:
+    """Answers random() and uniform() from fixed lists, to walk one path through the colour jitter."""
+
+    def __init__(self, randoms, uniforms):
+        self.randoms, self.uniforms = list(randoms), list(uniforms)
+
+    def random(self):
+        return self.randoms.pop(0)
+
+    def uniform(self, low, high):
+        return self.uniforms.pop(0)
+
+
+def test_colour_jitter_clips_after_each_step_like_ssd():
+    # Brightness +32 then contrast x 0.5 (no saturation, no hue): ColorAugSSDTransform clips 250 + 32 to
+    # 255 before the contrast, giving 127 (not (250 + 32) * 0.5 = 141); 100 -> 132 -> 66.
+    img = np.array([[[250, 100, 0]]], np.uint8)
+    out = train_seg.photometric_distortion(img, _ScriptedRng([0.0, 0.0, 0.0, 0.9, 0.9], [32.0, 0.5]))
+    assert out.tolist() == [[[127, 66, 16]]]
+
+
 # ---------------------------------------------------------------- §3.4: p_aug
 
 def test_p_aug_draws_synthetic_at_its_rate_from_every_folder():
