@@ -519,7 +519,10 @@ def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, acce
     mean_t = torch.tensor(mean, device=device).view(3, 1, 1) * 255
     std_t = torch.tensor(std, device=device).view(3, 1, 1) * 255
     max_long = 4 * size if data == "ade20k" else round(size * 1333 / 800)  # detectron2's test sizes
-    views = [(s, f) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for f in (False, True)] if multiscale else [(1.0, False)]
+    # (short side, long side at most, flip) per view. Multi-scale is Mask2Former's TEST.AUG: short sides
+    # 0.5..1.75 x size, each as is and flipped, all with the one long-side limit 7 x size (3584 at 512).
+    views = [(round(size * s), 7 * size, f) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for f in (False, True)] \
+        if multiscale else [(size, max_long, False)]
     mine = list(enumerate(samples))[accelerator.process_index::accelerator.num_processes]
     bar = progress.add_task("evaluating" + (" (multi-scale + flip)" if multiscale else ""), total=len(mine)) if progress else None
     for image_id, sample in mine:
@@ -527,7 +530,7 @@ def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, acce
         image = (image - mean_t) / std_t
         with accelerator.autocast():
             if task == "semantic":
-                scores = sum(semantic_scores(net, image, round(size * s), f, round(max_long * s)) for s, f in views)
+                scores = sum(semantic_scores(net, image, short, f, long) for short, long, f in views)
             else:
                 classes, masks = predict(net, image, size, max_long)
                 scores = torch.einsum("qc,qhw->chw", classes[:, :-1], masks.sigmoid())

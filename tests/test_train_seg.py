@@ -108,6 +108,19 @@ def test_evaluation_at_original_resolution_of_non_square_images(tiny, tmp_path):
     assert train_seg.semantic_scores(net, image, 64, flip=True).shape == (150, 77, 130)
 
 
+def test_multiscale_views_follow_mask2formers_test_aug(tiny, tmp_path, monkeypatch):
+    # TEST.AUG at MIN_SIZE_TEST 512: MIN_SIZES [256, 384, 512, 640, 768, 896], MAX_SIZE 3584, FLIP: here
+    # at --eval-size 64, short sides 32..112 in steps of 16, flipped and not, long side at most 448.
+    views = []
+    predict = train_seg.predict
+    monkeypatch.setattr(train_seg, "predict", lambda m, x, short, long, flip=False: views.append((short, long, flip)) or predict(m, x, short, long, flip))
+    _ok(_cli(["--eval-only", "--checkpoint", tiny, "--data-root", ADE_ROOT, "--eval-size", "64", "--multiscale",
+              "--output-dir", tmp_path]))
+    multi = views[len(views) // 13:]  # 2 images: 1 single-scale view each, then 12 multi-scale views each
+    assert sorted(set(multi)) == [(s, 448, f) for s in range(32, 113, 16) for f in (False, True)]
+    assert set(views[:len(views) // 13]) == {(64, 256, False)}
+
+
 def test_augmentation_keeps_labels_exact_and_crops_to_size():
     (train,) = read_dataset("ade20k", ADE_ROOT, "train")
     values = set((train_seg.load_target(train, "ade20k", "semantic")).flatten().tolist())
