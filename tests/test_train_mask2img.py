@@ -22,15 +22,6 @@ from common.datasets import load_label, read_dataset
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machines two OpenMP threads spin against the other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_captions(path, captions=CAPTIONS):
     with open(path, "w") as f:
         for i, c in captions.items():

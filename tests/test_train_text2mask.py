@@ -26,16 +26,6 @@ from common.training import (
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machines two OpenMP threads spin against the other jobs
-    (measured: 30 tiny steps 88 s with 2 threads under load, 12 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_captions(path, captions=CAPTIONS):
     with open(path, "w") as f:
         for i, c in captions.items():
