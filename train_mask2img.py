@@ -184,8 +184,9 @@ def train(a: SimpleNamespace) -> Path:
             ema.copy_to(controlnet.parameters())
         controlnet.save_pretrained(out)
         palette.save(out / "palette.json")
-        (out / "seggen.json").write_text(json.dumps({
-            "stage": "mask2img", "base": a.pretrained, "vae": a.vae, "data": a.data, "palette": "palette.json",
+        local = lambda p: str(Path(p).resolve()) if p and Path(p).is_dir() else p  # noqa: E731  (hub ids stay ids)
+        (out / "seggen.json").write_text(json.dumps({  # local folders absolute: the sampling scripts run from anywhere
+            "stage": "mask2img", "base": local(a.pretrained), "vae": local(a.vae), "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "

@@ -3,6 +3,7 @@ accelerate run that leaves a ControlNet folder the sampling scripts can load alo
 learning, the colour maps the ControlNet sees, and the errors users get for bad inputs."""
 
 import json
+from pathlib import Path
 import os
 import shutil
 import subprocess
@@ -55,10 +56,11 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_mask2img.py"),
-           *common_args(tmp_path, base, out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
+           *common_args(tmp_path, Path(base.name), out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
                                                 "--validation-steps": 2, "--validation-inference-steps": 2,
                                                 "--cache-latents": None, "--center-crop": None})]  # latents shared out
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # --pretrained given relative to the working directory: seggen.json must still find it from anywhere.
+    proc = subprocess.run(cmd, env=env, cwd=base.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     options = json.loads((out / "options.json").read_text())
