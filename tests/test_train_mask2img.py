@@ -3,11 +3,11 @@ accelerate run that leaves a ControlNet folder the sampling scripts can load alo
 learning, the colour maps the ControlNet sees, and the errors users get for bad inputs."""
 
 import json
-from pathlib import Path
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
