@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from enum import Enum
 from functools import lru_cache
@@ -230,37 +229,35 @@ def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bo
     return image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
 
 
+def crop_window(image: np.ndarray, label: np.ndarray, y: int, x: int, crop: int):
+    """The crop x crop window at (y, x): image (crop, crop, 3) uint8 padded with grey 128, label
+    (crop, crop) int32 padded with ignore -1, valid (crop, crop) bool (False on the padding) — the
+    padding of Mask2Former's semantic mapper, where the image is smaller than the crop."""
+    img, lab = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
+    out_img = np.full((crop, crop, 3), 128, np.uint8)
+    out_lab = np.full((crop, crop), -1, np.int32)
+    valid = np.zeros((crop, crop), bool)
+    out_img[:img.shape[0], :img.shape[1]] = img
+    out_lab[:lab.shape[0], :lab.shape[1]] = lab
+    valid[:img.shape[0], :img.shape[1]] = True
+    return out_img, out_lab, valid
+
+
 def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int = 10):
-    """A crop x crop window (padded with grey 128 / ignore -1 where the image is smaller); among up to
-    `tries` windows the first with a labelled pixel, so that few crops arrive empty."""
+    """A random crop_window; among up to `tries` windows the first with a labelled pixel, so that few
+    crops arrive empty (an image without targets is left out of the loss: see mask_targets)."""
     h, w = label.shape
     for _ in range(tries):
         y, x = rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
-        lab = label[y:y + crop, x:x + crop]
-        if (lab >= 0).any():
+        if (label[y:y + crop, x:x + crop] >= 0).any():
             break
-    img = image[y:y + crop, x:x + crop]
-    out_img = np.full((crop, crop, 3), 128, np.uint8)
-    out_lab = np.full((crop, crop), -1, np.int32)
-    out_img[:img.shape[0], :img.shape[1]] = img
-    out_lab[:lab.shape[0], :lab.shape[1]] = lab
-    valid = np.zeros((crop, crop), bool)
-    valid[:img.shape[0], :img.shape[1]] = True
-    return out_img, out_lab, valid
+    return crop_window(image, label, y, x, crop)
 
 
 def center_crop(image: np.ndarray, label: np.ndarray, crop: int):
-    """The centre crop x crop window, padded like random_crop."""
+    """The centre crop_window."""
     h, w = label.shape
-    y, x = max(h - crop, 0) // 2, max(w - crop, 0) // 2
-    out_img = np.full((crop, crop, 3), 128, np.uint8)
-    out_lab = np.full((crop, crop), -1, np.int32)
-    valid = np.zeros((crop, crop), bool)
-    img, lab = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
-    out_img[:img.shape[0], :img.shape[1]] = img
-    out_lab[:lab.shape[0], :lab.shape[1]] = lab
-    valid[:img.shape[0], :img.shape[1]] = True
-    return out_img, out_lab, valid
+    return crop_window(image, label, max(h - crop, 0) // 2, max(w - crop, 0) // 2, crop)
 
 
 def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
@@ -442,11 +439,15 @@ def predict(model, image: torch.Tensor, short: int, max_long: int, flip: bool = 
     return out.class_queries_logits.float().softmax(-1)[0], masks
 
 
-def semantic_scores(model, image: torch.Tensor, short: int, flip: bool = False, max_long: int | None = None) -> torch.Tensor:
-    """(C, H, W) class scores at the original resolution: Mask2Former's semantic inference
-    softmax(class)[:, :-1]^T . sigmoid(mask)."""
-    classes, masks = predict(model, image, short, max_long or 4 * short, flip)
+def semantic_inference(classes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mask2Former's semantic inference: class probabilities (Q, C + 1) without "no object", times mask
+    probabilities (Q, H, W), summed over queries -> (C, H, W) class scores."""
     return torch.einsum("qc,qhw->chw", classes[:, :-1], masks.sigmoid())
+
+
+def semantic_scores(model, image: torch.Tensor, short: int, flip: bool = False, max_long: int | None = None) -> torch.Tensor:
+    """(C, H, W) class scores of one view at the original resolution."""
+    return semantic_inference(*predict(model, image, short, max_long or 4 * short, flip))
 
 
 def panoptic_inference(classes: torch.Tensor, masks: torch.Tensor, things: set[int],
@@ -533,7 +534,7 @@ def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, acce
                 scores = sum(semantic_scores(net, image, short, f, long) for short, long, f in views)
             else:
                 classes, masks = predict(net, image, size, max_long)
-                scores = torch.einsum("qc,qhw->chw", classes[:, :-1], masks.sigmoid())
+                scores = semantic_inference(classes, masks)
         if semantic is not None:
             semantic.update(scores.argmax(0), torch.from_numpy(load_train_label(sample, data)).to(device))
         if pq is not None or ap is not None:
@@ -583,8 +584,9 @@ def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, acce
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint folders in training order: checkpoints/phase{k}-step{N}."""
-    found = [p for p in (output_dir / "checkpoints").glob("phase*-step*") if (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: (json.loads((p / "state.json").read_text())["phase"], json.loads((p / "state.json").read_text())["step"]))
+    found = {p: json.loads((p / "state.json").read_text()) for p in (output_dir / "checkpoints").glob("phase*-step*")
+             if (p / "state.json").is_file()}
+    return sorted(found, key=lambda p: (found[p]["phase"], found[p]["step"]))
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -924,4 +926,3 @@ def main(
 
 if __name__ == "__main__":
     app()
-    sys.exit(0)
