@@ -39,6 +39,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
@@ -51,11 +52,27 @@ import torch.nn.functional as F
 import typer
 from PIL import Image
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
-from common.datasets import Sample, default_data_root, load_image, load_label, load_panoptic, read_dataset, read_synthetic
+from common.datasets import (
+    Sample,
+    default_data_root,
+    load_image,
+    load_label,
+    load_panoptic,
+    read_dataset,
+    read_synthetic,
+)
 from common.metrics import MaskAP, PanopticQuality, SemanticMetrics
 from common.paths import seg_run_dir, synth_dir
 
@@ -348,7 +365,12 @@ def mask_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.T
 def build_model(model: str | None, backbone: Backbone | None, data: str):
     """(Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor) from a hub id / folder, or the
     paper's configuration of `backbone` with random weights (no download)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, ResNetConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        ResNetConfig,
+    )
 
     names = class_names(data)
     id2label = dict(enumerate(names))
@@ -580,6 +602,16 @@ def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, acce
     return result
 
 
+def evaluate_scales(model, val: list[Sample], a, eval_size: int, mean, std, accelerator) -> dict:
+    """{"single_scale": metrics} and, with --multiscale, {"multi_scale": metrics (flip + 6 scales)}."""
+    out = {}
+    with progress_bar(accelerator.is_main_process) as progress:
+        out["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task)
+        if a.multiscale:
+            out["multi_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, True, progress, a.task)
+    return out
+
+
 # ---------------------------------------------------------------- run folder
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -650,7 +682,6 @@ def run(a) -> dict:
     val = read_dataset(a.data, data_root, "val")
     real, synthetic, folders = [], [], []
     if not a.eval_only:
-        p_aug = {"real": 0.0, "aug": a.p_aug, "synthetic": 1.0, "pretrain": None}[a.strategy.value]
         if a.strategy != Strategy.synthetic:
             real = read_dataset(a.data, data_root, "train")
             if a.max_real_samples is not None:  # Table 4's low-data ablation: a fixed random subset
@@ -671,10 +702,10 @@ def run(a) -> dict:
         if a.strategy == Strategy.pretrain:  # Table 6: 160k on synthetic, then 160k on real
             phases = [("pretrain-synthetic", 1.0, a.pretrain_steps or a.max_steps), ("finetune-real", 0.0, a.max_steps)]
         else:
-            phases = [(a.strategy.value, p_aug, a.max_steps)]
+            phases = [(a.strategy.value, {"real": 0.0, "aug": a.p_aug, "synthetic": 1.0}[a.strategy.value], a.max_steps)]
         if a.batch_size % accelerator.num_processes:
             raise SegGenError(f"--batch-size {a.batch_size} (the global batch) must be a multiple of the {accelerator.num_processes} processes")
-        for name, p, _ in phases:  # the sampler checks p and the sources before any model is built
+        for _, p, _ in phases:  # the sampler checks p and the sources before any model is built
             MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0)
         resume_from = resolve_resume(a.resume, output_dir)
 
@@ -694,12 +725,8 @@ def run(a) -> dict:
     say(f"  output {output_dir}")
 
     if a.eval_only:
-        model = accelerator.prepare(net)
         result = {"data": a.data, "task": a.task, "checkpoint": str(a.checkpoint)}
-        with progress_bar(main_proc) as progress:
-            result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task)
-            if a.multiscale:
-                result["multi_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, True, progress)
+        result.update(evaluate_scales(accelerator.prepare(net), val, a, eval_size, mean, std, accelerator))
         return finish(result, output_dir, main_proc, a.metrics_file)
 
     if main_proc:
@@ -801,10 +828,7 @@ def run(a) -> dict:
     if result["skipped_images"]:
         say(f"[yellow]{result['skipped_images']} training image(s) without any labelled pixel were left out of the loss "
             f"({skipped_steps} whole step(s) skipped)[/]")
-    with progress_bar(main_proc) as progress:
-        result["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task)
-        if a.multiscale:
-            result["multi_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, True, progress)
+    result.update(evaluate_scales(model, val, a, eval_size, mean, std, accelerator))
     if stats:
         stats.close()
     accelerator.end_training()
@@ -844,15 +868,13 @@ def save_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, 
     accelerator.wait_for_everyone()
 
 
+class _Rate(TextColumn):
+    def render(self, task):
+        return f"{task.speed or 0:.2f} it/s"
+
+
 def progress_bar(enabled: bool):
-    from contextlib import nullcontext
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    class _Rate(TextColumn):
-        def render(self, task):
-            return f"{task.speed or 0:.2f} it/s"
-
+    """A transient rich bar with count, it/s, elapsed and ETA on the main process; None elsewhere."""
     if not enabled:
         return nullcontext(None)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(""), TimeElapsedColumn(),
