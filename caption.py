@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from common import SegGenError
+from common.cli import Data, Precision, Split
 from common.colormap import class_names
 from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
 from common.manifest import ManifestWriter, done_ids, rank_path
@@ -39,16 +40,6 @@ PAPER_PROMPT = "Question: What are shown in the photo? Answer:"
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable in logs
 
 
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-
-
 class Captioner(str, Enum):
     blip2 = "blip2"
     labels = "labels"
@@ -58,13 +49,6 @@ class Quantize(str, Enum):
     none = "none"
     int8 = "8bit"
     int4 = "4bit"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 # ---------------------------------------------------------------- captioners

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -34,14 +33,10 @@ from common.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir
 from common.shard import process_state
-from common.synth import Data, Precision, Sampler, console
+from common.cli import Data, Precision, Split
+from common.synth import Sampler, console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
 
 
 # ---------------------------------------------------------------- one source sample's inputs

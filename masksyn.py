@@ -35,7 +35,8 @@ from common.colormap import IGNORE, Palette, color_to_label, label_to_color
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
-from common.synth import Data, Precision, Sampler, console
+from common.cli import Data, Precision
+from common.synth import Sampler, console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
 

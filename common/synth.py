@@ -44,19 +44,7 @@ JPEG_QUALITY = 95
 
 # ---------------------------------------------------------------- option choices of both scripts
 
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
-
-
 Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 def churn_settings(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> dict:

@@ -41,6 +41,7 @@ import typer
 from PIL import Image
 
 from common import SegGenError
+from common.cli import Data, MixedPrecision, Split, Tracker  # noqa: F401  (the trainers take them from here)
 from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.datasets import Sample, load_image, load_label, load_panoptic
 from common.manifest import CAPTION_FIELDS, read_manifest
@@ -52,30 +53,9 @@ PAPER_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # appendix A.4: both ge
 # Choices and Typer options that train_text2mask.py and train_mask2img.py declare alike: one definition,
 # used in both `main` signatures (`data: DataOpt = Data.ade20k`), so the two --help pages cannot drift.
 
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-
-
 class PaletteKind(str, Enum):
     generation = "generation"
     usual = "usual"
-
-
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class Tracker(str, Enum):
-    tensorboard = "tensorboard"
-    none = "none"
 
 
 class Schedule(str, Enum):  # diffusers.optimization.get_scheduler names
@@ -109,7 +89,7 @@ MaxGradNormOpt = Annotated[float, typer.Option(min=0, help="Gradient clipping no
 CaptionDropoutOpt = Annotated[float, typer.Option(min=0, max=1, help="Share of captions dropped (zero embeddings, as SDXL's CFG) for classifier-free guidance.", rich_help_panel="Training")]
 EmaDecayOpt = Annotated[float, typer.Option(min=0, max=1, help="EMA decay.", rich_help_panel="Training")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the data order, augmentation and noise.", rich_help_panel="Training")]
-MixedPrecisionOpt = Annotated[Precision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")]
+MixedPrecisionOpt = Annotated[MixedPrecision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")]
 CacheLatentsOpt = Annotated[bool, typer.Option(help="Encode every picture once (both flips) and train from the cache; needs --center-crop.", rich_help_panel="Performance")]
 GradientCheckpointingOpt = Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower.", rich_help_panel="Performance")]
 Use8bitAdamOpt = Annotated[bool, typer.Option(help="bitsandbytes' 8-bit AdamW.", rich_help_panel="Performance")]

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import imgsyn
