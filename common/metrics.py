@@ -220,9 +220,9 @@ class MaskAP:
             return dict.fromkeys(keys, 0.0)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             gt = COCO()
-            gt.dataset = {"images": self.images, "annotations": self.gt, "categories": [{"id": c} for c in self.things]}
+            gt.dataset = {"images": self.images, "annotations": [dict(g) for g in self.gt], "categories": [{"id": c} for c in self.things]}
             gt.createIndex()
-            dt = gt.loadRes(self.dt)
+            dt = gt.loadRes([dict(d) for d in self.dt])  # loadRes adds fields to the dicts it gets
             ev = COCOeval(gt, dt, iouType="segm")
             ev.evaluate()
             ev.accumulate()

@@ -203,5 +203,6 @@ def test_mask_ap_on_real_coco_samples():
         half.add_predictions(image_id, masks[::2], np.ones(len(things[::2])), cats[::2])
     assert n_things > 20
     assert perfect.compute()["AP"] == pytest.approx(1.0)
+    assert perfect.compute() == perfect.compute()  # compute leaves the accumulated records as they were
     # Half of the instances found, all right: precision 1 up to recall ~1/2 per category.
     assert 0.3 < half.compute()["AP"] < 0.7
