@@ -579,27 +579,24 @@ def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, acce
         result.update(semantic.compute())
     if pq is not None:
         if accelerator.num_processes > 1:
-            parts = gather_object([(dict(pq.iou), dict(pq.tp), dict(pq.fp), dict(pq.fn))])
-            pq = PanopticQuality(categories)
-            for iou, tp, fp, fn in parts:
-                for dst, src in ((pq.iou, iou), (pq.tp, tp), (pq.fp, fp), (pq.fn, fn)):
-                    for c, v in src.items():
-                        dst[c] += v
+            pq = merged(PanopticQuality(categories), gather_object([pq]))
         got = pq.compute()
         name_of = {c["id"]: c["name"] for c in cats}
         got["per_class"] = {name_of[k]: v for k, v in got["per_class"].items()}
         result["panoptic"] = got
     if ap is not None:
         if accelerator.num_processes > 1:
-            parts = gather_object([(ap.images, ap.gt, ap.dt)])
-            ap = MaskAP(categories)
-            for images, gt, dt in parts:
-                ap.images += images
-                ap.dt += dt
-                ap.gt += [dict(g, id=len(ap.gt) + i + 1) for i, g in enumerate(gt)]
+            ap = merged(MaskAP(categories), gather_object([ap]))
         result["instance"] = ap.compute()
     net.train(was_training)
     return result
+
+
+def merged(total, parts: list):
+    """`total` with every process's accumulator (gather_object's list) merged into it."""
+    for part in parts:
+        total.merge(part)
+    return total
 
 
 def evaluate_scales(model, val: list[Sample], a, eval_size: int, mean, std, accelerator) -> dict:
@@ -765,7 +762,7 @@ def run(a) -> dict:
         # A fresh optimizer and poly schedule per phase (pretrain -> finetune, §3.4).
         accelerator.free_memory()
         optimizer = torch.optim.AdamW(param_groups(net, a.lr, a.weight_decay, a.backbone_lr_multiplier), lr=a.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps) / steps) ** 0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, n=steps: (1 - min(s, n) / n) ** 0.9)
         model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
         if resume_from is not None and k == start_phase:
             accelerator.load_state(str(resume_from))

@@ -151,6 +151,12 @@ class PanopticQuality:
                 continue
             self.fp[s["category_id"]] += 1
 
+    def merge(self, other: PanopticQuality) -> None:
+        """Add another accumulator's counts (e.g. another process's images) to this one."""
+        for mine, theirs in ((self.iou, other.iou), (self.tp, other.tp), (self.fp, other.fp), (self.fn, other.fn)):
+            for cat, v in theirs.items():
+                mine[cat] += v
+
     def compute(self) -> dict:
         """PQ, SQ, RQ (fractions) over all / thing / stuff categories that occur, and per category."""
         per_class = {}
@@ -206,6 +212,13 @@ class MaskAP:
         for m, score, cat in zip(masks, scores, category_ids):
             rle = mask_util.encode(np.asfortranarray(np.asarray(m, np.uint8)))
             self.dt.append({"image_id": image_id, "category_id": int(cat), "segmentation": rle, "score": float(score)})
+
+    def merge(self, other: MaskAP) -> None:
+        """Add another accumulator's images (e.g. another process's; image ids must differ) to this one;
+        its ground-truth annotations are renumbered after ours (COCO needs unique ids)."""
+        self.images += other.images
+        self.dt += other.dt
+        self.gt += [dict(g, id=len(self.gt) + i + 1) for i, g in enumerate(other.gt)]
 
     def compute(self) -> dict:
         """AP, AP50, AP75, APs, APm, APl as fractions (-1 where undefined, as pycocotools)."""

@@ -206,3 +206,29 @@ def test_mask_ap_on_real_coco_samples():
     assert perfect.compute() == perfect.compute()  # compute leaves the accumulated records as they were
     # Half of the instances found, all right: precision 1 up to recall ~1/2 per category.
     assert 0.3 < half.compute()["AP"] < 0.7
+
+
+def test_merged_accumulators_equal_one_over_all_images():
+    # What a multi-process evaluation does: each process accumulates its images, the parts are merged.
+    from common.metrics import MaskAP
+
+    rng = np.random.default_rng(0)
+    whole_pq, parts_pq = PanopticQuality(CATEGORIES), [PanopticQuality(CATEGORIES) for _ in range(2)]
+    whole_ap, parts_ap = MaskAP(CATEGORIES), [MaskAP(CATEGORIES) for _ in range(2)]
+    for image_id, s in enumerate(read_dataset("coco", COCO_ROOT, "val")):
+        ids = load_panoptic(s)
+        pred, pred_segs = _perturb(ids, s.segments, "shift", rng)
+        things = [seg for seg in pred_segs if CATEGORIES[seg["category_id"]]]
+        masks = np.stack([pred == seg["id"] for seg in things])
+        for pq, ap in ((whole_pq, whole_ap), (parts_pq[image_id], parts_ap[image_id])):
+            pq.update(ids, s.segments, pred, pred_segs)
+            ap.add_ground_truth(image_id, ids, s.segments)
+            ap.add_predictions(image_id, masks, np.linspace(1, 0.5, len(things)), [seg["category_id"] for seg in things])
+    merged_pq, merged_ap = PanopticQuality(CATEGORIES), MaskAP(CATEGORIES)
+    for pq, ap in zip(parts_pq, parts_ap):
+        merged_pq.merge(pq)
+        merged_ap.merge(ap)
+    assert merged_pq.compute() == whole_pq.compute()
+    assert len({g["id"] for g in merged_ap.gt}) == len(merged_ap.gt)  # ground-truth ids stay unique
+    assert merged_ap.compute() == whole_ap.compute()
+    assert 0 < whole_ap.compute()["AP"] < 1
