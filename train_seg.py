@@ -728,9 +728,8 @@ def run(a) -> dict:
 
     if main_proc:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "options.json").write_text(json.dumps(
-            {k: (v.value if isinstance(v, Enum) else [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v)
-             for k, v in vars(a).items()}, indent=1))
+        # Enums are str subclasses and encode as their values; paths as strings.
+        (output_dir / "options.json").write_text(json.dumps(vars(a), indent=1, default=str))
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
     per_proc = a.batch_size // accelerator.num_processes
