@@ -94,6 +94,17 @@ def test_tiny_mask2former_overfits_real_ade20k_samples(tiny, ade_all, tmp_path):
     assert "mIoU" in before.output  # the rich table
 
 
+def test_semantic_inference_leaves_out_the_no_object_class():
+    # Mask2Former: softmax over C + 1 classes, the last ("no object") dropped, times sigmoid masks.
+    classes = torch.tensor([[0.1, 0.7, 0.2], [0.0, 0.0, 1.0]])  # (Q=2, C+1=3): query 1 is "no object"
+    masks = torch.tensor([[[9.0, -9.0]], [[9.0, 9.0]]])  # (Q, 1, 2)
+    scores = train_seg.semantic_inference(classes, masks)
+    assert scores.shape == (2, 1, 2)
+    on, off = torch.sigmoid(torch.tensor(9.0)).item(), torch.sigmoid(torch.tensor(-9.0)).item()
+    assert scores[:, 0, 0].tolist() == pytest.approx([0.1 * on, 0.7 * on])  # the no-object query adds nothing
+    assert scores[:, 0, 1].tolist() == pytest.approx([0.1 * off, 0.7 * off])
+
+
 def test_evaluation_at_original_resolution_of_non_square_images(tiny, tmp_path):
     val = read_dataset("ade20k", ADE_ROOT, "val")
     _ok(_cli(["--eval-only", "--checkpoint", tiny, "--data-root", ADE_ROOT, "--eval-size", "64", "--output-dir", tmp_path]))
