@@ -176,6 +176,25 @@ def load_target(sample: Sample, data: str, task: str) -> np.ndarray:
     return target
 
 
+def probe_synthetic(folder: Path, samples: list[Sample], data: str, n: int = 8) -> None:
+    """Decode a few labels of a synthetic folder up front: labels of another dataset fail here, named,
+    not hours into training."""
+    known = {c["id"] for c in coco_categories()}
+    for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
+        try:
+            if data == "coco":
+                if samples[i].segments is None:
+                    raise SegGenError(f"{samples[i].annotation}: no segments_info in the manifest (a COCO folder's records need it)")
+                bad = sorted({s["category_id"] for s in samples[i].segments} - known)
+                if bad:
+                    raise SegGenError(f"{samples[i].annotation}: category ids {bad[:8]} are not coco categories")
+                load_panoptic(samples[i])
+            load_label(samples[i], data)
+        except SegGenError as e:
+            raise SegGenError(f"--synthetic {folder}: {e}. Synthetic labels must use {data}'s label encoding "
+                              f"(was this folder made for another dataset?)") from e
+
+
 # ---------------------------------------------------------------- §3.4: which samples each iteration sees
 
 class MixedBatches(torch.utils.data.Sampler):
@@ -647,6 +666,45 @@ def print_metrics(title: str, scores: dict) -> None:
     console.print(table)
 
 
+def save_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> None:
+    """checkpoints/phase{k}-step{N}: accelerate state (model.safetensors, optimizer, scheduler, RNG) +
+    config.json and the image processor, so from_pretrained (and --eval-only --checkpoint) loads it."""
+    path = output_dir / "checkpoints" / f"phase{state['phase']}-step{state['step']:07d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(net).config.save_pretrained(path)
+        processor.save_pretrained(path)
+        (path / "state.json").write_text(json.dumps(state))
+        for old in checkpoints(output_dir)[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+class _Rate(TextColumn):
+    def render(self, task):
+        return f"{task.speed or 0:.2f} it/s"
+
+
+def progress_bar(enabled: bool):
+    """A transient rich bar with count, it/s, elapsed and ETA on the main process; None elsewhere."""
+    if not enabled:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(""), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+def finish(result: dict, output_dir: Path, main_proc: bool, metrics_file: Path | None) -> dict:
+    if main_proc:
+        path = metrics_file or output_dir / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print_metrics("single-scale", result["single_scale"])
+        if "multi_scale" in result:
+            print_metrics("multi-scale + flip", result["multi_scale"])
+        console.print(f"[green]done[/]: metrics in {path}")
+    return result
+
+
 # ---------------------------------------------------------------- main
 
 def run(a) -> dict:
@@ -829,64 +887,6 @@ def run(a) -> dict:
         stats.close()
     accelerator.end_training()
     return finish(result, output_dir, main_proc, a.metrics_file)
-
-
-def probe_synthetic(folder: Path, samples: list[Sample], data: str, n: int = 8) -> None:
-    """Decode a few labels of a synthetic folder up front: labels of another dataset fail here, named,
-    not hours into training."""
-    known = {c["id"] for c in coco_categories()}
-    for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
-        try:
-            if data == "coco":
-                if samples[i].segments is None:
-                    raise SegGenError(f"{samples[i].annotation}: no segments_info in the manifest (a COCO folder's records need it)")
-                bad = sorted({s["category_id"] for s in samples[i].segments} - known)
-                if bad:
-                    raise SegGenError(f"{samples[i].annotation}: category ids {bad[:8]} are not coco categories")
-                load_panoptic(samples[i])
-            load_label(samples[i], data)
-        except SegGenError as e:
-            raise SegGenError(f"--synthetic {folder}: {e}. Synthetic labels must use {data}'s label encoding "
-                              f"(was this folder made for another dataset?)") from e
-
-
-def save_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> None:
-    """checkpoints/phase{k}-step{N}: accelerate state (model.safetensors, optimizer, scheduler, RNG) +
-    config.json and the image processor, so from_pretrained (and --eval-only --checkpoint) loads it."""
-    path = output_dir / "checkpoints" / f"phase{state['phase']}-step{state['step']:07d}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(net).config.save_pretrained(path)
-        processor.save_pretrained(path)
-        (path / "state.json").write_text(json.dumps(state))
-        for old in checkpoints(output_dir)[:-keep] if keep else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-class _Rate(TextColumn):
-    def render(self, task):
-        return f"{task.speed or 0:.2f} it/s"
-
-
-def progress_bar(enabled: bool):
-    """A transient rich bar with count, it/s, elapsed and ETA on the main process; None elsewhere."""
-    if not enabled:
-        return nullcontext(None)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(""), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)
-
-
-def finish(result: dict, output_dir: Path, main_proc: bool, metrics_file: Path | None) -> dict:
-    if main_proc:
-        path = metrics_file or output_dir / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print_metrics("single-scale", result["single_scale"])
-        if "multi_scale" in result:
-            print_metrics("multi-scale + flip", result["multi_scale"])
-        console.print(f"[green]done[/]: metrics in {path}")
-    return result
 
 
 @app.command()
