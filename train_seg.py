@@ -63,6 +63,7 @@ from rich.progress import (
 from rich.table import Table
 
 from common import SegGenError
+from common.cli import Data, MixedPrecision, Tracker
 from common.colormap import IGNORE, ade20k_classes, coco_categories
 from common.datasets import (
     Sample,
@@ -81,11 +82,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 _CONFIGS = Path(__file__).parent / "common" / "data"
 
 
-class Data(str, Enum):
-    ade20k = "ade20k"
-    coco = "coco"
-
-
 class Strategy(str, Enum):
     real = "real"
     aug = "aug"
@@ -97,17 +93,6 @@ class Task(str, Enum):
     semantic = "semantic"
     panoptic = "panoptic"
     instance = "instance"
-
-
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class ReportTo(str, Enum):
-    none = "none"
-    tensorboard = "tensorboard"
 
 
 class Backbone(str, Enum):
@@ -911,13 +896,13 @@ def main(
     grad_clip: Annotated[float, typer.Option(min=0.0, help="Full-model gradient norm clip (Mask2Former: 0.01; 0: off).", rich_help_panel="Training")] = 0.01,
     crop: Annotated[int | None, typer.Option(min=32, max=2048, help="Training crop (ADE20K: 512, Swin-L 640; COCO: 1024).", rich_help_panel="Training")] = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws and augmentation.", rich_help_panel="Training")] = 0,
-    mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision (default: accelerate's config; Mask2Former trains with AMP).", rich_help_panel="Training")] = None,
+    mixed_precision: Annotated[MixedPrecision | None, typer.Option(help="Mixed precision (default: accelerate's config; Mask2Former trains with AMP).", rich_help_panel="Training")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (default runs/seg-{data}-{strategy}).", rich_help_panel="Output")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoints/phase*-step* folder.", rich_help_panel="Output")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Save a checkpoint every N steps (and at each phase's end); 0: never.", rich_help_panel="Output")] = 5000,
     keep_checkpoints: Annotated[int, typer.Option(min=0, help="Keep the last N checkpoints (0: all).", rich_help_panel="Output")] = 2,
     log_every: Annotated[int, typer.Option(min=1, help="Write a stats.jsonl line every N steps.", rich_help_panel="Output")] = 50,
-    report_to: Annotated[ReportTo, typer.Option(help="Also log to TensorBoard (through accelerate; needs the tensorboard package).", rich_help_panel="Output")] = ReportTo.none,
+    report_to: Annotated[Tracker, typer.Option(help="Also log to TensorBoard (through accelerate; needs the tensorboard package).", rich_help_panel="Output")] = Tracker.none,
     metrics_file: Annotated[Path | None, typer.Option(help="Where metrics.json goes (default: in --output-dir).", rich_help_panel="Output")] = None,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Only evaluate --checkpoint on the val split.", rich_help_panel="Evaluation")] = False,
     checkpoint: Annotated[Path | None, typer.Option(help="Model to evaluate: a run's model/ or checkpoints/phase*-step* folder.", rich_help_panel="Evaluation")] = None,
