@@ -148,9 +148,10 @@ def caption(
     with ManifestWriter(rank_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
         task = progress.add_task("", total=len(todo), rate=0.0)
 
-        def write(sample: Sample, text: str):
-            writer.append({"id": sample.id, "image": sample.image.relative_to(root).as_posix(), "caption": text, **meta})
-            summary["captioned"] += 1
+        def write(done: list[tuple[Sample, str]]):  # one batch, one fsync
+            writer.append_many([{"id": sample.id, "image": sample.image.relative_to(root).as_posix(), "caption": text, **meta}
+                                for sample, text in done])
+            summary["captioned"] += len(done)
 
         def fail(sample: Sample, reason: str):
             failures.append({"id": sample.id, "image": str(sample.image), "error": reason})
@@ -163,7 +164,7 @@ def caption(
             names = class_names(data)
             for sample in todo:
                 try:
-                    write(sample, labels_caption(sample, data, names))
+                    write([(sample, labels_caption(sample, data, names))])
                 except SegGenError as e:
                     fail(sample, str(e))
                 advance(1)
@@ -186,9 +187,9 @@ def caption(
                     inputs = {k: v.to(state.device, dtype) if v.is_floating_point() else v.to(state.device) for k, v in inputs.items()}
                     with torch.inference_mode():
                         ids = net.generate(**inputs, generation_config=gen)
-                    for (i, _), text in zip(good, processor.batch_decode(ids, skip_special_tokens=True)):
-                        text = text.strip()
-                        write(todo[i], text[len(prompt):].strip() if text.startswith(prompt) else text)  # decoder-only LMs echo the prompt
+                    texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+                    texts = [t[len(prompt):].strip() if t.startswith(prompt) else t for t in texts]  # decoder-only LMs echo the prompt
+                    write([(todo[i], text) for (i, _), text in zip(good, texts)])
                 advance(len(batch))
 
     if failures:

@@ -2,7 +2,7 @@
 writing the manifest) against a bare loop of `processor + model.generate` over the same images,
 already decoded, at the same batch size, with the same tiny BLIP-2. Goal: ratio >= 0.9.
 
-    python bench/caption.py [--images 64] [--batch-size 16] [--model FOLDER]
+    python bench/caption.py [--images 256] [--batch-size 16] [--model FOLDER]
 
 Without --model a tiny BLIP-2 is built (common.tiny). The images are the real ADE20K samples of
 tests/data, repeated under new names in a temporary ADE20K layout.
@@ -58,9 +58,10 @@ def bare_loop(model_dir: Path, images, batch_size: int, max_new_tokens: int) -> 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=30)
+    ap.add_argument("--num-workers", type=int, default=2, help="caption.py's DataLoader workers")
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +72,7 @@ def main():
         bare_loop(model, images[: args.batch_size], args.batch_size, args.max_new_tokens)  # warm-up
         bare = bare_loop(model, images, args.batch_size, args.max_new_tokens)
         s = caption("ade20k", tmp / "data", "train", tmp / "captions.jsonl", model=str(model), batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)
         ours = s["captioned"] / s["seconds"]
     print(f"{args.images} images, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, model {model}")
     print(f"  bare processor+generate loop (images pre-decoded): {bare:8.2f} img/s")

@@ -66,9 +66,14 @@ class ManifestWriter:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
-        for key in self.path_fields:
-            check_relative(record[key], f"{self.path} id {record.get('id')!r} field {key!r}")
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.append_many([record])
+
+    def append_many(self, records: list[dict]) -> None:
+        """Several lines with one fsync (about 1 ms each): what a batch of generated samples writes."""
+        for record in records:
+            for key in self.path_fields:
+                check_relative(record[key], f"{self.path} id {record.get('id')!r} field {key!r}")
+        self._f.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         self._f.flush()
         os.fsync(self._f.fileno())
 
