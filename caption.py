@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -27,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from common import SegGenError
+from common import SegGenError, cli
 from common.cli import Data, Precision, Split
 from common.colormap import class_names
 from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
@@ -234,8 +233,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        typer.run(main)
-    except KeyboardInterrupt:  # every line written so far is complete; a rerun resumes
-        console.print("[yellow]interrupted[/]: rerun the same command to resume")
-        sys.exit(130)
+    cli.run(main, console)

@@ -17,7 +17,6 @@ manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +26,7 @@ import torch
 import typer
 from PIL import Image
 
-from common import SegGenError, synth
+from common import SegGenError, cli, synth
 from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
@@ -237,8 +236,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        typer.run(main)
-    except KeyboardInterrupt:  # every line written so far is complete; a rerun resumes
-        console.print("[yellow]interrupted[/]: rerun the same command to resume")
-        sys.exit(130)
+    cli.run(main, console)

@@ -20,7 +20,6 @@ common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does no
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +29,7 @@ import torch
 import typer
 from rich.progress import TextColumn
 
-from common import SegGenError, synth
+from common import SegGenError, cli, synth
 from common.colormap import IGNORE, Palette, color_to_label, label_to_color
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
@@ -255,8 +254,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        typer.run(main)
-    except KeyboardInterrupt:  # every line written so far is complete; a rerun resumes
-        console.print("[yellow]interrupted[/]: rerun the same command to resume")
-        sys.exit(130)
+    cli.run(main, console)

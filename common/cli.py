@@ -33,3 +33,17 @@ class MixedPrecision(str, Enum):
 class Tracker(str, Enum):
     tensorboard = "tensorboard"
     none = "none"
+
+
+def run(main, console) -> None:
+    """`typer.run(main)` for a resumable job: Ctrl-C ends it with a hint instead of a traceback (every
+    manifest line written so far points at complete files, so a rerun resumes)."""
+    import sys
+
+    import typer
+
+    try:
+        typer.run(main)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        sys.exit(130)
