@@ -17,6 +17,39 @@ DATA = ROOT / "tests" / "data"
 ADE_ROOT = DATA / "ade20k"  # parent of ADEChallengeData2016
 COCO_ROOT = DATA / "coco"
 
+# Captions of the two ADE20K val samples, for the generator trainers' tests.
+TRAIN_CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp",
+                  "ADE_val_00000002": "a street with cars, trees and sky"}
+
+
+def write_captions(path, captions=TRAIN_CAPTIONS):
+    """A captions manifest as caption.py writes it (image relative to the data root)."""
+    import json
+
+    with open(path, "w") as f:
+        for i, c in captions.items():
+            f.write(json.dumps({"id": i, "image": f"ADEChallengeData2016/images/validation/{i}.jpg", "caption": c}) + "\n")
+    return path
+
+
+def trainer_args(tmp_path, pretrained, out, **extra):
+    """Command line of a tiny, fast train_text2mask.py / train_mask2img.py run on the ADE20K val samples;
+    an extra flag given as None is a bare switch."""
+    args = {"--data-root": ADE_ROOT, "--split": "val", "--captions": write_captions(tmp_path / "captions.jsonl"),
+            "--pretrained": pretrained, "--output-dir": out, "--resolution": 64, "--batch-size": 2, "--num-workers": 0,
+            "--validation-steps": 0, "--checkpointing-steps": 0, "--report-to": "none", **extra}
+    return [str(x) for kv in args.items() for x in kv if x is not None]
+
+
+def invoke(app, args):
+    """Run a Typer app in-process; a crash (not an exit) is raised with its traceback."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, args)
+    if isinstance(result.exception, Exception) and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():

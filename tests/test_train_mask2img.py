@@ -12,36 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ADE_ROOT, ROOT
+from conftest import ADE_ROOT, ROOT, invoke, trainer_args, write_captions
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import train_mask2img
 from common.colormap import Palette, palette_for, resize_nearest, label_to_color
 from common.datasets import load_label, read_dataset
 
-CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
-
-
-def write_captions(path, captions=CAPTIONS):
-    with open(path, "w") as f:
-        for i, c in captions.items():
-            f.write(json.dumps({"id": i, "image": f"ADEChallengeData2016/images/validation/{i}.jpg", "caption": c}) + "\n")
-    return path
-
-
-def common_args(tmp_path, pretrained, out, **extra):
-    args = {"--data-root": ADE_ROOT, "--split": "val", "--captions": write_captions(tmp_path / "captions.jsonl"),
-            "--pretrained": pretrained, "--output-dir": out, "--resolution": 64, "--batch-size": 2, "--num-workers": 0,
-            "--validation-steps": 0, "--checkpointing-steps": 0, "--report-to": "none", **extra}
-    return [str(x) for kv in args.items() for x in kv if x is not None]
-
-
 def run(args):
-    result = CliRunner().invoke(train_mask2img.app, args)
-    if isinstance(result.exception, Exception) and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return invoke(train_mask2img.app, args)
 
 
 def weights(folder):
@@ -56,7 +35,7 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_mask2img.py"),
-           *common_args(tmp_path, Path(base.name), out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
+           *trainer_args(tmp_path, Path(base.name), out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
                                                 "--validation-steps": 2, "--validation-inference-steps": 2,
                                                 "--cache-latents": None, "--center-crop": None})]  # latents shared out
     # --pretrained given relative to the working directory: seggen.json must still find it from anywhere.
@@ -89,10 +68,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models)
     base = tiny_models("sdxl")
     extra = {"--lr": 1e-3, "--ema": None, "--ema-decay": 0.9, "--caption-dropout": 0.5}
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
-    assert run(common_args(tmp_path, base, stopped, **{"--max-steps": 2, "--checkpointing-steps": 2}, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, base, stopped, **{"--max-steps": 2, "--checkpointing-steps": 2}, **extra)).exit_code == 0
     halfway = weights(stopped)
-    assert run(common_args(tmp_path, base, stopped, **{"--max-steps": 4, "--resume": "latest"}, **extra)).exit_code == 0
-    assert run(common_args(tmp_path, base, whole, **{"--max-steps": 4}, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, base, stopped, **{"--max-steps": 4, "--resume": "latest"}, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, base, whole, **{"--max-steps": 4}, **extra)).exit_code == 0
     resumed, uninterrupted = weights(stopped), weights(whole)
     moved = max((resumed[k] - halfway[k]).abs().max().item() for k in halfway)
     diff = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
@@ -101,7 +80,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models)
 
 def test_loss_falls_on_two_real_samples(tmp_path, tiny_models):
     out = tmp_path / "run"
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 100, "--lr": 3e-3})).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 100, "--lr": 3e-3})).exit_code == 0
     loss = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
     # Measured here (lr 3e-3; the UNet is frozen, only the residuals learn): first 10 steps 1.01 on
     # average, last 20 0.40 (ratio 0.40).
@@ -119,7 +98,7 @@ def test_the_controlnet_sees_palette_colours_only(tmp_path, tiny_models, monkeyp
 
     monkeypatch.setattr(ControlNetModel, "forward", spy)
     out = tmp_path / "run"
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 3})).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 3})).exit_code == 0
     allowed = {tuple(c) for c in palette_for("ade20k").colors.tolist()}
     assert len(seen) == 3
     for cond in seen:  # (B, 3, R, R) in [0, 1]
@@ -132,7 +111,7 @@ def test_the_controlnet_sees_palette_colours_only(tmp_path, tiny_models, monkeyp
 def test_starts_from_a_given_controlnet(tmp_path, tiny_models):
     out = tmp_path / "run"
     vae = tiny_models("sdxl") / "vae"  # a separate VAE folder, as for madebyollin/sdxl-vae-fp16-fix
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1, "--lr": 0, "--max-grad-norm": 0, "--vae": vae,
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1, "--lr": 0, "--max-grad-norm": 0, "--vae": vae,
                                                                   "--controlnet": tiny_models("controlnet")})).exit_code == 0
     assert json.loads((out / "seggen.json").read_text())["vae"] == str(vae)  # imgsyn must sample with it too
     start, end = weights(tiny_models("controlnet")), weights(out)
@@ -149,7 +128,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     for cached in (False, True):
         out, calls[:] = tmp_path / f"run-{cached}", []
         extra = {"--max-steps": 4, "--lr": 1e-3, "--center-crop": None, **({"--cache-latents": None} if cached else {})}
-        assert run(common_args(tmp_path, base, out, **extra)).exit_code == 0
+        assert run(trainer_args(tmp_path, base, out, **extra)).exit_code == 0
         losses[cached] = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
     assert calls == [4]  # cached: one encode of 2 samples × 2 flips, none per step
     rows = np.load(tmp_path / "run-True" / "cache" / "latents.npy", mmap_mode="r")
@@ -170,7 +149,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
 ])
 def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
     base, out = tiny_models("sdxl"), tmp_path / "run"
-    args = common_args(tmp_path, base, out, **{"--max-steps": 1})
+    args = trainer_args(tmp_path, base, out, **{"--max-steps": 1})
     if case == "resolution":
         args += ["--resolution", "60"]
     elif case == "captions":

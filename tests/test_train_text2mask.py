@@ -10,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ADE_ROOT, COCO_ROOT, ROOT
+from conftest import ADE_ROOT, COCO_ROOT, ROOT, invoke, trainer_args, write_captions
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import train_text2mask
 from common.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
@@ -23,28 +22,8 @@ from common.training import (
     time_ids,
 )
 
-CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
-
-
-def write_captions(path, captions=CAPTIONS):
-    with open(path, "w") as f:
-        for i, c in captions.items():
-            f.write(json.dumps({"id": i, "image": f"ADEChallengeData2016/images/validation/{i}.jpg", "caption": c}) + "\n")
-    return path
-
-
-def common_args(tmp_path, pretrained, out, **extra):
-    args = {"--data-root": ADE_ROOT, "--split": "val", "--captions": write_captions(tmp_path / "captions.jsonl"),
-            "--pretrained": pretrained, "--output-dir": out, "--resolution": 64, "--batch-size": 2, "--num-workers": 0,
-            "--validation-steps": 0, "--checkpointing-steps": 0, "--report-to": "none", **extra}
-    return [str(x) for kv in args.items() for x in kv if x is not None]
-
-
 def run(args):
-    result = CliRunner().invoke(train_text2mask.app, args)
-    if isinstance(result.exception, Exception) and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return invoke(train_text2mask.app, args)
 
 
 def unet_weights(folder):
@@ -58,7 +37,7 @@ def test_two_process_accelerate_run_leaves_a_pipeline_that_samples(tmp_path, tin
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_text2mask.py"),
-           *common_args(tmp_path, base, out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
+           *trainer_args(tmp_path, base, out, **{"--max-steps": 2, "--batch-size": 1, "--checkpointing-steps": 2,
                                                 "--validation-steps": 2, "--validation-inference-steps": 2})]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,12 +66,12 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models)
     # EMA and caption dropout on: their state and random draws must survive the restart too.
     extra = {"--lr": 1e-3, "--ema": None, "--ema-decay": 0.9, "--caption-dropout": 0.5}
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
-    assert run(common_args(tmp_path, base, stopped, **{"--max-steps": 2, "--checkpointing-steps": 2}, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, base, stopped, **{"--max-steps": 2, "--checkpointing-steps": 2}, **extra)).exit_code == 0
     halfway = unet_weights(stopped)
     with open(stopped / "stats.jsonl", "a") as f:  # as if killed after logging a step past its checkpoint
         f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
-    assert run(common_args(tmp_path, base, stopped, **{"--max-steps": 4, "--resume": "latest"}, **extra)).exit_code == 0
-    assert run(common_args(tmp_path, base, whole, **{"--max-steps": 4}, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, base, stopped, **{"--max-steps": 4, "--resume": "latest"}, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, base, whole, **{"--max-steps": 4}, **extra)).exit_code == 0
     resumed, uninterrupted = unet_weights(stopped), unet_weights(whole)
     moved = max((resumed[k] - halfway[k]).abs().max().item() for k in halfway)
     diff = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
@@ -104,7 +83,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models)
 def test_loss_falls_on_two_real_samples(tmp_path, tiny_models):
     out = tmp_path / "run"
     extra = {"--max-steps": 100, "--lr": 1e-3, "--checkpointing-steps": 40, "--checkpoints-total-limit": 1}
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **extra)).exit_code == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-80"]  # the total limit removed checkpoint-40
     loss = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
     # Measured here: first 10 steps 0.81 on average, last 20 0.15 (ratio 0.19).
@@ -117,7 +96,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_models):
     out = tmp_path / "run"
     extra = {"--max-steps": 2, "--batch-size": 1, "--gradient-accumulation": 2, "--lr-schedule": "linear",
              "--checkpointing-steps": 2}
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **extra)).exit_code == 0
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [1, 2] and [s["lr"] for s in stats] == pytest.approx([5e-6, 0.0])
     assert json.loads((out / "options.json").read_text())["global_batch"] == 2
@@ -130,7 +109,7 @@ def test_sd15_base_is_detected_from_its_folder(tmp_path, tiny_models):
 
     out = tmp_path / "run"
     extra = {"--max-steps": 1, "--caption-dropout": 1.0, "--max-train-samples": 1}
-    assert run(common_args(tmp_path, tiny_models("sd15"), out, **extra)).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sd15"), out, **extra)).exit_code == 0
     options = json.loads((out / "options.json").read_text())
     assert options["is_sdxl"] is False and options["samples"] == 1
     pipe = StableDiffusionPipeline.from_pretrained(out)
@@ -182,7 +161,7 @@ def test_the_vae_encodes_palette_colours_only(tmp_path, tiny_models, monkeypatch
         return encode(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", spy)
-    assert run(common_args(tmp_path, tiny_models("sdxl"), tmp_path / "run", **{"--max-steps": 3})).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), tmp_path / "run", **{"--max-steps": 3})).exit_code == 0
     allowed = {tuple(c) for c in palette_for("ade20k").colors.tolist()}
     assert len(seen) == 3
     for x in seen:  # (B, 3, R, R) in [-1, 1]: the colour maps Text2Mask learns to draw
@@ -288,7 +267,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     for cached in (False, True):
         out, calls[:] = tmp_path / f"run-{cached}", []
         extra = {"--max-steps": 4, "--lr": 1e-3, "--center-crop": None, **({"--cache-latents": None} if cached else {})}
-        assert run(common_args(tmp_path, base, out, **extra)).exit_code == 0
+        assert run(trainer_args(tmp_path, base, out, **extra)).exit_code == 0
         losses[cached] = [s["loss"] for s in map(json.loads, (out / "stats.jsonl").read_text().splitlines())]
     assert calls == [4]  # cached: one encode of 2 samples × 2 flips, none per step
     rows = np.load(tmp_path / "run-True" / "cache" / "latents.npy", mmap_mode="r")
@@ -308,7 +287,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
 ])
 def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
     base, out = tiny_models("sdxl"), tmp_path / "run"
-    args = common_args(tmp_path, base, out, **{"--max-steps": 1})
+    args = trainer_args(tmp_path, base, out, **{"--max-steps": 1})
     if case == "resolution":
         args += ["--resolution", "100"]
     elif case == "captions":  # the train split's captions given with --split val
@@ -338,14 +317,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, tiny_mod
     out.mkdir()
     (out / "options.json").write_text("{}")
     (out / "stats.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")  # what the killed run logged
-    assert run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1})).exit_code == 0
+    assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1})).exit_code == 0
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert len(stats) == 1 and stats[0]["loss"] != 9.0
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, tiny_models):
     out = tmp_path / "run"
-    result = run(common_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 6, "--lr": 1e30, "--max-grad-norm": 0,
+    result = run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 6, "--lr": 1e30, "--max-grad-norm": 0,
                                                                     "--checkpointing-steps": 1}))
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
