@@ -8,7 +8,7 @@ ceiling. Each variant (edge width of the map, decoding options) is one row; "pro
 method of the issue (connected components, one segment per stuff category, edges to the nearest
 segment, no vote, no barrier, no size floor).
 
-    python bench/panoptic_recovery.py [--seeds 3] [--scale 1.0] [--picture bench/out/panoptic_recovery.png]
+    python bench/panoptic_recovery.py [--seeds 3] [--scale 1.0] [--picture bench/out/panoptic_recovery.png] [--tile 320]
 
 --scale resizes the annotation (NEAREST) before rendering, e.g. 1.6 for COCO's 640 px at SDXL's 1024.
 Degraded figures are averaged over --seeds noise draws (PQ pooled over all images and draws).
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.colormap import (  # noqa: E402
-    RECOVERY_BARRIER, RECOVERY_MIN_AREA, RECOVERY_VOTE, coco_categories, color_to_panoptic, palette_for,
+    RECOVERY_BARRIER, RECOVERY_MIN_AREA, RECOVERY_TRUST, RECOVERY_VOTE, coco_categories, color_to_panoptic, palette_for,
     panoptic_to_color, resize_nearest,
 )
 from common.datasets import load_panoptic, read_dataset  # noqa: E402
@@ -34,20 +34,37 @@ from common.demo import degrade  # noqa: E402
 from common.metrics import PanopticQuality  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = dict(vote=RECOVERY_VOTE, barrier=RECOVERY_BARRIER, min_area=RECOVERY_MIN_AREA)
-# (name, edge width of panoptic_to_color, color_to_panoptic options)
+DEFAULT = dict(vote=RECOVERY_VOTE, barrier=RECOVERY_BARRIER, min_area=RECOVERY_MIN_AREA, trust=RECOVERY_TRUST)
+# (name, edge width of panoptic_to_color (0: a one-sided 1 px line, see one_sided_color), color_to_panoptic options)
 VARIANTS = [
     ("probe: CC + nearest edges", 1, dict(vote=False, barrier=0, min_area=1)),
-    ("+ size floor 24 px", 1, dict(vote=False, barrier=0, min_area=24)),
-    ("+ 3x3 vote", 1, dict(vote=True, barrier=0, min_area=24)),
-    ("+ barrier 1 (default)", 1, DEFAULT),
-    ("barrier 2", 1, dict(vote=True, barrier=2, min_area=24)),
-    ("size floor 8", 1, dict(vote=True, barrier=1, min_area=8)),
-    ("size floor 64", 1, dict(vote=True, barrier=1, min_area=64)),
-    ("edge width 2, default", 2, DEFAULT),
-    ("edge width 2, barrier 0", 2, dict(vote=True, barrier=0, min_area=24)),
-    ("edge width 3, default", 3, DEFAULT),
+    ("+ size floor 32 px", 1, dict(vote=False, barrier=0, min_area=32)),
+    ("+ 3x3 vote", 1, dict(vote=True, barrier=0, min_area=32)),
+    ("+ barrier 1 = defaults", 1, DEFAULT),
+    ("vote only if dist > 12", 1, {**DEFAULT, "trust": 12}),
+    ("barrier 2", 1, {**DEFAULT, "barrier": 2}),
+    ("size floor 16", 1, {**DEFAULT, "min_area": 16}),
+    ("size floor 64", 1, {**DEFAULT, "min_area": 64}),
+    ("edge width 2, defaults", 2, DEFAULT),
+    ("edge width 2, barrier 0", 2, {**DEFAULT, "barrier": 0}),
+    ("edge width 3, defaults", 3, DEFAULT),
+    ("1 px one-sided edge, barr. 0", 0, {**DEFAULT, "barrier": 0}),
 ]
+
+
+def one_sided_color(ids: np.ndarray, segments: list[dict], pal) -> np.ndarray:
+    """A rendering we do not ship, for comparison: only the pixel above / left of a boundary is edge,
+    so lines are 1 px wide (still enough to keep 4-connected pieces apart)."""
+    cmap = panoptic_to_color(ids, segments, pal, edge_width=0)
+    edge = np.zeros(ids.shape, bool)
+    edge[:-1] |= ids[:-1] != ids[1:]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    cmap[edge] = pal.edge_color
+    return cmap
+
+
+def render(ids, segments, pal, edge_width: int) -> np.ndarray:
+    return panoptic_to_color(ids, segments, pal, edge_width=edge_width) if edge_width else one_sided_color(ids, segments, pal)
 
 
 def load_samples(scale: float):
@@ -65,7 +82,7 @@ def score(samples, edge_width: int, opts: dict, seeds: int) -> dict:
     pal = palette_for("coco")
     clean, noisy = PanopticQuality(cats), PanopticQuality(cats)
     for s, ids in samples:
-        cmap = panoptic_to_color(ids, s.segments, pal, edge_width=edge_width)
+        cmap = render(ids, s.segments, pal, edge_width)
         clean.update(ids, s.segments, *color_to_panoptic(cmap, pal, **opts))
         for seed in range(seeds):
             noisy.update(ids, s.segments, *color_to_panoptic(degrade(cmap, np.random.default_rng(seed)), pal, **opts))
@@ -96,6 +113,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3, help="noise draws per degraded map")
     ap.add_argument("--scale", type=float, default=1.0, help="resize annotations by this factor first")
     ap.add_argument("--picture", type=Path, default=ROOT / "bench" / "out" / "panoptic_recovery.png")
+    ap.add_argument("--tile", type=int, default=320, help="width of each panel of the picture")
     args = ap.parse_args()
     samples = load_samples(args.scale)
     n_seg = sum(len(s.segments) for s, _ in samples)
@@ -110,8 +128,8 @@ def main():
         for key in ("clean", "degraded"):
             m = r[key]
             cells.append(" ".join([f"{100 * m['PQ']:8.1f}"] + [f"{100 * m[k + sfx]:5.1f}" for sfx in ("_th", "_st") for k in ("PQ", "SQ", "RQ")]))
-        print(f"{name:28} {width:>4} | {cells[0]} | {cells[1]}")
-    picture(samples, args.picture)
+        print(f"{name:28} {width or '1px':>4} | {cells[0]} | {cells[1]}")
+    picture(samples, args.picture, args.tile)
 
 
 if __name__ == "__main__":

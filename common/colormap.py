@@ -295,11 +295,13 @@ def panoptic_color_to_semantic(cmap: np.ndarray, palette: Palette, vote: bool = 
 # Defaults of color_to_panoptic, measured by bench/panoptic_recovery.py on the real COCO samples.
 RECOVERY_VOTE = True  # 3×3 majority vote on the decoded colours first (mends isolated decoding errors)
 RECOVERY_BARRIER = 1  # edge pixels are widened by this many pixels (4-neighbourhood) when splitting instances
-RECOVERY_MIN_AREA = 24  # connected pieces under this many pixels are no segment; they join a neighbour
+RECOVERY_MIN_AREA = 32  # seeds under this many pixels (after the cut) are no segment; they join a neighbour
+RECOVERY_TRUST = 0.0  # the vote changes only pixels farther than this from their nearest palette colour
 
 
 def color_to_panoptic(cmap: np.ndarray, palette: Palette, *, things: set[int] | None = None, vote: bool = RECOVERY_VOTE,
-                      barrier: int = RECOVERY_BARRIER, min_area: int = RECOVERY_MIN_AREA) -> tuple[np.ndarray, list[dict]]:
+                      barrier: int = RECOVERY_BARRIER, min_area: int = RECOVERY_MIN_AREA,
+                      trust: float = RECOVERY_TRUST) -> tuple[np.ndarray, list[dict]]:
     """f_color→mask for panoptic maps, the inverse of panoptic_to_color (appendix A.2 leaves it open).
 
     cmap: (H, W, 3) colour map (uint8, or float in 0..255); palette: with an edge colour.
@@ -308,7 +310,8 @@ def color_to_panoptic(cmap: np.ndarray, palette: Palette, *, things: set[int] | 
 
     1. Each pixel takes the category of the nearest palette colour (optionally a 3×3 vote).
     2. Things: the connected pieces (4-neighbourhood) of each category, cut along the edge pixels
-       widened by `barrier` so that edges broken by noise still separate; pieces of at least
+       (before or after the vote) widened by `barrier`, so that an edge broken by noise (a gap of up
+       to 2·barrier pixels) still separates; pieces of at least
        `min_area` pixels are the instances' seeds. Stuff: one seed per category (its pieces of at
        least `min_area` pixels); void: its pieces of at least `min_area` pixels.
     3. The rest of a thing category's region (the widened margin, small pieces) goes to the nearest
@@ -322,12 +325,21 @@ def color_to_panoptic(cmap: np.ndarray, palette: Palette, *, things: set[int] | 
     if things is None:
         things = {c["id"] for c in coco_categories() if c["isthing"]}
     index = color_to_index(cmap, palette)
+    edge_before_vote = palette.values[index] == EDGE
     if vote:
-        index = majority_vote(index)
+        voted = majority_vote(index)
+        if trust > 0:  # pixels close to a palette colour keep it (a clean map stays as it is)
+            diff = np.asarray(cmap, np.float32) - palette.colors[index]
+            unsure = (diff * diff).sum(-1) > trust**2
+            index = np.where(unsure, voted, index)
+        else:
+            index = voted
     label = palette.values[index]  # (H, W) category ids, 0 = void, EDGE
     edge = label == EDGE
     cross = ndimage.generate_binary_structure(2, 1)
-    cut = ndimage.binary_dilation(edge, cross, iterations=barrier) if barrier > 0 and edge.any() else edge
+    cut = edge | edge_before_vote  # the vote must not widen a gap in an edge line
+    if barrier > 0 and cut.any():
+        cut = ndimage.binary_dilation(cut, cross, iterations=barrier)
 
     seg = np.full(label.shape, -1, np.int32)  # -1 = not yet assigned, 0 = void, > 0 = segment
     category = {}  # segment id -> category id
@@ -335,8 +347,8 @@ def color_to_panoptic(cmap: np.ndarray, palette: Palette, *, things: set[int] | 
         region = label == c
         pieces, n = ndimage.label(region & ~cut if c in things else region, cross)
         area = np.bincount(pieces.ravel(), minlength=n + 1)
+        area[0] = 0
         keep = np.flatnonzero(area >= min_area)
-        keep = keep[keep > 0]
         if not len(keep):
             continue
         if c == 0:  # void stays void
@@ -351,7 +363,7 @@ def color_to_panoptic(cmap: np.ndarray, palette: Palette, *, things: set[int] | 
             rest = region & (seg < 0)
             if rest.any():
                 seeds = seg >= first
-                regions, _ = ndimage.label(region, cross)
+                regions, _ = ndimage.label(region, cross)  # the category's pieces before the cut
                 _, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
                 same = rest & (regions[iy, ix] == regions)
                 seg[same] = seg[iy[same], ix[same]]
