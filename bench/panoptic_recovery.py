@@ -39,16 +39,15 @@ DEFAULT = dict(vote=RECOVERY_VOTE, barrier=RECOVERY_BARRIER, min_area=RECOVERY_M
 VARIANTS = [
     ("probe: CC + nearest edges", 1, dict(vote=False, barrier=0, min_area=1)),
     ("+ size floor 32 px", 1, dict(vote=False, barrier=0, min_area=32)),
-    ("+ 3x3 vote", 1, dict(vote=True, barrier=0, min_area=32)),
-    ("+ barrier 1 = defaults", 1, DEFAULT),
+    ("+ 3x3 vote = defaults", 1, DEFAULT),
     ("vote only if dist > 12", 1, {**DEFAULT, "trust": 12}),
+    ("barrier 1", 1, {**DEFAULT, "barrier": 1}),
     ("barrier 2", 1, {**DEFAULT, "barrier": 2}),
     ("size floor 16", 1, {**DEFAULT, "min_area": 16}),
     ("size floor 64", 1, {**DEFAULT, "min_area": 64}),
     ("edge width 2, defaults", 2, DEFAULT),
-    ("edge width 2, barrier 0", 2, {**DEFAULT, "barrier": 0}),
     ("edge width 3, defaults", 3, DEFAULT),
-    ("1 px one-sided edge, barr. 0", 0, {**DEFAULT, "barrier": 0}),
+    ("1 px one-sided edge, defaults", 0, DEFAULT),
 ]
 
 

@@ -294,7 +294,7 @@ def panoptic_color_to_semantic(cmap: np.ndarray, palette: Palette, vote: bool = 
 
 # Defaults of color_to_panoptic, measured by bench/panoptic_recovery.py on the real COCO samples.
 RECOVERY_VOTE = True  # 3×3 majority vote on the decoded colours first (mends isolated decoding errors)
-RECOVERY_BARRIER = 1  # edge pixels are widened by this many pixels (4-neighbourhood) when splitting instances
+RECOVERY_BARRIER = 0  # widen edge pixels by this many pixels when splitting (1 closes 2 px gaps, but pinches thin parts)
 RECOVERY_MIN_AREA = 32  # seeds under this many pixels (after the cut) are no segment; they join a neighbour
 RECOVERY_TRUST = 0.0  # the vote changes only pixels farther than this from their nearest palette colour
 

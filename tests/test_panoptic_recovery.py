@@ -29,7 +29,7 @@ def recovered_pq(degraded: bool) -> dict:
 
 @pytest.mark.parametrize("degraded, floor", [(False, 0.88), (True, 0.86)], ids=["clean", "degraded"])
 def test_real_coco_maps_recover_their_panoptic_annotation(degraded, floor):
-    # Measured by bench/panoptic_recovery.py: PQ 91.7 clean, ~90 after the VAE stand-in (2 images).
+    # bench/panoptic_recovery.py measured PQ 91.5 clean, 90.3 after the VAE stand-in (2 images, 3 noise draws).
     r = recovered_pq(degraded)
     print(f"degraded={degraded}: PQ {r['PQ']:.3f} (things {r['PQ_th']:.3f}, stuff {r['PQ_st']:.3f})")
     assert r["PQ"] > floor
@@ -48,13 +48,13 @@ def test_two_touching_instances_of_one_category_come_back_as_two():
         assert seg[20, 10] != seg[20, 50]
 
 
-def test_an_edge_broken_by_noise_still_separates():
+def test_an_edge_broken_by_noise_still_separates_with_a_barrier():
     ids = np.zeros((40, 60), np.int32)
     ids[5:35, 5:30], ids[5:35, 30:55] = 10, 11
     segments = [{"id": 10, "category_id": PERSON}, {"id": 11, "category_id": PERSON}]
     cmap = panoptic_to_color(ids, segments, PAL)
     cmap[20:22, 29:31] = PAL.colors[list(PAL.values).index(PERSON)]  # a 2-pixel gap in the line between them
-    seg, info = color_to_panoptic(cmap, PAL)
+    seg, info = color_to_panoptic(cmap, PAL, barrier=1)  # the widened edge closes the gap
     assert len(info) == 2 and seg[20, 10] != seg[20, 50]
     seg, info = color_to_panoptic(cmap, PAL, barrier=0)  # plain connected components merge them
     assert len(info) == 1
