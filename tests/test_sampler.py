@@ -93,7 +93,7 @@ def test_guided_sample_matches_sdxl_pipeline(tiny_models):
     emb, _, pooled, _ = pipe.encode_prompt("a house by a lake", do_classifier_free_guidance=True)
     cond = Cond(emb, pooled, torch.tensor([[64.0, 64, 0, 0, 64, 64]]))
     d = EpsDenoiser(pipe.unet, pipe.scheduler.alphas_cumprod)
-    ours = edm_sampler(lambda x, s: d(x, s, cond, guidance=5.0), noise, d.schedule(5))
+    ours = edm_sampler(lambda x, s: d(x, s, cond, guidance=5.0), noise, d.schedule(5), sampler="heun")
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert d.evals == 9
 
@@ -157,7 +157,7 @@ def test_churn_window_and_per_sample_noise():
 
     def run(x, seeds, **churn):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return edm_sampler(lambda x, s: d(x, s, cond), x, d.schedule(10), generators=gens, **churn)
+        return edm_sampler(lambda x, s: d(x, s, cond), x, d.schedule(10), sampler="heun", generators=gens, **churn)
 
     plain = run(noise, [1, 2])
     assert torch.equal(run(noise, [1, 2], S_churn=40.0, S_tmin=100.0), plain)  # window above σ_max: no churn
@@ -198,10 +198,10 @@ def test_controlnet_guided_sample_matches_sdxl_controlnet_pipeline(tiny_models):
     cond, uncond = synth.encode(gen, ["a street"], (h, w))
     control = synth.control_tensor([cmap])  # (1, 3, h, w)
     cond, uncond = (Cond(c.prompt_embeds, c.pooled, c.time_ids, control) for c in (cond, uncond))
-    ours = edm_sampler(lambda x, s: d(x, s, cond, uncond, guidance=4.0), noise, d.schedule(4))
+    ours = edm_sampler(lambda x, s: d(x, s, cond, uncond, guidance=4.0), noise, d.schedule(4), sampler="heun")
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert d.evals == 7
     # The comparison can fail: the control image in [-1, 1] (the VAE's range) gives another sample.
     cond, uncond = (dataclasses.replace(c, control=control * 2 - 1) for c in (cond, uncond))
-    other = edm_sampler(lambda x, s: d(x, s, cond, uncond, guidance=4.0), noise, d.schedule(4))
+    other = edm_sampler(lambda x, s: d(x, s, cond, uncond, guidance=4.0), noise, d.schedule(4), sampler="heun")
     assert not torch.allclose(other, ref, rtol=1e-4, atol=1e-4)
