@@ -263,7 +263,7 @@ class EpsDenoiser:
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES} (got {kind!r})")
         if kind == "legacy":
-            return legacy_ddpm_sigmas(num_steps, self.sigmas)
+            return legacy_ddpm_sigmas(num_steps, self.alphas_cumprod)
         return karras_sigmas(num_steps, self.sigma_min, self.sigma_max, rho)
 
     @torch.no_grad()
