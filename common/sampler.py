@@ -2,9 +2,12 @@
 Models", Algorithm 2) over the discrete ε-prediction UNets of SDXL and SD-1.5 (paper appendix A.4:
 "the default EDM sampler", 200 steps for Text2Mask, 40 for Mask2Img).
 
-The default is SDXL's reference default (Stability-AI/generative-models, `sgm/inference/api.py`,
-`SamplingParams` with `EulerEDMSampler`, `LegacyDDPMDiscretization`, `VanillaCFG` scale 5, s_churn 0):
-Euler steps over the model's own DDPM noise levels. Heun and the Karras ρ = 7 schedule stay as options.
+The default is the SDXL reference demo's default (Stability-AI/generative-models,
+`scripts/demo/streamlit_helpers.py: init_sampling, get_guider, get_sampler`: `EulerEDMSampler`,
+`LegacyDDPMDiscretization`, `VanillaCFG` scale 5.0, s_churn 0; its steps default is 50, the paper's
+A.4 counts are the caller's): Euler steps over the model's own DDPM noise levels. (`sgm/inference/
+api.py: SamplingParams` defaults to DPMPP2MSampler, scale 6.0, 50 steps instead.) Heun and the Karras
+ρ = 7 schedule stay as options.
 
 Small pieces, in the paper's terms:
 - the noise levels: σ(t) = sqrt((1 - ᾱ_t) / ᾱ_t) from the model's own `alphas_cumprod`, so σ_min and
@@ -153,10 +156,10 @@ def _randn_like(x: torch.Tensor, generators: list[torch.Generator] | None) -> to
 
 @dataclass(frozen=True)
 class Settings:
-    """How a sample is drawn, all in one record. The defaults are SDXL's reference defaults
-    (Stability-AI/generative-models `sgm/inference/api.py`, `SamplingParams` with sampler=EulerEDMSampler,
-    discretization=LegacyDDPMDiscretization, guider=VanillaCFG, scale=5.0, s_churn=0); the step count is
-    the caller's (A.4: 200 for Text2Mask, 40 for Mask2Img, sgm's example uses 40)."""
+    """How a sample is drawn, all in one record. The defaults are those of SDXL's reference demo
+    (Stability-AI/generative-models `scripts/demo/streamlit_helpers.py`: sampler EulerEDMSampler,
+    discretization LegacyDDPMDiscretization, guider VanillaCFG with cfg-scale 5.0, s_churn 0); the step
+    count is the caller's (A.4: 200 for Text2Mask, 40 for Mask2Img; the demo's own default is 50)."""
 
     sampler: str = "euler"  # EulerEDMSampler; "heun": EDM Algorithm 2 (HeunEDMSampler)
     schedule: str = "legacy"  # LegacyDDPMDiscretization; "karras": Karras Eq. 5, ρ below, on the model's [σ_min, σ_max]
