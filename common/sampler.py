@@ -1,33 +1,50 @@
 """The EDM sampler (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models", Algorithm 2) over the discrete ε-prediction UNets of SDXL and SD-1.5 (paper appendix A.4:
-200 steps for Text2Mask, 40 for Mask2Img).
+"the default EDM sampler", 200 steps for Text2Mask, 40 for Mask2Img).
 
-Three small pieces, in the paper's terms:
+The default is the SDXL reference demo's default (Stability-AI/generative-models,
+`scripts/demo/streamlit_helpers.py: init_sampling, get_guider, get_sampler`: `EulerEDMSampler`,
+`LegacyDDPMDiscretization`, `VanillaCFG` scale 5.0, s_churn 0; its steps default is 50, the paper's
+A.4 counts are the caller's): Euler steps over the model's own DDPM noise levels. (`sgm/inference/
+api.py: SamplingParams` defaults to DPMPP2MSampler, scale 6.0, 50 steps instead.) Heun and the Karras
+ρ = 7 schedule stay as options.
+
+Small pieces, in the paper's terms:
 - the noise levels: σ(t) = sqrt((1 - ᾱ_t) / ᾱ_t) from the model's own `alphas_cumprod`, so σ_min and
-  σ_max are the model's (SDXL: 0.0292, 14.6146), and the Karras schedule with ρ = 7 between them;
-- the denoiser D(x; σ) (EDM Table 1, "VP/ε-prediction" preconditioning, as k-diffusion's
-  `DiscreteEpsDDPMDenoiser`): c_skip = 1, c_out = -σ, c_in = 1/sqrt(σ² + 1), and the UNet's timestep
-  t(σ) interpolated in log σ between the training timesteps, exactly as diffusers' schedulers map it;
-  classifier-free guidance and ControlNet residuals live here;
-- `edm_sampler`: Heun's second-order steps (Euler as an option) with the stochastic "churn"
-  (S_churn, S_tmin, S_tmax, S_noise), written like NVlabs/edm's `generate.py: edm_sampler`.
+  σ_max are the model's (SDXL: 0.0292, 14.6146); either sgm's legacy DDPM discretization (σ at roughly
+  equally spaced training timesteps) or the Karras schedule with ρ = 7 between σ_min and σ_max;
+- the denoiser D(x; σ) (EDM Table 1, "VP/ε-prediction" preconditioning, sgm's `EpsScaling`):
+  c_skip = 1, c_out = -σ, c_in = 1/sqrt(σ² + 1), and the UNet's timestep t(σ): on the legacy schedule
+  the nearest training timestep as sgm's `DiscreteDenoiser` (σ itself snapped to it), on the Karras
+  schedule interpolated in log σ as diffusers' schedulers and k-diffusion map it; classifier-free
+  guidance and ControlNet residuals live here;
+- `edm_sampler`: Euler steps (Heun's second order as an option) with the stochastic "churn"
+  (S_churn, S_tmin, S_tmax, S_noise), written like NVlabs/edm's `generate.py: edm_sampler`;
+- `Settings` + `sample`: the whole recipe as one record (what a manifest stores per sample).
 
 Why our own and not a diffusers scheduler: diffusers' SDXL config uses `timestep_spacing="leading"`,
-which truncates a Karras schedule; `EDMEulerScheduler` assumes EDM-preconditioned models; and the
-schedulers hide the churn and Heun's evaluation order behind a stateful `step()`. The sampler below is
-the paper's algorithm in twenty lines, and tests/test_sampler.py checks it against diffusers'
-`HeunDiscreteScheduler` / `EulerDiscreteScheduler` (Karras sigmas, "linspace" spacing) step for step.
+which starts below σ_max (t = 976 of 999 for 40 steps) and truncates a Karras schedule;
+`EDMEulerScheduler` assumes EDM-preconditioned models; and the schedulers hide the churn and Heun's
+evaluation order behind a stateful `step()`. tests/test_sampler.py checks the default against sgm's
+formulas transcribed there, and the Karras path against diffusers' `HeunDiscreteScheduler` /
+`EulerDiscreteScheduler` (Karras sigmas, "linspace" spacing) step for step.
+
+UNet evaluations per sample (classifier-free guidance puts both halves in one batch of 2):
+Euler N steps: N calls; Heun N steps: 2N - 1 (Text2Mask 200 steps: 200 vs 399; Mask2Img 40: 40 vs 79).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-SAMPLERS = ("heun", "euler")
+SAMPLERS = ("euler", "heun")
+SCHEDULES = ("legacy", "karras")
 
 
 # ---------------------------------------------------------------- noise levels
@@ -56,24 +73,49 @@ def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     return low + w
 
 
+def legacy_ddpm_sigmas(num_steps: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """(num_steps + 1,) float64: sgm's `LegacyDDPMDiscretization` (sgm/modules/diffusionmodules/
+    discretizer.py), the model's own σ_t at roughly equally spaced training timesteps, from σ_max down, then 0."""
+    T = len(alphas_cumprod)
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"the legacy DDPM schedule takes 1 to {T} steps (got {num_steps})")
+    # Timesteps T-1, T-1 - (T-1)/N, ... (N of them, not reaching 0), truncated to integers
+    # (`generate_roughly_equally_spaced_steps`; numpy's linspace, so that the truncation rounds as sgm's does).
+    t = torch.from_numpy(np.linspace(T - 1, 0, num_steps, endpoint=False).astype(np.int64))
+    # σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), already from σ_max down (sgm computes them ascending, then flips).
+    sigma = model_sigmas(alphas_cumprod)[t]
+    # σ_N = 0: the last step lands on the data (`append_zero`).
+    return torch.cat([sigma, sigma.new_zeros(1)])
+
+
+def sigma_to_index(sigma: float | torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The training timestep whose σ is nearest (|σ - σ_t| smallest), as sgm's
+    `DiscreteDenoiser.sigma_to_idx` (sgm/modules/diffusionmodules/denoiser.py): an integer, no interpolation."""
+    return (torch.as_tensor(sigma, dtype=torch.float64) - sigmas).abs().argmin()
+
+
 # ---------------------------------------------------------------- the sampler
 
 def edm_sampler(
     denoise: Callable[[torch.Tensor, float], torch.Tensor],
     latents: torch.Tensor,
     t_steps: torch.Tensor,
-    sampler: str = "heun",
+    sampler: str = "euler",
     S_churn: float = 0.0,
     S_tmin: float = 0.0,
     S_tmax: float = float("inf"),
     S_noise: float = 1.0,
     generators: list[torch.Generator] | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    init_sigma: float | None = None,
 ) -> torch.Tensor:
-    """Karras et al. 2022, Algorithm 2 (Euler when sampler="euler": no second-order correction).
+    """Karras et al. 2022, Algorithm 2 (Heun), or its first-order Euler form (sampler="euler", the
+    default, as sgm's `EulerEDMSampler`: no second-order correction).
 
     denoise: D(x; σ) -> the denoised estimate, same shape as x. latents: (B, ...) unit-variance noise.
-    t_steps: the noise levels σ_0 > ... > σ_{N-1} > 0 followed by 0 (see `karras_sigmas`).
+    t_steps: the noise levels σ_0 > ... > σ_{N-1} > 0 followed by 0 (`legacy_ddpm_sigmas`, `karras_sigmas`).
+    init_sigma: the standard deviation of the starting point; None: σ_0 (Algorithm 2, diffusers'
+    "linspace" spacing); sgm starts at sqrt(1 + σ_0²) (see `sample`).
     generators: one CPU generator per sample for the churn noise, so a sample does not depend on its
     batch-mates (None: torch's global generator). Heun costs 2N - 1 evaluations of D, Euler N.
     """
@@ -81,7 +123,7 @@ def edm_sampler(
         raise ValueError(f"sampler must be one of {SAMPLERS} (got {sampler!r})")
     num_steps = len(t_steps) - 1
     t_steps = [float(t) for t in t_steps]
-    x_next = latents.float() * t_steps[0]  # x_0 ~ N(0, σ_0² I)
+    x_next = latents.float() * (t_steps[0] if init_sigma is None else init_sigma)  # x_0 ~ N(0, σ_0² I)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         # Churn: temporarily raise the noise level, γ_i = min(S_churn / N, √2 - 1) inside [S_tmin, S_tmax].
@@ -108,6 +150,71 @@ def _randn_like(x: torch.Tensor, generators: list[torch.Generator] | None) -> to
         return torch.randn_like(x)
     # Drawn on the CPU, one sample at a time: the same numbers on any device and in any batch.
     return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x)
+
+
+# ---------------------------------------------------------------- the recipe, as a manifest records it
+
+@dataclass(frozen=True)
+class Settings:
+    """How a sample is drawn, all in one record. The defaults are those of SDXL's reference demo
+    (Stability-AI/generative-models `scripts/demo/streamlit_helpers.py`: sampler EulerEDMSampler,
+    discretization LegacyDDPMDiscretization, guider VanillaCFG with cfg-scale 5.0, s_churn 0); the step
+    count is the caller's (A.4: 200 for Text2Mask, 40 for Mask2Img; the demo's own default is 50)."""
+
+    sampler: str = "euler"  # EulerEDMSampler; "heun": EDM Algorithm 2 (HeunEDMSampler)
+    schedule: str = "legacy"  # LegacyDDPMDiscretization; "karras": Karras Eq. 5, ρ below, on the model's [σ_min, σ_max]
+    guidance: float = 5.0  # VanillaCFG scale
+    rho: float = 7.0  # the Karras schedule only
+    S_churn: float = 0.0  # s_churn = 0: the deterministic sampler
+    S_tmin: float = 0.0
+    S_tmax: float = float("inf")
+    S_noise: float = 1.0
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS} (got {self.sampler!r})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} (got {self.schedule!r})")
+
+    def to_dict(self) -> dict:
+        """JSON-ready (JSON has no infinity: S_tmax = ∞ is null, as `synth.churn_settings` writes it)."""
+        d = dataclasses.asdict(self)
+        d["S_tmax"] = None if d["S_tmax"] == float("inf") else d["S_tmax"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Settings:
+        """The inverse of `to_dict`, reading only its own keys. A record without "schedule" or "sampler"
+        predates them: it was drawn with Heun on the Karras schedule, and reads back so."""
+        d = {**{"sampler": "heun", "schedule": "karras"}, **{k: v for k, v in d.items() if k in _FIELDS}}
+        if d.get("S_tmax", 0) is None:
+            d["S_tmax"] = float("inf")
+        return cls(**d)
+
+    def unet_calls(self, num_steps: int) -> int:
+        """UNet calls per sample (each a batch of 2 under guidance): Euler N, Heun 2N - 1."""
+        return num_steps if self.sampler == "euler" else 2 * num_steps - 1
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Settings)}
+
+
+def sample(d: EpsDenoiser, latents: torch.Tensor, num_steps: int, cond: Cond, uncond: Cond | None = None,
+           settings: Settings = Settings(), generators: list[torch.Generator] | None = None,
+           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Latents (B, C, h, w) from unit noise `latents`, as `settings` say. With the defaults this is sgm's
+    `EulerEDMSampler` over the `LegacyDDPMDiscretization` with `VanillaCFG`(5) and `DiscreteDenoiser`:
+    the start scaled by sqrt(1 + σ_0²) (`BaseDiffusionSampler.prepare_sampling_loop`) and the UNet's
+    timestep the nearest training one. The Karras schedule keeps its earlier behaviour (start at σ_0,
+    t(σ) interpolated), which tests/test_sampler.py holds to diffusers' schedulers."""
+    legacy = settings.schedule == "legacy"
+    t_steps = d.schedule(num_steps, settings.rho, kind=settings.schedule)
+    init_sigma = math.sqrt(1 + float(t_steps[0]) ** 2) if legacy else None  # sgm: x *= sqrt(1 + σ_0²)
+    return edm_sampler(
+        lambda x, sigma: d(x, sigma, cond, uncond, settings.guidance, nearest=legacy), latents, t_steps,
+        sampler=settings.sampler, S_churn=settings.S_churn, S_tmin=settings.S_tmin, S_tmax=settings.S_tmax,
+        S_noise=settings.S_noise, generators=generators, callback=callback, init_sigma=init_sigma,
+    )
 
 
 # ---------------------------------------------------------------- D(x; σ) from an ε-prediction UNet
@@ -144,15 +251,22 @@ class EpsDenoiser:
     def __init__(self, unet, alphas_cumprod: torch.Tensor, controlnet=None, control_scale: float = 1.0):
         self.unet, self.controlnet, self.control_scale = unet, controlnet, control_scale
         self.dtype = unet.dtype if unet is not None else torch.float32  # read once: diffusers' .dtype walks the parameters
-        self.sigmas = model_sigmas(alphas_cumprod)  # (T,) float64
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.sigmas = model_sigmas(alphas_cumprod)  # (T,) float64, σ_t of each training timestep
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
         self.evals = 0
-        self._t = {}  # σ -> the UNet's timestep tensor; a schedule visits each σ once or twice
+        self._t = {}  # (σ, nearest) -> (σ for c_in/c_out, the UNet's timestep); a schedule visits each σ once or twice
         self._guided = (None, None, None)  # (cond, uncond, their concatenation): built once per batch
 
-    def schedule(self, num_steps: int, rho: float = 7.0) -> torch.Tensor:
-        """The Karras schedule over this model's own [σ_min, σ_max], 0 appended."""
+    def schedule(self, num_steps: int, rho: float = 7.0, kind: str = "karras") -> torch.Tensor:
+        """This model's noise levels for num_steps steps, 0 appended: kind="karras" (the default here, for
+        the callers written before the legacy schedule), the Karras schedule over its own [σ_min, σ_max];
+        kind="legacy", sgm's legacy DDPM discretization of its own σ_t (the default of `Settings`)."""
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} (got {kind!r})")
+        if kind == "legacy":
+            return legacy_ddpm_sigmas(num_steps, self.alphas_cumprod)
         return karras_sigmas(num_steps, self.sigma_min, self.sigma_max, rho)
 
     @torch.no_grad()
@@ -173,15 +287,24 @@ class EpsDenoiser:
         return self.unet(x_in, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False, **residuals)[0]
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sigma: float, cond: Cond, uncond: Cond | None = None, guidance: float = 1.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: float, cond: Cond, uncond: Cond | None = None, guidance: float = 1.0,
+                 nearest: bool = False) -> torch.Tensor:
         """The denoised estimate of x (B, C, h, w) at noise level σ, in float32.
 
         guidance > 1: classifier-free guidance, ε = ε_u + w (ε_c - ε_u), with both halves in one UNet
-        batch as diffusers does; uncond defaults to `cond.zeros()` (SDXL style)."""
+        batch as diffusers and sgm's `VanillaCFG` do; uncond defaults to `cond.zeros()` (SDXL style).
+        nearest: sgm's `DiscreteDenoiser`: σ snaps to the nearest training σ_t and the UNet gets the
+        integer t; otherwise t(σ) is interpolated in log σ (diffusers, k-diffusion). On the legacy
+        schedule's own σ_t both give the same t; they differ between the training timesteps (Karras)."""
         self.evals += 1
-        if sigma not in self._t:
-            self._t[sigma] = sigma_to_t(torch.tensor(sigma), self.log_sigmas).to(torch.float32).to(x.device)
-        t = self._t[sigma]  # the UNet's timestep
+        key = (sigma, nearest)
+        if key not in self._t:
+            if nearest:  # sgm: `possibly_quantize_sigma`, then c_noise = `sigma_to_idx`
+                idx = sigma_to_index(sigma, self.sigmas)
+                self._t[key] = (float(self.sigmas[idx]), idx.to(torch.float32).to(x.device))
+            else:
+                self._t[key] = (sigma, sigma_to_t(torch.tensor(sigma), self.log_sigmas).to(torch.float32).to(x.device))
+        sigma, t = self._t[key]  # the σ the preconditioning uses, the UNet's timestep
         x_in = x / math.sqrt(sigma**2 + 1)  # c_in
         if guidance == 1.0:
             eps = self.eps(x_in, t, cond).float()
