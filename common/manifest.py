@@ -109,12 +109,25 @@ def _drop_partial_line(path: Path, chunk: int = 1 << 16) -> None:
         f.truncate(0)
 
 
-def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fields: tuple[str, ...] = ()) -> list[dict]:
+def check_caption(rec: dict, where: str, empty_ok: bool = False) -> None:
+    """A caption is a string, non-empty unless empty_ok (captions that drive generation or training)."""
+    cap = rec.get("caption")
+    if not isinstance(cap, str) or not (empty_ok or cap.strip()):
+        raise SegGenError(f"{where}: caption must be a non-empty string (got {cap!r}); recaption it or drop the line")
+
+
+def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fields: tuple[str, ...] = (),
+                  captions: bool | None = None) -> list[dict]:
     """Every record of a manifest family (see manifest_files), validated.
 
-    Raises SegGenError naming file and line for bad JSON, a missing field, an absolute or escaping
-    path, or an id written twice. A last line without its newline (a write cut by a kill) is skipped.
+    Raises SegGenError naming file and line for bad JSON or UTF-8, a missing field, an absolute or
+    escaping path, an id written twice, or (captions; by default when `required` holds "caption") a
+    caption that is not a string, or (for CAPTION_FIELDS manifests) an empty one. A last line without
+    its newline (a write cut by a kill) is skipped.
     """
+    if captions is None:
+        captions = "caption" in required
+    empty_ok = tuple(required) != CAPTION_FIELDS  # synthetic folders record the caption; only caption files drive work
     records, seen = [], {}
     for file in manifest_files(path):
         for n, _, line in iter_lines(file):
@@ -130,6 +143,8 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fi
                 raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
             for key in path_fields:
                 check_relative(str(rec[key]), where)
+            if captions:
+                check_caption(rec, where, empty_ok)
             rid = str(rec["id"])
             if rid in seen:
                 raise SegGenError(f"{where}: id {rid!r} was already written at {seen[rid]}")

@@ -1,0 +1,268 @@
+"""Compact, cached indexes of a synthetic folder and of a COCO panoptic split (paper scale: 1.2 M
+synthetic samples, 118k COCO images).
+
+An index holds numpy arrays only (ids and paths packed into one bytes blob with offsets, the byte
+offset of each manifest line), so DataLoader workers forked from the main process share it without
+copying: there is no per-sample Python object whose reference count would dirty the pages. A sample's
+full record (caption, settings, segments_info) is read from its line only when the sample is loaded;
+`index[i]` is the same `Sample` that `read_synthetic` / `read_coco_panoptic` give.
+
+Both are cached on disk as .npz next to what they index (synthetic: FOLDER/.index.npz; COCO:
+annotations/.panoptic_{split}2017.index.npz, or ~/.cache/seggen/ when that folder is read-only) and
+rebuilt when the source changes (size and mtime of each manifest file / of the JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common import SegGenError
+from common.manifest import SYNTHETIC_FIELDS, atomic_save, check_relative, iter_lines, manifest_files, parse_line, top_fields
+
+INDEX_VERSION = 1
+SYNTHETIC_PATHS = ("image", "annotation", "colormap")
+
+
+class Packed:
+    """Many strings in one uint8 blob with int64 offsets: 2 arrays instead of N Python objects."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets
+
+    @classmethod
+    def pack(cls, strings) -> Packed:
+        data = [s.encode("utf-8") for s in strings]
+        offsets = np.zeros(len(data) + 1, np.int64)
+        np.cumsum([len(b) for b in data], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(data), np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+def _cache_key(files: list[Path], folders: tuple[Path, ...] = ()) -> str:
+    """What an index depends on: its files' names, sizes and mtimes (and folders' mtimes: a file
+    added or deleted in them changes it)."""
+    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return json.dumps([INDEX_VERSION] + stats + [[d.name, d.stat().st_mtime_ns] for d in folders if d.is_dir()])
+
+
+def _load(path: Path, key: str) -> dict | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError):  # missing, unreadable or from another version: rebuild
+        return None
+
+
+def _save(path: Path, arrays: dict) -> bool:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    try:
+        atomic_save(path, write)
+        return True
+    except OSError:  # a read-only folder: the index lives in memory only
+        return False
+
+
+# ---------------------------------------------------------------- synthetic folders
+
+class SyntheticIndex:
+    """A synthetic folder (masksyn / imgsyn output) as a sequence of Samples, read lazily."""
+
+    def __init__(self, folder: Path, arrays: dict):
+        self.folder = folder
+        self.files = [str(f) for f in arrays["files"]]
+        self.ids = Packed(arrays["id_blob"], arrays["id_off"])
+        self.images = Packed(arrays["image_blob"], arrays["image_off"])
+        self.annotations = Packed(arrays["annotation_blob"], arrays["annotation_off"])
+        self.file_no, self.line_off, self.line_no = arrays["file_no"], arrays["line_off"], arrays["line_no"]
+
+    def __len__(self) -> int:
+        return len(self.line_off)
+
+    def record(self, i: int) -> dict:
+        """The full manifest record of sample i (one seek and one line read)."""
+        file = self.folder / self.files[self.file_no[i]]
+        where = f"{file}:{self.line_no[i]}"
+        try:
+            with open(file, "rb") as f:
+                f.seek(int(self.line_off[i]))
+                rec = parse_line(f.readline(), where)
+        except OSError as e:
+            raise SegGenError(f"{where}: cannot read the manifest line ({e})") from e
+        if str(rec["id"]) != self.ids[i]:
+            raise SegGenError(f"{where}: the manifest changed since it was indexed (expected id {self.ids[i]!r}); "
+                              f"rerun to rebuild {self.folder}/.index.npz")
+        return rec
+
+    def __getitem__(self, i: int):
+        from common.datasets import synthetic_sample
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return synthetic_sample(self.folder, self.record(i), f"{self.folder / self.files[self.file_no[i]]}:{self.line_no[i]}")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def build_synthetic_arrays(folder: Path, files: list[Path]) -> dict:
+    """Stream the manifests once: ids, paths and line offsets, with read_manifest's validation of the
+    fields the index uses (relative paths, unique ids, required fields present)."""
+    ids, images, annotations = [], [], []
+    file_no, line_off, line_no = [], [], []
+    seen: set[str] = set()
+    want = ("id", *SYNTHETIC_PATHS)
+    keys = [(key, f'"{key}": '.encode()) for key in SYNTHETIC_FIELDS]
+    for k, file in enumerate(files):
+        for n, offset, line in iter_lines(file):
+            where = f"{file}:{n}"
+            fields = top_fields(line, want)
+            if fields is None:  # not ManifestWriter's form: parse it
+                rec = parse_line(line, where)
+                fields = {key: str(rec.get(key, "")) for key in want}
+                missing = [key for key in SYNTHETIC_FIELDS if key not in rec]
+            else:
+                missing = [key for key, quoted in keys if quoted not in line]
+            if missing:
+                raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
+            for key in SYNTHETIC_PATHS:
+                check_relative(fields[key], where)
+            rid = fields["id"]
+            if rid in seen:
+                raise SegGenError(f"{where}: id {rid!r} was already written earlier in {folder}")
+            seen.add(rid)
+            ids.append(rid), images.append(fields["image"]), annotations.append(fields["annotation"])
+            file_no.append(k), line_off.append(offset), line_no.append(n)
+    del seen
+    arrays = {"files": np.array([f.name for f in files], dtype=str)}
+    for name, strings in (("id", ids), ("image", images), ("annotation", annotations)):
+        packed = Packed.pack(strings)
+        arrays[f"{name}_blob"], arrays[f"{name}_off"] = packed.blob, packed.offsets
+        strings.clear()
+    arrays["file_no"] = np.array(file_no, np.int16)
+    arrays["line_off"] = np.array(line_off, np.int64)
+    arrays["line_no"] = np.array(line_no, np.int32)
+    return arrays
+
+
+def synthetic_index(folder: str | Path, cache: bool = True) -> SyntheticIndex:
+    """The index of a synthetic folder, from FOLDER/.index.npz when it matches the manifests' sizes
+    and mtimes, else built (and saved there when the folder is writable)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegGenError(f"synthetic folder {folder} does not exist: run masksyn.py or imgsyn.py first, or fix --synthetic")
+    files = manifest_files(folder)
+    key, path = _cache_key(files), folder / ".index.npz"
+    arrays = _load(path, key) if cache else None
+    if arrays is None:
+        arrays = build_synthetic_arrays(folder, files)
+        arrays["key"] = np.array(key)
+        if cache:
+            _save(path, arrays)
+    if len(arrays["line_off"]) == 0:
+        raise SegGenError(f"synthetic folder {folder} has no samples (no manifest*.jsonl lines)")
+    return SyntheticIndex(folder, arrays)
+
+
+# ---------------------------------------------------------------- COCO panoptic
+
+class CocoPanopticIndex:
+    """A COCO panoptic split as a sequence of Samples sorted by id; segments_info kept as compact
+    JSON bytes per image and decoded when the sample is loaded."""
+
+    def __init__(self, root: Path, split: str, arrays: dict):
+        self.img_dir = root / f"{split}2017"
+        self.png_dir = root / "annotations" / f"panoptic_{split}2017"
+        self.ids = Packed(arrays["id_blob"], arrays["id_off"])
+        self.images = Packed(arrays["image_blob"], arrays["image_off"])
+        self.pngs = Packed(arrays["png_blob"], arrays["png_off"])
+        self.segments = Packed(arrays["seg_blob"], arrays["seg_off"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        from common.datasets import Sample
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return Sample(self.ids[i], self.img_dir / self.images[i], self.png_dir / self.pngs[i],
+                      segments=json.loads(self.segments[i]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _coco_cache_path(ann_json: Path) -> list[Path]:
+    """Where the COCO index may live: beside the JSON, else in the user's cache folder."""
+    digest = hashlib.sha1(str(ann_json.resolve()).encode()).hexdigest()[:16]
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "seggen"
+    return [ann_json.parent / f".{ann_json.stem}.index.npz", cache_home / f"{ann_json.stem}-{digest}.index.npz"]
+
+
+def build_coco_arrays(root: Path, split: str, ann_json: Path) -> dict:
+    from common.colormap import coco_categories
+
+    try:
+        meta = json.loads(ann_json.read_bytes())
+        files = {im["id"]: im["file_name"] for im in meta["images"]}
+        anns = meta["annotations"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SegGenError(f"{ann_json}: not a COCO panoptic annotation file ({e})") from e
+    known = {c["id"] for c in coco_categories()}
+    img_dir, png_dir = root / f"{split}2017", root / "annotations" / f"panoptic_{split}2017"
+    rows = []
+    for ann in anns:
+        try:
+            bad = {s["category_id"] for s in ann["segments_info"]} - known
+            image, png = files[ann["image_id"]], ann["file_name"]
+        except (KeyError, TypeError) as e:
+            raise SegGenError(f"{ann_json}: annotation {str(ann)[:80]} is not COCO panoptic ({e!r} missing)") from e
+        if bad:
+            raise SegGenError(f"{ann_json}: image {ann['image_id']} has unknown category ids {sorted(bad)}")
+        for p in (img_dir / image, png_dir / png):
+            if not p.is_file():
+                raise SegGenError(f"{ann_json} lists {p}, which does not exist")
+        rows.append((Path(png).stem, image, png, json.dumps(ann["segments_info"], separators=(",", ":"))))
+    del meta, anns, files
+    rows.sort(key=lambda r: r[0])
+    arrays = {}
+    for j, name in enumerate(("id", "image", "png", "seg")):
+        packed = Packed.pack(r[j] for r in rows)
+        arrays[f"{name}_blob"], arrays[f"{name}_off"] = packed.blob, packed.offsets
+    return arrays
+
+
+def coco_panoptic_index(root: str | Path, split: str, cache: bool = True) -> CocoPanopticIndex:
+    """The index of root/annotations/panoptic_{split}2017.json, built once and cached (see module doc).
+    The JSON must exist (datasets.read_coco_panoptic checks the layout and names what is missing)."""
+    root = Path(root)
+    ann_json = root / "annotations" / f"panoptic_{split}2017.json"
+    key = _cache_key([ann_json], (root / f"{split}2017", root / "annotations" / f"panoptic_{split}2017"))
+    candidates = _coco_cache_path(ann_json) if cache else []
+    for path in candidates:
+        arrays = _load(path, key)
+        if arrays is not None:
+            return CocoPanopticIndex(root, split, arrays)
+    arrays = build_coco_arrays(root, split, ann_json)
+    arrays["key"] = np.array(key)
+    for path in candidates:
+        if _save(path, arrays):
+            break
+    return CocoPanopticIndex(root, split, arrays)
+
