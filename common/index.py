@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from array import array
 from pathlib import Path
 
 import numpy as np
 
 from common import SegGenError
-from common.manifest import SYNTHETIC_FIELDS, atomic_save, check_relative, iter_lines, manifest_files, parse_line, top_fields
+from common.manifest import SYNTHETIC_FIELDS, atomic_save, check_relative, manifest_files, parse_line, scan
 
 INDEX_VERSION = 1
 SYNTHETIC_PATHS = ("image", "annotation", "colormap")
@@ -36,7 +38,10 @@ class Packed:
 
     @classmethod
     def pack(cls, strings) -> Packed:
-        data = [s.encode("utf-8") for s in strings]
+        return cls.pack_bytes([s.encode("utf-8") for s in strings])
+
+    @classmethod
+    def pack_bytes(cls, data: list[bytes]) -> Packed:
         offsets = np.zeros(len(data) + 1, np.int64)
         np.cumsum([len(b) for b in data], out=offsets[1:])
         return cls(np.frombuffer(b"".join(data), np.uint8), offsets)
@@ -119,43 +124,61 @@ class SyntheticIndex:
         return (self[i] for i in range(len(self)))
 
 
+_STR = rb'"((?:[^"\\\n]|\\.)*)"'
+_SCALAR = rb'(?:"(?:[^"\\\n]|\\.)*"|-?[0-9.eE+-]+|null|true|false)'
+# A line as synth.sample_record writes it: id first, then scalar fields, then image, annotation and
+# colormap in this order, then the rest (the nested settings, models, segments_info).
+_SYNTH_LINE = re.compile(rb'^\{"id": ' + _STR + rb'(?:, "[a-z_]+": ' + _SCALAR + rb')*?, "image": ' + _STR +
+                         rb', "annotation": ' + _STR + rb', "colormap": ' + _STR + rb'[,}][^\n]*$', re.M)
+
+
+def _relative_ok(p: str) -> bool:  # the common case of manifest.check_relative, without PurePosixPath
+    return bool(p) and p[0] != "/" and "\\" not in p and p[1:2] != ":" and ".." not in p.split("/")
+
+
 def build_synthetic_arrays(folder: Path, files: list[Path]) -> dict:
-    """Stream the manifests once: ids, paths and line offsets, with read_manifest's validation of the
-    fields the index uses (relative paths, unique ids, required fields present)."""
+    """Scan the manifests once: ids, paths and line offsets, with read_manifest's checks of what the
+    index uses (relative paths, unique ids) and of the other fields' presence; the rest of a record is
+    parsed when its sample is loaded."""
     ids, images, annotations = [], [], []
-    file_no, line_off, line_no = [], [], []
-    seen: set[str] = set()
-    want = ("id", *SYNTHETIC_PATHS)
+    file_no, line_off, line_no = array("h"), array("q"), array("i")
+    seen: set[bytes] = set()
     keys = [(key, f'"{key}": '.encode()) for key in SYNTHETIC_FIELDS]
     for k, file in enumerate(files):
-        for n, offset, line in iter_lines(file):
+        for n, offset, line, m in scan(file, _SYNTH_LINE):
             where = f"{file}:{n}"
-            fields = top_fields(line, want)
-            if fields is None:  # not ManifestWriter's form: parse it
+            if m is not None:
+                rid, img, ann, cmap = (g if b"\\" not in g else json.loads(b'"' + g + b'"').encode() for g in m.groups())
+                if line is not None or n % 64 == 0:  # field presence: every irregular line, and a sample of the rest
+                    text = m.group(0)
+                    missing = [key for key, quoted in keys if quoted not in text]
+                    if missing:
+                        raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
+                paths = (img.decode("utf-8", "replace"), ann.decode("utf-8", "replace"), cmap.decode("utf-8", "replace"))
+            else:  # not in sample_record's form: parse it
                 rec = parse_line(line, where)
-                fields = {key: str(rec.get(key, "")) for key in want}
                 missing = [key for key in SYNTHETIC_FIELDS if key not in rec]
-            else:
-                missing = [key for key, quoted in keys if quoted not in line]
-            if missing:
-                raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
-            for key in SYNTHETIC_PATHS:
-                check_relative(fields[key], where)
-            rid = fields["id"]
+                if missing:
+                    raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
+                rid, paths = str(rec["id"]).encode(), tuple(str(rec[key]) for key in SYNTHETIC_PATHS)
+                img, ann = paths[0].encode(), paths[1].encode()
+            if not all(_relative_ok(p) for p in paths):
+                for p in paths:
+                    check_relative(p, where)
             if rid in seen:
-                raise SegGenError(f"{where}: id {rid!r} was already written earlier in {folder}")
+                raise SegGenError(f"{where}: id {rid.decode('utf-8', 'replace')!r} was already written earlier in {folder}")
             seen.add(rid)
-            ids.append(rid), images.append(fields["image"]), annotations.append(fields["annotation"])
+            ids.append(rid), images.append(img), annotations.append(ann)
             file_no.append(k), line_off.append(offset), line_no.append(n)
     del seen
     arrays = {"files": np.array([f.name for f in files], dtype=str)}
     for name, strings in (("id", ids), ("image", images), ("annotation", annotations)):
-        packed = Packed.pack(strings)
+        packed = Packed.pack_bytes(strings)
         arrays[f"{name}_blob"], arrays[f"{name}_off"] = packed.blob, packed.offsets
         strings.clear()
-    arrays["file_no"] = np.array(file_no, np.int16)
-    arrays["line_off"] = np.array(line_off, np.int64)
-    arrays["line_no"] = np.array(line_no, np.int32)
+    arrays["file_no"] = np.frombuffer(file_no, np.int16).copy()
+    arrays["line_off"] = np.frombuffer(line_off, np.int64).copy()
+    arrays["line_no"] = np.frombuffer(line_no, np.int32).copy()
     return arrays
 
 
