@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,31 +87,57 @@ def read_ade20k(data_root: Path, split: str) -> list[Sample]:
     return [Sample(k, images[k], labels[k]) for k in sorted(images)]
 
 
+# What PIL raises for a file it cannot decode: OSError (unreadable, truncated, missing), its
+# DecompressionBombError (not an OSError: a file over 2x Image.MAX_IMAGE_PIXELS), ValueError / SyntaxError
+# (some corrupt headers) and struct.error / EOFError from a few plugins.
+_DECODE_ERRORS = (OSError, Image.DecompressionBombError, ValueError, SyntaxError, EOFError, struct.error)
+_RGB_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa")
+_PANOPTIC_MODES = ("RGB", "RGBA", "RGBX", "P", "PA")
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """A decoded image, or SegGenError naming the file (any decoding error: a per-item error)."""
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except _DECODE_ERRORS as e:
+        raise SegGenError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from e
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except _DECODE_ERRORS as e:
+        raise SegGenError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+
+
 def load_label(sample: Sample, data: str) -> np.ndarray:
     """(H, W) uint8 semantic label values of a sample (ADE20K: 0..150; COCO: category ids, 0 = void).
 
-    Checks that the values are valid for `data` and that the label has the image's size."""
-    try:
-        png = Image.open(sample.annotation)
-        png.load()
-    except OSError as e:
-        raise SegGenError(f"{sample.annotation}: unreadable annotation ({e})") from e
+    Checks that the values are valid for `data` and that the label has the image's size; every failure
+    is a SegGenError naming the file (a per-item error for the stages' error handling)."""
+    png = _open(sample.annotation, "annotation")
     if sample.segments is not None:  # panoptic PNG
+        if png.mode not in _PANOPTIC_MODES:
+            raise SegGenError(f"{sample.annotation}: a panoptic PNG must be RGB (got mode {png.mode})")
         label = panoptic_to_semantic(rgb_to_id(np.asarray(png.convert("RGB"))), sample.segments)
     else:
-        if png.mode not in ("L", "P", "I", "I;16"):
+        if png.mode not in _LABEL_MODES:
             raise SegGenError(f"{sample.annotation}: annotation must be a single-channel label PNG (got mode {png.mode})")
         label = np.asarray(png)
         valid = valid_label_values(data)
-        if label.max() > 255 or not valid[np.unique(label)].all():
-            bad = [int(v) for v in np.unique(label) if v > 255 or not valid[v]]
+        if label.size and (label.min() < 0 or label.max() > 255 or not valid[np.unique(label)].all()):
+            bad = [int(v) for v in np.unique(label) if not 0 <= v <= 255 or not valid[v]]
             raise SegGenError(f"{sample.annotation}: label values {bad[:8]} are not {data} classes")
         label = label.astype(np.uint8)
-    with Image.open(sample.image) as im:
-        if im.size != (label.shape[1], label.shape[0]):
-            raise SegGenError(
-                f"{sample.annotation}: label is {label.shape[1]}x{label.shape[0]} but image {sample.image} is {im.size[0]}x{im.size[1]}"
-            )
+    size = _image_size(sample.image)
+    if size != (label.shape[1], label.shape[0]):
+        raise SegGenError(
+            f"{sample.annotation}: label is {label.shape[1]}x{label.shape[0]} but image {sample.image} is {size[0]}x{size[1]}"
+        )
     return label
 
 
@@ -124,13 +151,19 @@ def valid_label_values(data: str) -> np.ndarray:
 
 
 def load_image(path: Path) -> Image.Image:
-    """An RGB image; unreadable or truncated files raise SegGenError naming the file."""
-    try:
-        im = Image.open(path)
-        im.load()
+    """An RGB image. 16-bit greyscale is scaled to 8 bits (PIL's convert("RGB") would clip it to
+    white); 32-bit integer / float images are refused by mode, as are unreadable, truncated and
+    decompression-bomb files: SegGenError naming the file."""
+    im = _open(Path(path), "image")
+    if im.mode in _RGB_MODES:
         return im.convert("RGB")
-    except OSError as e:
-        raise SegGenError(f"{path}: unreadable image ({e})") from e
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im)
+        if im.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+            raise SegGenError(f"{path}: 32-bit integer image (mode I, values {a.min()}..{a.max()}) is not a photo; "
+                              f"save it as 8- or 16-bit")
+        return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L").convert("RGB")  # 16 -> 8 bits
+    raise SegGenError(f"{path}: image mode {im.mode} is not supported; save it as 8- or 16-bit RGB or greyscale")
 
 
 # ---------------------------------------------------------------- COCO panoptic
@@ -148,6 +181,30 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 
 def read_coco_panoptic(data_root: Path, split: str) -> list[Sample]:
+    """All samples of a COCO panoptic split, sorted by id, from the cached index of its JSON (see
+    common/index.py: built once, rebuilt when the JSON changes). coco_panoptic_index gives the same
+    samples lazily, without a Python object per segment, for paper-scale training."""
+    return list(coco_panoptic_index(data_root, split))
+
+
+def coco_panoptic_index(data_root: Path, split: str):
+    """A lazy sequence of a COCO panoptic split's Samples (common.index.CocoPanopticIndex); the layout
+    is checked first and the error names what is missing."""
+    from common.index import coco_panoptic_index as build
+
+    root = Path(data_root)
+    ann_json = root / "annotations" / f"panoptic_{split}2017.json"
+    if not ann_json.is_file():
+        png_dir, img_dir = root / "annotations" / f"panoptic_{split}2017", root / f"{split}2017"
+        raise SegGenError(
+            f"--data-root {root}: no COCO panoptic found. Expected {ann_json}, {png_dir}/*.png and "
+            f"{img_dir}/*.jpg; {_listing(root / 'annotations' if (root / 'annotations').is_dir() else root)}"
+        )
+    return build(root, split)
+
+
+def _read_coco_panoptic_json(data_root: Path, split: str) -> list[Sample]:
+    """The JSON parsed on every call (before the cached index): bench/scale.py's baseline."""
     root = Path(data_root)
     ann_json = root / "annotations" / f"panoptic_{split}2017.json"
     png_dir = root / "annotations" / f"panoptic_{split}2017"
@@ -179,10 +236,10 @@ def read_coco_panoptic(data_root: Path, split: str) -> list[Sample]:
 
 def load_panoptic(sample: Sample) -> np.ndarray:
     """(H, W) int32 segment ids of a COCO panoptic sample; every non-zero id must be in segments_info."""
-    try:
-        ids = rgb_to_id(np.asarray(Image.open(sample.annotation).convert("RGB")))
-    except OSError as e:
-        raise SegGenError(f"{sample.annotation}: unreadable panoptic PNG ({e})") from e
+    png = _open(sample.annotation, "panoptic PNG")
+    if png.mode not in _PANOPTIC_MODES:
+        raise SegGenError(f"{sample.annotation}: a panoptic PNG must be RGB (got mode {png.mode})")
+    ids = rgb_to_id(np.asarray(png.convert("RGB")))
     unknown = set(np.unique(ids).tolist()) - {s["id"] for s in sample.segments or []} - {0}
     if unknown:
         raise SegGenError(f"{sample.annotation}: segment ids {sorted(unknown)[:5]} are not in its segments_info")
@@ -192,14 +249,41 @@ def load_panoptic(sample: Sample) -> np.ndarray:
 # ---------------------------------------------------------------- synthetic folders
 
 def read_synthetic(folder: str | Path) -> list[Sample]:
-    """Every sample of a synthetic folder (masksyn/imgsyn output): all its manifest*.jsonl files."""
+    """Every sample of a synthetic folder (masksyn/imgsyn output): all its manifest*.jsonl files, each
+    record validated (read_manifest) and each sample's files checked (synthetic_sample). Keeps every
+    record in memory: for paper-scale folders use synthetic_index."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SegGenError(f"synthetic folder {folder} does not exist: run masksyn.py or imgsyn.py first, or fix --synthetic")
     records = read_manifest(folder, required=SYNTHETIC_FIELDS, path_fields=("image", "annotation", "colormap"))
     if not records:
         raise SegGenError(f"synthetic folder {folder} has no samples (no manifest*.jsonl lines)")
-    return [
-        Sample(r["id"], folder / r["image"], folder / r["annotation"], segments=r.get("segments_info"), meta=r)
-        for r in records
-    ]
+    return [synthetic_sample(folder, r, f"{folder} id {r['id']!r}") for r in records]
+
+
+def synthetic_index(folder: str | Path):
+    """A synthetic folder as a lazy sequence of Samples (common.index.SyntheticIndex): numpy arrays of
+    ids and paths, cached in FOLDER/.index.npz; `index[i] == read_synthetic(folder)[i]`."""
+    from common.index import synthetic_index as build
+
+    return build(folder)
+
+
+def synthetic_sample(folder: Path, rec: dict, where: str) -> Sample:
+    """The Sample of one synthetic manifest record. Its image and annotation must be files inside the
+    folder once symlinks are resolved (a manifest cannot point at any file on the machine), and its
+    caption a string; errors name `where` (manifest:line, or folder and id)."""
+    inside = Path(os.path.realpath(folder))
+    paths = {}
+    for key in ("image", "annotation"):
+        path = folder / rec[key]
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(inside):
+            raise SegGenError(f"{where}: {key} {rec[key]!r} resolves to {real}, outside the synthetic folder {folder} "
+                              f"(a symlink?); copy the file into the folder")
+        if not real.is_file():
+            raise SegGenError(f"{where}: {key} file {path} is missing; regenerate the sample or remove its line")
+        paths[key] = path
+    if not isinstance(rec.get("caption"), str):
+        raise SegGenError(f"{where}: caption must be a string (got {rec.get('caption')!r})")
+    return Sample(rec["id"], paths["image"], paths["annotation"], segments=rec.get("segments_info"), meta=rec)

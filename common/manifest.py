@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 from common import SegGenError
@@ -87,33 +88,53 @@ class ManifestWriter:
         self.close()
 
 
-def _drop_partial_line(path: Path) -> None:
+def _drop_partial_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate a last line cut short by a kill, reading only the file's tail (not the whole file)."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:  # walk back chunk by chunk to the last newline
+            start = max(0, pos - chunk)
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
-def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fields: tuple[str, ...] = ()) -> list[dict]:
+def check_caption(rec: dict, where: str, empty_ok: bool = False) -> None:
+    """A caption is a string, non-empty unless empty_ok (captions that drive generation or training)."""
+    cap = rec.get("caption")
+    if not isinstance(cap, str) or not (empty_ok or cap.strip()):
+        raise SegGenError(f"{where}: caption must be a non-empty string (got {cap!r}); recaption it or drop the line")
+
+
+def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fields: tuple[str, ...] = (),
+                  captions: bool | None = None) -> list[dict]:
     """Every record of a manifest family (see manifest_files), validated.
 
-    Raises SegGenError naming file and line for bad JSON, a missing field, an absolute or escaping
-    path, or an id written twice. A last line without its newline (a write cut by a kill) is skipped.
+    Raises SegGenError naming file and line for bad JSON or UTF-8, a missing field, an absolute or
+    escaping path, an id written twice, or (captions; by default when `required` holds "caption") a
+    caption that is not a string, or (for CAPTION_FIELDS manifests) an empty one. A last line without
+    its newline (a write cut by a kill) is skipped.
     """
+    if captions is None:
+        captions = "caption" in required
+    empty_ok = tuple(required) != CAPTION_FIELDS  # synthetic folders record the caption; only caption files drive work
     records, seen = [], {}
     for file in manifest_files(path):
-        lines = file.read_text(encoding="utf-8").split("\n")
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for n, _, line in iter_lines(file):
             where = f"{file}:{n}"
             try:
                 rec = json.loads(line)
-            except ValueError as e:
-                if n == len(lines):  # no newline after it: cut short by a kill, the writer drops it
-                    continue
+            except ValueError as e:  # bad JSON, or bytes that are not UTF-8
                 raise SegGenError(f"{where}: not a JSON line ({e})") from e
             if not isinstance(rec, dict):
                 raise SegGenError(f"{where}: expected a JSON object")
@@ -122,6 +143,8 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fi
                 raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
             for key in path_fields:
                 check_relative(str(rec[key]), where)
+            if captions:
+                check_caption(rec, where, empty_ok)
             rid = str(rec["id"])
             if rid in seen:
                 raise SegGenError(f"{where}: id {rid!r} was already written at {seen[rid]}")
@@ -131,5 +154,151 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fi
 
 
 def done_ids(path: str | Path) -> set[str]:
-    """Ids already in a manifest family: what a rerun skips."""
+    """Ids already in a manifest family: what a rerun skips (validates every record; see read_ids
+    for the streaming reader that scales to millions of lines)."""
     return {str(r["id"]) for r in read_manifest(path)}
+
+
+# ---------------------------------------------------------------- streaming readers (millions of lines)
+# ManifestWriter writes json.dumps' default form, '{"id": "...", "key": value, ...}': the id is the
+# first key, and top-level string fields can be picked out of a line without parsing its nested values
+# (settings, segments_info: ~70 µs a line with json.loads for a COCO line, ~1 µs with a regex).
+# Any line not in that form is parsed with json.loads, so hand-written manifests still read correctly.
+
+_ID_FIRST = re.compile(rb'\{"id": "((?:[^"\\]|\\.)*)"[,}]')
+_TOP_FIELD = re.compile(rb'(?:^\{|, )"([A-Za-z_]+)": "((?:[^"\\]|\\.)*)"(?=[,}])')
+_NESTED = (b'": {', b'": [')
+
+
+def _unescape(raw: bytes) -> str:
+    return json.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8")
+
+
+def iter_lines(file: Path):
+    """(line number, byte offset, line bytes without its newline) for each non-blank line of one
+    manifest file, streaming. A last line without its newline is given only if it is a whole JSON
+    object (a hand-written file); cut short by a kill, it is skipped, as ManifestWriter drops it."""
+    offset = 0
+    with open(file, "rb") as f:
+        for n, line in enumerate(f, 1):
+            size = len(line)
+            if line.endswith(b"\n"):
+                if line.strip():
+                    yield n, offset, line.rstrip(b"\r\n")
+            elif line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return
+                yield n, offset, line
+            offset += size
+
+
+def parse_line(line: bytes, where: str) -> dict:
+    """One manifest line as a dict, or SegGenError naming file:line."""
+    try:
+        rec = json.loads(line)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise SegGenError(f"{where}: not a JSON line ({e})") from e
+    if not isinstance(rec, dict):
+        raise SegGenError(f"{where}: expected a JSON object")
+    if "id" not in rec:
+        raise SegGenError(f"{where}: missing field(s) id")
+    return rec
+
+
+def top_fields(line: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
+    """The top-level string fields `keys` of a line in ManifestWriter's form, without parsing the
+    rest; None when the line is not in that form or a key is not found before the first nested value
+    (the caller then parses the line with json.loads)."""
+    if not line.startswith(b'{"id": "'):
+        return None
+    end = min((i for i in (line.find(m) for m in _NESTED) if i >= 0), default=len(line))
+    found = {}
+    for m in _TOP_FIELD.finditer(line, 0, end + 1):
+        key = m.group(1).decode()
+        if key in keys and key not in found:
+            found[key] = _unescape(m.group(2))
+    return found if len(found) == len(keys) else None
+
+
+def iter_chunks(file: Path, size: int = 1 << 24):
+    """(byte offset, number of its first line, bytes) of one manifest file in ~16 MB pieces that end at
+    a newline: what the fast scanners run their regex over. A last piece without a newline is given
+    as it is (the caller treats it as a possibly cut line)."""
+    offset, line = 0, 1
+    with open(file, "rb") as f:
+        rest = b""
+        while True:
+            data = f.read(size)
+            if not data:
+                break
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                yield offset, line, data[:cut]
+                offset, line = offset + cut, line + data.count(b"\n", 0, cut)
+            rest = data[cut:]
+        if rest:
+            yield offset, line, rest
+
+
+def scan(file: Path, regex: re.Pattern):
+    """(line number, byte offset, line, match or None) for each line of one manifest file, the lines
+    ManifestWriter wrote matched by `regex` (multiline, anchored at ^) in C over whole chunks. A chunk
+    where some line does not match (hand-written, blank, cut) is split and each line given with its
+    match or None; the caller parses those with json.loads. `line` is None for matched lines of a
+    clean chunk (not copied out of it)."""
+    for base, first, chunk in iter_chunks(file):
+        matches = list(regex.finditer(chunk))
+        if chunk.endswith(b"\n") and len(matches) == chunk.count(b"\n"):
+            for j, m in enumerate(matches):
+                yield first + j, base + m.start(), None, m
+            continue
+        for n, offset, line in iter_lines_of(chunk, base, first):
+            yield n, offset, line, regex.match(line)
+
+
+def iter_lines_of(chunk: bytes, base: int, first: int):
+    pos = 0
+    for j, line in enumerate(chunk.split(b"\n")):
+        end = pos + len(line)
+        complete = end < len(chunk)
+        if line.strip():
+            if complete:
+                yield first + j, base + pos, line.rstrip(b"\r")
+            else:
+                try:  # the last line of the file without its newline: kept only if it is whole
+                    json.loads(line)
+                except ValueError:
+                    return
+                yield first + j, base + pos, line
+        pos = end + 1
+
+
+_ID_LINE = re.compile(rb'^\{"id": "((?:[^"\\\n]|\\.)*)"[,}][^\n]*$', re.M)
+
+
+def read_ids(path: str | Path) -> set[str]:
+    """Ids in a manifest family (see manifest_files), streaming: only the ids are kept in memory.
+
+    The same ids as done_ids, at a few µs a line and ~100 bytes per id (done_ids keeps every record:
+    ~6 GB per million imgsyn lines). Lines not in ManifestWriter's form are parsed with json.loads;
+    bad JSON there and an id written twice are errors naming file and line."""
+    ids: set[str] = set()
+    for file in manifest_files(path):
+        for n, _, line, m in scan(file, _ID_LINE):
+            rid = _unescape(m.group(1)) if m else str(parse_line(line, f"{file}:{n}")["id"])
+            if rid in ids:
+                raise SegGenError(f"{file}:{n}: id {rid!r} was already written earlier in {path}")
+            ids.add(rid)
+    return ids
+
+
+def first_record(path: str | Path) -> dict | None:
+    """The first record of a manifest family, or None when it has none: what a resume compares its
+    settings with (synth.check_output), without reading the rest."""
+    for file in manifest_files(path):
+        for n, _, line in iter_lines(file):
+            return parse_line(line, f"{file}:{n}")
+    return None

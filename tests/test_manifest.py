@@ -1,12 +1,14 @@
 """JSONL manifests: atomic files, resume, per-rank files, validation."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from common import SegGenError
+from common import SegGenError, manifest
 from common.manifest import (
-    CAPTION_FIELDS, ManifestWriter, atomic_save, done_ids, manifest_files, rank_path, read_manifest,
+    CAPTION_FIELDS, ManifestWriter, atomic_save, done_ids, first_record, manifest_files, rank_path, read_ids,
+    read_manifest, top_fields,
 )
 
 
@@ -83,3 +85,55 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
     assert not target.exists() and list(target.parent.iterdir()) == []
     atomic_save(target, lambda tmp: tmp.write_bytes(b"whole"))
     assert target.read_bytes() == b"whole" and len(list(target.parent.iterdir())) == 1
+
+
+# ---------------------------------------------------------------- streaming readers
+
+def test_read_ids_agrees_with_done_ids_on_written_and_hand_written_lines(tmp_path):
+    out = tmp_path / "synth"
+    recs = [{"id": 'quote"d', "image": "images/a.jpg", "settings": {"id": "nested"}},
+            {"id": "ümlaut", "caption": "a \"room\", {nested}", "segments_info": [{"id": 5}]},
+            {"id": "plain"}]
+    with ManifestWriter(rank_path(out / "manifest.jsonl", 0, 2)) as w:
+        w.append_many(recs)
+    # hand-written: id not first, an integer id, no newline after the last (complete) line
+    (out / "manifest.rank1.jsonl").write_text('{"image": "x.jpg", "id": "late"}\n\n{"id": 7}')
+    assert read_ids(out) == done_ids(out) == {'quote"d', "ümlaut", "plain", "late", "7"}
+    assert first_record(out) == recs[0]
+    assert first_record(tmp_path / "none") is None
+
+
+def test_read_ids_skips_a_cut_line_and_names_bad_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b", "cap')  # killed mid-write: the id is there, the line is not
+    assert read_ids(path) == {"a"}
+    path.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(SegGenError, match=r"m.jsonl:2: not a JSON line"):
+        read_ids(path)
+    path.write_text('{"id": "a"}\n{"id": "a", "x": 1}\n')
+    with pytest.raises(SegGenError, match=r"m.jsonl:2: id 'a' was already written"):
+        read_ids(path)
+    path.write_bytes(b'{"id": "a"}\n{"id": "b", "caption": "\xff\xfe"}\n')  # not UTF-8
+    with pytest.raises(SegGenError, match=r"m.jsonl:2: not a JSON line"):
+        read_manifest(path)
+
+
+def test_top_fields_reads_top_level_strings_only(tmp_path):
+    line = json.dumps({"id": "a", "image": "images/a.jpg", "caption": 'say ": {"image": "no"', "k": 3,
+                       "settings": {"annotation": "nested"}, "annotation": "annotations/a.png"}).encode()
+    assert top_fields(line, ("id", "image")) == {"id": "a", "image": "images/a.jpg"}
+    assert top_fields(line, ("id", "annotation")) is None  # only after a nested value: caller parses the line
+    assert top_fields(b'{"image": "x", "id": "a"}', ("id",)) is None
+
+
+@pytest.mark.parametrize("tail", [b'{"id": "c", "cap', b"x" * 300])
+def test_writer_drops_a_long_partial_line_reading_only_the_tail(tmp_path, tail, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "b"}\n' + tail)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read the whole file"))
+    manifest._drop_partial_line(path, chunk=16)  # several chunks back to the newline
+    monkeypatch.undo()
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    path.write_bytes(b"no newline at all")
+    manifest._drop_partial_line(path, chunk=4)
+    assert path.read_bytes() == b""

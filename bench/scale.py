@@ -1,0 +1,271 @@
+"""Paper-scale readers: seconds and peak memory per million manifest lines (issue 18 items 1, 2, 4).
+
+Generates a synthetic folder of N manifest lines in imgsyn's COCO format (the largest: ~25
+segments_info entries a line, split over 2 rank files) and a COCO-panoptic-like split (JSON with ~11
+segments per image, empty image/PNG files), then measures each reader in a fresh process (peak RSS =
+VmHWM) and prints the new path against the code it replaces, measured in the same run:
+
+- resume: manifest.read_ids (streaming ids)        vs done_ids (every record parsed and kept)
+- index:  index.synthetic_index, build and cached  vs read_synthetic's record list
+- worker: a forked DataLoader worker touching its quarter of the samples, then gc.collect();
+          private memory (Private_* in /proc/self/smaps_rollup)
+- coco:   datasets.coco_panoptic_index, first and cached, vs the JSON parsed on every call
+
+The old paths keep every record as Python objects (~6 GB per million lines), so they run on at most
+--baseline-lines lines (default 100k) and are scaled per million; the new ones run on all N lines.
+
+    python bench/scale.py                       # ~1 minute: 50k lines, 10k COCO images
+    nice -n 10 python bench/scale.py --lines 1200000 --coco-images 118000   # the paper-scale target
+Targets at 1.2 M lines: resume <= 10 s and <= 300 MB; index <= 20 s and <= 1 GB, <= 100 MB private per
+worker; COCO 118k <= 5 s and <= 300 MB once cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ---------------------------------------------------------------- defaults (see the module doc)
+LINES = 50_000  # manifest lines (paper: 1.2 M for ADE20K, 1.18 M for COCO)
+COCO_IMAGES = 10_000  # COCO panoptic images (paper: train2017, 118k)
+BASELINE_LINES = 100_000  # the old, record-keeping readers run on at most this many lines
+SEGMENTS_PER_LINE = 25  # imgsyn COCO lines (issue 18)
+SEGMENTS_PER_IMAGE = 11  # COCO panoptic train2017's mean
+WORKERS = 4  # a worker touches 1/WORKERS of the samples
+
+
+# ---------------------------------------------------------------- data in the real formats
+
+def imgsyn_line(sid: str, source: str, k: int, segments: list) -> str:
+    """One manifest line as imgsyn.py writes it (synth.sample_record + segments_info)."""
+    settings = {"data": "coco", "resolution": 768, "steps": 50, "guidance": 7.5, "sampler": "heun", "S_churn": 0,
+                "S_tmin": 0, "S_tmax": None, "S_noise": 1, "seed": 0, "precision": "bf16", "palette": "coco-generation"}
+    models = {"mask2img": "runs/mask2img-coco", "base": "stabilityai/stable-diffusion-xl-base-1.0",
+              "vae": "madebyollin/sdxl-vae-fp16-fix"}
+    rec = {"id": sid, "source_id": source, "k": k, "method": "imgsyn", "image": f"images/{sid}.jpg",
+           "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
+           "caption": "a man riding a bike down a street next to a parked car and a bus", "seed": 4242424242424242,
+           "settings": settings, "models": models, "batch": [[source, kk] for kk in range(8)], "segments_info": segments}
+    return json.dumps(rec, ensure_ascii=False)
+
+
+CATEGORIES = [c["id"] for c in json.loads((ROOT / "common/data/coco_panoptic_categories.json").read_text())]
+
+
+def segments(n: int, seed: int) -> list:
+    return [{"id": 3937500 + 997 * i + seed % 1000, "category_id": CATEGORIES[(seed + i) % len(CATEGORIES)], "iscrowd": 0,
+             "bbox": [12 + i, 34, 200, 150], "area": 12345 + i} for i in range(n)]
+
+
+def write_folder(folder: Path, lines: int, ranks: int = 2) -> None:
+    folder.mkdir(parents=True)
+    files = [open(folder / f"manifest.rank{r}.jsonl", "w", encoding="utf-8") for r in range(ranks)]
+    for i in range(lines):
+        source = f"{i // 10:012d}"
+        files[i % ranks].write(imgsyn_line(f"{source}_{i % 10:03d}", source, i % 10, segments(SEGMENTS_PER_LINE, i)) + "\n")
+    for f in files:
+        f.close()
+
+
+def write_coco(root: Path, images: int) -> None:
+    (root / "annotations/panoptic_val2017").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    meta = {"info": {}, "licenses": [], "categories": json.loads((ROOT / "common/data/coco_panoptic_categories.json").read_text()),
+            "images": [], "annotations": []}
+    for i in range(images):
+        name = f"{i:012d}"
+        meta["images"].append({"id": i, "file_name": f"{name}.jpg", "width": 640, "height": 480})
+        meta["annotations"].append({"image_id": i, "file_name": f"{name}.png", "segments_info": segments(SEGMENTS_PER_IMAGE, i)})
+        (root / f"val2017/{name}.jpg").touch()
+        (root / f"annotations/panoptic_val2017/{name}.png").touch()
+    (root / "annotations/panoptic_val2017.json").write_text(json.dumps(meta))
+
+
+# ---------------------------------------------------------------- measurements (each in a fresh process)
+
+def _status(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024  # MB
+    return 0.0
+
+
+def _private_mb() -> float:
+    rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    return sum(int(line.split()[1]) for line in rollup if line.startswith("Private_")) / 1024
+
+
+def old_synthetic(folder: Path) -> list:
+    """read_synthetic as it was before the index: every record validated and kept in a Sample."""
+    from common.datasets import Sample
+    from common.manifest import SYNTHETIC_FIELDS, read_manifest
+
+    records = read_manifest(folder, required=SYNTHETIC_FIELDS, path_fields=("image", "annotation", "colormap"))
+    return [Sample(r["id"], folder / r["image"], folder / r["annotation"], segments=r.get("segments_info"), meta=r)
+            for r in records]
+
+
+def _touch_share(samples, materialise) -> None:
+    """What a DataLoader worker does to the shared list/index over an epoch: reads its share."""
+    n = len(samples)
+    for i in range(0, n // WORKERS):
+        materialise(samples, i)
+
+
+def _fork_worker(samples, materialise) -> float:
+    """Private MB of a forked child after touching its share and a full garbage collection."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _touch_share(samples, materialise)
+        gc.collect()
+        os.write(w, f"{_private_mb():.1f}".encode())
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 100).decode()
+    os.waitpid(pid, 0)
+    return float(got)
+
+
+def measure(name: str, path: Path) -> dict:
+    from common import index as idx
+    from common.datasets import _read_coco_panoptic_json, coco_panoptic_index
+    from common.manifest import done_ids, read_ids
+
+    start, extra = time.perf_counter(), {}
+    if name == "empty":
+        pass
+    elif name == "resume_new":
+        extra["n"] = len(read_ids(path))
+    elif name == "resume_old":
+        extra["n"] = len(done_ids(path))
+    elif name in ("index_build", "index_cached"):
+        if name == "index_build":
+            (path / ".index.npz").unlink(missing_ok=True)
+        extra["n"] = len(idx.synthetic_index(path))
+    elif name == "index_old":
+        extra["n"] = len(old_synthetic(path))
+    elif name == "worker_new":
+        index = idx.synthetic_index(path)
+        start = time.perf_counter()
+
+        def touch(ix, i):  # the arrays a worker reads for every sample, and a full record for some
+            ix.ids[i], ix.images[i], ix.annotations[i], int(ix.line_off[i])
+            if i % 50 == 0:
+                ix.record(i)
+        extra["private_mb"] = _fork_worker(index, touch)
+    elif name == "worker_old":
+        samples = old_synthetic(path)
+        start = time.perf_counter()
+
+        def touch(ss, i):
+            s = ss[i]
+            s.id, s.image, s.annotation, s.meta["caption"]
+        extra["private_mb"] = _fork_worker(samples, touch)
+    elif name in ("coco_first", "coco_cached"):
+        if name == "coco_first":
+            for p in path.glob("annotations/.*.index.npz"):
+                p.unlink()
+        extra["n"] = len(coco_panoptic_index(path, "val"))
+    elif name == "coco_old":
+        extra["n"] = len(_read_coco_panoptic_json(path, "val"))
+    else:
+        raise SystemExit(f"unknown measurement {name}")
+    return {"seconds": time.perf_counter() - start, "peak_mb": _status("VmHWM:"), **extra}
+
+
+def run(name: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--measure", name, "--path", str(path)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, default=LINES)
+    ap.add_argument("--coco-images", type=int, default=COCO_IMAGES)
+    ap.add_argument("--baseline-lines", type=int, default=BASELINE_LINES)
+    ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it (default: a temporary folder)")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.measure:
+        print(json.dumps(measure(a.measure, a.path)))
+        return
+
+    work = a.keep or Path(tempfile.mkdtemp(prefix="seggen-scale-"))
+    try:
+        base_lines, base_coco = min(a.lines, a.baseline_lines), min(a.coco_images, a.baseline_lines)
+        t = time.perf_counter()
+        write_folder(work / "synth", a.lines)
+        if base_lines < a.lines:
+            write_folder(work / "synth_base", base_lines)
+        else:
+            (work / "synth_base").symlink_to(work / "synth")
+        write_coco(work / "coco", a.coco_images)
+        size = sum(p.stat().st_size for p in (work / "synth").glob("*.jsonl")) / 1e6
+        print(f"data: {a.lines} manifest lines ({size:.0f} MB, COCO format with {SEGMENTS_PER_LINE} segments), "
+              f"{a.coco_images} COCO images; written in {time.perf_counter() - t:.0f} s under {work}", flush=True)
+        empty = run("empty", work)["peak_mb"]
+        print(f"(a bare process: {empty:.0f} MB; 'MB/M' is peak minus that, per million lines or images)\n")
+        print(f"{'measure':<26}{'lines':>9}{'s':>9}{'s/M':>9}{'peak MB':>9}{'MB/M':>9}{'private MB':>12}")
+
+        def show(label, name, path, n):
+            r = run(name, path)
+            per = 1e6 / n
+            priv = f"{r['private_mb']:>12.0f}" if "private_mb" in r else ""
+            print(f"{label:<26}{n:>9}{r['seconds']:>9.2f}{r['seconds'] * per:>9.1f}{r['peak_mb']:>9.0f}"
+                  f"{(r['peak_mb'] - empty) * per:>9.0f}{priv}", flush=True)
+            return {**r, "s_per_M": r["seconds"] * per, "mb_per_M": (r["peak_mb"] - empty) * per,
+                    "private_per_M": r.get("private_mb", 0) * per}
+
+        rows = {}
+        rows["resume_new"] = show("resume: read_ids", "resume_new", work / "synth", a.lines)
+        rows["resume_old"] = show("resume: done_ids (old)", "resume_old", work / "synth_base", base_lines)
+        rows["index_build"] = show("index: build", "index_build", work / "synth", a.lines)
+        rows["index_cached"] = show("index: cached load", "index_cached", work / "synth", a.lines)
+        rows["index_old"] = show("read_synthetic (old)", "index_old", work / "synth_base", base_lines)
+        rows["worker_new"] = show("worker: index share", "worker_new", work / "synth", a.lines)
+        rows["worker_old"] = show("worker: list share (old)", "worker_old", work / "synth_base", base_lines)
+        rows["coco_first"] = show("coco: index, first", "coco_first", work / "coco", a.coco_images)
+        rows["coco_cached"] = show("coco: index, cached", "coco_cached", work / "coco", a.coco_images)
+        if base_coco < a.coco_images:
+            shutil.rmtree(work / "coco")
+            write_coco(work / "coco", base_coco)
+        rows["coco_old"] = show("coco: JSON (old)", "coco_old", work / "coco", base_coco)
+
+        print("\nold / new, per million lines (seconds; memory above a bare process):")
+        for what, new, old in (("resume", "resume_new", "resume_old"), ("index (cached)", "index_cached", "index_old"),
+                               ("index (build)", "index_build", "index_old"), ("coco (cached)", "coco_cached", "coco_old")):
+            n, o = rows[new], rows[old]
+            print(f"  {what:<16} time {o['s_per_M'] / max(n['s_per_M'], 1e-9):7.1f}x   memory "
+                  f"{o['mb_per_M'] / max(n['mb_per_M'], 1e-9):7.1f}x")
+        n, o = rows["worker_new"], rows["worker_old"]
+        print(f"  {'worker private':<16} memory {o['private_per_M'] / max(n['private_per_M'], 1e-9):7.1f}x")
+        at = 1.2e6
+        print(f"\nprojected at 1.2 M lines / 118k COCO images (targets):")
+        print(f"  resume  {rows['resume_new']['s_per_M'] * 1.2:6.1f} s (<= 10), {empty + rows['resume_new']['mb_per_M'] * 1.2:6.0f} MB (<= 300)")
+        print(f"  index   {rows['index_build']['s_per_M'] * 1.2:6.1f} s build, {rows['index_cached']['s_per_M'] * 1.2:.1f} s cached (<= 20), "
+              f"{empty + rows['index_build']['mb_per_M'] * 1.2:6.0f} MB (<= 1000)")
+        print(f"  worker  {rows['worker_new']['private_per_M'] * at / 1e6:6.0f} MB private (<= 100)")
+        print(f"  coco    {rows['coco_cached']['s_per_M'] * 0.118:6.1f} s cached, {empty + rows['coco_cached']['mb_per_M'] * 0.118:6.0f} MB (<= 5 s, 300 MB)")
+    finally:
+        if a.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
