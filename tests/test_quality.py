@@ -162,7 +162,7 @@ def args(folder, setup, *extra):
 def test_command_writes_figures_summary_and_filtered_annotations_then_resumes(setup):
     folder = synthetic_folder(setup["tmp"] / "masksyn", setup["root"], masksyn=True)
     before = {p.name: p.read_bytes() for p in (folder / "annotations").iterdir()}
-    r = cli(args(folder, setup, "--filter", "--tolerance", "1.25", "--worst", "2"))
+    r = cli(args(folder, setup, "--filter", "--tolerance", "1.0", "--worst", "2"))
     assert r.exit_code == 0, r.output
     lines = read_manifest(folder / "quality.jsonl")
     assert sorted(x["id"] for x in lines) == sorted(s.id for s in read_synthetic(folder))
@@ -180,11 +180,14 @@ def test_command_writes_figures_summary_and_filtered_annotations_then_resumes(se
     # filtered annotations beside the originals, which are untouched
     ref = json.loads((folder / q.REFERENCE_FILE).read_text())
     means = np.array([np.nan if m is None else m for m in ref["class_means"]])
-    for sid, s in samples.items():
+    changed = 0
+    for sid, s in samples.items():  # tolerance 1: an untrained net's losses spread about their class means
         _, loss, label, _ = quality.figures_of(seg, s, "ade20k", 32)
         expect = np.asarray(Image.open(s.annotation)).copy()
-        expect[q.noisy_pixels(loss, label, means, 1.25)] = 0
+        expect[q.noisy_pixels(loss, label, means, 1.0)] = 0
         assert np.array_equal(np.asarray(Image.open(q.filtered_path(folder, s))), expect)
+        changed += int((expect != np.asarray(Image.open(s.annotation))).sum())
+    assert 0 < changed < sum(int((np.asarray(Image.open(s.annotation)) > 0).sum()) for s in samples.values())
     assert {p.name: p.read_bytes() for p in (folder / "annotations").iterdir()} == before
     # train_seg's side: filtered samples and hardness probabilities in read_synthetic's order
     ordered = read_synthetic(folder)
@@ -192,7 +195,7 @@ def test_command_writes_figures_summary_and_filtered_annotations_then_resumes(se
     p = q.sampling_probabilities(folder, ordered, 150)
     assert p.shape == (4,) and p.sum() == pytest.approx(1.0)
     # a rerun writes nothing new and no duplicate line
-    r = cli(args(folder, setup, "--filter", "--tolerance", "1.25"))
+    r = cli(args(folder, setup, "--filter", "--tolerance", "1.0"))
     assert r.exit_code == 0 and "judged 0, skipped 4" in r.output
     assert len(read_manifest(folder / "quality.jsonl")) == 4
     r = cli(args(folder, setup, "--filter", "--tolerance", "2"))
