@@ -14,7 +14,7 @@ from PIL import Image
 import quality
 from common import SegGenError, hrnet
 from common import quality as q
-from common.datasets import load_label, read_dataset, read_synthetic
+from common.datasets import read_dataset, read_synthetic
 from common.manifest import ManifestWriter, read_manifest
 from conftest import ADE_ROOT, invoke
 
@@ -224,3 +224,31 @@ def test_missing_quality_file_is_named_for_train_seg(tmp_path, setup):
         q.sampling_probabilities(folder, read_synthetic(folder), 150)
     with pytest.raises(SegGenError, match="--filter"):
         q.filtered_samples(folder, read_synthetic(folder))
+
+
+def test_two_processes_judge_disjoint_halves_with_the_same_figures(setup, tmp_path):
+    """A real 2-process gloo group: each rank writes quality.rank{N}.jsonl for every other sample; the
+    union and the shared real-split class means are those of a one-process run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = synthetic_folder(tmp_path / "one", setup["root"])
+    two = synthetic_folder(tmp_path / "two", setup["root"])
+    assert cli(args(one, setup, "--worst", "0")).exit_code == 0
+    root = Path(quality.__file__).parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(root / "quality.py"),
+           *args(two, setup, "--worst", "0")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [[json.loads(x)["id"] for x in (two / f"quality.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2 and not set(ranks[0]) & set(ranks[1])
+    a = {r["id"]: r for r in read_manifest(one / "quality.jsonl")}
+    b = {r["id"]: r for r in read_manifest(two / "quality.jsonl")}
+    assert a.keys() == b.keys() and all(a[k]["miou"] == pytest.approx(b[k]["miou"]) for k in a)
+    ref = [json.loads((f / q.REFERENCE_FILE).read_text())["class_means"] for f in (one, two)]
+    assert [m is None for m in ref[0]] == [m is None for m in ref[1]]
+    assert [m for m in ref[0] if m is not None] == pytest.approx([m for m in ref[1] if m is not None], rel=1e-5)
+    assert json.loads((two / "quality_summary.json").read_text())["samples"] == 4
