@@ -252,3 +252,13 @@ def test_two_processes_judge_disjoint_halves_with_the_same_figures(setup, tmp_pa
     assert [m is None for m in ref[0]] == [m is None for m in ref[1]]
     assert [m for m in ref[0] if m is not None] == pytest.approx([m for m in ref[1] if m is not None], rel=1e-5)
     assert json.loads((two / "quality_summary.json").read_text())["samples"] == 4
+
+
+def test_a_mask2former_model_folder_is_judged_too(setup, tmp_path, tiny_models):
+    folder = synthetic_folder(tmp_path / "s", setup["root"], per_sample=1)
+    m2f = tiny_models("mask2former")
+    assert quality.load_segmenter(m2f, 150, torch.device("cpu")).kind == "mask2former"
+    r = cli(["--synthetic", str(folder), "--segmenter", str(m2f), "--data-root", str(setup["root"]), "--size", "32", "--worst", "1"])
+    assert r.exit_code == 0, r.output
+    lines = read_manifest(folder / "quality.jsonl")
+    assert len(lines) == 2 and all(0 <= x["accuracy"] <= 1 and x["settings"]["segmenter"] == str(m2f) for x in lines)
