@@ -1,0 +1,279 @@
+"""Judge and clean a synthetic folder with a segmenter trained on real data (issue 13).
+
+    python quality.py --data ade20k --synthetic synth/imgsyn-ade20k --segmenter runs/seg-ade20k-real/model
+    python quality.py ... --filter --tolerance 1.25        # + FOLDER/annotations_filtered/ (FreeMask)
+    accelerate launch quality.py ...                       # sharded over GPUs
+
+1. The class-wise mean losses of the segmenter on the real --split (FreeMask measures them on real
+   images; --reference folder takes the synthetic folder's own) -> FOLDER/quality_reference.json, with the
+   real class histogram.
+2. Per synthetic sample: the segmenter's prediction on the image against the synthetic label ->
+   FOLDER/quality.jsonl: id, alignment mIoU (classes in label ∪ prediction), pixel accuracy, per-class
+   mean cross-entropy and pixels ("loss"), per-class intersection / union ("iou"), MaskSyn's off_palette.
+3. --filter: a copy of each annotation without its noisy pixels (loss > --tolerance × class mean) in
+   FOLDER/annotations_filtered/; the originals are never touched.
+4. FOLDER/quality_summary.json (mean / median alignment, per-class alignment, class histogram against the
+   real split, the worst samples) and FOLDER/quality_worst.png (synthetic label, image, prediction).
+
+Resumable: ids already in quality.jsonl and filtered annotations already written are skipped. Under
+`accelerate launch` process N takes every N-th sample and writes quality.rank{N}.jsonl. The functions
+are in common/quality.py; train_seg reads the results through `filtered_samples` / `sampling_probabilities`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+
+from common import SegGenError, cli, synth
+from common import quality as q
+from common.cli import Data, Split
+from common.colormap import label_to_color, palette_for
+from common.datasets import Sample, load_image, read_dataset, read_synthetic
+from common.manifest import ManifestWriter, done_ids, rank_path, read_manifest
+from common.shard import process_state, shard
+
+# ---------------------------------------------------------------- defaults and their source
+SIZE = 512  # short side the segmenter sees: train_seg's ADE20K crop / eval size (A.3)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # HRNet (timm, HRNet-Semantic-Segmentation)
+WORST = 8  # samples on the contact sheet
+console = Console(stderr=True, soft_wrap=True)
+
+
+class Reference(str, Enum):
+    real = "real"  # FreeMask filter.py: class means on the real training images
+    folder = "folder"  # the issue's reading: class means over the synthetic folder itself
+
+
+# ---------------------------------------------------------------- the segmenter
+
+@dataclass
+class Segmenter:
+    model: torch.nn.Module
+    kind: str  # "mask2former" or "hrnet"
+    mean: torch.Tensor  # (1, 3, 1, 1) in 0..255
+    std: torch.Tensor
+
+
+def load_segmenter(path: Path, num_classes: int, device) -> Segmenter:
+    """A train_seg run's model/ folder: Mask2Former (save_pretrained + processor) or HRNet (hrnet.save)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SegGenError(f"--segmenter {path}: no such model folder (needs config.json); pass a train_seg run's "
+                          f"model folder, e.g. runs/seg-ade20k-real/model")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == "hrnetv2":
+        from common import hrnet
+
+        model, mean, std, kind = hrnet.load(path), IMAGENET_MEAN, IMAGENET_STD, "hrnet"
+        classes = model.num_classes
+    elif model_type == "mask2former":
+        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+        try:
+            model = Mask2FormerForUniversalSegmentation.from_pretrained(path)
+            processor = Mask2FormerImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise SegGenError(f"--segmenter {path}: cannot load Mask2Former from it ({str(e).splitlines()[0]})") from e
+        mean, std, kind, classes = processor.image_mean, processor.image_std, "mask2former", model.config.num_labels
+    else:
+        raise SegGenError(f"--segmenter {path}: a {model_type!r} model; pass a Mask2Former or HRNet folder written by train_seg")
+    if classes != num_classes:
+        raise SegGenError(f"--segmenter {path} predicts {classes} classes, but --data has {num_classes}: pass a segmenter trained on it")
+    t = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255  # noqa: E731
+    return Segmenter(model.to(device).eval(), kind, t(mean), t(std))
+
+
+def mask2former_scores(model, x: torch.Tensor) -> torch.Tensor:
+    """(1, 3, h, w) -> (C, h, w): Mask2Former's semantic inference, softmax(class) without "no object" ·
+    sigmoid(mask), summed over queries. TODO(lead): use common.segmodel (train_seg's predict: padding to
+    32, detectron2's upsampling)."""
+    out = model(pixel_values=x)
+    masks = F.interpolate(out.masks_queries_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.einsum("qc,qhw->chw", out.class_queries_logits[0].softmax(-1)[:, :-1], masks[0].sigmoid())
+
+
+@torch.no_grad()
+def predict(seg: Segmenter, image: np.ndarray, size: int) -> tuple[torch.Tensor, str]:
+    """(H, W, 3) uint8 -> ((C, H, W) scores at the image's size, "scores" or "logits"): short side resized
+    to `size` (long side at most 4 × size), prediction upsampled back."""
+    h, w = image.shape[:2]
+    x = torch.from_numpy(image.copy()).to(seg.mean.device).permute(2, 0, 1)[None].float()
+    x = (x - seg.mean) / seg.std
+    scale = min(size / min(h, w), 4 * size / max(h, w))
+    x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False, antialias=scale < 1)
+    s = mask2former_scores(seg.model, x) if seg.kind == "mask2former" else seg.model(x)[0]
+    return F.interpolate(s[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0], \
+        "scores" if seg.kind == "mask2former" else "logits"
+
+
+def figures_of(seg: Segmenter, sample: Sample, data: str, size: int) -> tuple[dict, torch.Tensor, np.ndarray, np.ndarray]:
+    """(figures, loss (H, W), label train ids (H, W), prediction train ids (H, W)) of one sample."""
+    label = q.label_train_ids(sample, data)
+    scores, kind = predict(seg, np.asarray(load_image(sample.image)), size)
+    figures, loss = q.sample_figures(scores, label, kind=kind)
+    return figures, loss, label, scores.argmax(0).cpu().numpy()
+
+
+# ---------------------------------------------------------------- steps 1-4
+
+def reference(real: list[Sample], seg: Segmenter, a: dict, state, progress) -> dict:
+    """Step 1: class means of the segmenter on the real split and its class histogram (cached)."""
+    path, key = a["folder"] / q.REFERENCE_FILE, {k: a[k] for k in ("segmenter", "data", "split", "size")}
+    if path.is_file() and json.loads(path.read_text()).get("settings") == key:
+        return json.loads(path.read_text())
+    mine = shard(real, state)
+    task = progress.add_task("real split", total=len(mine), rate=0.0)
+    records, start = [], time.perf_counter()
+    for s in mine:
+        records.append({"loss": figures_of(seg, s, a["data"], a["size"])[0]["loss"]})
+        progress.update(task, advance=1, rate=len(records) / (time.perf_counter() - start))
+    c = len(a["names"])
+    stats = torch.tensor(np.stack([np.nan_to_num(q.class_means(records, c)) * q.class_histogram(records, c), q.class_histogram(records, c)]))
+    if state.num_processes > 1:
+        from accelerate.utils import reduce
+
+        stats = reduce(stats.to(state.device), reduction="sum").cpu()
+    total, count = stats.numpy()
+    means = [float(t / n) if n > 0 else None for t, n in zip(total, count)]
+    ref = {"settings": key, "class_means": means, "class_pixels": count.astype(int).tolist()}
+    if state.is_main_process:
+        path.write_text(json.dumps(ref))
+    state.wait_for_everyone()
+    return ref
+
+
+def check_filter_settings(folder: Path, settings: dict, state) -> None:
+    path = folder / q.FILTERED_DIR / "filter.json"
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        old = json.loads(path.read_text())
+        raise SegGenError(f"--tolerance / --reference / --segmenter: {path.parent} was made with {old}, not {settings}; "
+                          f"pass those, or delete {path.parent} to filter again")
+    if state.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings))
+
+
+def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = None, split: str = "train", size: int = SIZE,
+        reference_on: str = "real", filter: bool = False, tolerance: float = q.TOLERANCE, worst: int = WORST) -> dict:
+    """quality.py's job; returns {"written", "skipped", "filtered", "seconds", "summary", ...}."""
+    state = process_state()
+    folder = Path(synthetic)
+    samples = read_synthetic(folder)  # a bad --synthetic fails here, before any model
+    real = read_dataset(data, data_root, split)
+    names = q.class_names(data)
+    seg = load_segmenter(segmenter, len(names), state.device)
+    a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
+    out = folder / q.QUALITY_FILE
+    settings = {"segmenter": str(segmenter), "size": size}
+    old = read_manifest(out)
+    if old and old[0].get("settings") != settings:
+        raise SegGenError(f"--segmenter / --size: {out} holds figures of {old[0].get('settings')}, not {settings}; "
+                          f"pass those to resume, or delete {out}")
+    mine = shard(samples, state)
+    done = done_ids(out)
+    todo = [s for s in mine if s.id not in done]
+    if state.is_main_process:
+        console.print(f"[bold]quality.py[/] {folder}: {len(samples)} sample(s), {len(done)} already judged; segmenter "
+                      f"{segmenter} ({seg.kind}) at short side {size}; reference: {reference_on} ({data}/{split}, "
+                      f"{len(real)} image(s)){f'; filter, tolerance {tolerance}' if filter else ''}")
+    summary = {"written": 0, "skipped": len(mine) - len(todo), "filtered": 0, "out": str(out)}
+    start = time.perf_counter()
+    with synth.progress("quality", state) as progress:
+        ref = reference(real, seg, a, state, progress) if reference_on == "real" else None
+        means = np.array([np.nan if m is None else m for m in ref["class_means"]]) if ref else None
+        if filter:
+            check_filter_settings(folder, {"tolerance": tolerance, "reference": reference_on, **settings}, state)
+
+        def write_filtered(s, loss, label):
+            q.write_filtered(s, q.noisy_pixels(loss, label, means, tolerance), q.filtered_path(folder, s))
+            summary["filtered"] += 1
+
+        # step 2 (+ step 3 when the class means are known already)
+        task = progress.add_task("judging", total=len(todo), rate=0.0)
+        with ManifestWriter(rank_path(out, state.process_index, state.num_processes)) as writer:
+            for s in todo:
+                figures, loss, label, _ = figures_of(seg, s, data, size)
+                if filter and means is not None:
+                    write_filtered(s, loss, label)
+                off = {"off_palette": s.meta["off_palette"]} if "off_palette" in s.meta else {}
+                writer.append({"id": s.id, **figures, **off, "settings": settings})
+                summary["written"] += 1
+                progress.update(task, advance=1, rate=summary["written"] / (time.perf_counter() - start))
+        state.wait_for_everyone()
+        records = read_manifest(out)
+        # step 3: the samples still without a filtered annotation (--reference folder, or judged before)
+        if filter:
+            means = means if means is not None else q.class_means(records, len(names))
+            left = [s for s in mine if not q.filtered_path(folder, s).is_file()]
+            task = progress.add_task("filtering", total=len(left), rate=0.0)
+            for s in left:
+                _, loss, label, _ = figures_of(seg, s, data, size)
+                write_filtered(s, loss, label)
+                progress.update(task, advance=1, rate=summary["filtered"] / (time.perf_counter() - start))
+    summary["seconds"] = time.perf_counter() - start
+    # step 4: the summary and the contact sheet of the worst samples (main process)
+    if state.is_main_process:
+        hist = np.array(ref["class_pixels"]) if ref else sum(  # --reference folder: the real labels, no model
+            np.bincount(q.label_train_ids(s, data).ravel(), minlength=256)[:len(names)] for s in real)
+        summ = {"segmenter": str(segmenter), "reference": reference_on, **q.summarize(records, names, hist, worst)}
+        (folder / "quality_summary.json").write_text(json.dumps(summ, indent=1))
+        summary.update(summary=summ, summary_path=str(folder / "quality_summary.json"))
+        if summ["worst"]:
+            summary["sheet"] = str(worst_sheet(seg, {s.id: s for s in samples}, summ["worst"], data, size, folder / "quality_worst.png"))
+    return summary
+
+
+def worst_sheet(seg: Segmenter, by_id: dict, worst: list[dict], data: str, size: int, path: Path) -> Path:
+    """Contact sheet: per sample its synthetic label, image and prediction, in the people's palette."""
+    palette = palette_for(data, "usual")
+    values = np.nonzero(q.train_ids(data) != 255)[0]  # train id -> label value
+    rows = []
+    for w in worst:
+        s = by_id[w["id"]]
+        _, _, label, pred = figures_of(seg, s, data, size)
+        rows.append({"id": s.id, "caption": f"mIoU {w['miou']:.3f}: {s.meta.get('caption', '')}",
+                     "colormap": label_to_color(np.where(label == 255, 0, values[np.minimum(label, len(values) - 1)]).astype(np.uint8), palette),
+                     "image": np.asarray(load_image(s.image)), "overlay": label_to_color(values[pred].astype(np.uint8), palette)})
+    return synth.contact_sheet(rows, path)
+
+
+# ---------------------------------------------------------------- command line
+
+def main(
+    synthetic: Annotated[Path, typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output) to judge.", rich_help_panel="Data")],
+    segmenter: Annotated[Path, typer.Option(help="Segmenter trained on real data: a train_seg run's model folder (Mask2Former or HRNet).", rich_help_panel="Model")],
+    data: Annotated[Data, typer.Option(help="Dataset of the folder's labels.", rich_help_panel="Data")] = Data.ade20k,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
+    split: Annotated[Split, typer.Option(help="Real split of the reference class losses and histogram.", rich_help_panel="Data")] = Split.train,
+    size: Annotated[int, typer.Option(min=16, max=4096, help="Short side the segmenter sees (train_seg's eval size).", rich_help_panel="Model")] = SIZE,
+    reference: Annotated[Reference, typer.Option(help="Class-wise mean losses from the real split (FreeMask) or from the folder itself.", rich_help_panel="Filtering")] = Reference.real,
+    filter: Annotated[bool, typer.Option("--filter", help="Write FOLDER/annotations_filtered/: noisy pixels set to ignore (FreeMask).", rich_help_panel="Filtering")] = False,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Ignore pixels whose loss exceeds this × their class's mean loss (FreeMask: 1.25).", rich_help_panel="Filtering")] = q.TOLERANCE,
+    worst: Annotated[int, typer.Option(min=0, max=64, help="Samples on the contact sheet FOLDER/quality_worst.png.", rich_help_panel="Output")] = WORST,
+):
+    """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
+    try:
+        s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst)
+    except SegGenError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    if "summary" in s:
+        al = s["summary"]["alignment"]
+        console.print(f"judged {s['written']}, skipped {s['skipped']} (already done), filtered {s['filtered']} "
+                      f"[{s['seconds']:.1f} s] -> {s['out']}; alignment mIoU mean {al['mean']}, median {al['median']}; "
+                      f"summary {s['summary_path']}" + (f", worst samples {s['sheet']}" if s.get("sheet") else ""))
+
+
+if __name__ == "__main__":
+    cli.run(main, console)
