@@ -214,7 +214,7 @@ def test_cli_errors_exit_2_with_the_flag_named(tmp_path, ade_captions):
 
 
 def test_two_processes_give_the_same_samples_as_one(tmp_path, ade_run, models, ade_captions):
-    """A real 2-process gloo group (ENVIRONMENT.md): each rank takes every other batch and writes its own
+    """A real 2-process gloo group on CPU: each rank takes every other batch and writes its own
     manifest; the union is the one-process run, byte for byte."""
     import os
     import subprocess
