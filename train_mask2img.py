@@ -20,7 +20,6 @@ checkpoint-N/ folders and cache/ (the caption embeddings, reused on resume; dele
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +44,7 @@ from common.cli import (  # the command line both trainers share: choices and op
     GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt,
     MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
     ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
-    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call,
+    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
 )
 from common.sdxl import (
     PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, drop_captions, inspect_base, validation_prompts,
@@ -307,8 +306,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        app()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: continue with --resume latest")
-        sys.exit(130)
+    run(app, console, hint="continue with --resume latest")

@@ -50,6 +50,7 @@ import typer
 from common import SegGenError
 from common.checkpoint import resolve_seg_resume, save_seg_checkpoint
 from common.cli import Data, MixedPrecision, Tracker, user_errors
+from common.cli import run as run_cli
 from common.datasets import default_data_root, read_dataset
 from common.paths import seg_run_dir
 from common.progress import console, progress_bar
@@ -422,4 +423,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_cli(app, console, hint="continue with --resume latest")

@@ -69,7 +69,8 @@ def scan(parent: Path, pattern: str, marker: str = MARKER) -> tuple[list[Path], 
         if info is None or path.name.startswith(PARTIAL):
             incomplete.append(path)
         else:
-            complete[path] = info["order"]
+            # train_seg's state.json of before this module carries its order as phase and step
+            complete[path] = info.get("order", [info.get("phase", 0), info.get("step", 0)])
     incomplete += [p for p in Path(parent).glob(PARTIAL + "*") if p.is_dir()]
     return sorted(complete, key=complete.get), sorted(incomplete)
 

@@ -150,15 +150,13 @@ def call(train, options: dict, console) -> None:
         train(SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in options.items()}))
 
 
-def run(main, console) -> None:
-    """`typer.run(main)` for a resumable job: Ctrl-C ends it with a hint instead of a traceback (every
-    manifest line written so far points at complete files, so a rerun resumes)."""
+def run(main, console, hint: str = "rerun the same command to resume") -> None:
+    """Runs a stage's command line (a `main` function, or a Typer app) so that Ctrl-C ends it with a hint
+    instead of a traceback: every manifest line and checkpoint written so far is complete, so it resumes."""
     import sys
 
-    import typer
-
     try:
-        typer.run(main)
+        main() if isinstance(main, typer.Typer) else typer.run(main)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: rerun the same command to resume")
+        console.print(f"[yellow]interrupted[/]: {hint}")
         sys.exit(130)

@@ -102,3 +102,20 @@ def test_train_seg_killed_inside_a_checkpoint_save_resumes_from_the_last_complet
     assert "skipped 1 incomplete checkpoint folder(s)" in said and "resuming from" in said and "step 2)" in said
     assert sorted(p.name for p in ckpts.iterdir()) == ["phase0-step0000004"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["drawn"] == {"real": 8}
+
+
+def test_scan_orders_by_the_marker_and_takes_train_segs_older_state_files(tmp_path):
+    """Complete checkpoints sort by what they hold (phase, step), not by name; a train_seg checkpoint
+    written before the crash-safe save (state.json without "order") still counts; a folder without its
+    marker, or under the .partial- name, does not."""
+    for name, state in [("phase1-step0000002", {"phase": 1, "step": 2}), ("phase0-step0000009", {"phase": 0, "step": 9, "order": [0, 9]})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps(state))
+    (tmp_path / "phase1-step0000004").mkdir()  # cut before its state.json
+    (tmp_path / ".partial-phase1-step0000006").mkdir()
+    complete, incomplete = checkpoint.scan(tmp_path, "phase*-step*", "state.json")
+    assert [p.name for p in complete] == ["phase0-step0000009", "phase1-step0000002"]
+    assert [p.name for p in incomplete] == [".partial-phase1-step0000006", "phase1-step0000004"]
+    said = []
+    assert checkpoint.latest(tmp_path, "phase*-step*", "state.json", said.append).name == "phase1-step0000002"
+    assert "phase1-step0000004" in said[0] and ".partial-phase1-step0000006" in said[0]
