@@ -20,11 +20,8 @@ lr x 0.1, full-model gradient clipping at 0.01. Data and augmentation: common/se
 random short-side resize, crop, SSD colour jitter, flip; COCO: large-scale jitter, flip; crowd regions
 left out). Model, inference, evaluation: common/segmodel.py.
 
-Evaluation is done at each image's original resolution (transformers' post-processing resizes to
-384x384 first, so it is not used): short side resized to --eval-size, mask logits upsampled back to the
-image, then Mask2Former's inference: semantic (softmax(class) . sigmoid(mask)) -> mIoU, per-class IoU,
-pixel accuracy (optionally flip + multi-scale); panoptic -> PQ / SQ / RQ, things and stuff; instance
-(top-100 query-class pairs) -> mask AP through pycocotools. Metrics: common/metrics.py.
+Evaluation runs at each image's original resolution with Mask2Former's semantic / panoptic / instance
+inference -> mIoU, PQ, mask AP (common/segmodel.py, common/metrics.py).
 
 The run folder holds options.json, stats.jsonl (loss, lr, it/s, what was drawn from where),
 checkpoints/phase{k}-step{N}/ (accelerate state + config.json: loadable with from_pretrained),

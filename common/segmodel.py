@@ -1,6 +1,12 @@
 """train_seg.py's model (paper appendix A.3): Mask2Former from transformers, its configurations per
-backbone, Mask2Former's optimizer groups, its semantic / panoptic / instance inference at each image's
-original resolution, and the evaluation of each task (metrics: common/metrics.py).
+backbone, Mask2Former's optimizer groups, its semantic / panoptic / instance inference, and the
+evaluation of each task (metrics: common/metrics.py).
+
+Evaluation is done at each image's original resolution (transformers' post-processing resizes to
+384x384 first, so it is not used): short side resized to --eval-size, mask logits upsampled back to the
+image, then Mask2Former's inference: semantic (softmax(class) . sigmoid(mask)) -> mIoU, per-class IoU,
+pixel accuracy (optionally flip + multi-scale); panoptic -> PQ / SQ / RQ, things and stuff; instance
+(top-100 query-class pairs) -> mask AP through pycocotools.
 """
 
 from __future__ import annotations
