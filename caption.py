@@ -211,8 +211,7 @@ def main(
 ):
     """Caption a dataset with BLIP-2 (paper §3.2) or with its class names; resumable, shardable."""
     with user_errors(console):
-        s = caption(data.value, data_root, split.value, out, captioner.value, model, prompt, quantize.value,
-                    precision.value, batch_size, num_workers, max_new_tokens, num_beams, limit)
+        s = caption(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items()})
     rate = s["captioned"] / s["seconds"] if s["seconds"] > 0 else 0.0
     console.print(f"captioned {s['captioned']}, skipped {s['skipped']} (already done), failed {s['failed']}"
                   f"  [{s['seconds']:.1f} s, {rate:.1f} img/s] -> {s['out']}")
