@@ -6,7 +6,7 @@ A checkpoint is complete or it does not exist under its name:
    files there, e.g. a config.json, and a marker file naming what it holds);
 2. every file and the folder are fsync'ed, then the folder is renamed to NAME (one atomic rename);
 3. only then are the oldest checkpoints over the limit removed (renamed out of the way first, so a
-   half-deleted folder never looks like a checkpoint).
+   half-deleted folder never looks like a checkpoint), and what earlier killed saves left.
 A kill at any point leaves the newest complete checkpoint in place. `--resume latest` takes the newest
 folder that holds the marker, and says which it skipped (a `.partial-*` folder, or one without the
 marker: cut by a kill, or written by an older version; pass its path with --resume to try it anyway).
@@ -102,6 +102,8 @@ def save(accelerator, path: Path, info: dict, order: list[int], keep: int | None
         complete, _ = scan(path.parent, pattern, marker)
         for old in complete[:-keep] if keep else []:
             _remove(old)
+        for stale in path.parent.glob(PARTIAL + "*"):  # what killed saves and deletions left: never complete
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
 
