@@ -24,14 +24,14 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from common import SegGenError, cli
-from common.cli import Data, Precision, Split
+from common.cli import Data, Precision, Split, precision_dtype, user_errors
 from common.colormap import class_names
 from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
 from common.manifest import ManifestWriter, done_ids, rank_path
 from common.paths import captions_path
+from common.progress import progress_bar
 from common.shard import process_state, shard
 
 PAPER_MODEL = "Salesforce/blip2-flan-t5-xxl"
@@ -90,11 +90,7 @@ def load_blip2(model: str, quantize: Quantize, precision: Precision, device):
     import torch
     from transformers import BitsAndBytesConfig, Blip2ForConditionalGeneration, Blip2Processor
 
-    if precision == Precision.auto:  # fp32 on CPU; bf16 where the GPU has it, else fp16
-        cuda = device.type == "cuda"
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision.value]
+    dtype = precision_dtype(precision.value, device)
     kwargs = {"dtype": dtype}
     if quantize != Quantize.none:  # transformers 5 takes only a BitsAndBytesConfig (no load_in_8bit=)
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -137,11 +133,7 @@ def caption(
     summary = {"captioned": 0, "skipped": len(mine) - len(todo), "failed": 0, "out": str(out)}
     failures = []
     start = time.perf_counter()
-    progress = Progress(
-        TextColumn("[bold]captioning"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not state.is_main_process and state.num_processes > 1,
-    )
+    progress = progress_bar(console, "img/s", name="[bold]captioning", enabled=state.is_main_process or state.num_processes == 1)
     meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
             "model": model if captioner == "blip2" else None}
     with ManifestWriter(rank_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
@@ -218,12 +210,8 @@ def main(
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers decoding images.", rich_help_panel="Generation")] = 2,
 ):
     """Caption a dataset with BLIP-2 (paper §3.2) or with its class names; resumable, shardable."""
-    try:
-        s = caption(data.value, data_root, split.value, out, captioner.value, model, prompt, quantize.value,
-                    precision.value, batch_size, num_workers, max_new_tokens, num_beams, limit)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    with user_errors(console):
+        s = caption(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items()})
     rate = s["captioned"] / s["seconds"] if s["seconds"] > 0 else 0.0
     console.print(f"captioned {s['captioned']}, skipped {s['skipped']} (already done), failed {s['failed']}"
                   f"  [{s['seconds']:.1f} s, {rate:.1f} img/s] -> {s['out']}")

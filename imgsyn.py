@@ -10,7 +10,7 @@ SDXL, EDM sampler, 40 steps, appendix A.4) conditioned on the colour map and the
 images. The annotation beside each image is the human one (a hard link), with `segments_info` for
 COCO. The paper makes 50 per sample on ADE20K (1,010,500 images) and 10 on COCO (1,182,870).
 
-Output: the synthetic folder of DESIGN.md (images/, annotations/, colormaps/, manifest*.jsonl). A
+Output: the synthetic folder of docs/design.md (images/, annotations/, colormaps/, manifest*.jsonl). A
 killed run resumes; under `accelerate launch` process N takes every N-th batch and writes its own
 manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID` (see common/synth.py).
 """
@@ -18,6 +18,8 @@ manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -32,10 +34,30 @@ from common.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir
 from common.shard import process_state
-from common.cli import Data, Precision, Split
-from common.synth import Sampler, console
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, Split, precision_dtype, user_errors
+from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(synth.Settings):
+    """The manifest's "settings" of an ImgSyn sample."""
+
+    ORDER = ("data", "resolution", "steps", "guidance", "sampler", "S_churn", "S_tmin", "S_tmax", "S_noise", "seed",
+             "precision", "palette")
+    steps: int
+    palette: str
+
+
+@dataclass
+class Job(synth.Job):
+    """The options of an ImgSyn run."""
+
+    data_root: Path | None = None
+    split: str = "train"
+    per_sample: int | None = None  # paper §4.1: 50 ADE20K, 10 COCO
+    steps: int = 40
 
 
 # ---------------------------------------------------------------- one source sample's inputs
@@ -68,17 +90,17 @@ def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np
 
     Items are drawn at `generation_size` and resized back, so the human label fits as it is. A UNet
     batch needs one shape: items of different shapes (a batch that spans two sources) go in turns."""
-    res = settings["resolution"]
-    inputs = [source_inputs(samples[s], settings["data"], palette, cache) for s, _ in batch]
+    res = settings.resolution
+    inputs = [source_inputs(samples[s], settings.data, palette, cache) for s, _ in batch]
     sizes = [generation_size(*i["label"].shape, res) for i in inputs]
     out = [None] * len(batch)
     for size in dict.fromkeys(sizes):  # in order of first appearance
         idx = [i for i, sz in enumerate(sizes) if sz == size]
         control = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1]) for i in idx])
-        generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], *batch[i])) for i in idx]
+        generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, *batch[i])) for i in idx]
         cond, uncond = synth.encode(gen, [captions[batch[i][0]] for i in idx], size)
-        images = synth.sample_images(gen, cond, uncond, generators, size, settings["steps"], settings["guidance"],
-                                     settings["sampler"], synth.churn_kwargs(settings), control=control)
+        images = synth.sample_images(gen, cond, uncond, generators, size, settings.steps, settings.guidance,
+                                     settings.sampler, settings.churn(), control=control)
         for i, im in zip(idx, images):
             h, w = inputs[i]["label"].shape
             out[i] = im if (h, w) == size else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
@@ -87,25 +109,22 @@ def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np
 
 # ---------------------------------------------------------------- the job
 
-def imgsyn(
-    data: str = "ade20k", data_root: Path | None = None, split: str = "train", captions: Path | None = None,
-    mask2img: str | None = None, base: str | None = None, per_sample: int | None = None, steps: int = 40,
-    guidance: float = 5.0, sampler: str = "heun", S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"),
-    S_noise: float = 1.0, resolution: int = 768, batch_size: int = 4, seed: int = 0, limit: int | None = None,
-    out: Path | None = None, precision: str = "auto", preview: int = 0, reproduce: str | None = None,
-) -> dict:
-    """Run ImgSyn; returns the summary {"written", "skipped", "failed", "seconds", "out", ...}."""
+def imgsyn(**options) -> dict:
+    """Run ImgSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
+    "failed", "seconds", "out", ...}."""
+    o = Job(**options)
+    data, split, resolution, limit, reproduce, batch_size = o.data, o.split, o.resolution, o.limit, o.reproduce, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
     state = process_state()
-    per_sample = per_sample or (50 if data == "ade20k" else 10)  # paper §4.1
-    captions = require(Path(captions) if captions else captions_path(data, split), f"caption.py --data {data} --split {split}", "--captions")
-    mask2img = str(mask2img or mask2img_dir(data))
-    out = Path(out) if out else synth_dir("imgsyn", data)
+    per_sample = o.per_sample or (50 if data == "ade20k" else 10)  # paper §4.1
+    captions = require(Path(o.captions) if o.captions else captions_path(data, split), f"caption.py --data {data} --split {split}", "--captions")
+    mask2img = str(o.mask2img or mask2img_dir(data))
+    out = Path(o.out) if o.out else synth_dir("imgsyn", data)
     if resolution % 8:
         raise SegGenError(f"--resolution {resolution}: must be a multiple of 8 (the VAE's factor)")
 
     # -- data: captions joined to the real samples by id
-    samples = {s.id: s for s in read_dataset(data, data_root, split)}
+    samples = {s.id: s for s in read_dataset(data, o.data_root, split)}
     caps = {str(r["id"]): r["caption"] for r in read_manifest(captions, CAPTION_FIELDS)}
     if not caps:
         raise SegGenError(f"--captions {captions} holds no captions: run caption.py --data {data} --split {split}")
@@ -117,12 +136,10 @@ def imgsyn(
     if reproduce is not None:  # the sample's own manifest line says which models and settings
         return _reproduce(out, reproduce, samples, caps, state)
 
-    base, kind = synth.check_controlnet(mask2img, base, data)
+    base, kind = synth.check_controlnet(mask2img, o.base, data)
     palette = synth.model_palette(mask2img, data)
-    dtype = synth.precision_dtype(precision, state.device)
-    settings = {"data": data, "resolution": resolution, "steps": steps, "guidance": guidance, "sampler": sampler,
-                **synth.churn_settings(S_churn, S_tmin, S_tmax, S_noise), "seed": seed,
-                "precision": synth.precision_name(dtype), "palette": palette.name}
+    dtype = precision_dtype(o.precision, state.device)
+    settings = o.settings(Settings, dtype, steps=o.steps, palette=palette.name)
     models = {"mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     done = synth.check_output(out, settings, models)
 
@@ -132,7 +149,7 @@ def imgsyn(
     if state.is_main_process:
         console.print(f"[bold]imgsyn.py[/] {data}/{split}: {len(sources)} source(s) x {per_sample} = "
                       f"{len(sources) * per_sample} sample(s); captions {captions}; Mask2Img {mask2img} on {base}; "
-                      f"{sampler} {steps} steps, guidance {guidance}, {resolution}px, {dtype}; output {out} "
+                      f"{o.sampler} {o.steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
                       f"({state.num_processes} process(es), {len(done)} already written)")
 
     # -- model
@@ -167,7 +184,7 @@ def imgsyn(
                     record["segments_info"] = samples[s].segments
                 writer.append(record)
                 summary["written"] += 1
-                if len(rows) < preview and state.is_main_process:
+                if len(rows) < o.preview and state.is_main_process:
                     rows.append({"id": sid, "caption": caps[s], "colormap": cache[s]["colormap"], "image": image,
                                  "overlay": synth.overlay(image, cache[s]["label"], data)})
             progress.update(task, advance=len(batch), rate=summary["written"] / (time.perf_counter() - start))
@@ -183,14 +200,14 @@ def _reproduce(out, wanted, samples, caps, state) -> dict:
     """Regenerate one sample from its manifest line (its own settings, models and batch) into
     out/reproduce/ and compare it with the stored image byte for byte."""
     rec = synth.find_record(out, wanted)
-    settings, models = rec["settings"], rec["models"]
+    settings, models = Settings.from_record(rec["settings"]), rec["models"]
     batch = [(s, int(k)) for s, k in rec["batch"]]
     lost = [s for s, _ in batch if s not in samples or s not in caps]
     if lost:
         raise SegGenError(f"--reproduce {wanted}: source(s) {lost[:3]} of its batch are missing from the dataset or captions")
-    base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings["data"])
-    palette = synth.model_palette(models["mask2img"], settings["data"])
-    dtype = synth.precision_dtype(settings["precision"], state.device)
+    base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings.data)
+    palette = synth.model_palette(models["mask2img"], settings.data)
+    dtype = precision_dtype(settings.precision, state.device)
     gen = synth.load_mask2img(models["mask2img"], base, kind, state.device, dtype, models.get("vae"))
     images = generate(gen, batch, samples, caps, settings, palette, {})
     image = images[batch.index((rec["source_id"], int(rec["k"])))]
@@ -209,15 +226,15 @@ def main(
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N captioned sources (a quick look).", rich_help_panel="Data")] = None,
     mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
     base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 (else fp16) on GPU, fp32 on CPU.", rich_help_panel="Models")] = Precision.auto,
+    precision: PrecisionOpt = Precision.auto,
     per_sample: Annotated[int | None, typer.Option(min=1, max=10000, help="Images per human label (paper §4.1: 50 ADE20K, 10 COCO).", rich_help_panel="Sampling")] = None,
     steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM sampler steps (paper A.4: 40 for Mask2Img).", rich_help_panel="Sampling")] = 40,
     guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
-    sampler: Annotated[Sampler, typer.Option(help="heun: EDM Algorithm 2 (2N-1 UNet calls); euler: first order (N).", rich_help_panel="Sampling")] = Sampler.heun,
-    s_churn: Annotated[float, typer.Option("--s-churn", min=0.0, help="EDM S_churn: stochasticity (0 = deterministic ODE).", rich_help_panel="Sampling")] = 0.0,
-    s_tmin: Annotated[float, typer.Option("--s-tmin", min=0.0, help="EDM S_tmin: churn only for σ >= this.", rich_help_panel="Sampling")] = 0.0,
-    s_tmax: Annotated[float, typer.Option("--s-tmax", min=0.0, help="EDM S_tmax: churn only for σ <= this.", rich_help_panel="Sampling")] = float("inf"),
-    s_noise: Annotated[float, typer.Option("--s-noise", min=0.0, help="EDM S_noise: scale of the churn noise.", rich_help_panel="Sampling")] = 1.0,
+    sampler: SamplerOpt = Sampler.heun,
+    s_churn: SChurnOpt = 0.0,
+    s_tmin: STminOpt = 0.0,
+    s_tmax: STmaxOpt = float("inf"),
+    s_noise: SNoiseOpt = 1.0,
     resolution: Annotated[int, typer.Option(min=64, max=4096, help="Short side of the generated image (paper A.4: 768); the long side keeps the label's aspect ratio, and the image is resized back to the label's size.", rich_help_panel="Sampling")] = 768,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Samples per UNet call.", rich_help_panel="Sampling")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; each sample's seed derives from (source id, k, seed).", rich_help_panel="Sampling")] = 0,
@@ -226,12 +243,8 @@ def main(
     reproduce: Annotated[str | None, typer.Option(help="Regenerate sample ID of --out from its manifest line into --out/reproduce/ and compare it byte for byte.", rich_help_panel="Output")] = None,
 ):
     """ImgSyn (paper §3.3): new images for every human-labelled mask with Mask2Img; resumable, shardable."""
-    try:
-        s = imgsyn(data.value, data_root, split.value, captions, mask2img, base, per_sample, steps, guidance, sampler.value,
-                   s_churn, s_tmin, s_tmax, s_noise, resolution, batch_size, seed, limit, out, precision.value, preview, reproduce)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    with user_errors(console):
+        s = imgsyn(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items()})
     raise typer.Exit(synth.report(s, compared="image"))
 
 

@@ -14,13 +14,15 @@ half the palette's smallest colour distance, i.e. not clearly any class). The pa
 ADE20K sample (202,100). COCO: the paper uses ImgSyn only, since instances cannot be recovered from a
 generated colour map (appendix A.2), and so does this script.
 
-Output: the synthetic folder of DESIGN.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
+Output: the synthetic folder of docs/design.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
 common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -34,10 +36,34 @@ from common.colormap import IGNORE, Palette, color_to_label, label_to_color
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
-from common.cli import Data, Precision
-from common.synth import Sampler, console
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
+from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(synth.Settings):
+    """The manifest's "settings" of a MaskSyn sample."""
+
+    ORDER = ("data", "resolution", "text2mask_steps", "mask2img_steps", "guidance", "sampler", "S_churn", "S_tmin", "S_tmax",
+             "S_noise", "seed", "precision", "palettes", "max_off_palette", "off_palette_distance")
+    text2mask_steps: int
+    mask2img_steps: int
+    palettes: list  # [Text2Mask's, Mask2Img's] palette names
+    max_off_palette: float
+    off_palette_distance: float
+
+
+@dataclass
+class Job(synth.Job):
+    """The options of a MaskSyn run."""
+
+    text2mask: str | None = None
+    per_sample: int = 10
+    text2mask_steps: int = 200
+    mask2img_steps: int = 40
+    max_off_palette: float = 0.1
 
 
 # ---------------------------------------------------------------- one batch: caption -> mask -> image
@@ -58,22 +84,22 @@ def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tupl
 def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     """Text2Mask then Mask2Img on one batch of (source id, k). Per item: {"label", "colormap", "image",
     "off_palette", "classes"} or, for a degenerate mask, {"rejected": reason, ...} without an image."""
-    res, churn = settings["resolution"], synth.churn_kwargs(settings)
-    generators = [torch.Generator().manual_seed(synth.derive_seed(settings["seed"], s, k)) for s, k in batch]
+    res, churn = settings.resolution, settings.churn()
+    generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, s, k)) for s, k in batch]
     texts = [captions[s] for s, _ in batch]
 
     # 1. caption -> colour map (Text2Mask)
     cond, uncond = synth.encode(t2m, texts, (res, res))
-    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings["text2mask_steps"], settings["guidance"],
-                                settings["sampler"], churn)
+    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings.text2mask_steps, settings.guidance,
+                                settings.sampler, churn)
     # 2. colour map -> label; degenerate masks are dropped here
     items = []
     for cmap in cmaps:
-        label, off, classes = decode_mask(cmap, palettes[0], settings["off_palette_distance"])
+        label, off, classes = decode_mask(cmap, palettes[0], settings.off_palette_distance)
         item = {"label": label, "off_palette": round(off, 6), "classes": classes}
         if classes < 2:
             item["rejected"] = f"{classes} class(es)"
-        elif off > settings["max_off_palette"]:
+        elif off > settings.max_off_palette:
             item["rejected"] = f"{off:.1%} of pixels off the palette"
         items.append(item)
     keep = [i for i, it in enumerate(items) if "rejected" not in it]
@@ -84,8 +110,8 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
         items[i]["colormap"] = label_to_color(items[i]["label"], palettes[1])
     cond, uncond = synth.encode(m2i, [texts[i] for i in keep], (res, res))
     control = synth.control_tensor([items[i]["colormap"] for i in keep])
-    images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], (res, res), settings["mask2img_steps"],
-                                 settings["guidance"], settings["sampler"], churn, control=control)
+    images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], (res, res), settings.mask2img_steps,
+                                 settings.guidance, settings.sampler, churn, control=control)
     for i, image in zip(keep, images):
         items[i]["image"] = image
     return items
@@ -93,15 +119,11 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
 
 # ---------------------------------------------------------------- the job
 
-def masksyn(
-    data: str = "ade20k", captions: Path | None = None, text2mask: str | None = None, mask2img: str | None = None,
-    base: str | None = None, per_sample: int = 10, text2mask_steps: int = 200, mask2img_steps: int = 40,
-    guidance: float = 5.0, sampler: str = "heun", S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"),
-    S_noise: float = 1.0, resolution: int = 768, batch_size: int = 4, seed: int = 0, limit: int | None = None,
-    max_off_palette: float = 0.1, out: Path | None = None, precision: str = "auto", preview: int = 0,
-    reproduce: str | None = None,
-) -> dict:
-    """Run MaskSyn; returns the summary {"written", "skipped", "rejected", "failed", "seconds", "out", ...}."""
+def masksyn(**options) -> dict:
+    """Run MaskSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
+    "rejected", "failed", "seconds", "out", ...}."""
+    o = Job(**options)
+    data, resolution, limit, reproduce, per_sample, batch_size = o.data, o.resolution, o.limit, o.reproduce, o.per_sample, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
     state = process_state()
     if data != "ade20k":
@@ -109,10 +131,10 @@ def masksyn(
                           f"from a generated colour map (paper appendix A.2), so the paper makes COCO data with imgsyn.py only")
     if resolution % 8:
         raise SegGenError(f"--resolution {resolution}: must be a multiple of 8 (the VAE's factor)")
-    captions = require(Path(captions) if captions else captions_path(data, "train"), f"caption.py --data {data}", "--captions")
-    text2mask = str(text2mask or text2mask_dir(data))
-    mask2img = str(mask2img or mask2img_dir(data))
-    out = Path(out) if out else synth_dir("masksyn", data)
+    captions = require(Path(o.captions) if o.captions else captions_path(data, "train"), f"caption.py --data {data}", "--captions")
+    text2mask = str(o.text2mask or text2mask_dir(data))
+    mask2img = str(o.mask2img or mask2img_dir(data))
+    out = Path(o.out) if o.out else synth_dir("masksyn", data)
 
     # -- data: the captions are the only input
     caps = {str(r["id"]): r["caption"] for r in read_manifest(captions, CAPTION_FIELDS)}
@@ -123,13 +145,12 @@ def masksyn(
         return _reproduce(out, reproduce, caps, state)
 
     synth.check_pipeline(text2mask, "--text2mask", f"train_text2mask.py --data {data}")  # bad folders fail here, not mid-run
-    base, _ = synth.check_controlnet(mask2img, base, data)
+    base, _ = synth.check_controlnet(mask2img, o.base, data)
     palettes = (synth.model_palette(text2mask, data), synth.model_palette(mask2img, data))
-    dtype = synth.precision_dtype(precision, state.device)
-    settings = {"data": data, "resolution": resolution, "text2mask_steps": text2mask_steps, "mask2img_steps": mask2img_steps,
-                "guidance": guidance, "sampler": sampler, **synth.churn_settings(S_churn, S_tmin, S_tmax, S_noise), "seed": seed,
-                "precision": synth.precision_name(dtype), "palettes": [p.name for p in palettes],
-                "max_off_palette": max_off_palette, "off_palette_distance": palettes[0].min_distance() / 2}
+    dtype = precision_dtype(o.precision, state.device)
+    settings = o.settings(Settings, dtype, text2mask_steps=o.text2mask_steps, mask2img_steps=o.mask2img_steps,
+                          palettes=[p.name for p in palettes], max_off_palette=o.max_off_palette,
+                          off_palette_distance=palettes[0].min_distance() / 2)
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     rejected_path = out / "rejected.jsonl"
     done = synth.check_output(out, settings, models)
@@ -142,8 +163,8 @@ def masksyn(
     summary = {"written": 0, "skipped": skipped, "rejected": 0, "failed": 0, "out": str(out)}
     if state.is_main_process:
         console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
-                      f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {sampler} "
-                      f"{text2mask_steps}/{mask2img_steps} steps, guidance {guidance}, {resolution}px, {dtype}; output {out} "
+                      f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {o.sampler} "
+                      f"{o.text2mask_steps}/{o.mask2img_steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
                       f"({state.num_processes} process(es), {len(done)} already written, {len(rejected)} rejected before)")
 
     # -- models
@@ -166,14 +187,14 @@ def masksyn(
                 if "rejected" in item:
                     rejects.append({"id": sid, "source_id": s, "k": k, "reason": item["rejected"],
                                     "off_palette": item["off_palette"], "classes": item["classes"],
-                                    "settings": settings, "models": models})
+                                    "settings": settings.record(), "models": models})
                     summary["rejected"] += 1
                     continue
                 synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, item["label"]))  # ADE20K encoding
                 writer.append({**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
                                "off_palette": item["off_palette"], "classes": item["classes"]})
                 summary["written"] += 1
-                if len(rows) < preview and state.is_main_process:
+                if len(rows) < o.preview and state.is_main_process:
                     rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
                                  "overlay": synth.overlay(item["image"], item["label"], data)})
             progress.update(task, advance=len(batch), rejected=summary["rejected"],
@@ -186,11 +207,11 @@ def masksyn(
     return summary
 
 
-def load_models(models: dict, settings: dict, device) -> tuple:
+def load_models(models: dict, settings: Settings, device) -> tuple:
     """(Text2Mask, Mask2Img) ready to sample, in the run's precision."""
-    dtype = synth.precision_dtype(settings["precision"], device)
+    dtype = precision_dtype(settings.precision, device)
     t2m_kind = synth.check_pipeline(models["text2mask"], "--text2mask", "train_text2mask.py")
-    base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings["data"])
+    base, kind = synth.check_controlnet(models["mask2img"], models["base"], settings.data)
     return (synth.load_text2mask(models["text2mask"], t2m_kind, device, dtype),
             synth.load_mask2img(models["mask2img"], base, kind, device, dtype, models.get("vae")))
 
@@ -199,12 +220,12 @@ def _reproduce(out, wanted, caps, state) -> dict:
     """Regenerate one sample from its manifest line (its own settings, models and batch) into
     out/reproduce/ and compare image and annotation with the stored ones byte for byte."""
     rec = synth.find_record(out, wanted)
-    settings, models = rec["settings"], rec["models"]
+    settings, models = Settings.from_record(rec["settings"]), rec["models"]
     batch = [(s, int(k)) for s, k in rec["batch"]]
     lost = [s for s, _ in batch if s not in caps]
     if lost:
         raise SegGenError(f"--reproduce {wanted}: source(s) {lost[:3]} of its batch are not in --captions")
-    palettes = tuple(synth.model_palette(models[m], settings["data"]) for m in ("text2mask", "mask2img"))
+    palettes = tuple(synth.model_palette(models[m], settings.data) for m in ("text2mask", "mask2img"))
     t2m, m2i = load_models(models, settings, state.device)
     item = generate(t2m, m2i, batch, caps, settings, palettes)[batch.index((rec["source_id"], int(rec["k"])))]
     if "rejected" in item:
@@ -224,16 +245,16 @@ def main(
     text2mask: Annotated[str | None, typer.Option(help="Text2Mask pipeline folder or hub id (default: runs/text2mask-{data}/).", rich_help_panel="Models")] = None,
     mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
     base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 (else fp16) on GPU, fp32 on CPU.", rich_help_panel="Models")] = Precision.auto,
+    precision: PrecisionOpt = Precision.auto,
     per_sample: Annotated[int, typer.Option(min=1, max=10000, help="Masks drawn per caption (paper §4.1: 10).", rich_help_panel="Sampling")] = 10,
     text2mask_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Text2Mask (paper A.4: 200).", rich_help_panel="Sampling")] = 200,
     mask2img_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Mask2Img (paper A.4: 40).", rich_help_panel="Sampling")] = 40,
     guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale of both models (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
-    sampler: Annotated[Sampler, typer.Option(help="heun: EDM Algorithm 2 (2N-1 UNet calls); euler: first order (N).", rich_help_panel="Sampling")] = Sampler.heun,
-    s_churn: Annotated[float, typer.Option("--s-churn", min=0.0, help="EDM S_churn: stochasticity (0 = deterministic ODE).", rich_help_panel="Sampling")] = 0.0,
-    s_tmin: Annotated[float, typer.Option("--s-tmin", min=0.0, help="EDM S_tmin: churn only for σ >= this.", rich_help_panel="Sampling")] = 0.0,
-    s_tmax: Annotated[float, typer.Option("--s-tmax", min=0.0, help="EDM S_tmax: churn only for σ <= this.", rich_help_panel="Sampling")] = float("inf"),
-    s_noise: Annotated[float, typer.Option("--s-noise", min=0.0, help="EDM S_noise: scale of the churn noise.", rich_help_panel="Sampling")] = 1.0,
+    sampler: SamplerOpt = Sampler.heun,
+    s_churn: SChurnOpt = 0.0,
+    s_tmin: STminOpt = 0.0,
+    s_tmax: STmaxOpt = float("inf"),
+    s_noise: SNoiseOpt = 1.0,
     resolution: Annotated[int, typer.Option(min=64, max=4096, help="Side of the generated masks and images (paper A.4: 768).", rich_help_panel="Sampling")] = 768,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Samples per UNet call.", rich_help_panel="Sampling")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Base seed; each sample's seed derives from (source id, k, seed).", rich_help_panel="Sampling")] = 0,
@@ -243,13 +264,8 @@ def main(
     reproduce: Annotated[str | None, typer.Option(help="Regenerate sample ID of --out from its manifest line into --out/reproduce/ and compare it byte for byte.", rich_help_panel="Output")] = None,
 ):
     """MaskSyn (paper §3.3): new masks from captions with Text2Mask, images for them with Mask2Img."""
-    try:
-        s = masksyn(data.value, captions, text2mask, mask2img, base, per_sample, text2mask_steps, mask2img_steps, guidance,
-                    sampler.value, s_churn, s_tmin, s_tmax, s_noise, resolution, batch_size, seed, limit, max_off_palette,
-                    out, precision.value, preview, reproduce)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    with user_errors(console):
+        s = masksyn(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items()})
     raise typer.Exit(synth.report(s, compared="sample"))
 
 

@@ -19,7 +19,6 @@ resume; delete it when done).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,20 +34,23 @@ from rich.console import Console
 from common.colormap import color_to_label, label_to_color, palette_for
 from common.datasets import default_data_root, read_dataset
 from common.paths import captions_path, text2mask_dir
-from common.training import (  # the command line both trainers share: choices and options, declared once
+from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
+from common.checkpoint import load as load_checkpoint
+from common.cli import (  # the command line both trainers share: choices and options, declared once
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
     CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GradientAccumulationOpt,
     GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt,
     MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
     ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
-    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt,
+    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
+)
+from common.sdxl import (
+    PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, drop_captions, inspect_base, validation_prompts,
 )
 from common.training import (
-    ColorMapDataset, PAPER_BASE, RunLog, StepMeter, cache_latents, cache_text_embeddings, check_cache_latents,
-    check_finite, check_resolution, check_vae, checkpoint_step, cli, drop_captions, ema_weights, image_grid,
-    inspect_base, load_checkpoint, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
-    noisy_latents, optimizer_step, quiet_loading, read_captions, register_diffusers_hooks, resolve_resume,
-    sample_latents, save_checkpoint, step_generator, step_loader, to_device, validation_prompts,
+    ColorMapDataset, RunLog, StepMeter, cache_latents, check_cache_latents, check_finite, ema_weights, image_grid,
+    load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer, noisy_latents, optimizer_step,
+    quiet_loading, read_captions, sample_latents, step_generator, step_loader, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -67,7 +69,7 @@ def train(a: SimpleNamespace) -> Path:
     base = inspect_base(a.pretrained)
     check_resolution(a.resolution, base)
     check_vae(a.vae)
-    resume_from = resolve_resume(a.resume, out)
+    resume_from = resolve_trainer_resume(a.resume, out, console.print)
     check_cache_latents(a.cache_latents, a.center_crop)
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
@@ -110,7 +112,8 @@ def train(a: SimpleNamespace) -> Path:
 
     global_step, last_ckpt = 0, resume_from
     if resume_from is not None:
-        global_step = load_checkpoint(accelerator, resume_from, ema)
+        load_checkpoint(accelerator, resume_from, ema)
+        global_step = checkpoint_step(resume_from)
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
     loader = step_loader(dataset, a, accelerator, global_step)  # starts where the checkpoint stopped
@@ -146,7 +149,7 @@ def train(a: SimpleNamespace) -> Path:
             ema.step(unet.parameters())
         meter.step(global_step, lr_scheduler.get_last_lr()[0], grad_norm)
         if a.checkpointing_steps and global_step % a.checkpointing_steps == 0:
-            last_ckpt = save_checkpoint(accelerator, out, global_step, a.checkpoints_total_limit)
+            last_ckpt = save_trainer_checkpoint(accelerator, out, global_step, a.checkpoints_total_limit)
         if a.validation_steps and (global_step % a.validation_steps == 0 or global_step == a.max_steps):
             if main_proc:
                 with ema_weights(ema, unet):  # sample with the EMA weights
@@ -256,12 +259,8 @@ def main(
     report_to: ReportToOpt = Tracker.tensorboard,
 ):
     """Fine-tune the SDXL-base UNet into Text2Mask on (caption, colour map) pairs (paper §3.2, A.4)."""
-    cli(train, locals(), console)
+    call(train, locals(), console)
 
 
 if __name__ == "__main__":
-    try:
-        app()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: continue with --resume latest")
-        sys.exit(130)
+    run(app, console, hint="continue with --resume latest")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import train_seg  # noqa: E402
-from common import tiny  # noqa: E402
+from common import segdata, segmodel, tiny  # noqa: E402
 from common.datasets import read_dataset  # noqa: E402
 from common.manifest import ManifestWriter  # noqa: E402
 
@@ -59,11 +59,11 @@ def synthetic_copies(folder: Path, n: int = 8) -> Path:
 
 def bare_loop(model_dir, backbone, args, device) -> float:
     """it/s of forward/backward/step alone, on batches drawn and augmented beforehand."""
-    net, processor = train_seg.build_model(model_dir, backbone, "ade20k")
-    train_seg.freeze_unused(net)
+    net, processor = segmodel.build_model(model_dir, backbone, "ade20k")
+    segmodel.freeze_unused(net)
     net.to(device).train()
     real = read_dataset("ade20k", ADE, "train")
-    data = train_seg.SegData([real], "ade20k", args.crop)
+    data = segdata.SegData([real], "ade20k", args.crop)
     sampler = train_seg.MixedBatches(len(real), [], args.batch_size, 0.0, 0, 0, 8)
     mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1) * 255
@@ -71,10 +71,10 @@ def bare_loop(model_dir, backbone, args, device) -> float:
     for keys in sampler:
         items = [data[k] for k in keys]
         labels = torch.stack([x["label"] for x in items]).to(device)
-        masks, classes, _ = train_seg.mask_targets(labels)
+        masks, classes, _ = segdata.mask_targets(labels)
         images = (torch.stack([x["image"] for x in items]).to(device).float() - mean) / std
         batches.append((images, torch.stack([x["valid"] for x in items]).to(device).long(), masks, classes))
-    optimizer = torch.optim.AdamW(train_seg.param_groups(net, 1e-4, 0.05, 0.1), lr=1e-4)
+    optimizer = torch.optim.AdamW(segmodel.param_groups(net, 1e-4, 0.05, 0.1), lr=1e-4)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
 
     def step(i):

@@ -39,9 +39,9 @@ import torch.nn.functional as F  # noqa: E402
 from common import tiny  # noqa: E402
 from common.colormap import palette_for  # noqa: E402
 from common.datasets import read_dataset  # noqa: E402
+from common.sdxl import cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders  # noqa: E402
 from common.training import (  # noqa: E402
-    ColorMapDataset, StepBatches, cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders, noisy_latents,
-    quiet_loading, sample_latents, step_generator, to_device,
+    ColorMapDataset, StepBatches, noisy_latents, quiet_loading, sample_latents, step_generator, to_device,
 )
 
 ADE = ROOT / "tests" / "data" / "ade20k"

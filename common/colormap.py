@@ -3,7 +3,7 @@
 A colour map encodes a label map as an RGB picture, one colour per class, so that an image diffusion
 model (SDXL) can learn to draw masks (Text2Mask) and be conditioned on them (Mask2Img).
 
-Two palettes per dataset (see DESIGN.md, "Colour maps"):
+Two palettes per dataset (see docs/design.md, "Colour maps and palettes"):
 - "generation": what the generators are trained on and sample. Colours are picked greedily, each as
   far as possible from those already chosen, from the 6×6×6 lattice {0, 51, ..., 255}³, so any two are
   at least 51 RGB units apart and survive the VAE round trip and sampling noise.
@@ -236,7 +236,7 @@ def color_to_label(cmap: np.ndarray, palette: Palette, max_distance: float | Non
     max_distance: pixels farther than this from every palette colour become IGNORE (off-palette); the
     distance is the pixel's own, measured before the vote.
     vote: a 3×3 majority vote over the projected labels afterwards; it mends the isolated errors that
-    decoding noise leaves on segment borders (DESIGN.md measured 97-99% -> 99.2-99.8% of pixels).
+    decoding noise leaves on segment borders (measured: 97-99% -> 99.2-99.8% of pixels, docs/design.md).
     """
     index = color_to_index(cmap, palette)
     far = None

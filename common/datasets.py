@@ -2,7 +2,7 @@
 
 Each reader returns a list of `Sample`s (paths only; nothing is decoded while listing), and the
 `load_*` functions decode one sample with validation. Layouts are the standard ones that detectron2
-and mmsegmentation read, see DESIGN.md "Data contract".
+and mmsegmentation read, see docs/design.md "Data contract".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""JSONL manifests: how stages hand data to each other (DESIGN.md "Data contract").
+"""JSONL manifests: how stages hand data to each other (docs/design.md "Data contract").
 
 - Files are written to a temporary name and renamed (`atomic_save`), and only then is their line
   appended (`ManifestWriter.append`), so a line always points at complete files.

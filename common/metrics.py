@@ -182,8 +182,8 @@ class PanopticQuality:
 class MaskAP:
     """COCO mask AP through pycocotools' COCOeval (iouType "segm"), the instance metric of §4.1.
 
-    Ground truth comes from panoptic "thing" segments (crowd ones kept as iscrowd regions), as DESIGN.md's
-    data contract says; predictions are binary masks with a score and a category per image."""
+    Ground truth comes from panoptic "thing" segments (crowd ones kept as iscrowd regions), as the
+    data contract of docs/design.md says; predictions are binary masks with a score and a category per image."""
 
     def __init__(self, categories: dict[int, bool]):
         self.things = sorted(c for c, isthing in categories.items() if isthing)

@@ -1,4 +1,4 @@
-"""Default paths that chain the stages (DESIGN.md "Defaults that chain").
+"""Default paths that chain the stages (docs/design.md "Defaults that chain").
 
 With no path flags, each stage finds what the previous one wrote, derived from --data and --split.
 """

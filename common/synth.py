@@ -21,42 +21,89 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from common import SegGenError
+from common import SegGenError, sdxl
 from common.colormap import Palette, label_to_color, palette_for
 from common.manifest import atomic_save, read_manifest
-from common.sampler import SAMPLERS, Cond, EpsDenoiser, edm_sampler
+from common.progress import console, progress_bar
+from common.sampler import Cond, EpsDenoiser, edm_sampler
 from common.shard import shard
 
-console = Console(stderr=True, soft_wrap=True)  # both scripts' messages, on stderr
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 SD_PIPELINES = ("StableDiffusionPipeline",)
 JPEG_QUALITY = 95
 
 
-# ---------------------------------------------------------------- option choices of both scripts
+# ---------------------------------------------------------------- the sampler's churn settings
 
-Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What every sample's manifest line records under "settings": all that decides its bytes. Each script
+    adds its own fields; ORDER is the order the manifest has always written them in. JSON has no
+    infinity: S_tmax = ∞ is recorded as null."""
+
+    ORDER = ()
+    data: str
+    resolution: int
+    guidance: float
+    sampler: str
+    S_churn: float
+    S_tmin: float
+    S_tmax: float | None  # None: ∞
+    S_noise: float
+    seed: int
+    precision: str
+
+    def record(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return {k: fields[k] for k in self.ORDER}
+
+    @classmethod
+    def from_record(cls, record: dict):
+        """The settings of an existing manifest line (for --reproduce)."""
+        return cls(**record)
+
+    def churn(self) -> dict:
+        """The `edm_sampler` keyword arguments of the churn (S_tmax null -> ∞)."""
+        return {"S_churn": self.S_churn, "S_tmin": self.S_tmin, "S_tmax": float("inf") if self.S_tmax is None else self.S_tmax,
+                "S_noise": self.S_noise}
 
 
-def churn_settings(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> dict:
-    """The EDM churn parameters as the manifest records them (JSON has no infinity: S_tmax = ∞ is null)."""
-    return {"S_churn": S_churn, "S_tmin": S_tmin, "S_tmax": None if S_tmax == float("inf") else S_tmax, "S_noise": S_noise}
+@dataclass
+class Job:
+    """The options both sampling scripts take (the command line's, as plain values); each adds its own."""
 
+    data: str = "ade20k"
+    captions: Path | None = None
+    mask2img: str | None = None
+    base: str | None = None
+    guidance: float = 5.0
+    sampler: str = "heun"
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    resolution: int = 768
+    batch_size: int = 4
+    seed: int = 0
+    limit: int | None = None
+    out: Path | None = None
+    precision: str = "auto"
+    preview: int = 0
+    reproduce: str | None = None
 
-def churn_kwargs(settings: dict) -> dict:
-    """The `edm_sampler` keyword arguments from a run's recorded settings (the inverse of churn_settings)."""
-    churn = {k: settings[k] for k in ("S_churn", "S_tmin", "S_tmax", "S_noise")}
-    churn["S_tmax"] = float("inf") if churn["S_tmax"] is None else churn["S_tmax"]
-    return churn
+    def settings(self, cls, dtype, **own):
+        """The run's recorded settings (cls: the script's Settings) from these options and the script's own fields."""
+        from common.cli import precision_name
+
+        return cls(data=self.data, resolution=self.resolution, guidance=self.guidance, sampler=self.sampler,
+                   S_churn=self.s_churn, S_tmin=self.s_tmin, S_tmax=None if self.s_tmax == float("inf") else self.s_tmax,
+                   S_noise=self.s_noise, seed=self.seed, precision=precision_name(dtype), **own)
 
 
 # ---------------------------------------------------------------- the plan: ids, seeds, batches
@@ -85,19 +132,6 @@ def process_plan(source_ids: list[str], per_sample: int, batch_size: int, state,
     return todo, sum(len(b) for b in batches) - sum(len(b) for b in todo)
 
 
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that has it, else fp16; fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
-def precision_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 # ---------------------------------------------------------------- checking model folders (before loading)
 
 def _read_json(path: Path, flag: str) -> dict:
@@ -118,7 +152,7 @@ def check_pipeline(path: str, flag: str, made_by: str) -> str:
         from diffusers import DiffusionPipeline
 
         try:  # the hub cache (offline) or the hub: the config only, no weights
-            name = DiffusionPipeline.load_config(path).get("_class_name")
+            index = DiffusionPipeline.load_config(path)
         except (OSError, ValueError) as e:
             raise SegGenError(f"{flag} {path}: not a local folder, and no pipeline of that hub id can be read ({e})") from e
     elif not folder.exists():
@@ -127,12 +161,11 @@ def check_pipeline(path: str, flag: str, made_by: str) -> str:
         raise SegGenError(f"{flag} {folder}: not a diffusers pipeline folder (no model_index.json); "
                           f"pass the folder {made_by} wrote, or an SDXL / SD-1.5 pipeline")
     else:
-        name = _read_json(folder / "model_index.json", flag).get("_class_name")
-    if name in SDXL_PIPELINES:
-        return "sdxl"
-    if name in SD_PIPELINES:
-        return "sd15"
-    raise SegGenError(f"{flag} {folder}: a {name}, not an SDXL or SD-1.5 text-to-image pipeline")
+        index = _read_json(folder / "model_index.json", flag)
+    name = index.get("_class_name")
+    if name not in SDXL_PIPELINES + SD_PIPELINES:
+        raise SegGenError(f"{flag} {folder}: a {name}, not an SDXL or SD-1.5 text-to-image pipeline")
+    return "sdxl" if sdxl.is_sdxl(index) else "sd15"
 
 
 def check_controlnet(path: str, base: str | None, data: str) -> tuple[str, str]:
@@ -250,8 +283,7 @@ def encode(gen: Generator, captions: list[str], size: tuple[int, int]) -> tuple[
     if gen.sdxl:
         emb, neg, pooled, neg_pooled = gen.pipe.encode_prompt(captions, device=gen.device, do_classifier_free_guidance=True)
         # SDXL's micro-conditioning: original size, crop top-left, target size (Podell et al. §2.2).
-        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=emb.dtype, device=gen.device)
-        time_ids = time_ids.repeat(len(captions), 1)
+        time_ids = sdxl.time_ids(size, (0, 0), size, emb.dtype).to(gen.device).repeat(len(captions), 1)  # (B, 6)
         return Cond(emb, pooled, time_ids), Cond(neg, neg_pooled, time_ids)
     emb, neg = gen.pipe.encode_prompt(captions, gen.device, 1, True)
     return Cond(emb), Cond(neg)
@@ -290,7 +322,7 @@ def control_tensor(colormaps: list[np.ndarray]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the output folder
 
-def check_output(out: Path, settings: dict, models: dict, records: list[dict] | None = None) -> set[str]:
+def check_output(out: Path, settings: Settings, models: dict, records: list[dict] | None = None) -> set[str]:
     """Ids already written in out (a rerun skips them). An output folder holding another run's
     samples made with different settings or models is an error: mixing them would break provenance.
 
@@ -299,7 +331,7 @@ def check_output(out: Path, settings: dict, models: dict, records: list[dict] | 
         records = read_manifest(out) if out.is_dir() else []
     if records:
         old = {**records[0].get("settings", {}), "models": records[0].get("models")}
-        settings = {**settings, "models": models}
+        settings = {**settings.record(), "models": models}
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
@@ -308,18 +340,18 @@ def check_output(out: Path, settings: dict, models: dict, records: list[dict] | 
     return {str(r["id"]) for r in records}
 
 
-def sample_record(method: str, sid: str, source_id: str, k: int, caption: str, settings: dict, models: dict,
+def sample_record(method: str, sid: str, source_id: str, k: int, caption: str, settings: Settings, models: dict,
                   batch: list[tuple[str, int]]) -> dict:
     """The manifest line's fields that both methods write: the files, the provenance, the batch."""
     return {"id": sid, "source_id": source_id, "k": k, "method": method, "image": f"images/{sid}.jpg",
             "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png", "caption": caption,
-            "seed": derive_seed(settings["seed"], source_id, k), "settings": settings, "models": models,
+            "seed": derive_seed(settings.seed, source_id, k), "settings": settings.record(), "models": models,
             "batch": [[s, kk] for s, kk in batch]}
 
 
 def save_sample(out: Path, sid: str, image: np.ndarray, colormap: np.ndarray, save_annotation) -> None:
     """The sample's files at the paths of `sample_record`, each complete before its manifest line
-    (DESIGN.md "Data contract"). save_annotation(path) writes the annotation PNG."""
+    (docs/design.md "Data contract"). save_annotation(path) writes the annotation PNG."""
     atomic_save(out / "images" / f"{sid}.jpg", lambda p: save_jpeg(p, image))
     atomic_save(out / "colormaps" / f"{sid}.png", lambda p: save_png(p, colormap))
     atomic_save(out / "annotations" / f"{sid}.png", save_annotation)
@@ -350,14 +382,10 @@ def find_record(out: Path, wanted: str) -> dict:
 
 # ---------------------------------------------------------------- progress and summary
 
-def progress(name: str, state, *columns) -> Progress:
+def progress(name: str, state, *columns):
     """The bar of the main process: done/total, samples/s, extra columns, elapsed, ETA. The task's
     `rate` field (and any field the extra columns name) is set by the caller."""
-    return Progress(
-        TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} samples/s"),
-        *columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-        disable=not state.is_main_process,
-    )
+    return progress_bar(console, "samples/s", *columns, name=f"[bold]{name}", enabled=state.is_main_process)
 
 
 def report(s: dict, compared: str) -> int:

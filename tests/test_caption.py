@@ -100,7 +100,7 @@ def test_bad_data_root_fails_before_any_model_is_loaded(tmp_path):
 
 @pytest.mark.parametrize("captioner", ["labels", "blip2"])
 def test_two_processes_split_the_work_without_overlap(tiny_models, tmp_path, captioner):
-    # A real 2-process gloo run on CPU (ENVIRONMENT.md: `accelerate launch --cpu` would run one process).
+    # A real 2-process gloo run on CPU (`accelerate launch --cpu` would run one process).
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -20,7 +20,7 @@ COCO_SAMPLES = read_dataset("coco", COCO_ROOT, "val")
 
 
 def vae_like_degradation(cmap: np.ndarray, seed: int = 0) -> np.ndarray:
-    """DESIGN.md's probe of a VAE round trip: JPEG quality 75 with 4:4:4 chroma, then Gaussian noise σ = 8/255."""
+    """The probe of docs/design.md ("Colour maps and palettes") of a VAE round trip: JPEG quality 75 with 4:4:4 chroma, then Gaussian noise σ = 8/255."""
     buf = io.BytesIO()
     Image.fromarray(cmap).save(buf, "JPEG", quality=75, subsampling=0)
     noisy = np.asarray(Image.open(buf), np.float32) + np.random.default_rng(seed).normal(0, 8, cmap.shape)

@@ -214,7 +214,7 @@ def test_cli_errors_exit_2_with_the_flag_named(tmp_path, ade_captions):
 
 
 def test_two_processes_give_the_same_samples_as_one(tmp_path, ade_run, models, ade_captions):
-    """A real 2-process gloo group (ENVIRONMENT.md): each rank takes every other batch and writes its own
+    """A real 2-process gloo group on CPU: each rank takes every other batch and writes its own
     manifest; the union is the one-process run, byte for byte."""
     import os
     import subprocess
@@ -246,3 +246,10 @@ def test_generation_size_keeps_the_aspect_ratio_at_the_training_scale():
     assert imgsyn.generation_size(768, 768, 768) == (768, 768)
     assert imgsyn.generation_size(100, 1000, 768) == (768, 1536)  # a panorama: the long side stops at 2·768
     assert all(x % 8 == 0 for x in imgsyn.generation_size(333, 517, 512))
+
+
+def test_sampler_choices_are_the_samplers_own():
+    from common.cli import Sampler
+    from common.sampler import SAMPLERS
+
+    assert [s.value for s in Sampler] == list(SAMPLERS)

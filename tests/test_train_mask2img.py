@@ -140,7 +140,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("resolution", "--resolution 60 is not a multiple of 8"),
     ("captions", "caption ids are not in the dataset (e.g. 'ADE_train_00000001')"),
     ("pretrained", "--pretrained {tmp}/nowhere: no such folder"),
-    ("resume", "--resume latest: no checkpoint-* folder in {tmp}/run"),
+    ("resume", "--resume latest: no complete checkpoint-* folder in {tmp}/run"),
     ("trained", "--output-dir {tmp}/run holds a trained model"),
     ("cache-latents", "--cache-latents needs --center-crop"),
     ("resume-path", "--resume {tmp}/checkpoint-3: not a checkpoint folder"),

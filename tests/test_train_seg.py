@@ -13,7 +13,8 @@ from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 import train_seg
-from common.datasets import load_label, read_dataset
+from common import segdata, segmodel
+from common.datasets import load_label, load_panoptic, read_dataset
 from common.manifest import ManifestWriter
 
 runner = CliRunner()
@@ -98,7 +99,7 @@ def test_semantic_inference_leaves_out_the_no_object_class():
     # Mask2Former: softmax over C + 1 classes, the last ("no object") dropped, times sigmoid masks.
     classes = torch.tensor([[0.1, 0.7, 0.2], [0.0, 0.0, 1.0]])  # (Q=2, C+1=3): query 1 is "no object"
     masks = torch.tensor([[[9.0, -9.0]], [[9.0, 9.0]]])  # (Q, 1, 2)
-    scores = train_seg.semantic_inference(classes, masks)
+    scores = segmodel.semantic_inference(classes, masks)
     assert scores.shape == (2, 1, 2)
     on, off = torch.sigmoid(torch.tensor(9.0)).item(), torch.sigmoid(torch.tensor(-9.0)).item()
     assert scores[:, 0, 0].tolist() == pytest.approx([0.1 * on, 0.7 * on])  # the no-object query adds nothing
@@ -113,18 +114,18 @@ def test_evaluation_at_original_resolution_of_non_square_images(tiny, tmp_path):
     assert any(lab.shape[0] != lab.shape[1] for lab in labels)
     # Every labelled pixel of the original-size annotations was scored (class 0 = ignored).
     assert got["pixels"] == sum(int((lab > 0).sum()) for lab in labels)
-    net, processor = train_seg.build_model(str(tiny), None, "ade20k")
+    net, processor = segmodel.build_model(str(tiny), None, "ade20k")
     image = torch.rand(3, 77, 130)
-    assert train_seg.semantic_scores(net.eval(), image, 64).shape == (150, 77, 130)
-    assert train_seg.semantic_scores(net, image, 64, flip=True).shape == (150, 77, 130)
+    assert segmodel.semantic_scores(net.eval(), image, 64).shape == (150, 77, 130)
+    assert segmodel.semantic_scores(net, image, 64, flip=True).shape == (150, 77, 130)
 
 
 def test_multiscale_views_follow_mask2formers_test_aug(tiny, tmp_path, monkeypatch):
     # TEST.AUG at MIN_SIZE_TEST 512: MIN_SIZES [256, 384, 512, 640, 768, 896], MAX_SIZE 3584, FLIP: here
     # at --eval-size 64, short sides 32..112 in steps of 16, flipped and not, long side at most 448.
     views = []
-    predict = train_seg.predict
-    monkeypatch.setattr(train_seg, "predict", lambda m, x, short, long, flip=False: views.append((short, long, flip)) or predict(m, x, short, long, flip))
+    predict = segmodel.predict
+    monkeypatch.setattr(segmodel, "predict", lambda m, x, short, long, flip=False: views.append((short, long, flip)) or predict(m, x, short, long, flip))
     _ok(_cli(["--eval-only", "--checkpoint", tiny, "--data-root", ADE_ROOT, "--eval-size", "64", "--multiscale",
               "--output-dir", tmp_path]))
     multi = views[len(views) // 13:]  # 2 images: 1 single-scale view each, then 12 multi-scale views each
@@ -134,8 +135,8 @@ def test_multiscale_views_follow_mask2formers_test_aug(tiny, tmp_path, monkeypat
 
 def test_augmentation_keeps_labels_exact_and_crops_to_size():
     (train,) = read_dataset("ade20k", ADE_ROOT, "train")
-    values = set((train_seg.load_target(train, "ade20k", "semantic")).flatten().tolist())
-    data = train_seg.SegData([[train]], "ade20k", 96)
+    values = set((segdata.load_target(train, "ade20k", "semantic")).flatten().tolist())
+    data = segdata.SegData([[train]], "ade20k", 96)
     for seed in range(12):
         item = data[(0, 0, seed)]
         assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.uint8
@@ -144,7 +145,7 @@ def test_augmentation_keeps_labels_exact_and_crops_to_size():
         assert (lab[~item["valid"].numpy()] == -1).all()  # padding is ignored
         assert (lab >= 0).any()  # a crop with labels was found
     assert np.array_equal(data[(0, 0, 5)]["label"], data[(0, 0, 5)]["label"])  # the seed fixes it
-    plain = train_seg.SegData([[train]], "ade20k", 96, augment=False)
+    plain = segdata.SegData([[train]], "ade20k", 96, augment=False)
     assert np.array_equal(plain[(0, 0, 1)]["image"], plain[(0, 0, 2)]["image"])  # --no-augment: fixed
 
 
@@ -153,10 +154,10 @@ def test_ade20k_resize_draws_the_short_side_from_mask2formers_16_sizes():
     allowed = {int(x * 0.1 * 512) for x in range(5, 21)}
     image, label = Image.new("RGB", (300, 200)), np.zeros((200, 300), np.uint8)
     rng = np.random.default_rng(0)
-    shorts = [min(train_seg.random_resize(image, label, 512, rng)[0].size) for _ in range(300)]
+    shorts = [min(segdata.random_resize(image, label, 512, rng)[0].size) for _ in range(300)]
     assert set(shorts) == allowed
     wide = Image.new("RGB", (900, 100))  # the long side stays within MAX_SIZE_TRAIN 2048
-    assert max(max(train_seg.random_resize(wide, np.zeros((100, 900), np.uint8), 512, rng)[0].size) for _ in range(50)) <= 2048
+    assert max(max(segdata.random_resize(wide, np.zeros((100, 900), np.uint8), 512, rng)[0].size) for _ in range(50)) <= 2048
 
 
 class _ScriptedRng:
@@ -176,7 +177,7 @@ def test_colour_jitter_clips_after_each_step_like_ssd():
     # Brightness +32 then contrast x 0.5 (no saturation, no hue): ColorAugSSDTransform clips 250 + 32 to
     # 255 before the contrast, giving 127 (not (250 + 32) * 0.5 = 141); 100 -> 132 -> 66.
     img = np.array([[[250, 100, 0]]], np.uint8)
-    out = train_seg.photometric_distortion(img, _ScriptedRng([0.0, 0.0, 0.0, 0.9, 0.9], [32.0, 0.5]))
+    out = segdata.photometric_distortion(img, _ScriptedRng([0.0, 0.0, 0.0, 0.9, 0.9], [32.0, 0.5]))
     assert out.tolist() == [[[127, 66, 16]]]
 
 
@@ -319,17 +320,17 @@ def coco_train(tmp_path_factory):
 
 def test_coco_targets_leave_out_crowd_and_keep_things_for_instance():
     sample = read_dataset("coco", COCO_ROOT, "val")[0]
-    ids = train_seg.load_panoptic(sample)
-    lut = train_seg.coco_train_ids()
+    ids = load_panoptic(sample)
+    lut = segdata.coco_train_ids()
     for task in ("panoptic", "instance"):
-        target = train_seg.load_target(sample, "coco", task)
-        masks, classes, keep = train_seg.mask_targets(torch.from_numpy(target)[None])
+        target = segdata.load_target(sample, "coco", task)
+        masks, classes, keep = segdata.mask_targets(torch.from_numpy(target)[None])
         expect = [s for s in sample.segments if not s["iscrowd"]
                   and (task == "panoptic" or next(c for c in coco_categories() if c["id"] == s["category_id"])["isthing"])]
         assert sorted(classes[0].tolist()) == sorted(int(lut[s["category_id"]]) for s in expect)
         assert sorted(m.sum().item() for m in masks[0]) == sorted(float((ids == s["id"]).sum()) for s in expect)
     crowd = next(s for s in sample.segments if s["iscrowd"])
-    assert (train_seg.load_target(sample, "coco", "panoptic")[ids == crowd["id"]] == -1).all()
+    assert (segdata.load_target(sample, "coco", "panoptic")[ids == crowd["id"]] == -1).all()
 
 
 class _Oracle(torch.nn.Module):
@@ -359,28 +360,28 @@ def test_panoptic_and_instance_evaluation_at_original_resolution_with_an_oracle(
     from accelerate import Accelerator
 
     samples = read_dataset("coco", COCO_ROOT, "val")
-    lut = train_seg.coco_train_ids()
+    lut = segdata.coco_train_ids()
     per_image = []
     for s in samples:
-        ids = torch.from_numpy(train_seg.load_panoptic(s))
+        ids = torch.from_numpy(load_panoptic(s))
         per_image.append((torch.stack([ids == seg["id"] for seg in s.segments]),
                           torch.tensor([int(lut[seg["category_id"]]) for seg in s.segments])))
-    sizes = {min(train_seg.load_panoptic(s).shape) for s in samples}
+    sizes = {min(load_panoptic(s).shape) for s in samples}
     # At an image's own short side (and a long side within detectron2's 1333/800 limit) nothing is
     # resized: every metric is exactly 1.
     exact = [(s, pi) for s, pi in zip(samples, per_image)
-             if max(train_seg.load_panoptic(s).shape) <= round(min(train_seg.load_panoptic(s).shape) * 1333 / 800)]
+             if max(load_panoptic(s).shape) <= round(min(load_panoptic(s).shape) * 1333 / 800)]
     assert exact
     for s, pi in exact:
-        short = min(train_seg.load_panoptic(s).shape)
-        got = train_seg.evaluate(_Oracle([pi]), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True), False, task="panoptic")
+        short = min(load_panoptic(s).shape)
+        got = segmodel.evaluate(_Oracle([pi]), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True), False, task="panoptic")
         assert got["panoptic"]["PQ"] == 1.0 and got["instance"]["AP"] == pytest.approx(1.0) and got["mIoU"] == 1.0
     # Through a smaller test size the masks are resized there and back: still matched, a little off.
-    got = train_seg.evaluate(_Oracle(per_image), samples, "coco", min(sizes) // 2, [0.5] * 3, [0.5] * 3,
+    got = segmodel.evaluate(_Oracle(per_image), samples, "coco", min(sizes) // 2, [0.5] * 3, [0.5] * 3,
                              Accelerator(cpu=True), False, task="panoptic")
     assert 0.8 < got["panoptic"]["PQ"] < 1.0 and got["panoptic"]["RQ"] == 1.0, got["panoptic"]
     assert got["instance"]["AP"] > 0.6 and got["mIoU"] > 0.9
-    labels = [train_seg.load_train_label(s, "coco") for s in samples]
+    labels = [segdata.load_train_label(s, "coco") for s in samples]
     assert got["pixels"] == sum(int((lab != 255).sum()) for lab in labels)  # scored at full resolution
 
 
@@ -393,9 +394,9 @@ def test_coco_panoptic_training_runs(tiny, coco_train, tmp_path):
 
 
 def test_optimizer_groups_follow_mask2former(tiny):
-    net, _ = train_seg.build_model(str(tiny), None, "ade20k")
-    train_seg.freeze_unused(net)
-    groups = train_seg.param_groups(net, 1e-4, 0.05, 0.1)
+    net, _ = segmodel.build_model(str(tiny), None, "ade20k")
+    segmodel.freeze_unused(net)
+    groups = segmodel.param_groups(net, 1e-4, 0.05, 0.1)
     where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == len(where) == sum(p.requires_grad for p in net.parameters())
     named = dict(net.named_parameters())
@@ -410,7 +411,7 @@ def test_optimizer_groups_follow_mask2former(tiny):
 
 
 def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_path):
-    """A real 2-process gloo run (ENVIRONMENT.md: `accelerate launch --cpu` would run only one)."""
+    """A real 2-process gloo run (`accelerate launch --cpu` would run only one)."""
     import os
     import subprocess
     import sys

@@ -1,0 +1,250 @@
+"""train_seg.py's data (paper appendix A.3: Mask2Former's official data recipes): label tables, training
+targets of every task, and the augmentation of ADE20K (random short-side resize, crop, photometric
+distortion, flip) and COCO (large-scale jitter, crop, flip).
+
+Training targets of every task are one int32 map: class * SEG + k for the k-th segment of the image
+(k = 0 for semantic targets: one mask per class), -1 = ignore (ADE20K class 0, COCO void and crowd).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import SegGenError
+from common.colormap import IGNORE, ade20k_classes, coco_categories
+from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, read_synthetic
+from common.paths import synth_dir
+
+
+def ade20k_train_ids() -> np.ndarray:
+    """(256,) uint8 lookup: ADE20K PNG value -> train id; 0 (other) -> 255 (ignored), v -> v - 1."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for c in ade20k_classes():
+        lut[c["png_value"]] = c["train_id"]
+    return lut
+
+
+def coco_train_ids() -> np.ndarray:
+    """(256,) uint8 lookup: COCO panoptic category id -> contiguous train id 0..132 (sorted by id); void -> 255."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])):
+        lut[c["id"]] = i
+    return lut
+
+
+def class_names(data: str) -> list[str]:
+    if data == "ade20k":
+        return [c["name"] for c in sorted(ade20k_classes(), key=lambda c: c["train_id"])]
+    return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"])]
+
+
+def thing_train_ids(data: str) -> set[int]:
+    """Train ids of the "thing" classes (COCO); none for ADE20K semantic."""
+    if data == "ade20k":
+        return set()
+    return {i for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])) if c["isthing"]}
+
+
+def load_train_label(sample: Sample, data: str) -> np.ndarray:
+    """(H, W) uint8 semantic train ids, 255 = ignore (checks values and size through common.datasets)."""
+    lut = ade20k_train_ids() if data == "ade20k" else coco_train_ids()
+    return lut[load_label(sample, data)]
+
+
+SEG = 1000
+
+
+def load_target(sample: Sample, data: str, task: str) -> np.ndarray:
+    """(H, W) int32 training target of `sample` for `task` (semantic, panoptic, instance)."""
+    if data == "ade20k" or task == "semantic":
+        label = load_train_label(sample, data).astype(np.int32)
+        return np.where(label == IGNORE, -1, label * SEG)
+    ids = load_panoptic(sample)
+    lut, things = coco_train_ids(), thing_train_ids(data)
+    target = np.full(ids.shape, -1, np.int32)
+    for k, seg in enumerate(sample.segments or [], 1):
+        cls = int(lut[seg["category_id"]])
+        # Mask2Former (detectron2's panoptic mapper) leaves crowd regions out of the targets; the
+        # instance task keeps things only.
+        if seg.get("iscrowd", 0) or (task == "instance" and cls not in things):
+            continue
+        target[ids == seg["id"]] = cls * SEG + k
+    return target
+
+
+def probe_synthetic(folder: Path, samples: list[Sample], data: str, n: int = 8) -> None:
+    """Decode a few labels of a synthetic folder up front: labels of another dataset fail here, named,
+    not hours into training."""
+    known = {c["id"] for c in coco_categories()}
+    for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
+        try:
+            if data == "coco":
+                if samples[i].segments is None:
+                    raise SegGenError(f"{samples[i].annotation}: no segments_info in the manifest (a COCO folder's records need it)")
+                bad = sorted({s["category_id"] for s in samples[i].segments} - known)
+                if bad:
+                    raise SegGenError(f"{samples[i].annotation}: category ids {bad[:8]} are not coco categories")
+                load_panoptic(samples[i])
+            load_label(samples[i], data)
+        except SegGenError as e:
+            raise SegGenError(f"--synthetic {folder}: {e}. Synthetic labels must use {data}'s label encoding "
+                              f"(was this folder made for another dataset?)") from e
+
+
+def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bool = False,
+                  factor: float | None = None) -> tuple[Image.Image, np.ndarray]:
+    """ADE20K: detectron2's ResizeShortestEdge as Mask2Former configures it: the short side drawn from
+    the 16 sizes int(x * 0.1 * crop), x = 5..20 ("choice" sampling: 256, 281, .., 1024 at 512), the long
+    side at most 4 x crop (2048). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x
+    crop squared. A given `factor` replaces the random draw."""
+    w, h = image.size
+    if factor is None:
+        factor = rng.uniform(0.1, 2.0) if lsj else int(rng.integers(5, 21) * 0.1 * crop) / crop
+    if lsj:
+        scale = factor * crop / max(w, h)
+    else:
+        scale = min(factor * crop / min(w, h), 4 * crop / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+
+
+def crop_window(image: np.ndarray, label: np.ndarray, y: int, x: int, crop: int):
+    """The crop x crop window at (y, x): image (crop, crop, 3) uint8 padded with grey 128, label
+    (crop, crop) int32 padded with ignore -1, valid (crop, crop) bool (False on the padding) — the
+    padding of Mask2Former's semantic mapper, where the image is smaller than the crop."""
+    img, lab = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
+    out_img = np.full((crop, crop, 3), 128, np.uint8)
+    out_lab = np.full((crop, crop), -1, np.int32)
+    valid = np.zeros((crop, crop), bool)
+    out_img[:img.shape[0], :img.shape[1]] = img
+    out_lab[:lab.shape[0], :lab.shape[1]] = lab
+    valid[:img.shape[0], :img.shape[1]] = True
+    return out_img, out_lab, valid
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int = 10):
+    """A random crop_window; among up to `tries` windows the first with a labelled pixel, so that few
+    crops arrive empty (an image without targets is left out of the loss: see mask_targets)."""
+    h, w = label.shape
+    for _ in range(tries):
+        y, x = rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
+        if (label[y:y + crop, x:x + crop] >= 0).any():
+            break
+    return crop_window(image, label, y, x, crop)
+
+
+def center_crop(image: np.ndarray, label: np.ndarray, crop: int):
+    """The centre crop_window."""
+    h, w = label.shape
+    return crop_window(image, label, max(h - crop, 0) // 2, max(w - crop, 0) // 2, crop)
+
+
+def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
+    """Mask2Former's ColorAugSSDTransform (the SSD colour jitter): each with probability 1/2, brightness
+    +-32, contrast and saturation x U(0.5, 1.5), hue +-18 degrees/2 (OpenCV units); contrast either first
+    or last. As there, every step clips to 0..255 and rounds down to uint8 before the next one."""
+
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(x):
+        return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
+
+    def saturation_hue(x):
+        do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
+        if not (do_sat or do_hue):
+            return x
+        hsv = np.array(Image.fromarray(x).convert("HSV"))
+        if do_sat:
+            hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        if do_hue:  # OpenCV hue is 0..180, PIL's 0..255
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 255 / 180) % 256
+        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+    if rng.random() < 0.5:
+        img = convert(img, beta=rng.uniform(-32, 32))
+    if rng.random() < 0.5:
+        return saturation_hue(contrast(img))
+    return contrast(saturation_hue(img))
+
+
+class SegData(torch.utils.data.Dataset):
+    """Decodes and augments one (source, index, seed) from MixedBatches.
+
+    Returns image (3, crop, crop) uint8, label (crop, crop) int32 targets (see load_target; -1 = ignore
+    and padding), valid (crop, crop) bool (False on padding), source. ADE20K: Mask2Former's ADE20K
+    recipe; COCO: its large-scale jitter recipe (resize, crop, flip; no colour jitter)."""
+
+    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: bool = True, task: str = "semantic"):
+        self.sources, self.data, self.crop, self.augment, self.task = sources, data, crop, augment, task
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, key):
+        source, index, seed = key
+        sample = self.sources[source][index]
+        rng = np.random.default_rng(seed)
+        image, label = load_image(sample.image), load_target(sample, self.data, self.task)
+        lsj = self.data == "coco"
+        if self.augment:
+            image, label = random_resize(image, label, self.crop, rng, lsj)
+            img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng)
+        else:  # A.9's ablation without augmentation: scale 1 and the centre window
+            image, label = random_resize(image, label, self.crop, rng, lsj, factor=1.0)
+            img, lab, valid = center_crop(np.asarray(image), label, self.crop)
+        if self.augment:
+            if not lsj:
+                img = photometric_distortion(img, rng)
+            if rng.random() < 0.5:
+                img, lab, valid = img[:, ::-1], lab[:, ::-1], valid[:, ::-1]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "label": torch.from_numpy(np.ascontiguousarray(lab)),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+            "source": source,
+        }
+
+
+def mask_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(B, H, W) int32 targets (load_target) -> Mask2Former targets: per image one binary mask per
+    segment (per class for semantic) present (mask_labels (N_i, H, W) float, class_labels (N_i,) long),
+    and keep (B,) bool: images with any labelled pixel. Images without one must not reach the loss (it
+    crashes on empty targets)."""
+    masks, classes, keep = [], [], []
+    for lab in labels:
+        present = torch.unique(lab)
+        present = present[present >= 0]
+        keep.append(len(present) > 0)
+        if len(present):
+            classes.append((present // SEG).long())
+            masks.append((lab[None] == present[:, None, None]).float())
+    return masks, classes, torch.tensor(keep, device=labels.device)
+
+
+def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
+    """(real training samples, one sample list per synthetic folder, the folders) of train_seg's options
+    `a` (--strategy, --synthetic, --max-real-samples ...), checked before any model."""
+    real, synthetic, folders = [], [], []
+    if a.strategy != "synthetic":
+        real = read_dataset(a.data, a.data_root, "train")
+        if a.max_real_samples is not None:  # Table 4's low-data ablation: a fixed random subset
+            keep = np.random.default_rng(a.seed).permutation(len(real))[:a.max_real_samples]
+            real = [real[i] for i in sorted(keep)]
+    if a.strategy != "real":
+        folders = list(a.synthetic) or [p for p in (synth_dir(m, a.data) for m in ("masksyn", "imgsyn")) if p.is_dir()]
+        if not folders:
+            raise SegGenError(
+                f"--strategy {a.strategy.value} needs synthetic data, but neither {synth_dir('masksyn', a.data)} nor "
+                f"{synth_dir('imgsyn', a.data)} exists: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
+        for folder in folders:
+            samples = read_synthetic(folder)
+            probe_synthetic(folder, samples, a.data)
+            synthetic.append(samples)
+    elif a.synthetic:
+        say(f"[yellow]--strategy real: ignoring {len(a.synthetic)} --synthetic folder(s)[/]")
+    return real, synthetic, folders
