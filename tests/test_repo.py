@@ -47,7 +47,7 @@ def test_every_named_repository_file_exists():
     for name in tracked():
         for m in NAMED.finditer(text_of(name) or ""):
             ref = m.group(1).rstrip(".")
-            if "*" in ref or "{" in ref or ref in files or ref in folders or ref.startswith(OUTPUTS):
+            if "*" in ref or "{" in ref or ref in files or ref in folders or (ref + "/").startswith(OUTPUTS):
                 continue
             if ref.endswith((".md", ".sh", ".py")) or "/" in ref:
                 missing.append(f"{name}: {ref}")
