@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 REPO=$(pwd)
 
 PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS=""
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,tiny} --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run"; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,tiny} --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;

@@ -21,6 +21,7 @@ def run(*args, **kw):
 
 
 def test_paper_preset_dry_run_prints_the_paper_settings():
+    before = sorted(ROOT.iterdir())
     r = run("--preset", "paper", "--data-root", "/data", "--gpus", "8", "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = {next(t for t in line.split() if t.endswith(".py")): line for line in r.stdout.splitlines()[1:]}
@@ -35,7 +36,7 @@ def test_paper_preset_dry_run_prints_the_paper_settings():
     seg = [line for line in r.stdout.splitlines() if "train_seg.py" in line]
     assert "--strategy real" in seg[0] and "--strategy aug --p-aug 0.6" in seg[1]  # §3.4
     assert all("--backbone r50 --max-steps 160000 --batch-size 16 --crop 512" in line for line in seg)  # A.3, Table 1
-    assert not (ROOT / "captions").exists()  # a dry run writes nothing
+    assert sorted(ROOT.iterdir()) == before  # a dry run writes nothing (whatever the checkout already held)
 
 
 def test_coco_uses_imgsyn_only_and_pretrain_then_finetune():
@@ -94,3 +95,9 @@ def test_tiny_chain_killed_midway_resumes_and_validates(tmp_path):
 def test_help_lists_the_options(flag):
     r = run(flag)
     assert r.returncode == 0 and "--preset {paper,tiny}" in r.stdout and "--dry-run" in r.stdout
+
+
+def test_help_prints_the_header_not_the_script():
+    r = run("--help")
+    assert r.returncode == 0 and "--preset" in r.stdout
+    assert "set -euo" not in r.stdout and "cd " not in r.stdout
