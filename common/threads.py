@@ -43,6 +43,14 @@ class Plan:
         """DataLoader workers: the user's --num-workers when given, else the default for this machine."""
         return self.default_workers if requested is None else requested
 
+    def workers_note(self, requested: int | None) -> str | None:
+        """Our one line (in place of torch's DataLoader warning) when --num-workers asks for more workers
+        than this process has cores; None otherwise."""
+        if requested is None or requested <= self.cores // self.processes:
+            return None
+        return (f"--num-workers {requested}: more DataLoader workers than the {self.cores} core(s) this process may use; "
+                f"they will compete with the training step (default here: {self.default_workers})")
+
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity; a container's or a scheduler's share)."""
