@@ -75,6 +75,9 @@ def child(names: list[str], args) -> None:
 
     from common import threads as seggen_threads
     from common import tiny
+    from common.quiet import quiet
+
+    quiet()  # no bitsandbytes / DataLoader warnings between the rows
 
     default_threads = torch.get_num_threads()
 
