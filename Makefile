@@ -9,6 +9,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export DIFFUSERS_VERBOSITY := error
 export PYTHONPATH := $(CURDIR)
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning made a tiny step 20-100x slower
+# (bench/threads.py, common/threads.py). A value already in the environment wins.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo bench clean
 

@@ -38,6 +38,8 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error} DIFFUSERS_VERBOSITY=${DIFFUSERS_VERBOSITY:-error}
+# Idle OpenMP threads sleep instead of spinning (a busy machine: bench/threads.py, common/threads.py).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # ---------------------------------------------------------------- settings of each preset
 if [ "$PRESET" = paper ]; then
