@@ -137,3 +137,16 @@ def test_writer_drops_a_long_partial_line_reading_only_the_tail(tmp_path, tail, 
     path.write_bytes(b"no newline at all")
     manifest._drop_partial_line(path, chunk=4)
     assert path.read_bytes() == b""
+
+
+def test_read_ids_finds_an_id_written_twice_in_different_chunks(tmp_path, monkeypatch):
+    """The fast path reads whole chunks: a duplicate of an id from an earlier chunk is still named."""
+    import functools
+    monkeypatch.setattr(manifest, "iter_chunks", functools.partial(manifest.iter_chunks, size=40))
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"id": f"id{i}", "caption": "c"}) for i in range(6)] + [json.dumps({"id": "id1", "caption": "c"})]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SegGenError, match=r"m.jsonl:7: id 'id1' was already written"):
+        read_ids(path)
+    path.write_text("\n".join(lines[:6]) + "\n")
+    assert read_ids(path) == {f"id{i}" for i in range(6)}
