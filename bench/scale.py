@@ -162,7 +162,7 @@ def measure(name: str, path: Path) -> dict:
         start = time.perf_counter()
 
         def touch(ix, i):  # the arrays a worker reads for every sample, and a full record for some
-            ix.ids[i], ix.images[i], ix.annotations[i], int(ix.line_off[i])
+            ix.ids[i], int(ix.line_off[i]), int(ix.file_no[i]), int(ix.line_no[i])
             if i % 50 == 0:
                 ix.record(i)
         extra["private_mb"] = _fork_worker(index, touch)
