@@ -1,0 +1,101 @@
+"""One writer per output (common/lock.py): a real second process is refused with the holder named, a
+lock left by a killed process does not block, the ranks of one job do not block each other."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import SegGenError
+from common.lock import lock_path, output_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A holder in its own process: locks OUT for RANK, says so, then waits until killed or told to go.
+HOLDER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from common.lock import output_lock
+with output_lock(sys.argv[2], rank=int(sys.argv[3])):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder():
+    procs = []
+
+    def start(out, rank=0):
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(out), str(rank), "holder-marker"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "locked"
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_second_job_stops_at_once_naming_the_holder(tmp_path, holder):
+    out = tmp_path / "synth"
+    p = holder(out)
+    info = json.loads(lock_path(out).read_text())
+    assert info["pid"] == p.pid and info["host"] == socket.gethostname() and "holder-marker" in info["command"]
+    with pytest.raises(SegGenError) as e:
+        with output_lock(out, flag="--out"):
+            pytest.fail("got a lock another process holds")
+    msg = str(e.value)
+    assert f"--out {out} is in use by another job: pid {p.pid} on {socket.gethostname()}, rank 0, started {info['started']}" in msg
+    assert "holder-marker" in msg and "pass another --out" in msg
+    p.stdin.write("done\n"), p.stdin.flush(), p.wait()  # the holder finishes: the output is free again
+    with output_lock(out) as lock:
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid() == lock.info["pid"]
+    assert lock_path(out).read_text() == ""  # released: the details go with it
+
+
+def test_a_lock_left_by_a_killed_job_does_not_block(tmp_path, holder):
+    out = tmp_path / "run"
+    p = holder(out)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert json.loads(lock_path(out).read_text())["pid"] == p.pid  # its details are still in the file
+    with output_lock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+
+
+def test_ranks_of_one_job_do_not_block_each_other_but_two_jobs_meet_at_rank_0(tmp_path, holder):
+    out = tmp_path / "synth"
+    p = holder(out, rank=1)
+    with output_lock(out, rank=0):  # rank 0 of the same job
+        pass
+    with pytest.raises(SegGenError, match=rf"pid {p.pid} on .*, rank 1,"):
+        with output_lock(out, rank=1):
+            pass
+    holder(out, rank=0)  # a one-process job (rank 0) on an output a launched job writes
+    with pytest.raises(SegGenError, match=r"rank 0,"):
+        with output_lock(out, rank=0):
+            pass
+
+
+def test_file_outputs_lock_beside_the_file_and_one_process_cannot_lock_twice(tmp_path):
+    out = tmp_path / "captions" / "ade20k_val.jsonl"
+    assert lock_path(out) == tmp_path / "captions" / ".ade20k_val.jsonl.lock.rank0"
+    with output_lock(out, flag="--captions"):
+        assert lock_path(out).is_file()
+        with pytest.raises(SegGenError, match=r"--captions .*ade20k_val.jsonl is in use by another job: pid "):
+            with output_lock(out, flag="--captions"):
+                pass
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(SegGenError, match=r"--out .*a_file/x: cannot create the lock file"):
+        with output_lock(blocked / "x"):
+            pass
