@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,40 @@ def test_decompression_bomb_is_a_per_item_error_naming_the_file(ade_copy, monkey
         load_label(sample, "ade20k")
     with pytest.raises(SegGenError, match=r"ADE_val_00000001.jpg: unreadable image \(DecompressionBombError"):
         load_label(type(sample)(sample.id, sample.image, small), "ade20k")  # the label is fine; the image's size is read
+
+
+# ---------------------------------------------------------------- where the data is (issue 17 item 3)
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*.index.npz"))
+    return dst
+
+
+def test_default_root_reads_detectron2s_layout(tmp_path, monkeypatch):
+    """datasets/coco/… and datasets/ADEChallengeData2016/ (detectron2's convention, cited by README)."""
+    _copy(COCO_ROOT, tmp_path / "datasets/coco")
+    _copy(ADE_ROOT / "ADEChallengeData2016", tmp_path / "datasets/ADEChallengeData2016")
+    monkeypatch.delenv("SEGGEN_DATASETS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    coco = read_dataset("coco", None, "val")
+    assert [s.id for s in coco] == [s.id for s in read_dataset("coco", COCO_ROOT, "val")]
+    assert coco[0].image.parent == Path("datasets/coco/val2017")  # under the default root, as caption records it
+    assert [s.segments for s in coco] == [s.segments for s in read_dataset("coco", COCO_ROOT, "val")]
+    assert [s.id for s in read_dataset("ade20k", None, "val")] == ["ADE_val_00000001", "ADE_val_00000002"]
+
+
+def test_a_root_off_by_one_or_two_levels_gets_the_folder_that_is_there(tmp_path):
+    """The error names where the data actually is, and that suggestion works."""
+    _copy(COCO_ROOT, tmp_path / "downloads/coco2017")
+    with pytest.raises(SegGenError, match=rf"no COCO panoptic found; found .*panoptic_val2017.json: pass --data-root {tmp_path}/downloads/coco2017\."):
+        read_dataset("coco", tmp_path, "val")
+    assert len(read_dataset("coco", tmp_path / "downloads/coco2017", "val")) == 2  # the suggestion
+    with pytest.raises(SegGenError, match=r"panoptic_val2017.json: pass --data-root .*coco2017 \(that is another split: 'train' needs panoptic_train2017.json\)"):
+        read_dataset("coco", tmp_path, "train")
+    _copy(ADE_ROOT / "ADEChallengeData2016", tmp_path / "data/scene/ADEChallengeData2016")
+    with pytest.raises(SegGenError, match=rf"no ADE20K found; found .*ADEChallengeData2016: pass --data-root {tmp_path}/data/scene\."):
+        read_dataset("ade20k", tmp_path, "val")
+    assert len(read_dataset("ade20k", tmp_path / "data/scene", "val")) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegGenError, match=r"no COCO panoptic found\. Expected .*empty/annotations/panoptic_val2017.json.*under .*empty/coco/"):
+        read_dataset("coco", tmp_path / "empty", "val")
