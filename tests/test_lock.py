@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,38 @@ def test_file_outputs_lock_beside_the_file_and_one_process_cannot_lock_twice(tmp
     with pytest.raises(SegGenError, match=r"--out .*a_file/x: cannot create the lock file"):
         with output_lock(blocked / "x"):
             pass
+
+
+FORKER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from common.lock import OutputLock
+OutputLock(sys.argv[2]).acquire()
+child = os.fork()
+if child == 0:  # a forked worker: shares the lock, outlives its parent
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)  # the parent ends without releasing
+"""
+
+
+def test_a_forked_child_that_outlives_the_holder_is_named(tmp_path):
+    out = tmp_path / "synth"
+    p = subprocess.Popen([sys.executable, "-c", FORKER, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())  # (the child keeps the pipe open: read one line, not to the end)
+    p.wait()
+    try:
+        with pytest.raises(SegGenError, match=r"has ended, but a process it forked still holds the lock"):
+            with output_lock(out):
+                pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+    for _ in range(100):  # the child is reaped by init; its lock goes with it
+        try:
+            with output_lock(out):
+                break
+        except SegGenError:
+            time.sleep(0.05)
+    else:
+        pytest.fail("the lock outlived the child")
