@@ -145,7 +145,7 @@ def build_synthetic_arrays(folder: Path, files: list[Path]) -> dict:
         first = 1
         for base, chunk in iter_chunks(file):
             newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)  # (lines,) byte offsets of "\n"
-            found = chunk_ids(chunk, len(newlines))
+            found = chunk_ids(chunk)
             new = set(found) if found is not None else None
             if new is not None and len(new) == len(found) and seen.isdisjoint(new):
                 seen |= new

@@ -166,7 +166,7 @@ def done_ids(path: str | Path) -> set[str]:
 # not in that form (hand-written, blank, an escaped id) is read line by line, those lines with json.loads.
 
 _ID_AT = re.compile(rb'\{"id": "([^"\\\n]*)"[,}]')  # .match at a line's start: a plain (unescaped) id
-_ID_AFTER_NEWLINE = re.compile(rb'\n\{"id": "([^"\\\n]*)"[,}]')  # findall: the ids of every later line
+_ID_AFTER_NEWLINE = re.compile(rb'\n(?:\{"id": "([^"\\\n]*)"[,}])?')  # findall: each newline's next id, or b""
 _ID_ESCAPED = re.compile(rb'\{"id": "((?:[^"\\\n]|\\.)*)"[,}]')
 
 
@@ -235,14 +235,15 @@ def iter_chunks(file: Path, size: int = 1 << 22):
             offset += cut
 
 
-def chunk_ids(chunk: bytes, lines: int) -> list[bytes] | None:
-    """The raw ids of a chunk's `lines` lines when every line starts as ManifestWriter writes it with a
-    plain id: one regex pass in C, ~1 µs a line. None when some line does not (blank, hand-written, an
-    escaped id, a last line without its newline): the caller reads that chunk line by line."""
+def chunk_ids(chunk: bytes) -> list[bytes] | None:
+    """The raw ids of a chunk's lines, in order, when every line starts as ManifestWriter writes it
+    with a plain, non-empty id: one regex pass in C, ~1 µs a line. None when some line does not (blank,
+    hand-written, an escaped id, a last line without its newline): the caller reads that chunk line by
+    line."""
     if not chunk.endswith(b"\n") or (first := _ID_AT.match(chunk)) is None:
         return None
-    found = _ID_AFTER_NEWLINE.findall(chunk)  # lines 2..n (the last newline has no line after it)
-    if len(found) != lines - 1:
+    found = _ID_AFTER_NEWLINE.findall(chunk)  # one per "\n": the next line's id, or b"" (the last has none)
+    if found.pop() != b"" or b"" in found or not first.group(1):
         return None
     found.insert(0, first.group(1))
     return found
@@ -287,8 +288,7 @@ def read_ids(path: str | Path) -> set[str]:
     for file in manifest_files(path):
         first = 1
         for base, chunk in iter_chunks(file):
-            lines = chunk.count(b"\n")
-            found = chunk_ids(chunk, lines)
+            found = chunk_ids(chunk)
             if found is not None:
                 try:
                     new = {x.decode("utf-8") for x in found}
@@ -296,7 +296,7 @@ def read_ids(path: str | Path) -> set[str]:
                     new = set()
                 if len(new) == len(found) and ids.isdisjoint(new):
                     ids |= new
-                    first += lines
+                    first += len(found)
                     continue
             # a line not in the form, or an id twice (in the chunk or with an earlier one): line by line
             for n, _, line in iter_lines_of(chunk, base, first):
@@ -304,7 +304,7 @@ def read_ids(path: str | Path) -> set[str]:
                 if rid in ids:
                     raise SegGenError(f"{file}:{n}: id {rid!r} was already written earlier in {path}")
                 ids.add(rid)
-            first += lines
+            first += chunk.count(b"\n")
     return ids
 
 

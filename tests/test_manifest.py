@@ -142,6 +142,8 @@ def test_read_ids_finds_an_id_written_twice_in_different_chunks(tmp_path, monkey
         read_ids(path)
     path.write_text("\n".join(lines[:6]) + "\n")
     assert read_ids(path) == {f"id{i}" for i in range(6)}
+    path.write_text('{"id": "a"}\n{"id": ""}\r\n{"id": "b"}\n\n{"id": "c"}\n')  # an empty id, CRLF, a blank line
+    assert read_ids(path) == {"a", "", "b", "c"} == done_ids(path)
 
 
 def test_iter_chunks_cover_the_file_and_end_at_newlines(tmp_path):
