@@ -3,8 +3,8 @@ it writes there. Take it before any work; a second job on the same output stops 
 
     with output_lock(out, rank=accelerator.process_index, flag="--out"):  # SegGenError if another job holds it
 
-The lock is `fcntl.flock` on a small file in the output folder, `OUT/.lock.rank{N}` (for an output that
-is a file, `.NAME.lock.rank{N}` beside it). Each process of an `accelerate launch` job locks its own
+The lock is `fcntl.flock` on a small file in the output folder, `OUT/.lock.rank{N}` (for an output file,
+file=True, `.NAME.lock.rank{N}` beside it). Each process of an `accelerate launch` job locks its own
 rank's file, so the ranks of one job do not block each other, and any two jobs on one output meet at
 rank 0 (a one-process run is rank 0). The holder writes its pid, host, command and start time into the
 file, and the refusal names them.
@@ -32,28 +32,28 @@ from pathlib import Path
 from common import SegGenError
 
 
-def lock_path(out: str | Path, rank: int = 0) -> Path:
-    """The lock file of an output: inside it when it is a folder (or will be one: no suffix), else beside it."""
+def lock_path(out: str | Path, rank: int = 0, file: bool = False) -> Path:
+    """The lock file of an output: inside the output folder, or beside an output file (file=True). Said
+    by the caller, not guessed from the disk: a folder that does not exist yet must get the same lock
+    as once it does."""
     out = Path(out)
-    if out.is_dir() or (not out.exists() and not out.suffix):
-        return out / f".lock.rank{rank}"
-    return out.parent / f".{out.name}.lock.rank{rank}"
+    return out.parent / f".{out.name}.lock.rank{rank}" if file else out / f".lock.rank{rank}"
 
 
 class OutputLock:
     """An exclusive lock on one output for one rank (see the module doc); `acquire` / `release`, or use
     `output_lock` as a context manager."""
 
-    def __init__(self, out: str | Path, rank: int = 0, flag: str = "--out"):
+    def __init__(self, out: str | Path, rank: int = 0, flag: str = "--out", file: bool = False):
         self.out, self.rank, self.flag = Path(out), rank, flag
-        self.path = lock_path(self.out, rank)
+        self.path = lock_path(self.out, rank, file)
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
+        except OSError as e:  # a file where the folder should be, a read-only place
             raise SegGenError(f"{self.flag} {self.out}: cannot create the lock file {self.path} ({e.strerror}); "
                               f"choose a writable {self.flag}") from e
         try:
@@ -90,10 +90,10 @@ class OutputLock:
 
 
 @contextmanager
-def output_lock(out: str | Path, rank: int = 0, flag: str = "--out"):
-    """Hold the lock on `out` for rank `rank` while the block runs (SegGenError naming the holder if
-    another job has it)."""
-    with OutputLock(out, rank, flag) as lock:
+def output_lock(out: str | Path, rank: int = 0, flag: str = "--out", file: bool = False):
+    """Hold the lock on the output folder `out` (an output file with file=True) for rank `rank` while the
+    block runs; SegGenError naming the holder if another job has it."""
+    with OutputLock(out, rank, flag, file) as lock:
         yield lock
 
 

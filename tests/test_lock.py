@@ -89,11 +89,17 @@ def test_ranks_of_one_job_do_not_block_each_other_but_two_jobs_meet_at_rank_0(tm
 
 def test_file_outputs_lock_beside_the_file_and_one_process_cannot_lock_twice(tmp_path):
     out = tmp_path / "captions" / "ade20k_val.jsonl"
-    assert lock_path(out) == tmp_path / "captions" / ".ade20k_val.jsonl.lock.rank0"
-    with output_lock(out, flag="--captions"):
-        assert lock_path(out).is_file()
-        with pytest.raises(SegGenError, match=r"--captions .*ade20k_val.jsonl is in use by another job: pid "):
-            with output_lock(out, flag="--captions"):
+    assert lock_path(out, file=True) == tmp_path / "captions" / ".ade20k_val.jsonl.lock.rank0"
+    with output_lock(out, flag="--out", file=True):
+        assert lock_path(out, file=True).is_file() and not out.exists()
+        with pytest.raises(SegGenError, match=r"--out .*ade20k_val.jsonl is in use by another job: pid "):
+            with output_lock(out, flag="--out", file=True):
+                pass
+    folder = tmp_path / "synth" / "imgsyn-coco.v2"  # a folder with a dot: the same lock before and after it exists
+    with output_lock(folder):
+        assert folder.is_dir()
+        with pytest.raises(SegGenError, match=r"imgsyn-coco.v2 is in use"):
+            with output_lock(folder):
                 pass
     blocked = tmp_path / "a_file"
     blocked.write_text("")
