@@ -296,7 +296,8 @@ def read_synthetic(folder: str | Path) -> list[Sample]:
 
 def synthetic_index(folder: str | Path):
     """A synthetic folder as a lazy sequence of Samples (common.index.SyntheticIndex): numpy arrays of
-    ids and paths, cached in FOLDER/.index.npz; `index[i] == read_synthetic(folder)[i]`."""
+    ids and manifest line offsets, cached in FOLDER/.index.npz; `index[i] == read_synthetic(folder)[i]`,
+    with each record checked when its sample is loaded (read_synthetic checks all of them up front)."""
     from common.index import synthetic_index as build
 
     return build(folder)
