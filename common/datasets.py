@@ -35,7 +35,8 @@ class Sample:
 
 
 def default_data_root() -> Path:
-    """$SEGGEN_DATASETS, else ./datasets (detectron2's convention)."""
+    """$SEGGEN_DATASETS, else ./datasets (detectron2's convention: datasets/coco/, datasets/ADEChallengeData2016/;
+    the data root itself holding annotations/ or images/ works too)."""
     return Path(os.environ.get("SEGGEN_DATASETS", "datasets"))
 
 
@@ -59,15 +60,29 @@ def _listing(path: Path) -> str:
 # ---------------------------------------------------------------- ADE20K
 
 def ade20k_root(data_root: Path) -> Path:
-    """The ADEChallengeData2016 folder: data_root itself or data_root/ADEChallengeData2016."""
+    """The ADEChallengeData2016 folder: data_root/ADEChallengeData2016 (detectron2's layout) or data_root
+    itself. When neither holds it, the error suggests an ADEChallengeData2016 found below data_root."""
     for cand in (data_root / "ADEChallengeData2016", data_root):
         if (cand / "images").is_dir() and (cand / "annotations").is_dir():
             return cand
+    found = [p for p in _find_below(data_root, "ADEChallengeData2016") if (p / "images").is_dir()]
+    hint = f"; found {found[0]}: pass --data-root {found[0].parent}" if found else ""
     raise SegGenError(
-        f"--data-root {data_root}: no ADE20K found. Expected {data_root}/ADEChallengeData2016/"
+        f"--data-root {data_root}: no ADE20K found{hint}. Expected {data_root}/ADEChallengeData2016/"
         f"{{images,annotations}}/{{training,validation}}/ (or --data-root pointing at ADEChallengeData2016); "
         f"{_listing(data_root)}"
     )
+
+
+def _find_below(root: Path, pattern: str, depth: int = 2) -> list[Path]:
+    """What matches `pattern` 1..depth folders below root (a --data-root one or two levels off)."""
+    found = []
+    for d in range(1, depth + 1):
+        try:
+            found += sorted(root.glob("*/" * d + pattern))
+        except OSError:  # an unreadable folder on the way
+            pass
+    return found
 
 
 def read_ade20k(data_root: Path, split: str) -> list[Sample]:
@@ -187,20 +202,38 @@ def read_coco_panoptic(data_root: Path, split: str) -> list[Sample]:
     return list(coco_panoptic_index(data_root, split))
 
 
+def coco_root(data_root: Path, split: str) -> Path:
+    """The COCO folder (annotations/, {split}2017/): data_root/coco (detectron2's layout) or data_root
+    itself. When neither holds the split's panoptic JSON, the error suggests where one was found below
+    data_root, or names what is missing."""
+    root = Path(data_root)
+    ann = f"annotations/panoptic_{split}2017.json"
+    for cand in (root, root / "coco"):
+        if (cand / ann).is_file():
+            return cand
+    have = root if (root / "annotations").is_dir() or not (root / "coco").is_dir() else root / "coco"
+    hint = ""
+    found = _find_below(have, f"panoptic_{split}2017.json", 3) or _find_below(have, "panoptic_*2017.json", 3)
+    if found:
+        hit = found[0]
+        hint = (f"; found {hit}: pass --data-root {hit.parent.parent}" if hit.parent.name == "annotations"
+                else f"; found {hit}, but COCO keeps it in annotations/ beside {split}2017/")
+        if hit.name != f"panoptic_{split}2017.json":
+            hint += f" (that is another split: {split!r} needs panoptic_{split}2017.json)"
+    png_dir, img_dir = have / "annotations" / f"panoptic_{split}2017", have / f"{split}2017"
+    raise SegGenError(
+        f"--data-root {root}: no COCO panoptic found{hint}. Expected {have / ann}, {png_dir}/*.png and "
+        f"{img_dir}/*.jpg (or the same under {root}/coco/, detectron2's layout); "
+        f"{_listing(have / 'annotations' if (have / 'annotations').is_dir() else have)}"
+    )
+
+
 def coco_panoptic_index(data_root: Path, split: str):
     """A lazy sequence of a COCO panoptic split's Samples (common.index.CocoPanopticIndex); the layout
-    is checked first and the error names what is missing."""
+    is checked first (coco_root) and the error names what is missing."""
     from common.index import coco_panoptic_index as build
 
-    root = Path(data_root)
-    ann_json = root / "annotations" / f"panoptic_{split}2017.json"
-    if not ann_json.is_file():
-        png_dir, img_dir = root / "annotations" / f"panoptic_{split}2017", root / f"{split}2017"
-        raise SegGenError(
-            f"--data-root {root}: no COCO panoptic found. Expected {ann_json}, {png_dir}/*.png and "
-            f"{img_dir}/*.jpg; {_listing(root / 'annotations' if (root / 'annotations').is_dir() else root)}"
-        )
-    return build(root, split)
+    return build(coco_root(Path(data_root), split), split)
 
 
 def _read_coco_panoptic_json(data_root: Path, split: str) -> list[Sample]:
@@ -263,7 +296,8 @@ def read_synthetic(folder: str | Path) -> list[Sample]:
 
 def synthetic_index(folder: str | Path):
     """A synthetic folder as a lazy sequence of Samples (common.index.SyntheticIndex): numpy arrays of
-    ids and paths, cached in FOLDER/.index.npz; `index[i] == read_synthetic(folder)[i]`."""
+    ids and manifest line offsets, cached in FOLDER/.index.npz; `index[i] == read_synthetic(folder)[i]`,
+    with each record checked when its sample is loaded (read_synthetic checks all of them up front)."""
     from common.index import synthetic_index as build
 
     return build(folder)

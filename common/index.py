@@ -1,8 +1,8 @@
 """Compact, cached indexes of a synthetic folder and of a COCO panoptic split (paper scale: 1.2 M
 synthetic samples, 118k COCO images).
 
-An index holds numpy arrays only (ids and paths packed into one bytes blob with offsets, the byte
-offset of each manifest line), so DataLoader workers forked from the main process share it without
+An index holds numpy arrays only (strings packed into one bytes blob with offsets; for a synthetic
+folder its ids and the file, byte offset and number of each manifest line), so DataLoader workers forked from the main process share it without
 copying: there is no per-sample Python object whose reference count would dirty the pages. A sample's
 full record (caption, settings, segments_info) is read from its line only when the sample is loaded;
 `index[i]` is the same `Sample` that `read_synthetic` / `read_coco_panoptic` give.
@@ -17,16 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from array import array
 from pathlib import Path
 
 import numpy as np
 
 from common import SegGenError
-from common.manifest import _ID_LINE, SYNTHETIC_FIELDS, atomic_save, check_relative, iter_chunks, iter_lines_of, manifest_files, parse_line
+from common.manifest import (
+    SYNTHETIC_FIELDS, atomic_save, check_relative, chunk_ids, iter_chunks, iter_lines_of, line_id, manifest_files, parse_line,
+)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: ids and line offsets only (paths read from the record)
 SYNTHETIC_PATHS = ("image", "annotation", "colormap")
 
 
@@ -84,23 +84,27 @@ def _save(path: Path, arrays: dict) -> bool:
 # ---------------------------------------------------------------- synthetic folders
 
 class SyntheticIndex:
-    """A synthetic folder (masksyn / imgsyn output) as a sequence of Samples, read lazily."""
+    """A synthetic folder (masksyn / imgsyn output) as a sequence of Samples, read lazily.
+
+    Built from the ids alone (the index is checked for unique ids and JSON lines); everything else of a
+    record (its fields, relative paths, files inside the folder, caption) is checked when its sample is
+    loaded, with a SegGenError naming manifest:line."""
 
     def __init__(self, folder: Path, arrays: dict):
         self.folder = folder
         self.files = [str(f) for f in arrays["files"]]
         self.ids = Packed(arrays["id_blob"], arrays["id_off"])
-        self.images = Packed(arrays["image_blob"], arrays["image_off"])
-        self.annotations = Packed(arrays["annotation_blob"], arrays["annotation_off"])
         self.file_no, self.line_off, self.line_no = arrays["file_no"], arrays["line_off"], arrays["line_no"]
 
     def __len__(self) -> int:
         return len(self.line_off)
 
+    def where(self, i: int) -> str:
+        return f"{self.folder / self.files[self.file_no[i]]}:{self.line_no[i]}"
+
     def record(self, i: int) -> dict:
         """The full manifest record of sample i (one seek and one line read)."""
-        file = self.folder / self.files[self.file_no[i]]
-        where = f"{file}:{self.line_no[i]}"
+        file, where = self.folder / self.files[self.file_no[i]], self.where(i)
         try:
             with open(file, "rb") as f:
                 f.seek(int(self.line_off[i]))
@@ -118,110 +122,52 @@ class SyntheticIndex:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        rec = self.record(i)
+        rec, where = self.record(i), self.where(i)
+        missing = [key for key in SYNTHETIC_FIELDS if key not in rec]
+        if missing:
+            raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
         for key in SYNTHETIC_PATHS:
-            check_relative(str(rec.get(key, "")), f"{self.folder / self.files[self.file_no[i]]}:{self.line_no[i]}")
-        return synthetic_sample(self.folder, rec, f"{self.folder / self.files[self.file_no[i]]}:{self.line_no[i]}")
+            check_relative(str(rec[key]), where)
+        return synthetic_sample(self.folder, rec, where)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
-_STR = rb'"((?:[^"\\\n]|\\.)*)"'
-_SCALAR = rb'(?:"(?:[^"\\\n]|\\.)*"|-?[0-9.eE+-]+|null|true|false)'
-# A line as synth.sample_record writes it: id first, then scalar fields, then image, annotation and
-# colormap in this order, then the rest (the nested settings, models, segments_info).
-_SYNTH_LINE = re.compile(rb'^\{"id": ' + _STR + rb'(?:, "[a-z_]+": ' + _SCALAR + rb')*?, "image": ' + _STR +
-                         rb', "annotation": ' + _STR + rb', "colormap": ' + _STR + rb'[,}][^\n]*$', re.M)
-
-
-def _relative_ok(p: str) -> bool:  # the common case of manifest.check_relative, without PurePosixPath
-    return bool(p) and p[0] != "/" and "\\" not in p and p[1:2] != ":" and ".." not in p.split("/")
-
-
 def build_synthetic_arrays(folder: Path, files: list[Path]) -> dict:
-    """Scan the manifests once: ids, paths and line offsets, with read_manifest's checks of what the
-    index uses (relative paths, unique ids) and of the other fields' presence; the rest of a record is
-    parsed when its sample is loaded."""
-    ids, images, annotations = [], [], []
-    file_no, line_off, line_no = array("h"), array("q"), array("i")
+    """Scan the manifests once for ids and line offsets: a chunk at a time in C (manifest.chunk_ids and
+    numpy's newline positions), line by line with json.loads only for a chunk with a line not in
+    ManifestWriter's form. Ids must be unique (SegGenError naming file:line)."""
+    ids: list[bytes] = []
     seen: set[bytes] = set()
-    keys = [(key, f'"{key}": '.encode()) for key in SYNTHETIC_FIELDS]
+    file_no, line_off, line_no = [], [], []  # numpy arrays, one per chunk
     for k, file in enumerate(files):
-        for base, first, chunk in iter_chunks(file):
-            if _fast_chunk(chunk, base, first, k, keys, seen, ids, images, annotations, file_no, line_off, line_no):
-                continue
-            for n, offset, line in iter_lines_of(chunk, base, first):
-                _slow_line(folder, file, k, n, offset, line, keys, seen, ids, images, annotations, file_no, line_off, line_no)
+        first = 1
+        for base, chunk in iter_chunks(file):
+            newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)  # (lines,) byte offsets of "\n"
+            found = chunk_ids(chunk)
+            new = set(found) if found is not None else None
+            if new is not None and len(new) == len(found) and seen.isdisjoint(new):
+                seen |= new
+                ids.extend(found)
+                starts = np.empty(len(newlines), np.int64)
+                starts[0], starts[1:] = 0, newlines[:-1] + 1
+                offsets, numbers = starts + base, np.arange(first, first + len(found), dtype=np.int32)
+            else:
+                offsets, numbers = [], []  # a line not in the form, or an id twice: line by line, to name it
+                for n, offset, line in iter_lines_of(chunk, base, first):
+                    rid = line_id(line, f"{file}:{n}").encode()
+                    if rid in seen:
+                        raise SegGenError(f"{file}:{n}: id {rid.decode()!r} was already written earlier in {folder}")
+                    seen.add(rid), ids.append(rid), offsets.append(offset), numbers.append(n)
+            line_off.append(np.asarray(offsets, np.int64)), line_no.append(np.asarray(numbers, np.int32))
+            file_no.append(np.full(len(offsets), k, np.int16))
+            first += len(newlines)
     del seen
-    return _pack(files, ids, images, annotations, file_no, line_off, line_no)
-
-
-_BAD_PATH = re.compile(rb'^/|\\|^.:|(?:^|/)\.\.(?:/|$)', re.M)
-
-
-def _fast_chunk(chunk, base, first, k, keys, seen, ids, images, annotations, file_no, line_off, line_no) -> bool:
-    """A chunk where every line is in sample_record's form, with relative paths, every field present
-    (counted over the chunk) and new ids: added in a few vectorised steps. False: the caller goes
-    line by line (and names what is wrong)."""
-    found = _ID_LINE.findall(chunk)  # ids only: paths are checked when a sample is loaded (synthetic_sample)
-    newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
-    if not chunk.endswith(b"\n") or len(found) != len(newlines):
-        return False
-    if any(chunk.count(quoted) < len(found) for _, quoted in keys):
-        return False
-    cols = [found, [b""] * len(found), [b""] * len(found)]
-    if any(b"\\" in x for x in found):
-        return False
-    before = len(seen)
-    seen.update(cols[0])
-    if len(seen) != before + len(found):
-        seen.difference_update(cols[0])
-        return False
-    ids.extend(cols[0]), images.extend(cols[1]), annotations.extend(cols[2])
-    starts = np.concatenate([[0], newlines[:-1] + 1]) + base
-    line_off.extend(starts.tolist()), line_no.extend(range(first, first + len(found)))
-    file_no.extend([k] * len(found))
-    return True
-
-
-def _slow_line(folder, file, k, n, offset, line, keys, seen, ids, images, annotations, file_no, line_off, line_no):
-    """One line of a chunk that was not clean: checked and added, or SegGenError naming file:line."""
-    m = _SYNTH_LINE.match(line)
-    where = f"{file}:{n}"
-    if m is not None:
-        rid, img, ann, cmap = (g if b"\\" not in g else json.loads(b'"' + g + b'"').encode() for g in m.groups())
-        missing = [key for key, quoted in keys if quoted not in line]
-        if missing:
-            raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
-        paths = (img.decode("utf-8", "replace"), ann.decode("utf-8", "replace"), cmap.decode("utf-8", "replace"))
-    else:  # not in sample_record's form: parse it
-        rec = parse_line(line, where)
-        missing = [key for key in SYNTHETIC_FIELDS if key not in rec]
-        if missing:
-            raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
-        rid, paths = str(rec["id"]).encode(), tuple(str(rec[key]) for key in SYNTHETIC_PATHS)
-        img, ann = paths[0].encode(), paths[1].encode()
-    if not all(_relative_ok(p) for p in paths):
-        for p in paths:
-            check_relative(p, where)
-    if rid in seen:
-        raise SegGenError(f"{where}: id {rid.decode('utf-8', 'replace')!r} was already written earlier in {folder}")
-    seen.add(rid)
-    ids.append(rid), images.append(img), annotations.append(ann)
-    file_no.append(k), line_off.append(offset), line_no.append(n)
-
-
-def _pack(files, ids, images, annotations, file_no, line_off, line_no) -> dict:
-    arrays = {"files": np.array([f.name for f in files], dtype=str)}
-    for name, strings in (("id", ids), ("image", images), ("annotation", annotations)):
-        packed = Packed.pack_bytes(strings)
-        arrays[f"{name}_blob"], arrays[f"{name}_off"] = packed.blob, packed.offsets
-        strings.clear()
-    arrays["file_no"] = np.frombuffer(file_no, np.int16).copy()
-    arrays["line_off"] = np.frombuffer(line_off, np.int64).copy()
-    arrays["line_no"] = np.frombuffer(line_no, np.int32).copy()
-    return arrays
+    packed = Packed.pack_bytes(ids)
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return {"files": np.array([f.name for f in files], dtype=str), "id_blob": packed.blob, "id_off": packed.offsets,
+            "file_no": cat(file_no, np.int16), "line_off": cat(line_off, np.int64), "line_no": cat(line_no, np.int32)}
 
 
 def synthetic_index(folder: str | Path, cache: bool = True) -> SyntheticIndex:

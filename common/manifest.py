@@ -160,14 +160,14 @@ def done_ids(path: str | Path) -> set[str]:
 
 
 # ---------------------------------------------------------------- streaming readers (millions of lines)
-# ManifestWriter writes json.dumps' default form, '{"id": "...", "key": value, ...}': the id is the
-# first key, and top-level string fields can be picked out of a line without parsing its nested values
-# (settings, segments_info: ~70 µs a line with json.loads for a COCO line, ~1 µs with a regex).
-# Any line not in that form is parsed with json.loads, so hand-written manifests still read correctly.
+# ManifestWriter writes json.dumps' default form, '{"id": "...", "key": value, ...}': the id is the first
+# key, so the ids of a whole chunk of lines come out of one regex pass in C, without parsing the nested
+# values (settings, segments_info: ~70 µs a line with json.loads for a COCO line). Any chunk with a line
+# not in that form (hand-written, blank, an escaped id) is read line by line, those lines with json.loads.
 
-_ID_FIRST = re.compile(rb'\{"id": "((?:[^"\\]|\\.)*)"[,}]')
-_TOP_FIELD = re.compile(rb'(?:^\{|, )"([A-Za-z_]+)": "((?:[^"\\]|\\.)*)"(?=[,}])')
-_NESTED = (b'": {', b'": [')
+_ID_AT = re.compile(rb'\{"id": "([^"\\\n]*)"[,}]')  # .match at a line's start: a plain (unescaped) id
+_ID_AFTER_NEWLINE = re.compile(rb'\n(?:\{"id": "([^"\\\n]*)"[,}])?')  # findall: each newline's next id, or b""
+_ID_ESCAPED = re.compile(rb'\{"id": "((?:[^"\\\n]|\\.)*)"[,}]')
 
 
 def _unescape(raw: bytes) -> str:
@@ -207,59 +207,50 @@ def parse_line(line: bytes, where: str) -> dict:
     return rec
 
 
-def top_fields(line: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
-    """The top-level string fields `keys` of a line in ManifestWriter's form, without parsing the
-    rest; None when the line is not in that form or a key is not found before the first nested value
-    (the caller then parses the line with json.loads)."""
-    if not line.startswith(b'{"id": "'):
-        return None
-    end = min((i for i in (line.find(m) for m in _NESTED) if i >= 0), default=len(line))
-    found = {}
-    for m in _TOP_FIELD.finditer(line, 0, end + 1):
-        key = m.group(1).decode()
-        if key in keys and key not in found:
-            found[key] = _unescape(m.group(2))
-    return found if len(found) == len(keys) else None
-
-
-def iter_chunks(file: Path, size: int = 1 << 24):
-    """(byte offset, number of its first line, bytes) of one manifest file in ~16 MB pieces that end at
-    a newline: what the fast scanners run their regex over. A last piece without a newline is given
-    as it is (the caller treats it as a possibly cut line)."""
-    offset, line = 0, 1
+def iter_chunks(file: Path, size: int = 1 << 22):
+    """(byte offset, bytes) of one manifest file in ~4 MB pieces that end at a newline: what the fast
+    scanners run their regex over. A last piece without a newline is given as it is (the caller treats
+    it as a possibly cut line). Line numbers are the caller's: it counts the newlines anyway."""
+    offset = 0
     with open(file, "rb") as f:
-        rest = b""
         while True:
+            f.seek(offset)  # a line cut by the last read is read again (cheaper than joining rest + data)
             data = f.read(size)
-            if not data:
-                break
-            data = rest + data
             cut = data.rfind(b"\n") + 1
-            if cut:
-                yield offset, line, data[:cut]
-                offset, line = offset + cut, line + data.count(b"\n", 0, cut)
-            rest = data[cut:]
-        if rest:
-            yield offset, line, rest
+            if len(data) < size:  # the rest of the file
+                if 0 < cut < len(data):  # whole lines, then a last line without its newline
+                    yield offset, data[:cut]
+                    offset, data = offset + cut, data[cut:]
+                if data:
+                    yield offset, data
+                return
+            while not cut:  # one line longer than size: read on to its end
+                more = f.read(size)
+                if not more:
+                    yield offset, data
+                    return
+                data += more
+                cut = data.rfind(b"\n") + 1
+            yield offset, data if cut == len(data) else data[:cut]
+            offset += cut
 
 
-def scan(file: Path, regex: re.Pattern):
-    """(line number, byte offset, line, match or None) for each line of one manifest file, the lines
-    ManifestWriter wrote matched by `regex` (multiline, anchored at ^) in C over whole chunks. A chunk
-    where some line does not match (hand-written, blank, cut) is split and each line given with its
-    match or None; the caller parses those with json.loads. `line` is None for matched lines of a
-    clean chunk (not copied out of it)."""
-    for base, first, chunk in iter_chunks(file):
-        matches = list(regex.finditer(chunk))
-        if chunk.endswith(b"\n") and len(matches) == chunk.count(b"\n"):
-            for j, m in enumerate(matches):
-                yield first + j, base + m.start(), None, m
-            continue
-        for n, offset, line in iter_lines_of(chunk, base, first):
-            yield n, offset, line, regex.match(line)
+def chunk_ids(chunk: bytes) -> list[bytes] | None:
+    """The raw ids of a chunk's lines, in order, when every line starts as ManifestWriter writes it
+    with a plain, non-empty id: one regex pass in C, ~1 µs a line. None when some line does not (blank,
+    hand-written, an escaped id, a last line without its newline): the caller reads that chunk line by
+    line."""
+    if not chunk.endswith(b"\n") or (first := _ID_AT.match(chunk)) is None:
+        return None
+    found = _ID_AFTER_NEWLINE.findall(chunk)  # one per "\n": the next line's id, or b"" (the last has none)
+    if found.pop() != b"" or b"" in found or not first.group(1):
+        return None
+    found.insert(0, first.group(1))
+    return found
 
 
 def iter_lines_of(chunk: bytes, base: int, first: int):
+    """iter_lines for a chunk from iter_chunks: base = its byte offset, first = its first line's number."""
     pos = 0
     for j, line in enumerate(chunk.split(b"\n")):
         end = pos + len(line)
@@ -276,7 +267,15 @@ def iter_lines_of(chunk: bytes, base: int, first: int):
         pos = end + 1
 
 
-_ID_LINE = re.compile(rb'^\{"id": "((?:[^"\\\n]|\\.)*)"[,}][^\n]*$', re.M)
+def line_id(line: bytes, where: str) -> str:
+    """The id of one line: by regex in ManifestWriter's form, else parsed (SegGenError naming `where`)."""
+    m = _ID_ESCAPED.match(line)
+    if m is not None:
+        try:
+            return _unescape(m.group(1))
+        except ValueError:  # not UTF-8, a bad escape: parse_line names it
+            pass
+    return str(parse_line(line, where)["id"])
 
 
 def read_ids(path: str | Path) -> set[str]:
@@ -287,11 +286,25 @@ def read_ids(path: str | Path) -> set[str]:
     bad JSON there and an id written twice are errors naming file and line."""
     ids: set[str] = set()
     for file in manifest_files(path):
-        for n, _, line, m in scan(file, _ID_LINE):
-            rid = _unescape(m.group(1)) if m else str(parse_line(line, f"{file}:{n}")["id"])
-            if rid in ids:
-                raise SegGenError(f"{file}:{n}: id {rid!r} was already written earlier in {path}")
-            ids.add(rid)
+        first = 1
+        for base, chunk in iter_chunks(file):
+            found = chunk_ids(chunk)
+            if found is not None:
+                try:
+                    new = {x.decode("utf-8") for x in found}
+                except UnicodeDecodeError:
+                    new = set()
+                if len(new) == len(found) and ids.isdisjoint(new):
+                    ids |= new
+                    first += len(found)
+                    continue
+            # a line not in the form, or an id twice (in the chunk or with an earlier one): line by line
+            for n, _, line in iter_lines_of(chunk, base, first):
+                rid = line_id(line, f"{file}:{n}")
+                if rid in ids:
+                    raise SegGenError(f"{file}:{n}: id {rid!r} was already written earlier in {path}")
+                ids.add(rid)
+            first += chunk.count(b"\n")
     return ids
 
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,97 @@ def test_synthetic_folder_errors(tmp_path):
     (tmp_path / "abs/manifest.jsonl").write_text(json.dumps(line) + "\n")
     with pytest.raises(SegGenError, match=r"manifest.jsonl:1: path '/etc/passwd' must be relative"):
         read_synthetic(tmp_path / "abs")
+
+
+# ---------------------------------------------------------------- modes, bombs, negative labels (issue 16 item 4)
+
+def test_16_bit_image_and_label_come_back_as_their_8_bit_values(ade_copy):
+    """A real image and label saved as 16-bit PNGs (I;16): the image is scaled to 8 bits, not clipped to
+    white by convert("RGB"); the label keeps its class values."""
+    img_path = ade_copy / "images/validation/ADE_val_00000001.jpg"
+    grey = np.asarray(Image.open(img_path).convert("L"))
+    path16 = ade_copy / "grey16.png"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path16)  # v * 257: the 16-bit value of 8-bit v
+    assert Image.open(path16).mode == "I;16"
+    rgb = np.asarray(load_image(path16))
+    assert rgb.shape == (*grey.shape, 3) and (rgb == grey[..., None]).all()
+
+    lab_path = ade_copy / "annotations/validation/ADE_val_00000001.png"
+    label = np.asarray(Image.open(lab_path)).copy()
+    Image.fromarray(label.astype(np.uint16)).save(lab_path)
+    assert Image.open(lab_path).mode == "I;16"
+    sample = read_dataset("ade20k", ade_copy, "val")[0]
+    got = load_label(sample, "ade20k")
+    assert got.dtype == np.uint8 and (got == label).all()
+    label16 = label.astype(np.uint16)
+    label16[0, 0] = 300  # a 16-bit value no class has
+    Image.fromarray(label16).save(lab_path)
+    with pytest.raises(SegGenError, match=r"ADE_val_00000001.png: label values \[300\] are not ade20k classes"):
+        load_label(sample, "ade20k")
+
+
+def test_negative_and_float_labels_are_refused_by_name(ade_copy):
+    sample = read_dataset("ade20k", ade_copy, "val")[0]
+    label = np.asarray(Image.open(sample.annotation)).astype(np.int32)
+    label[1, 1] = -1
+    neg = ade_copy / "negative.tif"  # 32-bit signed (mode I): PNG cannot hold it, TIFF can
+    Image.fromarray(label).save(neg)
+    with pytest.raises(SegGenError, match=r"negative.tif: label values \[-1\] are not ade20k classes"):
+        load_label(type(sample)(sample.id, sample.image, neg), "ade20k")
+    flt = ade_copy / "float.tif"
+    Image.fromarray(label.astype(np.float32)).save(flt)
+    with pytest.raises(SegGenError, match=r"float.tif: annotation must be a single-channel label PNG \(got mode F\)"):
+        load_label(type(sample)(sample.id, sample.image, flt), "ade20k")
+
+
+def test_decompression_bomb_is_a_per_item_error_naming_the_file(ade_copy, monkeypatch):
+    """PIL's DecompressionBombError is not an OSError: it must still come back as SegGenError (what the
+    stages record in errors.jsonl and go on), whether the image, the label or only the image's size is read."""
+    sample = read_dataset("ade20k", ade_copy, "val")[0]
+    w, h = Image.open(sample.image).size
+    small = ade_copy / "small.png"
+    Image.new("L", (1, 1)).save(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", w * h // 4)  # a bomb: over twice the limit
+    with pytest.raises(SegGenError, match=r"ADE_val_00000001.jpg: unreadable image \(DecompressionBombError"):
+        load_image(sample.image)
+    with pytest.raises(SegGenError, match=r"ADE_val_00000001.png: unreadable annotation \(DecompressionBombError"):
+        load_label(sample, "ade20k")
+    with pytest.raises(SegGenError, match=r"ADE_val_00000001.jpg: unreadable image \(DecompressionBombError"):
+        load_label(type(sample)(sample.id, sample.image, small), "ade20k")  # the label is fine; the image's size is read
+
+
+# ---------------------------------------------------------------- where the data is (issue 17 item 3)
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*.index.npz"))
+    return dst
+
+
+def test_default_root_reads_detectron2s_layout(tmp_path, monkeypatch):
+    """datasets/coco/… and datasets/ADEChallengeData2016/ (detectron2's convention, cited by README)."""
+    _copy(COCO_ROOT, tmp_path / "datasets/coco")
+    _copy(ADE_ROOT / "ADEChallengeData2016", tmp_path / "datasets/ADEChallengeData2016")
+    monkeypatch.delenv("SEGGEN_DATASETS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    coco = read_dataset("coco", None, "val")
+    assert [s.id for s in coco] == [s.id for s in read_dataset("coco", COCO_ROOT, "val")]
+    assert coco[0].image.parent == Path("datasets/coco/val2017")  # under the default root, as caption records it
+    assert [s.segments for s in coco] == [s.segments for s in read_dataset("coco", COCO_ROOT, "val")]
+    assert [s.id for s in read_dataset("ade20k", None, "val")] == ["ADE_val_00000001", "ADE_val_00000002"]
+
+
+def test_a_root_off_by_one_or_two_levels_gets_the_folder_that_is_there(tmp_path):
+    """The error names where the data actually is, and that suggestion works."""
+    _copy(COCO_ROOT, tmp_path / "downloads/coco2017")
+    with pytest.raises(SegGenError, match=rf"no COCO panoptic found; found .*panoptic_val2017.json: pass --data-root {tmp_path}/downloads/coco2017\."):
+        read_dataset("coco", tmp_path, "val")
+    assert len(read_dataset("coco", tmp_path / "downloads/coco2017", "val")) == 2  # the suggestion
+    with pytest.raises(SegGenError, match=r"panoptic_val2017.json: pass --data-root .*coco2017 \(that is another split: 'train' needs panoptic_train2017.json\)"):
+        read_dataset("coco", tmp_path, "train")
+    _copy(ADE_ROOT / "ADEChallengeData2016", tmp_path / "data/scene/ADEChallengeData2016")
+    with pytest.raises(SegGenError, match=rf"no ADE20K found; found .*ADEChallengeData2016: pass --data-root {tmp_path}/data/scene\."):
+        read_dataset("ade20k", tmp_path, "val")
+    assert len(read_dataset("ade20k", tmp_path / "data/scene", "val")) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegGenError, match=r"no COCO panoptic found\. Expected .*empty/annotations/panoptic_val2017.json.*under .*empty/coco/"):
+        read_dataset("coco", tmp_path / "empty", "val")

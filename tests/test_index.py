@@ -56,6 +56,31 @@ def test_index_gives_read_synthetics_samples_and_is_cached(tmp_path, data, root)
     assert [s.id for s in synthetic_index(folder)] == [s.id for s in read_synthetic(folder)] and len(read_synthetic(folder)) == 4
 
 
+def test_index_over_many_chunks_and_odd_lines(tmp_path, monkeypatch):
+    """Small chunks: the fast path (whole chunks in C) and the line-by-line one (a blank line, an escaped
+    id, a hand-written line) give read_synthetic's samples; an id repeated in a later chunk is named."""
+    import functools
+
+    from common import index as idx
+    monkeypatch.setattr(idx, "iter_chunks", functools.partial(idx.iter_chunks, size=700))
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    folder = _write(tmp_path / "synth", real * 3, 0, 2)  # ids _r0 repeated: rewrite them unique below
+    lines = (folder / "manifest.rank0.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    for j, r in enumerate(recs):
+        r["id"] = f'{r["id"]}_{j}' if j != 4 else 'quote"d'
+    text = [json.dumps(r) for r in recs]
+    text[2] = json.dumps({k: recs[2][k] for k in reversed(list(recs[2]))})  # id last: parsed with json.loads
+    (folder / "manifest.rank0.jsonl").write_text("\n".join(text[:3]) + "\n\n" + "\n".join(text[3:]) + "\n")
+    index = idx.synthetic_index(folder, cache=False)
+    assert list(index) == read_synthetic(folder) and len(index) == 6
+    assert index.where(5).endswith("manifest.rank0.jsonl:7")  # after the blank line
+    with open(folder / "manifest.rank0.jsonl", "a") as f:
+        f.write(text[1] + "\n")
+    with pytest.raises(SegGenError, match=r"manifest.rank0.jsonl:8: id 'ADE_val_00000002_r0_1' was already written"):
+        idx.synthetic_index(folder, cache=False)
+
+
 def test_index_of_a_read_only_folder_lives_in_memory(tmp_path):
     folder = _write(tmp_path / "synth", read_dataset("ade20k", ADE_ROOT, "val"))
     (folder / ".index.npz").mkdir()  # cannot be written (as in a read-only folder; tests may run as root)
@@ -64,7 +89,7 @@ def test_index_of_a_read_only_folder_lives_in_memory(tmp_path):
 
 def test_index_arrays_hold_no_per_sample_objects(tmp_path):
     index = synthetic_index(_write(tmp_path / "synth", read_dataset("ade20k", ADE_ROOT, "val")))
-    arrays = [index.ids.blob, index.ids.offsets, index.images.blob, index.annotations.offsets, index.line_off, index.file_no]
+    arrays = [index.ids.blob, index.ids.offsets, index.line_off, index.line_no, index.file_no]
     assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays)
 
 
@@ -94,9 +119,12 @@ def test_index_errors_name_manifest_and_line(tmp_path):
             "colormap": "c.png", "caption": "c", "seed": 0, "models": {}}
     (bad / "manifest.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({"id": "z"}) + "\n")
     with pytest.raises(SegGenError, match=r"manifest.jsonl:1: path '/etc/passwd' must be relative"):
-        synthetic_index(bad)
+        synthetic_index(bad)[0]
     (bad / "manifest.jsonl").write_text(json.dumps({**line, "image": "i.jpg"}) + "\n" + json.dumps({"id": "z"}) + "\n")
     with pytest.raises(SegGenError, match=r"manifest.jsonl:2: missing field\(s\) source_id"):
+        synthetic_index(bad)[1]  # the index is built from ids; a record's fields are checked when it is loaded
+    (bad / "manifest.jsonl").write_text(json.dumps({**line, "image": "i.jpg"}) + "\nnot json\n")
+    with pytest.raises(SegGenError, match=r"manifest.jsonl:2: not a JSON line"):
         synthetic_index(bad)
     null = _write(tmp_path / "null", real[:1], caption=None)
     with pytest.raises(SegGenError, match=r"null/manifest.jsonl:1: caption must be a string \(got None\)"):

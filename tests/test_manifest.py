@@ -8,7 +8,7 @@ import pytest
 from common import SegGenError, manifest
 from common.manifest import (
     CAPTION_FIELDS, ManifestWriter, atomic_save, done_ids, first_record, manifest_files, rank_path, read_ids,
-    read_manifest, top_fields,
+    read_manifest,
 )
 
 
@@ -118,14 +118,6 @@ def test_read_ids_skips_a_cut_line_and_names_bad_lines(tmp_path):
         read_manifest(path)
 
 
-def test_top_fields_reads_top_level_strings_only(tmp_path):
-    line = json.dumps({"id": "a", "image": "images/a.jpg", "caption": 'say ": {"image": "no"', "k": 3,
-                       "settings": {"annotation": "nested"}, "annotation": "annotations/a.png"}).encode()
-    assert top_fields(line, ("id", "image")) == {"id": "a", "image": "images/a.jpg"}
-    assert top_fields(line, ("id", "annotation")) is None  # only after a nested value: caller parses the line
-    assert top_fields(b'{"image": "x", "id": "a"}', ("id",)) is None
-
-
 @pytest.mark.parametrize("tail", [b'{"id": "c", "cap', b"x" * 300])
 def test_writer_drops_a_long_partial_line_reading_only_the_tail(tmp_path, tail, monkeypatch):
     path = tmp_path / "m.jsonl"
@@ -137,3 +129,33 @@ def test_writer_drops_a_long_partial_line_reading_only_the_tail(tmp_path, tail, 
     path.write_bytes(b"no newline at all")
     manifest._drop_partial_line(path, chunk=4)
     assert path.read_bytes() == b""
+
+
+def test_read_ids_finds_an_id_written_twice_in_different_chunks(tmp_path, monkeypatch):
+    """The fast path reads whole chunks: a duplicate of an id from an earlier chunk is still named."""
+    import functools
+    monkeypatch.setattr(manifest, "iter_chunks", functools.partial(manifest.iter_chunks, size=40))
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"id": f"id{i}", "caption": "c"}) for i in range(6)] + [json.dumps({"id": "id1", "caption": "c"})]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SegGenError, match=r"m.jsonl:7: id 'id1' was already written"):
+        read_ids(path)
+    path.write_text("\n".join(lines[:6]) + "\n")
+    assert read_ids(path) == {f"id{i}" for i in range(6)}
+    path.write_text('{"id": "a"}\n{"id": ""}\r\n{"id": "b"}\n\n{"id": "c"}\n')  # an empty id, CRLF, a blank line
+    assert read_ids(path) == {"a", "", "b", "c"} == done_ids(path)
+
+
+def test_iter_chunks_cover_the_file_and_end_at_newlines(tmp_path):
+    """The fast scanners' pieces: joined they are the file; each ends with a newline but the file's
+    last; a line longer than a piece is read whole."""
+    import random
+    rng, path = random.Random(0), tmp_path / "m.jsonl"
+    for _ in range(200):
+        data = b"".join(b"x" * rng.randint(0, 30) + b"\n" for _ in range(rng.randint(0, 12)))
+        data += b"y" * rng.randint(0, 40) * (rng.random() < 0.5)  # a cut last line, or none
+        path.write_bytes(data)
+        pieces = list(manifest.iter_chunks(path, size=rng.randint(1, 25)))
+        assert b"".join(c for _, c in pieces) == data
+        assert [o for o, _ in pieces] == [sum(len(c) for _, c in pieces[:j]) for j in range(len(pieces))]
+        assert all(c.endswith(b"\n") for _, c in pieces[:-1]) and all(pieces_c for _, pieces_c in pieces)
