@@ -6,6 +6,7 @@ from enum import Enum
 class Data(str, Enum):
     ade20k = "ade20k"
     coco = "coco"
+    toy = "toy"  # common/toyworld.py
 
 
 class Split(str, Enum):
