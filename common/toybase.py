@@ -54,12 +54,13 @@ class BaseConfig:
     unet_lr: float = 1e-3
     unet_channels: tuple[int, ...] = (32, 64)  # common/tiny.py's SDXL-layout UNet
     caption_dropout: float = 0.1  # share of captions replaced by the zeroed unconditional embedding
+    sample_steps: int = 20  # Heun steps of the samples.png check
     seed: int = 0
 
     @classmethod
     def quick(cls) -> BaseConfig:
         """A smoke build for tests: the same code path in a few seconds; the model learns nothing useful."""
-        return cls(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4)
+        return cls(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, sample_steps=2)
 
 
 def _vae(channels):
@@ -235,7 +236,7 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
         from PIL import Image
 
         real = ((val_images[:n] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        fake = sample(pipe, val_texts[:n], steps=20, seed=cfg.seed)
+        fake = sample(pipe, val_texts[:n], steps=cfg.sample_steps, seed=cfg.seed)
         Image.fromarray(np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(fake), 1)], 0)).save(out / "samples.png")
         record["sample_captions"] = val_texts[:n]
     (out / "toybase.json").write_text(json.dumps(record, indent=1) + "\n")
