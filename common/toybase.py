@@ -110,6 +110,13 @@ def reconstruction_error(vae, images: torch.Tensor, batch: int = 100) -> dict:
     return {"mae_255": float(torch.cat(errs).mean()), "psnr_db": float(-10 * torch.log10(mse))}
 
 
+def _log_line(progress, task) -> None:
+    """A plain line every 100 steps when stderr is a log file (rich draws its bar only on a terminal)."""
+    t = progress.tasks[task]
+    if not console.is_terminal and (t.completed % 100 == 0 or t.finished):
+        console.print(f"{t.description}  step {t.completed:.0f}/{t.total:.0f}  {t.elapsed:.0f} s")
+
+
 def train_vae(vae, images: torch.Tensor, cfg: BaseConfig, progress) -> list[float]:
     """Autoencoder training: L1(decode(z), x) + kl · KL(q(z|x) || N(0, I)), z ~ q(z|x)."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -130,6 +137,7 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseConfig, progress) -> list[floa
         sched.step()
         losses.append(loss.item())
         progress.update(task, advance=1, description=f"VAE  loss {np.mean(losses[-50:]):.4f}")
+        _log_line(progress, task)
     return losses
 
 
@@ -162,6 +170,7 @@ def train_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.
         sched.step()
         losses.append(loss.item())
         progress.update(task, advance=1, description=f"UNet loss {np.mean(losses[-50:]):.4f}")
+        _log_line(progress, task)
     return losses
 
 
