@@ -17,6 +17,7 @@ from common import SegGenError
 class Data(str, Enum):
     ade20k = "ade20k"
     coco = "coco"
+    toy = "toy"  # common/toyworld.py
 
 
 class Split(str, Enum):

@@ -10,7 +10,8 @@ Two palettes per dataset (see docs/design.md, "Colour maps and palettes"):
 - "usual": the community palette (mmseg / color150.mat for ADE20K, panopticapi's category colours for
   COCO), for pictures people look at. Not injective: ADE20K road and skyscraper share (140,140,140).
 
-Label values are those of the dataset's annotation PNGs: ADE20K 0 (other) and 1..150; COCO panoptic 0
+Label values are those of the dataset's annotation PNGs: ADE20K 0 (other) and 1..150 (the toy world of
+common/toyworld.py likewise, 0 and 1..11, with its own class table); COCO panoptic 0
 (void) and the category ids 1..200. Panoptic colour maps also carry an edge colour that outlines every
 segment (appendix A.2); it decodes to the sentinel value EDGE.
 """
@@ -112,29 +113,40 @@ def coco_categories() -> list[dict]:
     return json.loads((_DATA / "coco_panoptic_categories.json").read_text())
 
 
+def semantic_classes(data: str) -> list[dict]:
+    """The class table of a dataset read in the ADE20K layout ("ade20k", or "toy": common/toyworld.py):
+    png_value, train_id, name, full_name, is_stuff, rgb."""
+    if data == "toy":
+        from common.toyworld import TOY_CLASSES
+
+        return TOY_CLASSES
+    return ade20k_classes()
+
+
 def class_names(data: str) -> dict[int, str]:
     """Label value -> short class name, for captions and reports."""
-    if data == "ade20k":
-        return {c["png_value"]: c["name"] for c in ade20k_classes()}
+    if data in ("ade20k", "toy"):
+        return {c["png_value"]: c["name"] for c in semantic_classes(data)}
     return {c["id"]: c["name"] for c in coco_categories()}
 
 
 @functools.cache
 def palette_for(data: str, kind: str = "generation") -> Palette:
-    """The palette of dataset `data` ("ade20k" or "coco"); kind "generation" or "usual" (see module doc)."""
+    """The palette of dataset `data` ("ade20k", "coco" or "toy"); kind "generation" or "usual" (see module doc)."""
     if kind not in ("generation", "usual"):
         raise SegGenError(f"palette kind must be 'generation' or 'usual' (got {kind!r})")
-    if data == "ade20k":
-        values = [0] + [c["png_value"] for c in ade20k_classes()]
-        usual = [(0, 0, 0)] + [tuple(c["rgb"]) for c in ade20k_classes()]
-        colors = separated_colors(151, seeds=[(0, 0, 0)]) if kind == "generation" else np.asarray(usual, np.uint8)
+    if data in ("ade20k", "toy"):
+        classes = semantic_classes(data)
+        values = [0] + [c["png_value"] for c in classes]
+        usual = [(0, 0, 0)] + [tuple(c["rgb"]) for c in classes]
+        colors = separated_colors(len(values), seeds=[(0, 0, 0)]) if kind == "generation" else np.asarray(usual, np.uint8)
     elif data == "coco":
         values = [0, EDGE] + [c["id"] for c in coco_categories()]  # void, edge, 133 categories
         usual = [(0, 0, 0), (255, 255, 255)] + [tuple(c["color"]) for c in coco_categories()]
         seeds = [(0, 0, 0), (255, 255, 255)]
         colors = separated_colors(len(values), seeds=seeds) if kind == "generation" else np.asarray(usual, np.uint8)
     else:
-        raise SegGenError(f"--data must be 'ade20k' or 'coco' (got {data!r})")
+        raise SegGenError(f"--data must be 'ade20k', 'coco' or 'toy' (got {data!r})")
     return Palette(f"{data}-{kind}", np.asarray(colors, np.uint8), np.asarray(values, np.uint8))
 
 

@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from common import SegGenError
-from common.colormap import ade20k_classes, coco_categories, panoptic_to_semantic
+from common.colormap import coco_categories, panoptic_to_semantic, semantic_classes
 from common.manifest import SYNTHETIC_FIELDS, read_manifest
 
-DATASETS = ("ade20k", "coco")
+DATASETS = ("ade20k", "coco", "toy")  # toy: common/toyworld.py, written in the ADE20K layout
 SPLITS = ("train", "val")
 _ADE_SPLIT = {"train": "training", "val": "validation"}
 
@@ -47,7 +47,9 @@ def read_dataset(data: str, data_root: str | Path | None, split: str) -> list[Sa
     if split not in SPLITS:
         raise SegGenError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
     root = Path(data_root) if data_root is not None else default_data_root()
-    return read_ade20k(root, split) if data == "ade20k" else read_coco_panoptic(root, split)
+    if data == "toy" and not (root / "images").is_dir():
+        raise SegGenError(f"--data-root {root}: no toy world found; make one with `python -m common.toyworld {root} --train 2000 --val 200 --seed 0`")
+    return read_coco_panoptic(root, split) if data == "coco" else read_ade20k(root, split)
 
 
 def _listing(path: Path) -> str:
@@ -160,7 +162,7 @@ def valid_label_values(data: str) -> np.ndarray:
     """(256,) bool: which label values are classes of `data` (0 = other/void included)."""
     valid = np.zeros(256, bool)
     valid[0] = True
-    ids = [c["png_value"] for c in ade20k_classes()] if data == "ade20k" else [c["id"] for c in coco_categories()]
+    ids = [c["id"] for c in coco_categories()] if data == "coco" else [c["png_value"] for c in semantic_classes(data)]
     valid[ids] = True
     return valid
 

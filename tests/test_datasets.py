@@ -39,7 +39,7 @@ def test_wrong_root_unknown_data_and_split_are_clear(tmp_path):
     (tmp_path / "somethingelse").mkdir()
     with pytest.raises(SegGenError, match=r"--data-root .*ADEChallengeData2016.*holds: somethingelse/"):
         read_dataset("ade20k", tmp_path, "train")
-    with pytest.raises(SegGenError, match=r"--data must be one of ade20k, coco \(got 'cityscapes'\)"):
+    with pytest.raises(SegGenError, match=r"--data must be one of ade20k, coco, toy \(got 'cityscapes'\)"):
         read_dataset("cityscapes", tmp_path, "train")
     with pytest.raises(SegGenError, match="--split"):
         read_dataset("ade20k", ADE_ROOT, "test")

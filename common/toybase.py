@@ -1,0 +1,279 @@
+"""A pretrained base for the toy world, standing in for SDXL-base (issue 12).
+
+    python -m common.toyworld WORLD --train 2000 --val 200 --seed 0
+    python -m common.toybase OUT --world WORLD                 # ~10 min on 2 cores
+    python -m common.toybase OUT --world WORLD --quick         # seconds: a smoke build for tests
+
+The paper fine-tunes a pretrained SDXL; on 2 CPU cores there is none, so this builds one: the tiny
+SDXL-architecture pipeline of common/tiny.py (two CLIP text encoders, "text_time" conditioning, a VAE
+that downsamples by 8 to 4 latent channels, SDXL's scheduler), then
+1. trains its VAE as an autoencoder on the world's training images (L1 + a small KL term, as the
+   Stable Diffusion autoencoders without their perceptual/GAN terms) and sets `scaling_factor` to
+   1 / std of the latents, the rule by which SD's 0.18215 was chosen;
+2. trains its UNet text-to-image on the same images with the world's captions: ε-prediction at a
+   uniform timestep of SDXL's DDPM schedule, 10% of captions dropped to SDXL's zeroed unconditional
+   embedding, so classifier-free guidance works as with the real base.
+The text encoders stay random and frozen. The result is written with save_pretrained, so
+`--pretrained OUT` loads it like any pipeline folder. Rebuilt on demand: same world, same seed, same
+settings give the same weights (on one machine; float reductions may differ across CPUs).
+OUT/toybase.json records the settings, losses, timings and the VAE's held-out reconstruction error;
+OUT/samples.png shows the base sampled for validation captions beside the real images.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from common import SegGenError
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass
+class BaseConfig:
+    """Defaults sized to ≤ 10 min on 2 cores: measured 0.32 CPU-s per VAE step and 0.16 per UNet step
+    (one thread), about 500 CPU-s in all (see toybase.json for the timings of a run)."""
+
+    vae_steps: int = 600  # AdamW steps on batches of vae_batch images
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) per latent element, as SD's autoencoder configs
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32)  # 4 blocks: downsampling by 8, as SDXL's VAE
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    unet_channels: tuple[int, ...] = (32, 64)  # common/tiny.py's SDXL-layout UNet
+    caption_dropout: float = 0.1  # share of captions replaced by the zeroed unconditional embedding
+    sample_steps: int = 20  # Heun steps of the samples.png check
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> BaseConfig:
+        """A smoke build for tests: the same code path in a few seconds; the model learns nothing useful."""
+        return cls(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, sample_steps=2)
+
+
+def _vae(channels):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels), layers_per_block=1,
+        norm_num_groups=8, sample_size=64, scaling_factor=1.0,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+    )
+
+
+def _unet(channels):
+    from common.tiny import sdxl_unet
+
+    unet = sdxl_unet()
+    if tuple(channels) != tuple(unet.config.block_out_channels):
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(unet.config, block_out_channels=tuple(channels))
+    return unet
+
+
+def load_world(world: Path, split: str) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, 64, 64) float images in [-1, 1] and their captions, from a toy world folder."""
+    from PIL import Image
+
+    from common.datasets import read_dataset
+    from common.training import read_captions
+
+    captions = Path(world) / f"captions_{split}.jsonl"
+    samples, texts = read_captions(captions, read_dataset("toy", world, split))
+    images = np.stack([np.asarray(Image.open(s.image).convert("RGB")) for s in samples])  # (N, H, W, 3) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, texts
+
+
+@torch.no_grad()
+def reconstruction_error(vae, images: torch.Tensor, batch: int = 100) -> dict:
+    """decode(encode(x)) with the posterior mean: mean absolute error in 0..255 and PSNR in dB."""
+    errs, sq = [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        errs.append((y - x).abs().mean((1, 2, 3)) * 127.5)
+        sq.append(((y - x) / 2).pow(2).mean((1, 2, 3)))
+    mse = torch.cat(sq).mean()
+    return {"mae_255": float(torch.cat(errs).mean()), "psnr_db": float(-10 * torch.log10(mse))}
+
+
+def _log_line(progress, task) -> None:
+    """A plain line every 100 steps when stderr is a log file (rich draws its bar only on a terminal)."""
+    t = progress.tasks[task]
+    if not console.is_terminal and (t.completed % 100 == 0 or t.finished):
+        console.print(f"{t.description}  step {t.completed:.0f}/{t.total:.0f}  {t.elapsed:.0f} s")
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BaseConfig, progress) -> list[float]:
+    """Autoencoder training: L1(decode(z), x) + kl · KL(q(z|x) || N(0, I)), z ~ q(z|x)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    task = progress.add_task("VAE", total=cfg.vae_steps)
+    losses = []
+    vae.train()
+    for _ in range(cfg.vae_steps):
+        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=g)]
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x, x.flip(-1))  # random flips
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        loss = (vae.decode(z).sample - x).abs().mean() + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        progress.update(task, advance=1, description=f"VAE  loss {np.mean(losses[-50:]):.4f}")
+        _log_line(progress, task)
+    return losses
+
+
+def train_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, scheduler, cfg: BaseConfig, progress) -> list[float]:
+    """Text-to-image: ε-prediction MSE at a uniform DDPM timestep (what SDXL was trained with).
+
+    latents: (N, 4, 8, 8) scaled posterior means and stds stacked as (N, 2, 4, 8, 8); embeds (N, 77, 64); pooled (N, 32)."""
+    from common.training import noisy_latents, time_ids
+
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.unet_lr, total_steps=cfg.unet_steps, pct_start=0.05)
+    tid = time_ids((64, 64), (0, 0), (64, 64)).expand(cfg.unet_batch, 6)
+    task = progress.add_task("UNet", total=cfg.unet_steps)
+    losses = []
+    unet.train()
+    for _ in range(cfg.unet_steps):
+        idx = torch.randint(len(latents), (cfg.unet_batch,), generator=g)
+        mean, std = latents[idx, 0], latents[idx, 1]
+        z = mean + std * torch.randn(mean.shape, generator=g)  # z ~ q(z|x), already scaled
+        keep = (torch.rand(cfg.unet_batch, generator=g) >= cfg.caption_dropout).float()
+        emb, pool = embeds[idx] * keep[:, None, None], pooled[idx] * keep[:, None]  # dropped: SDXL's zeros
+        noisy, t, target = noisy_latents(z, scheduler, g)
+        pred = unet(noisy, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": pool, "time_ids": tid}).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        progress.update(task, advance=1, description=f"UNet loss {np.mean(losses[-50:]):.4f}")
+        _log_line(progress, task)
+    return losses
+
+
+@torch.no_grad()
+def sample(pipe, captions: list[str], steps: int = 30, guidance: float = 5.0, seed: int = 0, sampler: str = "heun") -> np.ndarray:
+    """Sample the pipeline's UNet for `captions` with common/sampler.py (Karras schedule, Heun);
+    returns (B, 64, 64, 3) uint8 images."""
+    from common.sampler import Cond, EpsDenoiser, edm_sampler
+    from common.training import encode_prompts, time_ids
+
+    encoders = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    embeds, pooled = encode_prompts(captions, encoders)
+    cond = Cond(embeds, pooled, time_ids((64, 64), (0, 0), (64, 64)).expand(len(captions), 6))
+    denoise = EpsDenoiser(pipe.unet.eval(), pipe.scheduler.alphas_cumprod)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=gen) for gen in gens])
+    z = edm_sampler(lambda x, s: denoise(x, s, cond, guidance=guidance), noise, denoise.schedule(steps), sampler=sampler)
+    x = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
+    """Train the toy base on `world` and save it to `out`; returns what toybase.json records."""
+    from diffusers import DDPMScheduler
+
+    from common.tiny import tiny_sdxl
+    from common.training import encode_prompts
+
+    world, out = Path(world), Path(out)
+    if not (world / "captions_train.jsonl").is_file():
+        raise SegGenError(f"--world {world}: no toy world there (captions_train.jsonl missing); make one with "
+                          f"`python -m common.toyworld {world} --train 2000 --val 200 --seed 0`")
+    t0 = time.perf_counter()
+    images, texts = load_world(world, "train")
+    val_images, val_texts = load_world(world, "val")
+    torch.manual_seed(cfg.seed)
+    pipe = tiny_sdxl()  # text encoders, tokenizers, scheduler; the VAE and UNet are replaced and trained
+    torch.manual_seed(cfg.seed)
+    pipe.vae, pipe.unet = _vae(cfg.vae_channels), _unet(cfg.unet_channels)
+    pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
+    record = {"world": str(world), "train_images": len(images), "config": asdict(cfg), "torch_threads": torch.get_num_threads()}
+    cpu0 = time.process_time()
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        t = time.perf_counter()
+        vae_losses = train_vae(pipe.vae, images, cfg, progress)
+        pipe.vae.eval().requires_grad_(False)
+        record["vae_seconds"] = time.perf_counter() - t
+        with torch.no_grad():  # posterior (mean, std) of every training image, unscaled
+            posts = [pipe.vae.encode(images[i:i + 200]).latent_dist for i in range(0, len(images), 200)]
+            mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
+        scale = float(1 / mean.std())  # SD's rule: unit-variance latents for the diffusion model
+        pipe.vae.register_to_config(scaling_factor=scale)
+        record["vae_scaling_factor"] = scale
+        record["vae_reconstruction_val"] = reconstruction_error(pipe.vae, val_images)
+        encoders = [(pipe.tokenizer, pipe.text_encoder.eval()), (pipe.tokenizer_2, pipe.text_encoder_2.eval())]
+        embeds, pooled = encode_prompts(texts, encoders)  # (N, 77, 64), (N, 32): frozen, computed once
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        t = time.perf_counter()
+        unet_losses = train_unet(pipe.unet, torch.stack([mean, std], 1) * scale, embeds, pooled, scheduler, cfg, progress)
+        pipe.unet.eval().requires_grad_(False)
+        record["unet_seconds"] = time.perf_counter() - t
+    record["vae_loss_last100"] = float(np.mean(vae_losses[-100:]))
+    record["unet_loss_last100"] = float(np.mean(unet_losses[-100:]))
+    pipe.save_pretrained(out)
+    record["seconds"] = time.perf_counter() - t0
+    record["cpu_seconds"] = time.process_time() - cpu0
+    # A look at what it learned: real validation images over samples drawn for their captions.
+    n = min(8, len(val_texts))
+    if n:
+        from PIL import Image
+
+        real = ((val_images[:n] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        fake = sample(pipe, val_texts[:n], steps=cfg.sample_steps, seed=cfg.seed)
+        Image.fromarray(np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(fake), 1)], 0)).save(out / "samples.png")
+        record["sample_captions"] = val_texts[:n]
+    (out / "toybase.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(
+    out: Annotated[Path, typer.Argument(help="Output pipeline folder (pass it as --pretrained).")],
+    world: Annotated[Path, typer.Option(help="Toy world folder made by `python -m common.toyworld`.")],
+    quick: Annotated[bool, typer.Option(help="A smoke build in seconds (a few steps): for tests, not for use.")] = False,
+    vae_steps: Annotated[int | None, typer.Option(min=1, help=f"VAE training steps (default {BaseConfig.vae_steps}).")] = None,
+    unet_steps: Annotated[int | None, typer.Option(min=1, help=f"UNet training steps (default {BaseConfig.unet_steps}).")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the weights and of the training batches.")] = 0,
+):
+    """Train a tiny SDXL-architecture base (VAE + UNet, text-to-image) on a toy world."""
+    cfg = BaseConfig.quick() if quick else BaseConfig()
+    cfg.seed = seed
+    cfg.vae_steps = vae_steps or cfg.vae_steps
+    cfg.unet_steps = unet_steps or cfg.unet_steps
+    try:
+        r = build(out, world, cfg)
+    except SegGenError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    rec = r["vae_reconstruction_val"]
+    console.print(f"wrote {out} in {r['seconds']:.0f} s (VAE {r['vae_seconds']:.0f} s, UNet {r['unet_seconds']:.0f} s); "
+                  f"VAE on val: MAE {rec['mae_255']:.1f}/255, PSNR {rec['psnr_db']:.1f} dB; samples: {out / 'samples.png'}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,161 @@
+"""The toy world (common/toyworld.py) and its pretrained base (common/toybase.py): determinism, the
+ADE20K layout that `--data toy` reads, captions, classes told by shape rather than colour, and a smoke
+build of the base that loads like any pipeline folder."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from common import SegGenError
+from common.colormap import class_names, palette_for
+from common.datasets import load_image, load_label, read_dataset
+from common.manifest import CAPTION_FIELDS, read_manifest
+from common.toyworld import MAX_CAPTION, TOY_CLASSES, V, make_caption, render, write_world
+
+
+def digest(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small world written by the documented command line."""
+    root = tmp_path_factory.mktemp("toy") / "world"
+    run = subprocess.run([sys.executable, "-m", "common.toyworld", str(root), "--train", "12", "--val", "4", "--seed", "0"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 12 train + 4 val samples" in run.stderr
+    return root
+
+
+def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
+    write_world(tmp_path / "again", 12, 4, seed=0)
+    write_world(tmp_path / "other", 12, 4, seed=1)
+    first, again, other = digest(world), digest(tmp_path / "again"), digest(tmp_path / "other")
+    assert len(first) == 2 * 16 + 3  # images + annotations, two caption files, classes.json
+    assert again == first
+    differing = [k for k in first if other[k] != first[k]]
+    assert len(differing) >= 32  # every image and label; only classes.json is shared
+    # Sample i does not depend on how many were asked for.
+    write_world(tmp_path / "fewer", 5, 1, seed=0)
+    fewer = digest(tmp_path / "fewer")
+    assert fewer["images/training/toy_train_00000004.png"] == first["images/training/toy_train_00000004.png"]
+
+
+def test_layout_reads_as_data_toy(world):
+    train, val = read_dataset("toy", world, "train"), read_dataset("toy", world, "val")
+    assert [s.id for s in train] == [f"toy_train_{i:08d}" for i in range(12)]
+    assert [s.id for s in val] == [f"toy_val_{i:08d}" for i in range(4)]
+    assert train[0].image == world / "images" / "training" / "toy_train_00000000.png"
+    values = set()
+    for s in train + val:
+        label = load_label(s, "toy")  # checks the values against the toy class table
+        assert label.dtype == np.uint8 and label.shape == (64, 64)
+        assert Image.open(s.annotation).mode == "L"
+        assert load_image(s.image).size == (64, 64)
+        values |= set(np.unique(label).tolist())
+    assert values <= set(range(1, len(TOY_CLASSES) + 1)) and len(values) >= 6
+    table = json.loads((world / "classes.json").read_text())
+    assert table["classes"] == TOY_CLASSES and table["ignore_value_in_png"] == 0
+    assert class_names("toy") == {c["png_value"]: c["name"] for c in TOY_CLASSES}
+    pal = palette_for("toy")
+    assert sorted(pal.values.tolist()) == list(range(len(TOY_CLASSES) + 1)) and pal.min_distance() >= 51
+
+
+def test_captions_file_as_caption_py_writes_it(world):
+    from common.training import read_captions
+
+    for split in ("train", "val"):
+        path = world / f"captions_{split}.jsonl"
+        records = read_manifest(path, CAPTION_FIELDS, path_fields=("image",))
+        samples = read_dataset("toy", world, split)
+        assert [r["id"] for r in records] == [s.id for s in samples]
+        for r, s in zip(records, samples):
+            assert set(r) == {"id", "image", "caption", "captioner", "prompt", "model"} and r["captioner"] == "toyworld"
+            assert world / r["image"] == s.image
+            assert 0 < len(r["caption"]) <= MAX_CAPTION
+        kept, texts = read_captions(path, samples)  # what the trainers' --captions reads
+        assert len(kept) == len(samples)
+
+
+def test_captions_name_what_is_visible():
+    assert make_caption([("ball", "red"), ("tree", None), ("tree", None)], ["grass"], "under a sky") == \
+        "a red ball and two trees on grass under a sky"
+    assert make_caption([("box", "orange")], ["sand", "road"], "in front of a wall") == "an orange box on sand and a road in front of a wall"
+    assert make_caption([], ["water"], "under a sky") == "water under a sky"
+    long = make_caption([("car", "purple"), ("box", "yellow"), ("ball", "orange"), ("figure", None)], ["grass", "road"], "by a wall under a sky")
+    assert len(long) <= MAX_CAPTION and long.endswith("on grass and a road by a wall under a sky")
+
+
+def test_thing_classes_are_not_told_by_colour():
+    """Each thing class appears in many colours, and a nearest-mean-colour rule labels thing pixels poorly."""
+    rng_seeds = range(150)
+    pixels, classes = [], []
+    names = {"ball": set(), "box": set(), "car": set()}
+    for seed in rng_seeds:
+        image, label, caption = render(np.random.default_rng([7, seed]))
+        for kind in ("ball", "box", "tree", "car", "figure"):
+            m = label == V[kind]
+            pixels.append(image[m].astype(np.float32))
+            classes.append(np.full(m.sum(), V[kind]))
+        words = caption.split(" on ")[0].replace(",", "").split()
+        for prev, word in zip(words, words[1:]):
+            kind = word.rstrip("es") if word.startswith("box") else word.rstrip("s")
+            if kind in names and prev not in ("a", "an", "two", "three", "four"):
+                names[kind].add(prev)
+    assert all(len(v) >= 4 for v in names.values()), names  # e.g. red, blue, green, yellow balls
+    x, y = np.concatenate(pixels), np.concatenate(classes)
+    kinds = np.unique(y)
+    assert len(kinds) == 5
+    means = np.stack([x[y == k].mean(0) for k in kinds])
+    nearest = kinds[np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), 1)]
+    balanced = np.mean([(nearest[y == k] == k).mean() for k in kinds])  # class-balanced accuracy, chance = 0.2
+    assert balanced < 0.5
+
+
+def test_rerun_replaces_and_foreign_folder_is_refused(tmp_path):
+    write_world(tmp_path / "w", 6, 2, seed=0)
+    write_world(tmp_path / "w", 3, 1, seed=0)
+    assert len(read_dataset("toy", tmp_path / "w", "train")) == 3
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SegGenError, match="is not a toy world"):
+        write_world(tmp_path / "mine", 2, 1, seed=0)
+    with pytest.raises(SegGenError, match=r"no toy world found; make one with `python -m common.toyworld"):
+        read_dataset("toy", tmp_path / "nothing", "train")
+
+
+def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from common.toybase import BaseConfig, build, sample
+    from common.training import inspect_base
+
+    out = tmp_path / "base"
+    record = build(out, world, BaseConfig.quick())
+    info = inspect_base(str(out))
+    assert info.is_sdxl and info.vae_factor == 8
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert pipe.vae.config.scaling_factor == pytest.approx(record["vae_scaling_factor"]) and record["vae_scaling_factor"] != 1.0
+    assert set(record["vae_reconstruction_val"]) == {"mae_255", "psnr_db"}
+    assert Image.open(out / "samples.png").size == (64 * 4, 128)  # 4 val images over 4 samples
+    images = sample(pipe, ["a red ball on grass under a sky"], steps=2)
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+    # The text encoders are the frozen random ones of common/tiny.py: same seed, same weights.
+    from common.tiny import tiny_sdxl
+
+    torch.testing.assert_close(pipe.text_encoder.state_dict(), tiny_sdxl().text_encoder.state_dict())
+
+
+def test_toybase_without_a_world_names_the_command(tmp_path):
+    from common.toybase import BaseConfig, build
+
+    with pytest.raises(SegGenError, match=r"--world .*python -m common.toyworld"):
+        build(tmp_path / "base", tmp_path / "missing", BaseConfig.quick())
