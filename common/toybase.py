@@ -145,7 +145,8 @@ def train_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.
     """Text-to-image: ε-prediction MSE at a uniform DDPM timestep (what SDXL was trained with).
 
     latents: (N, 4, 8, 8) scaled posterior means and stds stacked as (N, 2, 4, 8, 8); embeds (N, 77, 64); pooled (N, 32)."""
-    from common.training import noisy_latents, time_ids
+    from common.sdxl import time_ids
+    from common.training import noisy_latents
 
     g = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
@@ -179,7 +180,7 @@ def sample(pipe, captions: list[str], steps: int = 30, guidance: float = 5.0, se
     """Sample the pipeline's UNet for `captions` with common/sampler.py (Karras schedule, Heun);
     returns (B, 64, 64, 3) uint8 images."""
     from common.sampler import Cond, EpsDenoiser, edm_sampler
-    from common.training import encode_prompts, time_ids
+    from common.sdxl import encode_prompts, time_ids
 
     encoders = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
     embeds, pooled = encode_prompts(captions, encoders)
@@ -197,7 +198,7 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
     from diffusers import DDPMScheduler
 
     from common.tiny import tiny_sdxl
-    from common.training import encode_prompts
+    from common.sdxl import encode_prompts
 
     world, out = Path(world), Path(out)
     if not (world / "captions_train.jsonl").is_file():

@@ -136,7 +136,7 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from common.toybase import BaseConfig, build, sample
-    from common.training import inspect_base
+    from common.sdxl import inspect_base
 
     out = tmp_path / "base"
     record = build(out, world, BaseConfig.quick())
