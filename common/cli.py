@@ -121,7 +121,7 @@ ReportToOpt = Annotated[Tracker, typer.Option(help="Also log to TensorBoard thro
 
 # ---------------------------------------------------------------- the EDM sampling options of imgsyn and masksyn
 
-SAMPLERS = ("heun", "euler")  # common/sampler.py's edm_sampler(sampler=...)
+SAMPLERS = ("euler", "heun")  # common/sampler.py SAMPLERS, in its order
 Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
 SamplerOpt = Annotated[Sampler, typer.Option(help="heun: EDM Algorithm 2 (2N-1 UNet calls); euler: first order (N).", rich_help_panel="Sampling")]
 SChurnOpt = Annotated[float, typer.Option("--s-churn", min=0.0, help="EDM S_churn: stochasticity (0 = deterministic ODE).", rich_help_panel="Sampling")]
