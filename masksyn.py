@@ -4,7 +4,7 @@
     accelerate launch masksyn.py --data ade20k --per-sample 10          # sharded over GPUs
     python masksyn.py --reproduce ADE_train_00000001_003                # regenerate one sample, compare
 
-For every caption: Text2Mask (SDXL fine-tuned on colour maps, EDM sampler, 200 steps, appendix A.4)
+For every caption: Text2Mask (SDXL fine-tuned on colour maps, 200 steps, appendix A.4)
 draws a colour map -> label map by the nearest colour of the palette it was trained with, with a 3×3
 majority vote (appendix A.2, common/colormap.py) -> the clean colour map re-rendered from that label ->
 Mask2Img (ControlNet, 40 steps) -> image. The image is conditioned on the re-rendered map, so the
@@ -13,6 +13,10 @@ two classes, or more than --max-off-palette of the pixels far from every palette
 half the palette's smallest colour distance, i.e. not clearly any class). The paper makes 10 per
 ADE20K sample (202,100). COCO: the paper uses ImgSyn only, since instances cannot be recovered from a
 generated colour map (appendix A.2), and so does this script.
+
+Sampling (both models): by default SDXL's reference sampler (Stability-AI/generative-models
+`scripts/demo/streamlit_helpers.py`): Euler over the legacy DDPM schedule, guidance 5 (common/sampler.py),
+so 200 + 40 UNet calls per sample; `--sampler heun --schedule karras` is the earlier default (399 + 79).
 
 Output: the synthetic folder of docs/design.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
 common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
@@ -36,7 +40,7 @@ from common.colormap import IGNORE, Palette, color_to_label, label_to_color
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
 from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -46,7 +50,7 @@ PATH_FIELDS = ("image", "annotation", "colormap")
 class Settings(synth.Settings):
     """The manifest's "settings" of a MaskSyn sample."""
 
-    ORDER = ("data", "resolution", "text2mask_steps", "mask2img_steps", "guidance", "sampler", "S_churn", "S_tmin", "S_tmax",
+    ORDER = ("data", "resolution", "text2mask_steps", "mask2img_steps", "guidance", "sampler", "schedule", "S_churn", "S_tmin", "S_tmax",
              "S_noise", "seed", "precision", "palettes", "max_off_palette", "off_palette_distance")
     text2mask_steps: int
     mask2img_steps: int
@@ -84,14 +88,13 @@ def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tupl
 def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     """Text2Mask then Mask2Img on one batch of (source id, k). Per item: {"label", "colormap", "image",
     "off_palette", "classes"} or, for a degenerate mask, {"rejected": reason, ...} without an image."""
-    res, churn = settings.resolution, settings.churn()
+    res = settings.resolution
     generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, s, k)) for s, k in batch]
     texts = [captions[s] for s, _ in batch]
 
     # 1. caption -> colour map (Text2Mask)
     cond, uncond = synth.encode(t2m, texts, (res, res))
-    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings.text2mask_steps, settings.guidance,
-                                settings.sampler, churn)
+    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings.text2mask_steps, settings.sampling())
     # 2. colour map -> label; degenerate masks are dropped here
     items = []
     for cmap in cmaps:
@@ -111,7 +114,7 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     cond, uncond = synth.encode(m2i, [texts[i] for i in keep], (res, res))
     control = synth.control_tensor([items[i]["colormap"] for i in keep])
     images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], (res, res), settings.mask2img_steps,
-                                 settings.guidance, settings.sampler, churn, control=control)
+                                 settings.sampling(), control=control)
     for i, image in zip(keep, images):
         items[i]["image"] = image
     return items
@@ -163,7 +166,7 @@ def masksyn(**options) -> dict:
     summary = {"written": 0, "skipped": skipped, "rejected": 0, "failed": 0, "out": str(out)}
     if state.is_main_process:
         console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
-                      f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {o.sampler} "
+                      f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {o.sampler}/{o.schedule} "
                       f"{o.text2mask_steps}/{o.mask2img_steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
                       f"({state.num_processes} process(es), {len(done)} already written, {len(rejected)} rejected before)")
 
@@ -250,7 +253,8 @@ def main(
     text2mask_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Text2Mask (paper A.4: 200).", rich_help_panel="Sampling")] = 200,
     mask2img_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Mask2Img (paper A.4: 40).", rich_help_panel="Sampling")] = 40,
     guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale of both models (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
-    sampler: SamplerOpt = Sampler.heun,
+    sampler: SamplerOpt = Sampler.euler,
+    schedule: ScheduleOpt = SamplingSchedule.legacy,
     s_churn: SChurnOpt = 0.0,
     s_tmin: STminOpt = 0.0,
     s_tmax: STmaxOpt = float("inf"),

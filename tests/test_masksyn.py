@@ -166,6 +166,17 @@ def test_sd15_text2mask(tmp_path, models, captions, tiny_models):
     assert s["written"] == 2 and {x.meta["models"]["text2mask"] for x in read_synthetic(tmp_path / "sd15")} == {str(tiny_models("sd15"))}
 
 
+def test_help_shows_the_sampling_defaults():
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(masksyn.main)
+    text = " ".join(CliRunner().invoke(app, ["--help"], terminal_width=200).output.split())
+    assert "[default: euler]" in text and "[default: legacy]" in text and "[default: 5.0]" in text
+    assert "[default: 200]" in text and "[default: 40]" in text  # paper A.4's step counts
+
+
 def test_cli_errors_exit_2_with_the_flag_named(tmp_path, captions):
     import typer
     from typer.testing import CliRunner
