@@ -134,14 +134,22 @@ def derive_seed(base_seed: int, source_id: str, k: int) -> int:
 
 def plan_batches(source_ids: list[str], per_sample: int, batch_size: int) -> list[list[tuple[str, int]]]:
     """All work items (source id, k) in order, cut into batches."""
-    items = [(s, k) for s in source_ids for k in range(per_sample)]
+    return cut_batches([(s, k) for s in source_ids for k in range(per_sample)], batch_size)
+
+
+def cut_batches(items: list[tuple[str, int]], batch_size: int) -> list[list[tuple[str, int]]]:
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def process_plan(source_ids: list[str], per_sample: int, batch_size: int, state, finished: set[str]) -> tuple[list, int]:
     """This process's share of the plan (every world-th batch): (the batches that still hold an
     unfinished sample, how many of its samples are finished already in the batches left out)."""
-    batches = shard(plan_batches(source_ids, per_sample, batch_size), state)
+    return process_items([(s, k) for s in source_ids for k in range(per_sample)], batch_size, state, finished)
+
+
+def process_items(items: list[tuple[str, int]], batch_size: int, state, finished: set[str]) -> tuple[list, int]:
+    """`process_plan` for any list of work items (masksyn's redraw rounds)."""
+    batches = shard(cut_batches(items, batch_size), state)
     todo = [b for b in batches if any(sample_id(s, k) not in finished for s, k in b)]
     return todo, sum(len(b) for b in batches) - sum(len(b) for b in todo)
 
@@ -406,13 +414,21 @@ def report(s: dict, compared: str) -> int:
     1 when samples failed or a reproduction differs."""
     if "reproduced" in s:
         verdict = f"[green]identical[/] to the stored {compared}" if s["identical"] else f"[red]differs[/] from the stored {compared}"
+        if s.get("rejected"):  # masksyn: the mask now drawn is degenerate, so there is no image to compare
+            verdict = f"[red]now rejected[/]: {s['rejected']} (the stored {compared} was accepted)"
         console.print(f"reproduced {s['reproduced']}: {verdict}")
         return 0 if s["identical"] else 1
     rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
-    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate), "
+    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate masks), "
                   f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
     if s.get("preview"):
         console.print(f"preview: {s['preview']}")
+    if s.get("rejections"):
+        console.print(f"attempts {s['attempts']}; rejected by rule: " + ", ".join(f"{k} {v}" for k, v in sorted(s["rejections"].items())))
+    for short in s.get("short", [])[:10]:
+        console.print(f"[yellow]short:[/] {short}")
+    if len(s.get("short", [])) > 10:
+        console.print(f"[yellow]short:[/] ... {len(s['short']) - 10} more caption(s) (all in tally.json)")
     for f in s["failures"][:3]:
         console.print(f"[red]failed:[/] {f}")
     return 1 if s["failed"] else 0
