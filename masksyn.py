@@ -9,7 +9,7 @@ draws a colour map -> label map by the nearest colour of the palette it was trai
 majority vote (appendix A.2, common/colormap.py) -> the clean colour map re-rendered from that label ->
 Mask2Img (ControlNet, 40 steps) -> image. The image is conditioned on the re-rendered map, so the
 stored label and the image agree. Degenerate masks are counted, not written, and redrawn with new seeds
-(derived from caption id and attempt index) until --per-sample are accepted or --max-attempts drawn: fewer than
+(derived from caption id and attempt index) until --per-sample are accepted or --max-attempts drawn. The rules: fewer than
 two classes, or more than --max-off-palette of the pixels far from every palette colour (farther than
 half the palette's smallest colour distance, i.e. not clearly any class). The paper makes 10 per
 ADE20K sample (202,100). COCO: the paper uses ImgSyn only, since instances cannot be recovered from a
@@ -333,8 +333,8 @@ def _reproduce(out, wanted, caps, state) -> dict:
     palettes = tuple(synth.model_palette(models[m], settings.data) for m in ("text2mask", "mask2img"))
     t2m, m2i = load_models(models, settings, state.device)
     item = generate(t2m, m2i, batch, caps, settings, palettes)[batch.index((rec["source_id"], int(rec["k"])))]
-    if "rejected" in item:
-        return {"reproduced": None, "identical": False}
+    if "rejected" in item:  # drawn again, the mask is degenerate now: say which rule and its figure
+        return {"reproduced": None, "id": wanted, "identical": False, "rejected": f"{item['rule']}: {item['rejected']}"}
     image = atomic_save(out / "reproduce" / f"{wanted}.jpg", lambda p: synth.save_jpeg(p, item["image"]))
     label = atomic_save(out / "reproduce" / f"{wanted}.png", lambda p: synth.save_png(p, item["label"]))
     same = image.read_bytes() == (out / rec["image"]).read_bytes() and label.read_bytes() == (out / rec["annotation"]).read_bytes()

@@ -416,7 +416,7 @@ def report(s: dict, compared: str) -> int:
         verdict = f"[green]identical[/] to the stored {compared}" if s["identical"] else f"[red]differs[/] from the stored {compared}"
         if s.get("rejected"):  # masksyn: the mask now drawn is degenerate, so there is no image to compare
             verdict = f"[red]now rejected[/]: {s['rejected']} (the stored {compared} was accepted)"
-        console.print(f"reproduced {s['reproduced']}: {verdict}")
+        console.print(f"reproduced {s['reproduced'] or s.get('id')}: {verdict}")
         return 0 if s["identical"] else 1
     rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
     console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate masks), "

@@ -137,6 +137,24 @@ def test_reproduce_one_sample_bit_for_bit(tmp_path, accepted_run, models, captio
     assert (out / "reproduce" / "ADE_val_00000002_000.png").read_bytes() == (full / "annotations" / "ADE_val_00000002_000.png").read_bytes()
 
 
+def test_reproduce_of_a_sample_now_rejected_says_why(tmp_path, accepted_run, models, captions, capsys):
+    """A stored sample whose mask, drawn again under its recorded settings, is rejected (here: its line says
+    --max-off-palette 0.1, which the tiny model's maps exceed) is reported as rejected, with rule and figure."""
+    full, _ = accepted_run
+    out = tmp_path / "copy"
+    shutil.copytree(full, out)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["settings"]["max_off_palette"] = 0.1
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = run(out, models, captions, reproduce="ADE_val_00000001_000")
+    assert not result["identical"] and result["reproduced"] is None
+    figure = next(r["off_palette"] for r in lines if r["id"] == "ADE_val_00000001_000")
+    assert result["rejected"] == f"off_palette: {figure:.1%} of pixels off the palette, above --max-off-palette 10.0%"
+    assert synth.report(result, compared="sample") == 1
+    assert "reproduced ADE_val_00000001_000: now rejected: off_palette: " in " ".join(capsys.readouterr().err.split())
+
+
 def test_model_palette_is_read_from_the_model_folder(tmp_path, models):
     folder = tmp_path / "t2m"
     shutil.copytree(models["text2mask"], folder)
