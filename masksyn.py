@@ -12,8 +12,10 @@ stored label and the image agree. Degenerate masks are counted, not written, and
 (derived from caption id and attempt index) until --per-sample are accepted or --max-attempts drawn. The rules: fewer than
 two classes, or more than --max-off-palette of the pixels far from every palette colour (farther than
 half the palette's smallest colour distance, i.e. not clearly any class). The paper makes 10 per
-ADE20K sample (202,100). COCO: the paper uses ImgSyn only, since instances cannot be recovered from a
-generated colour map (appendix A.2), and so does this script.
+ADE20K sample (202,100). COCO (beyond the paper, which leaves instance recovery open, appendix A.2):
+the generated edge-coloured map -> `color_to_panoptic` -> panoptic PNG (id = R + 256G + 65536B) with
+`segments_info` in the manifest (as imgsyn.py's COCO folders); Mask2Img draws from the recovered
+annotation re-rendered by `panoptic_to_color`. Extra COCO rule: "no_instance" (no thing segment recovered).
 
 Sampling (both models): by default SDXL's reference sampler (Stability-AI/generative-models
 `scripts/demo/streamlit_helpers.py`): Euler over the legacy DDPM schedule, guidance 5 (common/sampler.py),
@@ -37,7 +39,9 @@ import typer
 from rich.progress import TextColumn
 
 from common import SegGenError, cli, synth
-from common.colormap import IGNORE, Palette, color_to_label, label_to_color
+from common.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
+                             panoptic_to_color, panoptic_to_semantic)
+from common.datasets import id_to_rgb
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
@@ -87,6 +91,17 @@ def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tupl
     return label, off, classes
 
 
+def decode_panoptic(cmap: np.ndarray, palette: Palette, max_distance: float) -> dict:
+    """A generated COCO panoptic colour map -> {"panoptic": (H, W) segment ids, "segments_info", "label":
+    (H, W) category ids, "off_palette", "classes"} by `color_to_panoptic` (category by nearest palette
+    colour, things split along the edge colour, edge pixels given back to their neighbours)."""
+    seg, segments = color_to_panoptic(cmap, palette)
+    label = panoptic_to_semantic(seg, segments)
+    classes = len({x["category_id"] for x in segments})
+    return {"panoptic": seg, "segments_info": segments, "label": label, "classes": classes,
+            "off_palette": round(off_palette_fraction(cmap, palette, max_distance), 6)}
+
+
 def judge(label: np.ndarray, off: float, classes: int, settings) -> tuple[str, str] | None:
     """(rule, reason with its figure) of a degenerate mask, else None. Rules: "classes" (fewer than two
     classes), "off_palette" (more than --max-off-palette of the pixels far from every palette colour)."""
@@ -110,9 +125,14 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     # 2. colour map -> label; degenerate masks are dropped here
     items = []
     for cmap in cmaps:
-        label, off, classes = decode_mask(cmap, palettes[0], settings.off_palette_distance)
-        item = {"label": label, "off_palette": round(off, 6), "classes": classes}
-        verdict = judge(label, off, classes, settings)
+        if settings.data == "coco":  # panoptic: instances recovered along the edge colour (issue 14)
+            item = decode_panoptic(cmap, palettes[0], settings.off_palette_distance)
+        else:
+            label, off, classes = decode_mask(cmap, palettes[0], settings.off_palette_distance)
+            item = {"label": label, "off_palette": round(off, 6), "classes": classes}
+        verdict = judge(item["label"], item["off_palette"], item["classes"], settings)
+        if verdict is None and settings.data == "coco" and not any(x["isthing"] for x in item["segments_info"]):
+            verdict = "no_instance", "no thing instance recovered (stuff only)"
         if verdict:
             item["rule"], item["rejected"] = verdict
         items.append(item)
@@ -121,7 +141,9 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
         return items
     # 3. label -> clean colour map in Mask2Img's palette -> image (Mask2Img)
     for i in keep:
-        items[i]["colormap"] = label_to_color(items[i]["label"], palettes[1])
+        it = items[i]  # COCO: the recovered annotation re-rendered, edges and all, so label and image agree
+        it["colormap"] = (panoptic_to_color(it["panoptic"], it["segments_info"], palettes[1]) if settings.data == "coco"
+                          else label_to_color(it["label"], palettes[1]))
     cond, uncond = synth.encode(m2i, [texts[i] for i in keep], (res, res))
     control = synth.control_tensor([items[i]["colormap"] for i in keep])
     images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], (res, res), settings.mask2img_steps,
@@ -140,9 +162,6 @@ def masksyn(**options) -> dict:
     data, resolution, limit, reproduce, per_sample, batch_size = o.data, o.resolution, o.limit, o.reproduce, o.per_sample, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
     state = process_state()
-    if data != "ade20k":
-        raise SegGenError(f"--data {data}: MaskSyn is for semantic segmentation (ADE20K). Instances cannot be recovered "
-                          f"from a generated colour map (paper appendix A.2), so the paper makes COCO data with imgsyn.py only")
     max_attempts = o.max_attempts or 3 * per_sample
     if max_attempts < per_sample:
         raise SegGenError(f"--max-attempts {max_attempts}: must be at least --per-sample ({per_sample})")
@@ -216,9 +235,13 @@ def masksyn(**options) -> dict:
                         summary["rejected"] += 1
                         summary["rejections"][item["rule"]] = summary["rejections"].get(item["rule"], 0) + 1
                         continue
-                    synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, item["label"]))  # ADE20K encoding
-                    writer.append({**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
-                                   "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]})
+                    annotation = id_to_rgb(item["panoptic"]) if data == "coco" else item["label"]  # COCO panoptic / ADE20K encoding
+                    synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, annotation))
+                    record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
+                              "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]}
+                    if data == "coco":
+                        record["segments_info"] = item["segments_info"]
+                    writer.append(record)
                     summary["written"] += 1
                     if len(rows) < o.preview and state.is_main_process:
                         rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
@@ -336,7 +359,8 @@ def _reproduce(out, wanted, caps, state) -> dict:
     if "rejected" in item:  # drawn again, the mask is degenerate now: say which rule and its figure
         return {"reproduced": None, "id": wanted, "identical": False, "rejected": f"{item['rule']}: {item['rejected']}"}
     image = atomic_save(out / "reproduce" / f"{wanted}.jpg", lambda p: synth.save_jpeg(p, item["image"]))
-    label = atomic_save(out / "reproduce" / f"{wanted}.png", lambda p: synth.save_png(p, item["label"]))
+    annotation = id_to_rgb(item["panoptic"]) if settings.data == "coco" else item["label"]
+    label = atomic_save(out / "reproduce" / f"{wanted}.png", lambda p: synth.save_png(p, annotation))
     same = image.read_bytes() == (out / rec["image"]).read_bytes() and label.read_bytes() == (out / rec["annotation"]).read_bytes()
     return {"reproduced": str(image), "identical": same}
 

@@ -173,8 +173,6 @@ def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, accepted_run, m
         run(tmp_path / "o", {**models, "text2mask": models["mask2img"]}, captions)
     with pytest.raises(SegGenError, match=r"--text2mask .*not found: run train_text2mask.py --data ade20k first"):
         run(tmp_path / "o", {**models, "text2mask": str(tmp_path / "none")}, captions)
-    with pytest.raises(SegGenError, match=r"--data coco: .*imgsyn.py"):
-        run(tmp_path / "o", models, captions, data="coco")
     full, _ = accepted_run
     with pytest.raises(SegGenError, match=r"--out .* different settings \(guidance: 3.0 there, 4.0 now\)"):
         run(full, models, captions, guidance=4.0, **ACCEPT_ALL)
@@ -284,3 +282,25 @@ def test_redraws_two_processes_give_the_same_samples_as_one(tmp_path, some_run, 
     assert sorted(p.name for p in out.glob("rejected*.jsonl")) == ["rejected.rank0.jsonl", "rejected.rank1.jsonl"]
     assert_same_samples(out, full, 6)
     assert attempts_by_caption(out)[1] == attempts_by_caption(full)[1]
+
+
+def test_coco_panoptic_folder_from_recovered_instances(tmp_path, models, captions):
+    """--data coco: the generated edge-coloured map -> color_to_panoptic -> a COCO panoptic folder that
+    read_synthetic reads with segments_info; the colour map stored (and drawn from) is the recovered
+    annotation re-rendered, so label and image agree; --reproduce gives the same bytes."""
+    from common.colormap import panoptic_to_color
+    from common.datasets import load_panoptic
+
+    out = tmp_path / "coco"
+    s = run(out, models, captions, data="coco", per_sample=2, **ACCEPT_ALL)
+    assert s["written"] == 4 and s["written"] + s["rejected"] == s["attempts"]
+    palette = palette_for("coco", "generation")
+    for sample in read_synthetic(out):
+        ids = load_panoptic(sample)  # id = R + 256 G + 65536 B
+        assert sample.segments and {x["id"] for x in sample.segments} == set(np.unique(ids[ids > 0]).tolist())
+        assert all(x["area"] == int((ids == x["id"]).sum()) for x in sample.segments)
+        assert any(x["isthing"] for x in sample.segments)
+        cmap = np.asarray(Image.open(out / sample.meta["colormap"]))
+        assert np.array_equal(cmap, panoptic_to_color(ids, sample.segments, palette))
+    assert run(out, {"text2mask": None, "mask2img": None, "base": None}, captions, data="coco",
+               reproduce=read_synthetic(out)[-1].id)["identical"]
