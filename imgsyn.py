@@ -6,7 +6,8 @@
 
 For every captioned real sample: its label -> colour map (generation palette; COCO panoptic: category
 colours with every segment outlined in the edge colour, appendix A.2) -> Mask2Img (a ControlNet on
-SDXL, EDM sampler, 40 steps, appendix A.4) conditioned on the colour map and the caption -> K new
+SDXL, 40 steps, appendix A.4; by default SDXL's reference Euler sampler on the legacy DDPM schedule, guidance 5,
+common/sampler.py; `--sampler heun --schedule karras` is the earlier default) conditioned on the colour map and the caption -> K new
 images. The annotation beside each image is the human one (a hard link), with `segments_info` for
 COCO. The paper makes 50 per sample on ADE20K (1,010,500 images) and 10 on COCO (1,182,870).
 
@@ -34,7 +35,7 @@ from common.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir
 from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, Split, precision_dtype, user_errors
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, Split, precision_dtype, user_errors
 from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -44,7 +45,7 @@ PATH_FIELDS = ("image", "annotation", "colormap")
 class Settings(synth.Settings):
     """The manifest's "settings" of an ImgSyn sample."""
 
-    ORDER = ("data", "resolution", "steps", "guidance", "sampler", "S_churn", "S_tmin", "S_tmax", "S_noise", "seed",
+    ORDER = ("data", "resolution", "steps", "guidance", "sampler", "schedule", "S_churn", "S_tmin", "S_tmax", "S_noise", "seed",
              "precision", "palette")
     steps: int
     palette: str
@@ -99,8 +100,8 @@ def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np
         control = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1]) for i in idx])
         generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, *batch[i])) for i in idx]
         cond, uncond = synth.encode(gen, [captions[batch[i][0]] for i in idx], size)
-        images = synth.sample_images(gen, cond, uncond, generators, size, settings.steps, settings.guidance,
-                                     settings.sampler, settings.churn(), control=control)
+        images = synth.sample_images(gen, cond, uncond, generators, size, settings.steps, settings.sampling(),
+                                     control=control)
         for i, im in zip(idx, images):
             h, w = inputs[i]["label"].shape
             out[i] = im if (h, w) == size else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
@@ -149,7 +150,7 @@ def imgsyn(**options) -> dict:
     if state.is_main_process:
         console.print(f"[bold]imgsyn.py[/] {data}/{split}: {len(sources)} source(s) x {per_sample} = "
                       f"{len(sources) * per_sample} sample(s); captions {captions}; Mask2Img {mask2img} on {base}; "
-                      f"{o.sampler} {o.steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
+                      f"{o.sampler}/{o.schedule} {o.steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
                       f"({state.num_processes} process(es), {len(done)} already written)")
 
     # -- model
@@ -230,7 +231,8 @@ def main(
     per_sample: Annotated[int | None, typer.Option(min=1, max=10000, help="Images per human label (paper §4.1: 50 ADE20K, 10 COCO).", rich_help_panel="Sampling")] = None,
     steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM sampler steps (paper A.4: 40 for Mask2Img).", rich_help_panel="Sampling")] = 40,
     guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
-    sampler: SamplerOpt = Sampler.heun,
+    sampler: SamplerOpt = Sampler.euler,
+    schedule: ScheduleOpt = SamplingSchedule.legacy,
     s_churn: SChurnOpt = 0.0,
     s_tmin: STminOpt = 0.0,
     s_tmax: STmaxOpt = float("inf"),

@@ -4,15 +4,22 @@
     accelerate launch masksyn.py --data ade20k --per-sample 10          # sharded over GPUs
     python masksyn.py --reproduce ADE_train_00000001_003                # regenerate one sample, compare
 
-For every caption: Text2Mask (SDXL fine-tuned on colour maps, EDM sampler, 200 steps, appendix A.4)
+For every caption: Text2Mask (SDXL fine-tuned on colour maps, 200 steps, appendix A.4)
 draws a colour map -> label map by the nearest colour of the palette it was trained with, with a 3×3
 majority vote (appendix A.2, common/colormap.py) -> the clean colour map re-rendered from that label ->
 Mask2Img (ControlNet, 40 steps) -> image. The image is conditioned on the re-rendered map, so the
-stored label and the image agree. Degenerate masks are skipped and counted, not written: fewer than
+stored label and the image agree. Degenerate masks are counted, not written, and redrawn with new seeds
+(derived from caption id and attempt index) until --per-sample are accepted or --max-attempts drawn. The rules: fewer than
 two classes, or more than --max-off-palette of the pixels far from every palette colour (farther than
 half the palette's smallest colour distance, i.e. not clearly any class). The paper makes 10 per
-ADE20K sample (202,100). COCO: the paper uses ImgSyn only, since instances cannot be recovered from a
-generated colour map (appendix A.2), and so does this script.
+ADE20K sample (202,100). COCO (beyond the paper, which leaves instance recovery open, appendix A.2):
+the generated edge-coloured map -> `color_to_panoptic` -> panoptic PNG (id = R + 256G + 65536B) with
+`segments_info` in the manifest (as imgsyn.py's COCO folders); Mask2Img draws from the recovered
+annotation re-rendered by `panoptic_to_color`. Extra COCO rule: "no_instance" (no thing segment recovered).
+
+Sampling (both models): by default SDXL's reference sampler (Stability-AI/generative-models
+`scripts/demo/streamlit_helpers.py`): Euler over the legacy DDPM schedule, guidance 5 (common/sampler.py),
+so 200 + 40 UNet calls per sample; `--sampler heun --schedule karras` is the earlier default (399 + 79).
 
 Output: the synthetic folder of docs/design.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
 common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
@@ -32,11 +39,13 @@ import typer
 from rich.progress import TextColumn
 
 from common import SegGenError, cli, synth
-from common.colormap import IGNORE, Palette, color_to_label, label_to_color
+from common.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
+                             panoptic_to_color, panoptic_to_semantic)
+from common.datasets import id_to_rgb
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
 from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -46,7 +55,7 @@ PATH_FIELDS = ("image", "annotation", "colormap")
 class Settings(synth.Settings):
     """The manifest's "settings" of a MaskSyn sample."""
 
-    ORDER = ("data", "resolution", "text2mask_steps", "mask2img_steps", "guidance", "sampler", "S_churn", "S_tmin", "S_tmax",
+    ORDER = ("data", "resolution", "text2mask_steps", "mask2img_steps", "guidance", "sampler", "schedule", "S_churn", "S_tmin", "S_tmax",
              "S_noise", "seed", "precision", "palettes", "max_off_palette", "off_palette_distance")
     text2mask_steps: int
     mask2img_steps: int
@@ -60,7 +69,8 @@ class Job(synth.Job):
     """The options of a MaskSyn run."""
 
     text2mask: str | None = None
-    per_sample: int = 10
+    per_sample: int = 10  # accepted masks per caption (paper §4.1: 10)
+    max_attempts: int | None = None  # masks drawn per caption at most; None: 3 × per_sample
     text2mask_steps: int = 200
     mask2img_steps: int = 40
     max_off_palette: float = 0.1
@@ -81,37 +91,63 @@ def decode_mask(cmap: np.ndarray, palette: Palette, max_distance: float) -> tupl
     return label, off, classes
 
 
+def decode_panoptic(cmap: np.ndarray, palette: Palette, max_distance: float) -> dict:
+    """A generated COCO panoptic colour map -> {"panoptic": (H, W) segment ids, "segments_info", "label":
+    (H, W) category ids, "off_palette", "classes"} by `color_to_panoptic` (category by nearest palette
+    colour, things split along the edge colour, edge pixels given back to their neighbours)."""
+    seg, segments = color_to_panoptic(cmap, palette)
+    label = panoptic_to_semantic(seg, segments)
+    classes = len({x["category_id"] for x in segments})
+    return {"panoptic": seg, "segments_info": segments, "label": label, "classes": classes,
+            "off_palette": round(off_palette_fraction(cmap, palette, max_distance), 6)}
+
+
+def judge(label: np.ndarray, off: float, classes: int, settings) -> tuple[str, str] | None:
+    """(rule, reason with its figure) of a degenerate mask, else None. Rules: "classes" (fewer than two
+    classes), "off_palette" (more than --max-off-palette of the pixels far from every palette colour)."""
+    if classes < 2:
+        return "classes", f"{classes} class(es), fewer than 2"
+    if off > settings.max_off_palette:
+        return "off_palette", f"{off:.1%} of pixels off the palette, above --max-off-palette {settings.max_off_palette:.1%}"
+    return None
+
+
 def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     """Text2Mask then Mask2Img on one batch of (source id, k). Per item: {"label", "colormap", "image",
-    "off_palette", "classes"} or, for a degenerate mask, {"rejected": reason, ...} without an image."""
-    res, churn = settings.resolution, settings.churn()
+    "off_palette", "classes"} or, for a degenerate mask, {"rule", "rejected": reason, ...} without an image."""
+    res = settings.resolution
     generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, s, k)) for s, k in batch]
     texts = [captions[s] for s, _ in batch]
 
     # 1. caption -> colour map (Text2Mask)
     cond, uncond = synth.encode(t2m, texts, (res, res))
-    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings.text2mask_steps, settings.guidance,
-                                settings.sampler, churn)
+    cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings.text2mask_steps, settings.sampling())
     # 2. colour map -> label; degenerate masks are dropped here
     items = []
     for cmap in cmaps:
-        label, off, classes = decode_mask(cmap, palettes[0], settings.off_palette_distance)
-        item = {"label": label, "off_palette": round(off, 6), "classes": classes}
-        if classes < 2:
-            item["rejected"] = f"{classes} class(es)"
-        elif off > settings.max_off_palette:
-            item["rejected"] = f"{off:.1%} of pixels off the palette"
+        if settings.data == "coco":  # panoptic: instances recovered along the edge colour (issue 14)
+            item = decode_panoptic(cmap, palettes[0], settings.off_palette_distance)
+        else:
+            label, off, classes = decode_mask(cmap, palettes[0], settings.off_palette_distance)
+            item = {"label": label, "off_palette": round(off, 6), "classes": classes}
+        verdict = judge(item["label"], item["off_palette"], item["classes"], settings)
+        if verdict is None and settings.data == "coco" and not any(x["isthing"] for x in item["segments_info"]):
+            verdict = "no_instance", "no thing instance recovered (stuff only)"
+        if verdict:
+            item["rule"], item["rejected"] = verdict
         items.append(item)
     keep = [i for i, it in enumerate(items) if "rejected" not in it]
     if not keep:
         return items
     # 3. label -> clean colour map in Mask2Img's palette -> image (Mask2Img)
     for i in keep:
-        items[i]["colormap"] = label_to_color(items[i]["label"], palettes[1])
+        it = items[i]  # COCO: the recovered annotation re-rendered, edges and all, so label and image agree
+        it["colormap"] = (panoptic_to_color(it["panoptic"], it["segments_info"], palettes[1]) if settings.data == "coco"
+                          else label_to_color(it["label"], palettes[1]))
     cond, uncond = synth.encode(m2i, [texts[i] for i in keep], (res, res))
     control = synth.control_tensor([items[i]["colormap"] for i in keep])
     images = synth.sample_images(m2i, cond, uncond, [generators[i] for i in keep], (res, res), settings.mask2img_steps,
-                                 settings.guidance, settings.sampler, churn, control=control)
+                                 settings.sampling(), control=control)
     for i, image in zip(keep, images):
         items[i]["image"] = image
     return items
@@ -126,9 +162,9 @@ def masksyn(**options) -> dict:
     data, resolution, limit, reproduce, per_sample, batch_size = o.data, o.resolution, o.limit, o.reproduce, o.per_sample, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
     state = process_state()
-    if data != "ade20k":
-        raise SegGenError(f"--data {data}: MaskSyn is for semantic segmentation (ADE20K). Instances cannot be recovered "
-                          f"from a generated colour map (paper appendix A.2), so the paper makes COCO data with imgsyn.py only")
+    max_attempts = o.max_attempts or 3 * per_sample
+    if max_attempts < per_sample:
+        raise SegGenError(f"--max-attempts {max_attempts}: must be at least --per-sample ({per_sample})")
     if resolution % 8:
         raise SegGenError(f"--resolution {resolution}: must be a multiple of 8 (the VAE's factor)")
     captions = require(Path(o.captions) if o.captions else captions_path(data, "train"), f"caption.py --data {data}", "--captions")
@@ -155,56 +191,148 @@ def masksyn(**options) -> dict:
     rejected_path = out / "rejected.jsonl"
     done = synth.check_output(out, settings, models)
     # Rejections carry their settings too: a rerun with e.g. a looser --max-off-palette must not skip them.
-    rejected = synth.check_output(out, settings, models, read_manifest(rejected_path))
+    rejected = outcomes(read_manifest(rejected_path))
+    synth.check_output(out, settings, models, list(rejected.values()))
 
-    # -- the plan: batches of (source id, k); this process takes every world-th batch
-    finished = done | rejected
-    todo, skipped = synth.process_plan(sources, per_sample, batch_size, state, finished)
-    summary = {"written": 0, "skipped": skipped, "rejected": 0, "failed": 0, "out": str(out)}
+    # -- the plan: rounds of (source id, attempt) cut into batches; this process takes every world-th batch
+    # of each round. Round 0 draws attempts 0..N-1 of every caption; each later round draws, for each
+    # caption still short of N accepted masks, as many new attempts as it lacks (at most --max-attempts
+    # in all). A round's plan depends only on the outcomes of the rounds before it, which every process
+    # reads from the files after a barrier: sharded, resumed and uninterrupted runs draw the same batches.
+    summary = {"written": 0, "skipped": 0, "rejected": 0, "failed": 0, "attempts": 0, "rejections": {}, "out": str(out)}
     if state.is_main_process:
         console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
-                      f"sample(s); captions {captions}; Text2Mask {text2mask}; Mask2Img {mask2img} on {base}; {o.sampler} "
-                      f"{o.text2mask_steps}/{o.mask2img_steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
-                      f"({state.num_processes} process(es), {len(done)} already written, {len(rejected)} rejected before)")
+                      f"sample(s), at most {max_attempts} attempt(s) per caption; captions {captions}; Text2Mask {text2mask}; "
+                      f"Mask2Img {mask2img} on {base}; {o.sampler}/{o.schedule} {o.text2mask_steps}/{o.mask2img_steps} steps, "
+                      f"guidance {o.guidance}, {resolution}px, {dtype}; output {out} ({state.num_processes} process(es), "
+                      f"{len(done)} already written, {len(rejected)} rejected before)")
 
-    # -- models
-    t2m, m2i = load_models(models, settings, state.device) if todo else (None, None)
-
-    # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
     rejects = ManifestWriter(rank_path(rejected_path, state.process_index, state.num_processes))
-    rows, start = [], time.perf_counter()
+    gens, rows, total, start = None, [], 0, time.perf_counter()
+    planned = dict.fromkeys(sources, 0)  # attempts planned so far per caption: attempts 0..planned-1
     progress = synth.progress("masksyn", state, TextColumn("{task.fields[rejected]} rejected"))
     with writer, rejects, progress:
-        task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0, rejected=0)
-        for batch in todo:
-            items = generate(t2m, m2i, batch, caps, settings, palettes)
-            for (s, k), item in zip(batch, items):
-                sid = synth.sample_id(s, k)
-                if sid in finished:  # a batch cut by a kill is drawn again whole
-                    summary["skipped"] += 1
-                    continue
-                if "rejected" in item:
-                    rejects.append({"id": sid, "source_id": s, "k": k, "reason": item["rejected"],
-                                    "off_palette": item["off_palette"], "classes": item["classes"],
-                                    "settings": settings.record(), "models": models})
-                    summary["rejected"] += 1
-                    continue
-                synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, item["label"]))  # ADE20K encoding
-                writer.append({**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
-                               "off_palette": item["off_palette"], "classes": item["classes"]})
-                summary["written"] += 1
-                if len(rows) < o.preview and state.is_main_process:
-                    rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
-                                 "overlay": synth.overlay(item["image"], item["label"], data)})
-            progress.update(task, advance=len(batch), rejected=summary["rejected"],
-                            rate=summary["written"] / (time.perf_counter() - start))
+        task = progress.add_task("", total=0, rate=0.0, rejected=0)
+        while items := next_round(planned, done, per_sample, max_attempts):
+            todo, skipped = synth.process_items(items, batch_size, state, done | set(rejected))
+            summary["skipped"] += skipped
+            total += sum(len(b) for b in todo)
+            progress.update(task, total=total)
+            for batch in todo:
+                if gens is None:  # models load once there is work
+                    gens = load_models(models, settings, state.device)
+                for (s, k), item in zip(batch, generate(*gens, batch, caps, settings, palettes)):
+                    sid = synth.sample_id(s, k)
+                    if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
+                        summary["skipped"] += 1
+                        continue
+                    summary["attempts"] += 1
+                    if "rejected" in item:
+                        rejects.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
+                                        "off_palette": item["off_palette"], "classes": item["classes"],
+                                        "settings": settings.record(), "models": models, "batch": [[b, kk] for b, kk in batch]})
+                        summary["rejected"] += 1
+                        summary["rejections"][item["rule"]] = summary["rejections"].get(item["rule"], 0) + 1
+                        continue
+                    annotation = id_to_rgb(item["panoptic"]) if data == "coco" else item["label"]  # COCO panoptic / ADE20K encoding
+                    synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, annotation))
+                    record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
+                              "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]}
+                    if data == "coco":
+                        record["segments_info"] = item["segments_info"]
+                    writer.append(record)
+                    summary["written"] += 1
+                    if len(rows) < o.preview and state.is_main_process:
+                        rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
+                                     "overlay": synth.overlay(item["image"], item["label"], data)})
+                progress.update(task, advance=len(batch), rejected=summary["rejected"],
+                                rate=summary["written"] / (time.perf_counter() - start))
+            # The round is complete in every process: its outcomes decide the next round.
+            state.wait_for_everyone()
+            done, rejected = ids_in(read_manifest(out) if out.is_dir() else []), outcomes(read_manifest(rejected_path))
 
     summary["seconds"] = time.perf_counter() - start
     summary["failures"] = []
+    summary["short"] = [f"{s}: {t['accepted']} of {per_sample} accepted after {t['attempts']} attempt(s) (max {max_attempts}); "
+                        f"rejected: {t['why']}" for s, t in tally(sources, per_sample, max_attempts, out, rejected_path).items()
+                        if t["accepted"] < per_sample]
+    if state.is_main_process:
+        write_tally(out, sources, per_sample, max_attempts, rejected_path)
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
     return summary
+
+
+# ---------------------------------------------------------------- redraw rounds and their tally
+
+def ids_in(records: list[dict]) -> set[str]:
+    return {str(r["id"]) for r in records}
+
+
+def outcomes(rejected_records: list[dict]) -> dict[str, dict]:
+    """Rejected id -> its line (the rule and reason)."""
+    return {str(r["id"]): r for r in rejected_records}
+
+
+def sample_attempt(sid: str) -> tuple[str, int]:
+    s, _, k = sid.rpartition("_")
+    return s, int(k)
+
+
+def next_round(planned: dict[str, int], accepted: set[str], per_sample: int, max_attempts: int) -> list[tuple[str, int]]:
+    """The work items (source id, attempt) of the next round, and `planned` moved on to include them.
+
+    Round 0 (nothing planned): attempts 0..N-1 of every caption. Later: a caption with a accepted of its
+    planned attempts gets min(N - a, max_attempts - planned) more. Only attempts already planned count,
+    so what a killed run drew beyond them does not change the plan."""
+    items = []
+    for s, n in planned.items():
+        have = sum(synth.sample_id(s, k) in accepted for k in range(n))
+        more = per_sample if n == 0 else min(per_sample - have, max_attempts - n)
+        items += [(s, k) for k in range(n, n + max(more, 0))]
+        planned[s] = n + max(more, 0)
+    return items
+
+
+def rule_of(record: dict) -> str:
+    """The rejection rule of a rejected.jsonl line (lines written before rules were recorded: from the reason)."""
+    return record.get("rule") or ("classes" if "class" in record.get("reason", "") else "off_palette")
+
+
+def tally(sources: list[str], per_sample: int, max_attempts: int, out: Path, rejected_path: Path) -> dict[str, dict]:
+    """Per caption: {"accepted", "attempts", "rejected": {rule: n}, "why": the rules and the last reason}, from the files."""
+    per = {s: {"accepted": 0, "attempts": 0, "rejected": {}, "last": ""} for s in sources}
+    for r in read_manifest(out) if out.is_dir() else []:
+        if str(r["source_id"]) in per:
+            per[str(r["source_id"])]["accepted"] += 1
+            per[str(r["source_id"])]["attempts"] += 1
+    for r in sorted(read_manifest(rejected_path), key=lambda r: int(r["k"])):
+        t = per.get(str(r["source_id"]))
+        if t is not None:
+            t["attempts"] += 1
+            t["rejected"][rule_of(r)] = t["rejected"].get(rule_of(r), 0) + 1
+            t["last"] = r.get("reason", "")
+    for t in per.values():
+        t["why"] = ", ".join(f"{k} {v}" for k, v in sorted(t["rejected"].items())) + (f" (last: {t['last']})" if t["last"] else "")
+        del t["last"]
+    return per
+
+
+def write_tally(out: Path, sources, per_sample, max_attempts, rejected_path) -> None:
+    """out/tally.json: attempts, acceptances and rejections per rule, over the whole folder, and the short captions."""
+    import json
+
+    per = tally(sources, per_sample, max_attempts, out, rejected_path)
+    rules = {}
+    for t in per.values():
+        for k, v in t["rejected"].items():
+            rules[k] = rules.get(k, 0) + v
+    record = {"per_sample": per_sample, "max_attempts": max_attempts, "captions": len(per),
+              "attempts": sum(t["attempts"] for t in per.values()), "accepted": sum(t["accepted"] for t in per.values()),
+              "rejected": rules, "short": {s: t for s, t in per.items() if t["accepted"] < per_sample}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(out / "tally.json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
 
 
 def load_models(models: dict, settings: Settings, device) -> tuple:
@@ -228,10 +356,11 @@ def _reproduce(out, wanted, caps, state) -> dict:
     palettes = tuple(synth.model_palette(models[m], settings.data) for m in ("text2mask", "mask2img"))
     t2m, m2i = load_models(models, settings, state.device)
     item = generate(t2m, m2i, batch, caps, settings, palettes)[batch.index((rec["source_id"], int(rec["k"])))]
-    if "rejected" in item:
-        return {"reproduced": None, "identical": False}
+    if "rejected" in item:  # drawn again, the mask is degenerate now: say which rule and its figure
+        return {"reproduced": None, "id": wanted, "identical": False, "rejected": f"{item['rule']}: {item['rejected']}"}
     image = atomic_save(out / "reproduce" / f"{wanted}.jpg", lambda p: synth.save_jpeg(p, item["image"]))
-    label = atomic_save(out / "reproduce" / f"{wanted}.png", lambda p: synth.save_png(p, item["label"]))
+    annotation = id_to_rgb(item["panoptic"]) if settings.data == "coco" else item["label"]
+    label = atomic_save(out / "reproduce" / f"{wanted}.png", lambda p: synth.save_png(p, annotation))
     same = image.read_bytes() == (out / rec["image"]).read_bytes() and label.read_bytes() == (out / rec["annotation"]).read_bytes()
     return {"reproduced": str(image), "identical": same}
 
@@ -246,11 +375,13 @@ def main(
     mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
     base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,
     precision: PrecisionOpt = Precision.auto,
-    per_sample: Annotated[int, typer.Option(min=1, max=10000, help="Masks drawn per caption (paper §4.1: 10).", rich_help_panel="Sampling")] = 10,
+    per_sample: Annotated[int, typer.Option(min=1, max=10000, help="Accepted masks per caption (paper §4.1: 10): rejected masks are redrawn with new seeds.", rich_help_panel="Sampling")] = 10,
+    max_attempts: Annotated[int | None, typer.Option(min=1, help="Masks drawn per caption at most, rejected ones included (default: 3 × --per-sample); a caption still short is named in the summary and tally.json.", rich_help_panel="Filtering")] = None,
     text2mask_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Text2Mask (paper A.4: 200).", rich_help_panel="Sampling")] = 200,
     mask2img_steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM steps for Mask2Img (paper A.4: 40).", rich_help_panel="Sampling")] = 40,
     guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale of both models (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
-    sampler: SamplerOpt = Sampler.heun,
+    sampler: SamplerOpt = Sampler.euler,
+    schedule: ScheduleOpt = SamplingSchedule.legacy,
     s_churn: SChurnOpt = 0.0,
     s_tmin: STminOpt = 0.0,
     s_tmax: STmaxOpt = float("inf"),

@@ -121,9 +121,12 @@ ReportToOpt = Annotated[Tracker, typer.Option(help="Also log to TensorBoard thro
 
 # ---------------------------------------------------------------- the EDM sampling options of imgsyn and masksyn
 
-SAMPLERS = ("euler", "heun")  # common/sampler.py SAMPLERS, in its order
+SAMPLERS = ("euler", "heun")  # common/sampler.py's SAMPLERS (not imported: torch stays out of --help)
+SCHEDULES = ("legacy", "karras")  # common/sampler.py's SCHEDULES
 Sampler = Enum("Sampler", {s: s for s in SAMPLERS}, type=str)
-SamplerOpt = Annotated[Sampler, typer.Option(help="heun: EDM Algorithm 2 (2N-1 UNet calls); euler: first order (N).", rich_help_panel="Sampling")]
+SamplingSchedule = Enum("SamplingSchedule", {s: s for s in SCHEDULES}, type=str)
+SamplerOpt = Annotated[Sampler, typer.Option(help="euler: first order, N UNet calls (SDXL reference default, sgm EulerEDMSampler); heun: EDM Algorithm 2, 2N-1 calls.", rich_help_panel="Sampling")]
+ScheduleOpt = Annotated[SamplingSchedule, typer.Option("--schedule", help="Noise levels. legacy: the model's own DDPM sigmas at equally spaced timesteps (SDXL reference default, sgm LegacyDDPMDiscretization); karras: Karras et al. Eq. 5, rho 7. The earlier default was --sampler heun --schedule karras.", rich_help_panel="Sampling")]
 SChurnOpt = Annotated[float, typer.Option("--s-churn", min=0.0, help="EDM S_churn: stochasticity (0 = deterministic ODE).", rich_help_panel="Sampling")]
 STminOpt = Annotated[float, typer.Option("--s-tmin", min=0.0, help="EDM S_tmin: churn only for σ >= this.", rich_help_panel="Sampling")]
 STmaxOpt = Annotated[float, typer.Option("--s-tmax", min=0.0, help="EDM S_tmax: churn only for σ <= this.", rich_help_panel="Sampling")]

@@ -31,7 +31,8 @@ from common import SegGenError, sdxl
 from common.colormap import Palette, label_to_color, palette_for
 from common.manifest import atomic_save, read_manifest
 from common.progress import console, progress_bar
-from common.sampler import Cond, EpsDenoiser, edm_sampler
+from common import sampler as edm
+from common.sampler import Cond, EpsDenoiser
 from common.shard import shard
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
@@ -39,7 +40,16 @@ SD_PIPELINES = ("StableDiffusionPipeline",)
 JPEG_QUALITY = 95
 
 
-# ---------------------------------------------------------------- the sampler's churn settings
+# ---------------------------------------------------------------- the sampling settings
+
+# What a manifest line written before the sampling schedule was recorded was drawn with (Heun on the Karras schedule).
+BEFORE_SCHEDULE = {"sampler": "heun", "schedule": "karras"}
+
+
+def upgrade(record: dict) -> dict:
+    """A manifest line's "settings" with the fields older lines lack filled in as they were drawn."""
+    return {**BEFORE_SCHEDULE, **record} if "schedule" not in record else dict(record)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -52,6 +62,7 @@ class Settings:
     resolution: int
     guidance: float
     sampler: str
+    schedule: str
     S_churn: float
     S_tmin: float
     S_tmax: float | None  # None: ∞
@@ -65,13 +76,14 @@ class Settings:
 
     @classmethod
     def from_record(cls, record: dict):
-        """The settings of an existing manifest line (for --reproduce)."""
-        return cls(**record)
+        """The settings of an existing manifest line (for --reproduce); a line without "schedule" was
+        drawn with Heun on the Karras schedule, and reads back so."""
+        return cls(**upgrade(record))
 
-    def churn(self) -> dict:
-        """The `edm_sampler` keyword arguments of the churn (S_tmax null -> ∞)."""
-        return {"S_churn": self.S_churn, "S_tmin": self.S_tmin, "S_tmax": float("inf") if self.S_tmax is None else self.S_tmax,
-                "S_noise": self.S_noise}
+    def sampling(self) -> edm.Settings:
+        """The sampler's own record (common/sampler.py `Settings`): sampler, schedule, guidance, churn."""
+        return edm.Settings.from_dict({k: getattr(self, k) for k in ("sampler", "schedule", "guidance", "S_churn", "S_tmin",
+                                                                     "S_tmax", "S_noise")})
 
 
 @dataclass
@@ -82,8 +94,9 @@ class Job:
     captions: Path | None = None
     mask2img: str | None = None
     base: str | None = None
-    guidance: float = 5.0
-    sampler: str = "heun"
+    guidance: float = 5.0  # SDXL reference default (sgm VanillaCFG scale 5.0)
+    sampler: str = "euler"  # SDXL reference default (sgm EulerEDMSampler)
+    schedule: str = "legacy"  # SDXL reference default (sgm LegacyDDPMDiscretization)
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
@@ -102,6 +115,7 @@ class Job:
         from common.cli import precision_name
 
         return cls(data=self.data, resolution=self.resolution, guidance=self.guidance, sampler=self.sampler,
+                   schedule=self.schedule,
                    S_churn=self.s_churn, S_tmin=self.s_tmin, S_tmax=None if self.s_tmax == float("inf") else self.s_tmax,
                    S_noise=self.s_noise, seed=self.seed, precision=precision_name(dtype), **own)
 
@@ -120,14 +134,22 @@ def derive_seed(base_seed: int, source_id: str, k: int) -> int:
 
 def plan_batches(source_ids: list[str], per_sample: int, batch_size: int) -> list[list[tuple[str, int]]]:
     """All work items (source id, k) in order, cut into batches."""
-    items = [(s, k) for s in source_ids for k in range(per_sample)]
+    return cut_batches([(s, k) for s in source_ids for k in range(per_sample)], batch_size)
+
+
+def cut_batches(items: list[tuple[str, int]], batch_size: int) -> list[list[tuple[str, int]]]:
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def process_plan(source_ids: list[str], per_sample: int, batch_size: int, state, finished: set[str]) -> tuple[list, int]:
     """This process's share of the plan (every world-th batch): (the batches that still hold an
     unfinished sample, how many of its samples are finished already in the batches left out)."""
-    batches = shard(plan_batches(source_ids, per_sample, batch_size), state)
+    return process_items([(s, k) for s in source_ids for k in range(per_sample)], batch_size, state, finished)
+
+
+def process_items(items: list[tuple[str, int]], batch_size: int, state, finished: set[str]) -> tuple[list, int]:
+    """`process_plan` for any list of work items (masksyn's redraw rounds)."""
+    batches = shard(cut_batches(items, batch_size), state)
     todo = [b for b in batches if any(sample_id(s, k) not in finished for s, k in b)]
     return todo, sum(len(b) for b in batches) - sum(len(b) for b in todo)
 
@@ -297,17 +319,16 @@ def initial_noise(gen: Generator, generators: list[torch.Generator], size: tuple
 
 @torch.no_grad()
 def sample_images(gen: Generator, cond: Cond, uncond: Cond, generators: list[torch.Generator], size: tuple[int, int],
-                  steps: int, guidance: float, sampler: str, churn: dict, control: torch.Tensor | None = None) -> np.ndarray:
-    """EDM sampling then VAE decoding: (B, h, w, 3) uint8 pictures (images, or Text2Mask colour maps)
+                  steps: int, sampling: edm.Settings, control: torch.Tensor | None = None) -> np.ndarray:
+    """Sampling as `sampling` says (common/sampler.py `sample`; default: SDXL's reference Euler on the
+    legacy DDPM schedule) then VAE decoding: (B, h, w, 3) uint8 pictures (images, or Text2Mask colour maps)
     of size = (h, w).
 
     control: (B, 3, H, W) in [0, 1], the ControlNet's colour maps (Mask2Img)."""
     if control is not None:
         cond, uncond = (dataclasses.replace(c, control=control.to(gen.device)) for c in (cond, uncond))
     latents = initial_noise(gen, generators, size)
-    d = gen.denoiser
-    x = edm_sampler(lambda x, sigma: d(x, sigma, cond, uncond, guidance), latents, d.schedule(steps),
-                    sampler=sampler, generators=generators, **churn)
+    x = edm.sample(gen.denoiser, latents, steps, cond, uncond, settings=sampling, generators=generators)
     vae = gen.pipe.vae
     image = vae.decode((x / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
     image = (image.float() / 2 + 0.5).clamp(0, 1)
@@ -330,7 +351,7 @@ def check_output(out: Path, settings: Settings, models: dict, records: list[dict
     if records is None:
         records = read_manifest(out) if out.is_dir() else []
     if records:
-        old = {**records[0].get("settings", {}), "models": records[0].get("models")}
+        old = {**upgrade(records[0].get("settings", {})), "models": records[0].get("models")}
         settings = {**settings.record(), "models": models}
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
@@ -393,13 +414,21 @@ def report(s: dict, compared: str) -> int:
     1 when samples failed or a reproduction differs."""
     if "reproduced" in s:
         verdict = f"[green]identical[/] to the stored {compared}" if s["identical"] else f"[red]differs[/] from the stored {compared}"
-        console.print(f"reproduced {s['reproduced']}: {verdict}")
+        if s.get("rejected"):  # masksyn: the mask now drawn is degenerate, so there is no image to compare
+            verdict = f"[red]now rejected[/]: {s['rejected']} (the stored {compared} was accepted)"
+        console.print(f"reproduced {s['reproduced'] or s.get('id')}: {verdict}")
         return 0 if s["identical"] else 1
     rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
-    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate), "
+    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate masks), "
                   f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
     if s.get("preview"):
         console.print(f"preview: {s['preview']}")
+    if s.get("rejections"):
+        console.print(f"attempts {s['attempts']}; rejected by rule: " + ", ".join(f"{k} {v}" for k, v in sorted(s["rejections"].items())))
+    for short in s.get("short", [])[:10]:
+        console.print(f"[yellow]short:[/] {short}")
+    if len(s.get("short", [])) > 10:
+        console.print(f"[yellow]short:[/] ... {len(s['short']) - 10} more caption(s) (all in tally.json)")
     for f in s["failures"][:3]:
         console.print(f"[red]failed:[/] {f}")
     return 1 if s["failed"] else 0

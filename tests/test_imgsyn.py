@@ -67,7 +67,9 @@ def test_ade20k_folder_is_valid(ade_run):
         m = s.meta
         assert m["method"] == "imgsyn" and m["caption"] == f"a photo of {m['source_id']}"
         assert m["seed"] == synth.derive_seed(0, m["source_id"], m["k"])
-        assert m["settings"]["steps"] == 2 and m["settings"]["sampler"] == "heun" and m["models"]["base"]
+        assert m["settings"]["steps"] == 2 and m["models"]["base"]
+        # The SDXL reference default (sgm's streamlit demo): Euler, legacy DDPM schedule, guidance as given.
+        assert (m["settings"]["sampler"], m["settings"]["schedule"]) == ("euler", "legacy")
     # Different seeds give different images for the same label.
     a, b = (np.asarray(Image.open(out / "images" / f"ADE_val_00000001_00{k}.jpg")) for k in (0, 1))
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 1
@@ -152,6 +154,37 @@ def test_reproduce_one_sample_bit_for_bit(tmp_path, ade_run, models, ade_caption
     # The comparison can fail: a sample whose stored image was altered is reported as different.
     Image.new("RGB", (8, 8)).save(out / "images" / "ADE_val_00000002_000.jpg")
     assert not run_ade(out, models, ade_captions, reproduce="ADE_val_00000002_000")["identical"]
+
+
+def test_reproduce_a_manifest_written_before_the_schedule_was_recorded(tmp_path, models, ade_captions):
+    """Lines written by the earlier default (Heun, Karras schedule) carry no "schedule": --reproduce reads
+    them as Heun/Karras and gives the same bytes; the new default would give others."""
+    out = tmp_path / "old"
+    run_ade(out, models, ade_captions, per_sample=2, limit=1, sampler="heun", schedule="karras")
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["settings"]["schedule"] == "karras" for r in lines)
+    for r in lines:  # as the old code wrote them: the same fields but "schedule"
+        del r["settings"]["schedule"]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert run_ade(out, models, ade_captions, reproduce="ADE_val_00000001_001")["identical"]
+    # Resuming that folder with the old settings is allowed; with the new default it is another run.
+    assert run_ade(out, models, ade_captions, per_sample=2, limit=1, sampler="heun", schedule="karras")["skipped"] == 2
+    with pytest.raises(SegGenError, match=r"different settings \(sampler: 'heun' there, 'euler' now; schedule: 'karras' there, 'legacy' now\)"):
+        run_ade(out, models, ade_captions, per_sample=2, limit=1)
+    # The recorded sampler decides: the same stored line reproduced with Euler/legacy would differ.
+    default = tmp_path / "new"
+    run_ade(default, models, ade_captions, per_sample=2, limit=1)
+    assert (default / "images" / "ADE_val_00000001_001.jpg").read_bytes() != (out / "images" / "ADE_val_00000001_001.jpg").read_bytes()
+
+
+def test_help_shows_the_sampling_defaults():
+    from typer.testing import CliRunner
+    import typer
+
+    app = typer.Typer()
+    app.command()(imgsyn.main)
+    text = " ".join(CliRunner().invoke(app, ["--help"], terminal_width=200).output.split())
+    assert "[default: euler]" in text and "[default: legacy]" in text and "[default: 40]" in text and "[default: 5.0]" in text
 
 
 @pytest.fixture
@@ -249,7 +282,7 @@ def test_generation_size_keeps_the_aspect_ratio_at_the_training_scale():
 
 
 def test_sampler_choices_are_the_samplers_own():
-    from common.cli import Sampler
-    from common.sampler import SAMPLERS
+    from common.cli import Sampler, SamplingSchedule
+    from common.sampler import SAMPLERS, SCHEDULES
 
-    assert [s.value for s in Sampler] == list(SAMPLERS)
+    assert [s.value for s in Sampler] == list(SAMPLERS) and [s.value for s in SamplingSchedule] == list(SCHEDULES)

@@ -19,6 +19,7 @@ from test_imgsyn import assert_same_samples, killed_at_sample  # the kill and th
 
 FAST = dict(text2mask_steps=2, mask2img_steps=2, resolution=64, guidance=3.0)
 ACCEPT_ALL = dict(max_off_palette=1.0)  # random tiny weights paint noise, not palette colours
+SOME = dict(max_off_palette=0.64)  # the tiny model's maps are 62-68 % off the palette: some pass, some are redrawn
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +96,21 @@ def test_decode_mask_keeps_the_pixels_the_vote_mends():
 def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeypatch, models, captions):
     out = tmp_path / "strict"
     s = run(out, models, captions)  # default --max-off-palette 0.1: the tiny model's noise is rejected
-    assert s["written"] == 0 and s["rejected"] == 6
+    # Every caption is redrawn up to the bound (default 3 × --per-sample = 9 attempts), then named as short.
+    assert s["written"] == 0 and s["rejected"] == s["attempts"] == 18 and s["rejections"] == {"off_palette": 18}
+    assert len(s["short"]) == 2 and all("0 of 3 accepted after 9 attempt(s)" in x and "off_palette 9" in x for x in s["short"])
     rejected = read_manifest(out / "rejected.jsonl")
-    assert len(rejected) == 6 and all("off the palette" in r["reason"] and r["off_palette"] > 0.1 for r in rejected)
+    assert sorted(r["k"] for r in rejected) == sorted(list(range(9)) * 2)
+    assert all("off the palette, above --max-off-palette 10.0%" in r["reason"] and r["off_palette"] > 0.1 for r in rejected)
+    tally = json.loads((out / "tally.json").read_text())
+    assert tally["attempts"] == 18 and tally["accepted"] == 0 and tally["rejected"] == {"off_palette": 18} and len(tally["short"]) == 2
     assert not (out / "images").exists()
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(synth, "load_text2mask", refuse)
-    assert run(out, models, captions)["skipped"] == 6  # a rerun does not draw them again
+    assert run(out, models, captions)["skipped"] == 18  # a rerun does not draw them again
     # Another run's rejections are not silently skipped: a looser filter on the same --out is refused.
     with pytest.raises(SegGenError, match=r"--out .* different settings \(max_off_palette: 0.1 there, 1.0 now\)"):
         run(out, models, captions, **ACCEPT_ALL)
@@ -131,6 +137,24 @@ def test_reproduce_one_sample_bit_for_bit(tmp_path, accepted_run, models, captio
     assert (out / "reproduce" / "ADE_val_00000002_000.png").read_bytes() == (full / "annotations" / "ADE_val_00000002_000.png").read_bytes()
 
 
+def test_reproduce_of_a_sample_now_rejected_says_why(tmp_path, accepted_run, models, captions, capsys):
+    """A stored sample whose mask, drawn again under its recorded settings, is rejected (here: its line says
+    --max-off-palette 0.1, which the tiny model's maps exceed) is reported as rejected, with rule and figure."""
+    full, _ = accepted_run
+    out = tmp_path / "copy"
+    shutil.copytree(full, out)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["settings"]["max_off_palette"] = 0.1
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = run(out, models, captions, reproduce="ADE_val_00000001_000")
+    assert not result["identical"] and result["reproduced"] is None
+    figure = next(r["off_palette"] for r in lines if r["id"] == "ADE_val_00000001_000")
+    assert result["rejected"] == f"off_palette: {figure:.1%} of pixels off the palette, above --max-off-palette 10.0%"
+    assert synth.report(result, compared="sample") == 1
+    assert "reproduced ADE_val_00000001_000: now rejected: off_palette: " in " ".join(capsys.readouterr().err.split())
+
+
 def test_model_palette_is_read_from_the_model_folder(tmp_path, models):
     folder = tmp_path / "t2m"
     shutil.copytree(models["text2mask"], folder)
@@ -149,8 +173,6 @@ def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, accepted_run, m
         run(tmp_path / "o", {**models, "text2mask": models["mask2img"]}, captions)
     with pytest.raises(SegGenError, match=r"--text2mask .*not found: run train_text2mask.py --data ade20k first"):
         run(tmp_path / "o", {**models, "text2mask": str(tmp_path / "none")}, captions)
-    with pytest.raises(SegGenError, match=r"--data coco: .*imgsyn.py"):
-        run(tmp_path / "o", models, captions, data="coco")
     full, _ = accepted_run
     with pytest.raises(SegGenError, match=r"--out .* different settings \(guidance: 3.0 there, 4.0 now\)"):
         run(full, models, captions, guidance=4.0, **ACCEPT_ALL)
@@ -166,6 +188,17 @@ def test_sd15_text2mask(tmp_path, models, captions, tiny_models):
     assert s["written"] == 2 and {x.meta["models"]["text2mask"] for x in read_synthetic(tmp_path / "sd15")} == {str(tiny_models("sd15"))}
 
 
+def test_help_shows_the_sampling_defaults():
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(masksyn.main)
+    text = " ".join(CliRunner().invoke(app, ["--help"], terminal_width=200).output.split())
+    assert "[default: euler]" in text and "[default: legacy]" in text and "[default: 5.0]" in text
+    assert "[default: 200]" in text and "[default: 40]" in text  # paper A.4's step counts
+
+
 def test_cli_errors_exit_2_with_the_flag_named(tmp_path, captions):
     import typer
     from typer.testing import CliRunner
@@ -176,3 +209,98 @@ def test_cli_errors_exit_2_with_the_flag_named(tmp_path, captions):
     assert res.exit_code == 2 and "--per-sample" in res.output
     res = CliRunner().invoke(app, ["--captions", str(captions), "--text2mask", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "error:" in res.output and "--text2mask" in res.output and "train_text2mask.py" in res.output
+
+
+@pytest.fixture(scope="module")
+def some_run(tmp_path_factory, models, captions):
+    out = tmp_path_factory.mktemp("masksyn") / "some"
+    return out, run(out, models, captions, **SOME)
+
+
+def attempts_by_caption(out):
+    accepted, tried = {}, {}
+    for r in read_manifest(out):
+        accepted.setdefault(r["source_id"], []).append(r["k"])
+        tried.setdefault(r["source_id"], []).append(r["k"])
+    for r in read_manifest(out / "rejected.jsonl"):
+        tried.setdefault(r["source_id"], []).append(r["k"])
+    return ({c: sorted(v) for c, v in accepted.items()}, {c: sorted(v) for c, v in tried.items()})
+
+
+def test_rejected_masks_are_redrawn_until_per_sample_are_accepted(some_run):
+    out, s = some_run
+    accepted, tried = attempts_by_caption(out)
+    assert s["rejected"] > 0 and s["rejections"] == {"off_palette": s["rejected"]}  # the rule did reject some
+    assert {c: len(v) for c, v in accepted.items()} == {"ADE_val_00000001": 3, "ADE_val_00000002": 3} and not s["short"]
+    assert any(k >= 3 for v in accepted.values() for k in v)  # an accepted mask from a redraw
+    assert all(sorted(v) == list(range(len(v))) for v in tried.values())  # attempts 0, 1, 2, ... none skipped
+    assert s["attempts"] == sum(len(v) for v in tried.values()) == s["written"] + s["rejected"]
+    for r in read_manifest(out):  # a redraw's seed derives from (caption id, attempt index)
+        assert r["attempt"] == r["k"] and r["seed"] == synth.derive_seed(0, r["source_id"], r["k"]) and r["off_palette"] <= 0.64
+    assert json.loads((out / "tally.json").read_text())["attempts"] == s["attempts"]
+
+
+def test_redraws_stop_at_max_attempts_and_name_the_short_captions(tmp_path, models, captions):
+    s = run(tmp_path / "bound", models, captions, max_attempts=4, **SOME)
+    accepted, tried = attempts_by_caption(tmp_path / "bound")
+    for c in tried:
+        assert len(accepted.get(c, [])) == 3 or len(tried[c]) == 4
+    short = [c for c in tried if len(accepted.get(c, [])) < 3]
+    assert short and len(s["short"]) == len(short)
+    assert all(x.startswith(short[i]) and "after 4 attempt(s) (max 4)" in x and "off_palette" in x and "last:" in x
+               for i, x in enumerate(s["short"]))
+    with pytest.raises(SegGenError, match=r"--max-attempts 2: must be at least --per-sample \(3\)"):
+        run(tmp_path / "x", models, captions, max_attempts=2)
+
+
+def test_redraws_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, some_run, models, captions):
+    full, _ = some_run
+    out = tmp_path / "killed"
+    with killed_at_sample(monkeypatch, 5):  # the 5th line, accepted or rejected
+        run(out, models, captions, **SOME)
+    run(out, models, captions, **SOME)
+    assert_same_samples(out, full, 6)
+    assert attempts_by_caption(out)[1] == attempts_by_caption(full)[1]
+
+
+def test_redraws_two_processes_give_the_same_samples_as_one(tmp_path, some_run, models, captions):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    full, _ = some_run
+    out = tmp_path / "ranks"
+    root = Path(masksyn.__file__).parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(root / "masksyn.py"),
+           "--captions", str(captions), "--text2mask", models["text2mask"], "--mask2img", models["mask2img"], "--base", models["base"],
+           "--per-sample", "3", "--batch-size", "2", "--text2mask-steps", "2", "--mask2img-steps", "2", "--resolution", "64",
+           "--guidance", "3.0", "--max-off-palette", "0.64", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("rejected*.jsonl")) == ["rejected.rank0.jsonl", "rejected.rank1.jsonl"]
+    assert_same_samples(out, full, 6)
+    assert attempts_by_caption(out)[1] == attempts_by_caption(full)[1]
+
+
+def test_coco_panoptic_folder_from_recovered_instances(tmp_path, models, captions):
+    """--data coco: the generated edge-coloured map -> color_to_panoptic -> a COCO panoptic folder that
+    read_synthetic reads with segments_info; the colour map stored (and drawn from) is the recovered
+    annotation re-rendered, so label and image agree; --reproduce gives the same bytes."""
+    from common.colormap import panoptic_to_color
+    from common.datasets import load_panoptic
+
+    out = tmp_path / "coco"
+    s = run(out, models, captions, data="coco", per_sample=2, **ACCEPT_ALL)
+    assert s["written"] == 4 and s["written"] + s["rejected"] == s["attempts"]
+    palette = palette_for("coco", "generation")
+    for sample in read_synthetic(out):
+        ids = load_panoptic(sample)  # id = R + 256 G + 65536 B
+        assert sample.segments and {x["id"] for x in sample.segments} == set(np.unique(ids[ids > 0]).tolist())
+        assert all(x["area"] == int((ids == x["id"]).sum()) for x in sample.segments)
+        assert any(x["isthing"] for x in sample.segments)
+        cmap = np.asarray(Image.open(out / sample.meta["colormap"]))
+        assert np.array_equal(cmap, panoptic_to_color(ids, sample.segments, palette))
+    assert run(out, {"text2mask": None, "mask2img": None, "base": None}, captions, data="coco",
+               reproduce=read_synthetic(out)[-1].id)["identical"]
