@@ -1,4 +1,4 @@
-"""Train Mask2Former on real + synthetic data (paper §3.4, §4.1, appendix A.3) and evaluate it.
+"""Train Mask2Former (or HRNet) on real + synthetic data (paper §3.4, §4.1, appendix A.3) and evaluate it.
 
     accelerate launch train_seg.py --data ade20k --strategy aug --p-aug 0.6      # -> runs/seg-ade20k-aug/
     accelerate launch train_seg.py --data ade20k --strategy real                  # the baseline
@@ -20,6 +20,10 @@ lr x 0.1, full-model gradient clipping at 0.01. Data and augmentation: common/se
 random short-side resize, crop, SSD colour jitter, flip; COCO: large-scale jitter, flip; crowd regions
 left out). Model, inference, evaluation: common/segmodel.py.
 
+HRNetV2 (§4, A.3, Table 4b; common/hrnet.py) is the other segmenter: `--backbone hrnet-w48` (ImageNet
+weights) or `hrnet-small` (random, CPU-sized), with its own RECIPES row (SGD, poly, random flip only), the
+same loop, strategies and semantic evaluation; its model/ is hrnet.save's folder.
+
 Evaluation runs at each image's original resolution with Mask2Former's semantic / panoptic / instance
 inference -> mIoU, PQ, mask AP (common/segmodel.py, common/metrics.py).
 
@@ -35,7 +39,6 @@ import json
 import time
 from dataclasses import dataclass
 from enum import Enum
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -49,10 +52,11 @@ from common.checkpoint import resolve_seg_resume, save_seg_checkpoint
 from common.cli import Data, MixedPrecision, Tracker, user_errors
 from common.cli import run as run_cli
 from common.datasets import default_data_root, read_dataset
+from common.hrnet import loss as hrnet_loss
 from common.paths import seg_run_dir
 from common.progress import console, progress_bar
-from common.segdata import SegData, mask_targets, read_sources
-from common.segmodel import Backbone, build_model, evaluate_scales, finish, freeze_unused, param_groups
+from common.segdata import AUGMENTS, MixedBatches, SegData, mask_targets, read_sources, semantic_labels, without_a9
+from common.segmodel import Backbone, build_optimizer, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -68,7 +72,13 @@ class Recipe:
     max_steps: int  # --max-steps: iterations (per phase for pretrain)
     batch: int  # --batch-size: global batch
     crop: int  # --crop: training crop
-    lr: float  # --lr: AdamW base learning rate
+    lr: float  # --lr: base learning rate
+    optimizer: str  # adamw (Mask2Former) or sgd (HRNet)
+    weight_decay: float  # --weight-decay
+    momentum: float  # SGD momentum (unused by AdamW)
+    backbone_lr: float  # --backbone-lr-multiplier
+    grad_clip: float  # --grad-clip: full-model gradient norm (0: none)
+    augment: str  # common/segdata.py AUGMENTS: ade20k (resize, crop, colour, flip), lsj, flip (flip only)
     schedule: str  # lr schedule: poly (power 0.9), as the code runs it for every row
     warmup: int  # lr warm-up iterations
     queries: int  # object queries of a model built from --backbone
@@ -77,18 +87,28 @@ class Recipe:
 
 # Sources: Mask2Former's configs/ade20k/semantic-segmentation/{maskformer2_R50_bs16_160k, swin/maskformer2_swin_tiny_bs16_160k,
 # swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640}.yaml and configs/coco/panoptic-segmentation/{maskformer2_R50_bs16_50ep,
-# swin/maskformer2_swin_large_IN21k_384_bs16_100ep}.yaml (common/data/SOURCES_mask2former.md); paper A.3 and §4.2.
+# swin/maskformer2_swin_large_IN21k_384_bs16_100ep}.yaml (common/data/SOURCES_mask2former.md); paper A.3 and §4.2:
+# AdamW lr 1e-4, weight decay 0.05, backbone lr x 0.1, full-model clip 0.01.
 # COCO: 50 epochs = 368,750 iterations at batch 16 (Mask2Former's MAX_ITER; its multi-step decay and 10
 # warm-up iterations are not run here: every row trains with poly). COCO Swin-L uses 200 queries.
-ADE20K = Recipe("semantic", "aug", 160_000, 16, 512, 1e-4, "poly", 0, 100, None)
-COCO = Recipe("panoptic", "pretrain", 368_750, 16, 1024, 1e-4, "poly", 0, 100, 800)
+# HRNet (A.3): "W48 ... 100K iterations. SGD ... 2x10^-2 ... polynomial ... 0.9. The weight decay rate is 10^-4.
+# Random flipping"; momentum 0.9, batch 16 and the 520 crop from HRNet-Semantic-Segmentation's ADE20K config
+# (seg_hrnet_w48_520x520_ohem_sgd_lr2e-2_wd1e-4_bs_16_epoch120.yaml); no clipping there.
+ADE20K = Recipe("semantic", "aug", 160_000, 16, 512, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "ade20k", "poly", 0, 100, None)
+COCO = Recipe("panoptic", "pretrain", 368_750, 16, 1024, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "lsj", "poly", 0, 100, 800)
+HRNET = Recipe("semantic", "aug", 100_000, 16, 520, 2e-2, "sgd", 1e-4, 0.9, 1.0, 0.0, "flip", "poly", 0, 0, None)
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("ade20k", "r50"): ADE20K,
     ("ade20k", "swin-t"): ADE20K,
     ("ade20k", "swin-l"): dataclasses.replace(ADE20K, crop=640),  # ..._res640.yaml
+    ("ade20k", "hrnet-w48"): HRNET,
+    ("ade20k", "hrnet-small"): HRNET,  # random weights, for CPU runs: pass a small --crop / --batch-size
     ("coco", "r50"): COCO,
     ("coco", "swin-t"): COCO,
     ("coco", "swin-l"): dataclasses.replace(COCO, queries=200),
+    # The toy world (common/toyworld.py, 64x64 images in the ADE20K layout): ADE20K's recipes at its size.
+    ("toy", "r50"): dataclasses.replace(ADE20K, crop=64, eval_size=64),
+    ("toy", "hrnet-small"): dataclasses.replace(HRNET, crop=64, eval_size=64),
 }
 
 
@@ -96,22 +116,35 @@ def recipe_table() -> str:
     """The recipes as --help and README show them."""
     cols = [f.name for f in dataclasses.fields(Recipe)]
     rows = [" | ".join(["data", "backbone", *cols])] + [
-        " | ".join([d, b, *(f"{getattr(r, c):,}" if isinstance(getattr(r, c), int) else str(getattr(r, c) or "crop") for c in cols)])
+        " | ".join([d, b, *("crop" if getattr(r, c) is None else f"{getattr(r, c):,}" if isinstance(getattr(r, c), int) else str(getattr(r, c))
+                            for c in cols)])
         for (d, b), r in RECIPES.items()]
-    return "Recipes (flags left unset take their row; --model checkpoints use the r50 row):\n\n" + "\n\n".join(rows)
+    return "Recipes (flags left unset take their row; --model checkpoints use the r50 row, HRNet ones the hrnet-w48 row):\n\n" + "\n\n".join(rows)
 
 
 def resolve(a) -> Recipe:
     """Fills every option left unset from the recipe of (--data, --backbone) and checks the combination."""
-    r = RECIPES[(a.data, (a.backbone or Backbone.r50).value)]
+    source = a.checkpoint if a.eval_only else a.model
+    key = (a.data, a.backbone.value if a.backbone else "hrnet-w48" if source and model_type(source) == "hrnetv2" else "r50")
+    if key not in RECIPES:
+        raise SegGenError(f"--backbone {key[1]} has no recipe for --data {key[0]} (HRNet is the paper's ADE20K semantic segmenter); "
+                          f"recipes: {', '.join(f'{d}/{b}' for d, b in RECIPES)}")
+    r = RECIPES[key]
+    a.recipe = f"{key[0]}/{key[1]}"
     a.task = a.task.value if a.task else r.task
     a.strategy = a.strategy or Strategy(r.strategy)
-    for flag, value in (("max_steps", r.max_steps), ("batch_size", r.batch), ("crop", r.crop), ("lr", r.lr)):
-        setattr(a, flag, getattr(a, flag) or value)
+    for flag, value in (("max_steps", r.max_steps), ("batch_size", r.batch), ("crop", r.crop), ("lr", r.lr),
+                        ("weight_decay", r.weight_decay), ("backbone_lr_multiplier", r.backbone_lr), ("grad_clip", r.grad_clip)):
+        setattr(a, flag, value if getattr(a, flag) is None else getattr(a, flag))
+    a.optimizer, a.momentum, a.augment = r.optimizer, r.momentum, AUGMENTS[r.augment]
+    if a.no_augment:
+        a.augment = without_a9(a.augment)
+    if is_hrnet(key[1]) and a.task != "semantic":
+        raise SegGenError(f"--backbone {key[1]} is a semantic segmenter: --task semantic only")
     a.eval_size = a.eval_size or r.eval_size or a.crop
     a.pretrain_steps = a.pretrain_steps or a.max_steps
-    if a.data == "ade20k" and a.task != "semantic":
-        raise SegGenError(f"--task {a.task} needs COCO panoptic data (--data coco); ADE20K is trained for semantic segmentation")
+    if a.data != "coco" and a.task != "semantic":
+        raise SegGenError(f"--task {a.task} needs COCO panoptic data (--data coco); {a.data} is trained for semantic segmentation")
     if a.multiscale and a.task != "semantic":
         raise SegGenError("--multiscale is for semantic segmentation (the paper's ADE20K m.s. column)")
     if a.model is not None and a.backbone is not None:
@@ -132,57 +165,6 @@ class Task(str, Enum):
     semantic = "semantic"
     panoptic = "panoptic"
     instance = "instance"
-
-
-# ---------------------------------------------------------------- §3.4: which samples each iteration sees
-
-class MixedBatches(torch.utils.data.Sampler):
-    """The per-process batches of iterations start..stop, as lists of (source, index, augmentation seed).
-
-    Source 0 is the real training set, source k >= 1 the k-th synthetic folder. Each real slot of the
-    batch is replaced by a synthetic sample with probability p_aug (§3.4), drawn uniformly from the union
-    of all synthetic folders. Real samples are seen in a fresh random order every epoch, shared by the
-    processes (process r takes slots r*B..r*B+B-1 of each global batch). Everything is a function of
-    (seed, step, rank), so a resumed run sees exactly the batches it would have seen.
-    """
-
-    def __init__(self, n_real: int, n_synthetic: list[int], batch: int, p_aug: float, seed: int,
-                 start: int, stop: int, rank: int = 0, world: int = 1):
-        if not 0.0 <= p_aug <= 1.0:
-            raise SegGenError(f"--p-aug must lie in [0, 1] (got {p_aug})")
-        if p_aug > 0 and sum(n_synthetic) == 0:
-            raise SegGenError("p_aug > 0 needs synthetic samples: pass --synthetic FOLDER (or --strategy real)")
-        if p_aug < 1 and n_real == 0:
-            raise SegGenError("no real training samples (check --data-root / --max-real-samples)")
-        self.n_real, self.batch, self.p_aug, self.seed = n_real, batch, p_aug, seed
-        self.offsets = np.concatenate([[0], np.cumsum(n_synthetic)]).astype(np.int64)
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-
-    @lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, epoch]).permutation(self.n_real)
-
-    def draw(self, step: int) -> list[tuple[int, int, int]]:
-        rng = np.random.default_rng([self.seed, 1, step, self.rank])
-        replace = rng.random(self.batch) < self.p_aug
-        synth = rng.integers(0, max(int(self.offsets[-1]), 1), self.batch)
-        aug_seeds = rng.integers(0, 2**62, self.batch)
-        out = []
-        for i in range(self.batch):
-            if replace[i]:
-                k = int(np.searchsorted(self.offsets, synth[i], side="right")) - 1
-                out.append((k + 1, int(synth[i] - self.offsets[k]), int(aug_seeds[i])))
-            else:
-                epoch, j = divmod((step * self.world + self.rank) * self.batch + i, self.n_real)
-                out.append((0, int(self._order(epoch)[j]), int(aug_seeds[i])))
-        return out
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield self.draw(step)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 # ---------------------------------------------------------------- the run's pieces
@@ -225,9 +207,10 @@ def run(a) -> dict:
     set_seed(a.seed)
     model_src = str(a.checkpoint) if a.eval_only else a.model
     backbone = a.backbone or Backbone.r50
-    net, processor = build_model(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, backbone.value)].queries)
+    key = a.recipe.split("/")[1]
+    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries)
     freeze_unused(net)
-    say(f"Mask2Former ({model_src or backbone.value + ' from config'}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
+    say(f"{type(net).__name__} ({model_src or backbone.value + ' from config'}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
         f"parameters) on {a.data}; {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     say(f"  data root {a.data_root}: {len(real)} real training, {len(val)} validation images; synthetic: "
         + (", ".join(f"{f} ({len(s)})" for f, s in zip(folders, synthetic)) or "none"))
@@ -244,7 +227,7 @@ def run(a) -> dict:
         (output_dir / "options.json").write_text(json.dumps(vars(a), indent=1, default=str))
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
-    loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=not a.no_augment, task=a.task),
+    loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task),
                 ["real", *[str(f) for f in folders]], output_dir, phases)
     start_phase, start_step = loop.resume(resume_from, say)
     for k in range(start_phase, len(phases)):
@@ -252,9 +235,8 @@ def run(a) -> dict:
 
     # ---- 5. the final model and its evaluation
     if main_proc:
-        accelerator.unwrap_model(model).save_pretrained(output_dir / "model")
-        processor.save_pretrained(output_dir / "model")
-    result = {"data": a.data, "task": a.task, "strategy": a.strategy.value, "phases": [{"name": n, "p_aug": p, "steps": s} for n, p, s in phases],
+        save_model(accelerator.unwrap_model(model), processor, output_dir / "model")
+    result = {"data": a.data, "task": a.task, "strategy": a.strategy.value, "recipe": a.recipe, "weights": a.weights_loaded, "phases": [{"name": n, "p_aug": p, "steps": s} for n, p, s in phases],
               **loop.totals(), "model": str(output_dir / "model")}
     if result["skipped_images"]:
         say(f"[yellow]{result['skipped_images']} training image(s) without any labelled pixel were left out of the loss "
@@ -272,6 +254,7 @@ class Loop:
     def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases):
         self.a, self.accelerator, self.net, self.processor, self.dataset = a, accelerator, net, processor, dataset
         self.source_names, self.output_dir, self.phases = source_names, output_dir, phases
+        self.hrnet = is_hrnet(a.recipe.split("/")[1])
         # Per-process counts: samples drawn from each source, then images left out for having no label.
         self.counts = torch.zeros(len(source_names) + 1, dtype=torch.long)
         self.skipped_steps = 0  # the same on every process
@@ -300,7 +283,7 @@ class Loop:
         a, acc = self.a, self.accelerator
         name, p_aug, steps = self.phases[k]
         acc.free_memory()
-        optimizer = torch.optim.AdamW(param_groups(self.net, a.lr, a.weight_decay, a.backbone_lr_multiplier), lr=a.lr)
+        optimizer = build_optimizer(self.net, a.optimizer, a.lr, a.weight_decay, a.backbone_lr_multiplier, a.momentum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, n=steps: (1 - min(s, n) / n) ** 0.9)
         model, optimizer, scheduler = acc.prepare(self.net, optimizer, scheduler)
         if resume_from is not None:
@@ -333,7 +316,8 @@ class Loop:
         return model
 
     def step(self, model, optimizer, scheduler, batch):
-        """One iteration: normalise, Mask2Former's targets, loss, clip, step. Returns the loss (None: skipped)."""
+        """One iteration: normalise, the targets (Mask2Former's masks, or HRNet's per-pixel classes), loss, clip,
+        step. Returns the loss (None: skipped)."""
         acc, a = self.accelerator, self.a
         images = (batch["image"].to(acc.device, non_blocking=True).float() - self.mean) / self.std
         labels = batch["label"].to(acc.device, non_blocking=True)
@@ -346,14 +330,17 @@ class Loop:
             self.skipped_steps += 1
             scheduler.step()
             return None
-        out = model(pixel_values=images[keep], pixel_mask=valid[keep], mask_labels=mask_labels, class_labels=class_labels)
-        acc.backward(out.loss)
+        if self.hrnet:  # per-pixel cross-entropy, 255 (ignore, padding) left out
+            loss = hrnet_loss(model(images[keep]), semantic_labels(labels[keep]))
+        else:
+            loss = model(pixel_values=images[keep], pixel_mask=valid[keep], mask_labels=mask_labels, class_labels=class_labels).loss
+        acc.backward(loss)
         if a.grad_clip > 0:
             acc.clip_grad_norm_(model.parameters(), a.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach().float()
+        return loss.detach().float()
 
     def log(self, phase: str, done: int, loss, scheduler, seconds_per_it, offset: int) -> None:
         loss = self.accelerator.reduce(torch.as_tensor(loss, device=self.accelerator.device), "mean")
@@ -381,14 +368,14 @@ def main(
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per process.", rich_help_panel="Data")] = 4,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resize/crop, colour jitter or flip (appendix A.9's ablation).", rich_help_panel="Data")] = False,
     model: Annotated[str | None, typer.Option(help="Mask2Former checkpoint to fine-tune: hub id or folder (e.g. facebook/mask2former-swin-large-ade-semantic).", rich_help_panel="Model")] = None,
-    backbone: Annotated[Backbone | None, typer.Option(help="Build the paper's configuration with random weights instead (default r50).", rich_help_panel="Model")] = None,
+    backbone: Annotated[Backbone | None, typer.Option(help="Build a fresh model instead (default r50): Mask2Former on r50 / swin-t / swin-l, or HRNetV2 (hrnet-w48; hrnet-small: random, CPU-sized) as a semantic segmenter (A.3, Table 4b).", rich_help_panel="Model")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Iterations, per phase for pretrain (ADE20K 160k; COCO 368,750 = 50 epochs at batch 16).", rich_help_panel="Training")] = None,
     pretrain_steps: Annotated[int | None, typer.Option(min=1, show_default="--max-steps", help="--strategy pretrain: iterations on synthetic data (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Global batch over all processes (A.3: 16).", rich_help_panel="Training")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="AdamW learning rate (A.3: 1e-4).", rich_help_panel="Training")] = None,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay (A.3: 0.05).", rich_help_panel="Training")] = 0.05,
-    backbone_lr_multiplier: Annotated[float, typer.Option(min=0.0, help="Backbone lr factor (Mask2Former: 0.1).", rich_help_panel="Training")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Full-model gradient norm clip (Mask2Former: 0.01; 0: off).", rich_help_panel="Training")] = 0.01,
+    lr: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Base learning rate (A.3: AdamW 1e-4; HRNet SGD 2e-2).", rich_help_panel="Training")] = None,
+    weight_decay: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Weight decay (A.3: AdamW 0.05; HRNet SGD 1e-4).", rich_help_panel="Training")] = None,
+    backbone_lr_multiplier: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Backbone lr factor (Mask2Former: 0.1; HRNet: 1).", rich_help_panel="Training")] = None,
+    grad_clip: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Full-model gradient norm clip (Mask2Former: 0.01; HRNet: none; 0: off).", rich_help_panel="Training")] = None,
     crop: Annotated[int | None, typer.Option(min=32, max=2048, show_default="recipe", help="Training crop (ADE20K: 512, Swin-L 640; COCO: 1024).", rich_help_panel="Training")] = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws and augmentation.", rich_help_panel="Training")] = 0,
     mixed_precision: Annotated[MixedPrecision | None, typer.Option(help="Mixed precision (default: accelerate's config; Mask2Former trains with AMP).", rich_help_panel="Training")] = None,
@@ -404,7 +391,7 @@ def main(
     eval_size: Annotated[int | None, typer.Option(min=32, show_default="recipe", help="Short side at test time (default: ADE20K the crop size, COCO 800).", rich_help_panel="Evaluation")] = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Also evaluate with flip + scales 0.5..1.75.", rich_help_panel="Evaluation")] = False,
 ):
-    """Train Mask2Former on real + synthetic data (paper §3.4) and write metrics.json."""
+    """Train Mask2Former (or HRNet) on real + synthetic data (paper §3.4) and write metrics.json."""
     args = SimpleNamespace(**locals())
     with user_errors(console):
         args.report_to = args.report_to.value

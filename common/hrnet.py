@@ -184,12 +184,32 @@ class HRNet(nn.Module):
 
 # ---------------------------------------------------------------- HRNetV2 segmenter
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's / HRNet-Semantic-Segmentation's input normalisation
+
+
+class Config:
+    """What save() writes as config.json; `save_pretrained(folder)` as transformers' configs have, so that
+    train_seg's checkpoints (common/checkpoint.py) hold a config.json beside accelerate's model.safetensors
+    and load() reads a checkpoint folder as it reads a saved model."""
+
+    def __init__(self, cfg: dict, num_classes: int):
+        self.cfg, self.num_classes = cfg, num_classes
+
+    def to_dict(self) -> dict:
+        return {"model_type": "hrnetv2", "cfg": self.cfg, "num_classes": self.num_classes}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "config.json").write_text(json.dumps(self.to_dict(), indent=1))
+
+
 class HRNetSegmenter(nn.Module):
     """forward(images (B, 3, H, W), normalised) -> logits (B, num_classes, H, W)."""
 
     def __init__(self, cfg: dict, num_classes: int):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
+        self.config = Config(cfg, num_classes)
         self.backbone = HRNet(cfg)
         c = sum(self.backbone.channels)  # 720 for W48
         self.head = nn.Sequential(nn.Conv2d(c, c, 1), _bn(c), nn.ReLU(inplace=True), nn.Conv2d(c, num_classes, 1))
@@ -243,8 +263,7 @@ def save(model: HRNetSegmenter, folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "hrnetv2", "cfg": model.cfg, "num_classes": model.num_classes}, indent=1))
+    model.config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     return folder
 

@@ -8,6 +8,8 @@ Training targets of every task are one int32 map: class * SEG + k for the k-th s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,25 @@ from common.datasets import Sample, load_image, load_label, load_panoptic, read_
 from common.paths import synth_dir
 
 
-def ade20k_train_ids() -> np.ndarray:
-    """(256,) uint8 lookup: ADE20K PNG value -> train id; 0 (other) -> 255 (ignored), v -> v - 1."""
+# The class tables of the datasets read in the ADE20K layout (PNG values 0 = other and 1..N, train id =
+# value - 1), by --data. COCO has its panoptic categories (coco_categories). The toy world (common/toyworld.py,
+# on the `toy` branch) is read the same way; its table is loaded only when --data toy is asked for.
+SEMANTIC_TABLES = {
+    "ade20k": ade20k_classes,
+    "toy": lambda: __import__("common.toyworld", fromlist=["TOY_CLASSES"]).TOY_CLASSES,
+}
+
+
+def semantic_table(data: str) -> list[dict]:
+    if data not in SEMANTIC_TABLES:
+        raise SegGenError(f"--data {data}: no class table (known: {', '.join(SEMANTIC_TABLES)}, coco)")
+    return SEMANTIC_TABLES[data]()
+
+
+def ade20k_train_ids(data: str = "ade20k") -> np.ndarray:
+    """(256,) uint8 lookup: PNG value -> train id of an ADE20K-layout dataset; 0 (other) -> 255 (ignored), v -> v - 1."""
     lut = np.full(256, IGNORE, np.uint8)
-    for c in ade20k_classes():
+    for c in semantic_table(data):
         lut[c["png_value"]] = c["train_id"]
     return lut
 
@@ -37,21 +54,22 @@ def coco_train_ids() -> np.ndarray:
 
 
 def class_names(data: str) -> list[str]:
-    if data == "ade20k":
-        return [c["name"] for c in sorted(ade20k_classes(), key=lambda c: c["train_id"])]
+    """Class names by train id."""
+    if data != "coco":
+        return [c["name"] for c in sorted(semantic_table(data), key=lambda c: c["train_id"])]
     return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"])]
 
 
 def thing_train_ids(data: str) -> set[int]:
     """Train ids of the "thing" classes (COCO); none for ADE20K semantic."""
-    if data == "ade20k":
+    if data != "coco":
         return set()
     return {i for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])) if c["isthing"]}
 
 
 def load_train_label(sample: Sample, data: str) -> np.ndarray:
     """(H, W) uint8 semantic train ids, 255 = ignore (checks values and size through common.datasets)."""
-    lut = ade20k_train_ids() if data == "ade20k" else coco_train_ids()
+    lut = coco_train_ids() if data == "coco" else ade20k_train_ids(data)
     return lut[load_label(sample, data)]
 
 
@@ -60,7 +78,7 @@ SEG = 1000
 
 def load_target(sample: Sample, data: str, task: str) -> np.ndarray:
     """(H, W) int32 training target of `sample` for `task` (semantic, panoptic, instance)."""
-    if data == "ade20k" or task == "semantic":
+    if data != "coco" or task == "semantic":
         label = load_train_label(sample, data).astype(np.int32)
         return np.where(label == IGNORE, -1, label * SEG)
     ids = load_panoptic(sample)
@@ -172,14 +190,39 @@ def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
     return contrast(saturation_hue(img))
 
 
+@dataclass(frozen=True)
+class Augment:
+    """The random transforms of a training sample (each recipe's row of train_seg.RECIPES names one)."""
+    resize: str  # "ade20k": short side from Mask2Former's 16 sizes; "lsj": large-scale jitter; "fixed": short side = crop
+    crop: bool  # a random crop window (False: the centre window)
+    colour: bool  # SSD photometric distortion (Mask2Former's ADE20K recipe)
+    flip: bool  # horizontal flip with probability 1/2
+
+
+AUGMENTS = {
+    "ade20k": Augment("ade20k", crop=True, colour=True, flip=True),  # Mask2Former ADE20K semantic
+    "lsj": Augment("lsj", crop=True, colour=False, flip=True),  # Mask2Former COCO (large-scale jitter)
+    "flip": Augment("fixed", crop=False, colour=False, flip=True),  # HRNet in A.3: "random flipping" only
+    "none": Augment("fixed", crop=False, colour=False, flip=False),
+}
+
+
+def without_a9(augment: Augment) -> Augment:
+    """Appendix A.9's ablation: "we eliminate color augmentation, random flipping, and random cropping";
+    the random resize (scale jitter) is not named there and stays."""
+    return Augment(augment.resize, crop=False, colour=False, flip=False)
+
+
 class SegData(torch.utils.data.Dataset):
     """Decodes and augments one (source, index, seed) from MixedBatches.
 
     Returns image (3, crop, crop) uint8, label (crop, crop) int32 targets (see load_target; -1 = ignore
-    and padding), valid (crop, crop) bool (False on padding), source. ADE20K: Mask2Former's ADE20K
-    recipe; COCO: its large-scale jitter recipe (resize, crop, flip; no colour jitter)."""
+    and padding), valid (crop, crop) bool (False on padding), source. `augment`: an Augment, or True for
+    the dataset's Mask2Former recipe (COCO: large-scale jitter, ADE20K-layout data: ADE20K's), False for none."""
 
-    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: bool = True, task: str = "semantic"):
+    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: Augment | bool = True, task: str = "semantic"):
+        if isinstance(augment, bool):
+            augment = AUGMENTS[("lsj" if data == "coco" else "ade20k") if augment else "none"]
         self.sources, self.data, self.crop, self.augment, self.task = sources, data, crop, augment, task
 
     def __len__(self) -> int:
@@ -189,19 +232,18 @@ class SegData(torch.utils.data.Dataset):
         source, index, seed = key
         sample = self.sources[source][index]
         rng = np.random.default_rng(seed)
+        aug = self.augment
         image, label = load_image(sample.image), load_target(sample, self.data, self.task)
         lsj = self.data == "coco"
-        if self.augment:
-            image, label = random_resize(image, label, self.crop, rng, lsj)
+        image, label = random_resize(image, label, self.crop, rng, lsj, factor=1.0 if aug.resize == "fixed" else None)
+        if aug.crop:
             img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng)
-        else:  # A.9's ablation without augmentation: scale 1 and the centre window
-            image, label = random_resize(image, label, self.crop, rng, lsj, factor=1.0)
+        else:
             img, lab, valid = center_crop(np.asarray(image), label, self.crop)
-        if self.augment:
-            if not lsj:
-                img = photometric_distortion(img, rng)
-            if rng.random() < 0.5:
-                img, lab, valid = img[:, ::-1], lab[:, ::-1], valid[:, ::-1]
+        if aug.colour:
+            img = photometric_distortion(img, rng)
+        if aug.flip and rng.random() < 0.5:
+            img, lab, valid = img[:, ::-1], lab[:, ::-1], valid[:, ::-1]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
             "label": torch.from_numpy(np.ascontiguousarray(lab)),
@@ -226,6 +268,11 @@ def mask_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.T
     return masks, classes, torch.tensor(keep, device=labels.device)
 
 
+def semantic_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) int32 semantic targets (load_target: class * SEG, -1 ignore) -> train ids, IGNORE (255) for ignore and padding."""
+    return torch.where(labels >= 0, labels // SEG, IGNORE).long()
+
+
 def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     """(real training samples, one sample list per synthetic folder, the folders) of train_seg's options
     `a` (--strategy, --synthetic, --max-real-samples ...), checked before any model."""
@@ -248,3 +295,54 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     elif a.synthetic:
         say(f"[yellow]--strategy real: ignoring {len(a.synthetic)} --synthetic folder(s)[/]")
     return real, synthetic, folders
+
+
+# ---------------------------------------------------------------- §3.4: which samples each iteration sees
+
+class MixedBatches(torch.utils.data.Sampler):
+    """The per-process batches of iterations start..stop, as lists of (source, index, augmentation seed).
+
+    Source 0 is the real training set, source k >= 1 the k-th synthetic folder. Each real slot of the
+    batch is replaced by a synthetic sample with probability p_aug (§3.4), drawn uniformly from the union
+    of all synthetic folders. Real samples are seen in a fresh random order every epoch, shared by the
+    processes (process r takes slots r*B..r*B+B-1 of each global batch). Everything is a function of
+    (seed, step, rank), so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, n_real: int, n_synthetic: list[int], batch: int, p_aug: float, seed: int,
+                 start: int, stop: int, rank: int = 0, world: int = 1):
+        if not 0.0 <= p_aug <= 1.0:
+            raise SegGenError(f"--p-aug must lie in [0, 1] (got {p_aug})")
+        if p_aug > 0 and sum(n_synthetic) == 0:
+            raise SegGenError("p_aug > 0 needs synthetic samples: pass --synthetic FOLDER (or --strategy real)")
+        if p_aug < 1 and n_real == 0:
+            raise SegGenError("no real training samples (check --data-root / --max-real-samples)")
+        self.n_real, self.batch, self.p_aug, self.seed = n_real, batch, p_aug, seed
+        self.offsets = np.concatenate([[0], np.cumsum(n_synthetic)]).astype(np.int64)
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0, epoch]).permutation(self.n_real)
+
+    def draw(self, step: int) -> list[tuple[int, int, int]]:
+        rng = np.random.default_rng([self.seed, 1, step, self.rank])
+        replace = rng.random(self.batch) < self.p_aug
+        synth = rng.integers(0, max(int(self.offsets[-1]), 1), self.batch)
+        aug_seeds = rng.integers(0, 2**62, self.batch)
+        out = []
+        for i in range(self.batch):
+            if replace[i]:
+                k = int(np.searchsorted(self.offsets, synth[i], side="right")) - 1
+                out.append((k + 1, int(synth[i] - self.offsets[k]), int(aug_seeds[i])))
+            else:
+                epoch, j = divmod((step * self.world + self.rank) * self.batch + i, self.n_real)
+                out.append((0, int(self._order(epoch)[j]), int(aug_seeds[i])))
+        return out
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.draw(step)
+
+    def __len__(self) -> int:
+        return self.stop - self.start

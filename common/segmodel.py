@@ -35,6 +35,50 @@ class Backbone(str, Enum):
     r50 = "r50"
     swin_t = "swin-t"
     swin_l = "swin-l"
+    hrnet_w48 = "hrnet-w48"  # HRNetV2-W48, a semantic segmenter (§4, A.3, Table 4b): common/hrnet.py
+    hrnet_small = "hrnet-small"  # a small HRNetV2 with random weights, trainable on CPU (tests, the toy world)
+
+
+def is_hrnet(backbone: str) -> bool:
+    return str(getattr(backbone, "value", backbone)).startswith("hrnet")
+
+
+class Normalize:
+    """HRNet's image "processor": the mean and std train_seg and the evaluation normalise with (in 0..1,
+    as transformers' image processors give them); save_pretrained writes them beside the model."""
+
+    def __init__(self, image_mean=None, image_std=None):
+        from common.hrnet import IMAGENET_MEAN, IMAGENET_STD
+
+        self.image_mean, self.image_std = list(image_mean or IMAGENET_MEAN), list(image_std or IMAGENET_STD)
+
+    def save_pretrained(self, folder) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "preprocessor_config.json").write_text(json.dumps({"image_mean": self.image_mean, "image_std": self.image_std}))
+
+
+def model_type(folder) -> str | None:
+    """config.json's model_type of a saved model folder ("mask2former", "hrnetv2"), None if there is none."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+
+
+def build_segmenter(model: str | None, backbone: str | None, data: str, queries: int = 100, weights: str | None = None):
+    """(network, processor, where its weights came from) for train_seg: a saved HRNet folder (hrnet.save or
+    a checkpoint) or a fresh HRNet of `backbone`, else Mask2Former (build_model; a fresh one with its
+    backbone's ImageNet weights, common/backbones.py)."""
+    from common import hrnet
+
+    if model is not None and model_type(model) == "hrnetv2":
+        net = hrnet.load(model)
+        if net.num_classes != len(class_names(data)):
+            raise SegGenError(f"{model}: an HRNet of {net.num_classes} classes, but --data {data} has {len(class_names(data))}")
+        return net, Normalize(), str(model)
+    if model is None and is_hrnet(backbone):
+        net, source = hrnet.build(str(backbone.value).removeprefix("hrnet-"), len(class_names(data)), weights)
+        return net, Normalize(), source
+    net, processor = build_model(model, None if model else backbone, data, queries)
+    return net, processor, str(model) if model else "random"
 
 
 def build_model(model: str | None, backbone: Backbone | None, data: str, queries: int = 100):
@@ -79,7 +123,9 @@ def build_model(model: str | None, backbone: Backbone | None, data: str, queries
 def freeze_unused(model) -> None:
     """The Swin backbone's final LayerNorm only feeds its pooled output, which Mask2Former never uses:
     it gets no gradient, and DistributedDataParallel refuses such parameters unless it searches the
-    graph for them every step (find_unused_parameters). Freezing it costs nothing."""
+    graph for them every step (find_unused_parameters). Freezing it costs nothing. (HRNet: nothing unused.)"""
+    if not hasattr(model, "model"):
+        return
     encoder = model.model.pixel_level_module.encoder
     for name in ("swin", "embeddings"):
         norm = getattr(getattr(encoder, name, None), "layernorm", None)
@@ -104,6 +150,25 @@ def param_groups(model, lr: float, weight_decay: float, backbone_multiplier: flo
         {"params": ps, "lr": lr * (backbone_multiplier if in_backbone else 1.0), "weight_decay": 0.0 if no_decay else weight_decay}
         for (in_backbone, no_decay), ps in groups.items()
     ]
+
+
+def save_model(net, processor, folder: Path) -> None:
+    """The final model: HRNet through hrnet.save (what quality.py and --eval-only load), Mask2Former with save_pretrained."""
+    from common import hrnet
+
+    if isinstance(net, hrnet.HRNetSegmenter):
+        hrnet.save(net, folder)
+    else:
+        net.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_optimizer(model, kind: str, lr: float, weight_decay: float, backbone_multiplier: float, momentum: float):
+    """The recipe's optimizer: "adamw" with Mask2Former's groups (param_groups), or "sgd" with momentum over
+    every parameter, as HRNet-Semantic-Segmentation trains."""
+    if kind == "sgd":
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay, backbone_multiplier), lr=lr)
 
 
 @torch.no_grad()
@@ -140,8 +205,25 @@ def semantic_inference(classes: torch.Tensor, masks: torch.Tensor) -> torch.Tens
 
 
 def semantic_scores(model, image: torch.Tensor, short: int, flip: bool = False, max_long: int | None = None) -> torch.Tensor:
-    """(C, H, W) class scores of one view at the original resolution."""
+    """(C, H, W) class scores of one view at the original resolution (HRNet: softmax probabilities)."""
+    from common.hrnet import HRNetSegmenter
+
+    if isinstance(model, HRNetSegmenter):
+        return hrnet_scores(model, image, short, max_long or 4 * short, flip)
     return semantic_inference(*predict(model, image, short, max_long or 4 * short, flip))
+
+
+@torch.no_grad()
+def hrnet_scores(model, image: torch.Tensor, short: int, max_long: int, flip: bool = False) -> torch.Tensor:
+    """(3, H, W) normalised image -> (C, H, W) HRNet class probabilities: short side resized to `short`
+    (long side at most max_long), optionally flipped, the softmax flipped back and upsampled to (H, W)."""
+    _, h, w = image.shape
+    scale = min(short / min(h, w), max_long / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    probs = model.semantic(x.flip(-1) if flip else x).float()  # (1, C, h', w')
+    probs = probs.flip(-1) if flip else probs
+    return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
 def panoptic_inference(classes: torch.Tensor, masks: torch.Tensor, things: set[int],

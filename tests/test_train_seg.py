@@ -463,3 +463,49 @@ def test_coco_defaults_to_pretrain_on_synthetic_then_real(tiny, coco_train, tmp_
     args[args.index("--synthetic") + 1] = bad
     result = _cli(args, tiny)
     assert result.exit_code == 2 and "no segments_info in the manifest" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- HRNet (§4, A.3, Table 4b)
+
+HRNET = ["--backbone", "hrnet-small", "--batch-size", "2", "--crop", "64", "--eval-size", "32", "--num-workers", "0", "--log-every", "1"]
+
+
+def test_hrnet_trains_with_its_recipe_resumes_and_evaluates_its_saved_model(ade_all, tmp_path):
+    from common import hrnet
+    from quality import load_segmenter
+
+    args = ["--data-root", ade_all, "--strategy", "real", "--max-steps", "4", "--checkpoint-every", "2", *HRNET]
+    _ok(_cli([*args, "--output-dir", tmp_path / "full"]))
+    got = json.loads((tmp_path / "full/metrics.json").read_text())
+    options = json.loads((tmp_path / "full/options.json").read_text())
+    assert got["recipe"] == "ade20k/hrnet-small" and got["weights"] == "random" and got["drawn"] == {"real": 8}
+    assert 0 <= got["single_scale"]["mIoU"] <= 1 and got["single_scale"]["pixels"] > 0
+    # A.3: SGD lr 2e-2 (momentum 0.9), weight decay 1e-4, poly 0.9, flip only, no clipping.
+    assert (options["optimizer"], options["lr"], options["momentum"], options["weight_decay"], options["grad_clip"]) == ("sgd", 2e-2, 0.9, 1e-4, 0.0)
+    assert [r["lr"] for r in _stats(tmp_path / "full")] == pytest.approx([2e-2 * (1 - s / 4) ** 0.9 for s in (1, 2, 3, 4)])
+    # RUN/model is hrnet.save's folder: hrnet.load and quality.py read it, --eval-only scores it the same.
+    model = hrnet.load(tmp_path / "full/model")
+    assert model.num_classes == 150 and load_segmenter(tmp_path / "full/model", 150, "cpu").kind == "hrnet"
+    _ok(_cli(["--eval-only", "--checkpoint", tmp_path / "full/model", "--data-root", ade_all, "--eval-size", "32", "--output-dir", tmp_path / "ev"]))
+    assert json.loads((tmp_path / "ev/metrics.json").read_text())["single_scale"] == got["single_scale"]
+    # Resumed from step 2: the same weights (BatchNorm statistics included) as the uninterrupted run.
+    shutil.copytree(tmp_path / "full/checkpoints/phase0-step0000002", tmp_path / "cut/checkpoints/phase0-step0000002")
+    assert "resuming from" in _ok(_cli([*args, "--output-dir", tmp_path / "cut", "--resume", "latest"])).output
+    resumed = hrnet.load(tmp_path / "cut/model").state_dict()
+    assert all(torch.equal(v, resumed[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("strategy", ["aug", "pretrain"])
+def test_hrnet_trains_with_synthetic_data(strategy, tmp_path):
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    syn = _write_synthetic(tmp_path / "synth", real)
+    _ok(_cli(["--data-root", ADE_ROOT, "--synthetic", syn, "--strategy", strategy, "--p-aug", "0.6", "--max-steps", "2",
+              "--checkpoint-every", "0", "--output-dir", tmp_path / "run", *HRNET]))
+    got = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert sum(got["drawn"].values()) == (8 if strategy == "pretrain" else 4) and got["drawn"][str(syn)] > 0
+    assert "mIoU" in got["single_scale"]
+
+
+def test_hrnet_is_a_semantic_segmenter_for_ade20k(tmp_path):
+    result = _cli(["--data", "coco", "--backbone", "hrnet-w48", "--output-dir", tmp_path])
+    assert result.exit_code == 2 and "--backbone hrnet-w48 has no recipe for --data coco" in result.output
