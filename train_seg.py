@@ -147,6 +147,8 @@ def resolve(a) -> Recipe:
         raise SegGenError(f"--task {a.task} needs COCO panoptic data (--data coco); {a.data} is trained for semantic segmentation")
     if a.multiscale and a.task != "semantic":
         raise SegGenError("--multiscale is for semantic segmentation (the paper's ADE20K m.s. column)")
+    if a.backbone_weights is not None and (a.model is not None or a.eval_only):
+        raise SegGenError("--backbone-weights is for a fresh --backbone model; --model / --checkpoint carry their own weights")
     if a.model is not None and a.backbone is not None:
         raise SegGenError("pass either --model (a checkpoint) or --backbone (a fresh paper configuration), not both")
     if a.eval_only and a.checkpoint is None:
@@ -208,9 +210,10 @@ def run(a) -> dict:
     model_src = str(a.checkpoint) if a.eval_only else a.model
     backbone = a.backbone or Backbone.r50
     key = a.recipe.split("/")[1]
-    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries)
+    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries,
+                                                       a.backbone_weights)
     freeze_unused(net)
-    say(f"{type(net).__name__} ({model_src or backbone.value + ' from config'}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
+    say(f"{type(net).__name__} ({model_src or backbone.value + ', backbone weights: ' + a.weights_loaded}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
         f"parameters) on {a.data}; {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     say(f"  data root {a.data_root}: {len(real)} real training, {len(val)} validation images; synthetic: "
         + (", ".join(f"{f} ({len(s)})" for f, s in zip(folders, synthetic)) or "none"))
@@ -369,6 +372,7 @@ def main(
     no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resize/crop, colour jitter or flip (appendix A.9's ablation).", rich_help_panel="Data")] = False,
     model: Annotated[str | None, typer.Option(help="Mask2Former checkpoint to fine-tune: hub id or folder (e.g. facebook/mask2former-swin-large-ade-semantic).", rich_help_panel="Model")] = None,
     backbone: Annotated[Backbone | None, typer.Option(help="Build a fresh model instead (default r50): Mask2Former on r50 / swin-t / swin-l, or HRNetV2 (hrnet-w48; hrnet-small: random, CPU-sized) as a semantic segmenter (A.3, Table 4b).", rich_help_panel="Model")] = None,
+    backbone_weights: Annotated[str | None, typer.Option(show_default="official", help="ImageNet weights of a --backbone model: hub id, folder, or none (random). Default: r50 timm/resnet50.tv_in1k (torchvision = detectron2's R-50.pkl, BatchNorm frozen), swin-t microsoft/swin-tiny-patch4-window7-224, swin-l microsoft/swin-large-patch4-window12-384-in22k, hrnet-w48 timm/hrnet_w48.ms_in1k, hrnet-small none.", rich_help_panel="Model")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Iterations, per phase for pretrain (ADE20K 160k; COCO 368,750 = 50 epochs at batch 16).", rich_help_panel="Training")] = None,
     pretrain_steps: Annotated[int | None, typer.Option(min=1, show_default="--max-steps", help="--strategy pretrain: iterations on synthetic data (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Global batch over all processes (A.3: 16).", rich_help_panel="Training")] = None,
