@@ -166,6 +166,23 @@ def save_model(net, processor, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
+def lr_factor(step: int, steps: int, kind: str = "poly", milestones: tuple = (), base_steps: int | None = None,
+              warmup: int = 0, warmup_factor: float = 1.0, power: float = 0.9, gamma: float = 0.1) -> float:
+    """The learning rate of iteration `step` of `steps`, as a factor of the base lr (detectron2's lr schedulers,
+    as Mask2Former configures them). poly: (1 - step / steps)^0.9 (WarmupPolyLR); multistep: gamma^(number of
+    milestones passed) (WarmupMultiStepLR), the milestones given for `base_steps` iterations scaled to `steps`.
+    Then a linear warm-up over `warmup` iterations from warmup_factor (1.0: none in effect)."""
+    if kind == "poly":
+        factor = (1 - min(step, steps) / steps) ** power
+    else:
+        scaled = [m * steps / (base_steps or steps) for m in milestones]
+        factor = gamma ** sum(step >= m for m in scaled)
+    if step < warmup:
+        alpha = step / warmup
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
 def build_optimizer(model, kind: str, lr: float, weight_decay: float, backbone_multiplier: float, momentum: float):
     """The recipe's optimizer: "adamw" with Mask2Former's groups (param_groups), or "sgd" with momentum over
     every parameter, as HRNet-Semantic-Segmentation trains."""

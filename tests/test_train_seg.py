@@ -385,11 +385,21 @@ def test_panoptic_and_instance_evaluation_at_original_resolution_with_an_oracle(
     assert got["pixels"] == sum(int((lab != 255).sum()) for lab in labels)  # scored at full resolution
 
 
-def test_coco_panoptic_training_runs(tiny, coco_train, tmp_path):
-    _ok(_cli(["--data", "coco", "--data-root", coco_train, "--strategy", "real", "--max-steps", "2",
-              "--output-dir", tmp_path / "run", "--eval-size", "64", *FAST], tiny))
+def test_coco_panoptic_training_runs_with_the_scaled_multistep_schedule(tiny, coco_train, tmp_path):
+    fast = FAST[:FAST.index("--log-every")] + ["--log-every", "1"]
+    _ok(_cli(["--data", "coco", "--data-root", coco_train, "--strategy", "real", "--max-steps", "10",
+              "--output-dir", tmp_path / "run", "--eval-size", "64", *fast], tiny))
     got = json.loads((tmp_path / "run/metrics.json").read_text())
-    assert got["task"] == "panoptic" and got["drawn"] == {"real": 4}
+    assert got["task"] == "panoptic" and got["drawn"] == {"real": 20}
+    # Base-COCO-PanopticSegmentation.yaml: x 0.1 at 327,778 and 355,092 of 368,750 iterations -> at 8.89 and 9.63 of 10.
+    # The lr logged after iteration s is the one iteration s + 1 runs with (head lr; backbone x 0.1).
+    lrs = [r["lr"] for r in _stats(tmp_path / "run")]
+    scaled = [m * 10 / 368_750 for m in (327_778, 355_092)]
+    assert lrs == pytest.approx([1e-4 * 0.1 ** sum(s >= m for m in scaled) for s in range(1, 11)])
+    assert lrs[7:] == pytest.approx([1e-4, 1e-5, 1e-6])
+    r = train_seg.RECIPES[("coco", "swin-l")]
+    assert (r.max_steps, r.milestones, r.queries, r.warmup, r.warmup_factor) == (737_500, (655_556, 710_184), 200, 10, 1.0)
+    assert segmodel.lr_factor(0, 10, "multistep", (5,), 10, warmup=10, warmup_factor=0.5) == 0.5  # a warm-up with effect
     assert {"PQ", "PQ_th", "PQ_st"} <= set(got["single_scale"]["panoptic"]) and "AP" in got["single_scale"]["instance"]
 
 
