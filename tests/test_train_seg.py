@@ -519,3 +519,21 @@ def test_hrnet_trains_with_synthetic_data(strategy, tmp_path):
 def test_hrnet_is_a_semantic_segmenter_for_ade20k(tmp_path):
     result = _cli(["--data", "coco", "--backbone", "hrnet-w48", "--output-dir", tmp_path])
     assert result.exit_code == 2 and "--backbone hrnet-w48 has no recipe for --data coco" in result.output
+
+
+def test_no_augment_removes_exactly_what_a9_names():
+    # A.9: "we eliminate color augmentation, random flipping, and random cropping"; the random resize stays.
+    a9 = segdata.without_a9(segdata.AUGMENTS["ade20k"])
+    assert (a9.colour, a9.flip, a9.crop, a9.resize) == (False, False, False, "ade20k")
+    train = read_dataset("ade20k", ADE_ROOT, "val")[1]
+    data = segdata.SegData([[train]], "ade20k", 96, augment=a9)
+    image, target = segdata.load_image(train.image), segdata.load_target(train, "ade20k", "semantic")
+    shapes = set()
+    for seed in range(8):
+        got = data[(0, 0, seed)]
+        # Exactly the centre window of the randomly resized sample: no colour change, no flip, no random offset.
+        resized, label = segdata.random_resize(image, target, 96, np.random.default_rng(seed))
+        img, lab, _ = segdata.center_crop(np.asarray(resized), label, 96)
+        assert np.array_equal(got["image"].numpy(), img.transpose(2, 0, 1)) and np.array_equal(got["label"].numpy(), lab)
+        shapes.add(resized.size)
+    assert len(shapes) > 1  # the scale jitter is still drawn
