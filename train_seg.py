@@ -369,7 +369,7 @@ class Loop:
 def main(
     data: Annotated[Data, typer.Option(help="Dataset: ADE20K (semantic) or COCO panoptic (panoptic / instance).", rich_help_panel="Data")] = Data.ade20k,
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
-    synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
+    synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. FOLDER:k takes only the first k samples per source (count ablations, Fig. 8 / Table 8). Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
     task: Annotated[Task | None, typer.Option(show_default="recipe", help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
     strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = None,
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,

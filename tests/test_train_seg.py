@@ -3,6 +3,7 @@ from the given folders only, pretrain runs both phases, evaluation at the origin
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def _write_synthetic(folder, samples, n=2, label=None):
                 shutil.copy(sample.annotation, folder / f"colormaps/{sid}.png")
                 w.append({"id": sid, "source_id": sample.id, "method": "imgsyn", "image": f"images/{sid}.jpg",
                           "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
-                          "caption": "a room", "seed": k, "models": {}})
+                          "caption": "a room", "seed": k, "k": k, "models": {}})
     return folder
 
 
@@ -537,3 +538,16 @@ def test_no_augment_removes_exactly_what_a9_names():
         assert np.array_equal(got["image"].numpy(), img.transpose(2, 0, 1)) and np.array_equal(got["label"].numpy(), lab)
         shapes.add(resized.size)
     assert len(shapes) > 1  # the scale jitter is still drawn
+
+
+def test_synthetic_folder_count_takes_the_first_k_per_source(tmp_path):
+    from common.datasets import read_synthetic
+
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    folder = _write_synthetic(tmp_path / "syn", real[::-1], n=3)  # sources written in reverse order
+    assert segdata.split_count(tmp_path / "syn:2") == (folder, 2) and segdata.split_count(folder) == (folder, None)
+    got = segdata.first_per_source(read_synthetic(folder), 2)
+    assert [(s.meta["source_id"], s.meta["k"]) for s in got] == [(r.id, k) for r in real for k in (0, 1)]
+    args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "syn:1"], data="ade20k")
+    _, synthetic, folders = segdata.read_sources(args, print)
+    assert folders == [folder] and [s.id for s in synthetic[0]] == [f"syn_{r.id}_s0" for r in real]
