@@ -56,7 +56,7 @@ from common.hrnet import loss as hrnet_loss
 from common.paths import seg_run_dir
 from common.progress import console, progress_bar
 from common.segdata import AUGMENTS, MixedBatches, SegData, mask_targets, read_sources, semantic_labels, without_a9
-from common.segmodel import Backbone, build_optimizer, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
+from common.segmodel import Backbone, build_optimizer, build_segmenter, lr_factor, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -79,8 +79,10 @@ class Recipe:
     backbone_lr: float  # --backbone-lr-multiplier
     grad_clip: float  # --grad-clip: full-model gradient norm (0: none)
     augment: str  # common/segdata.py AUGMENTS: ade20k (resize, crop, colour, flip), lsj, flip (flip only)
-    schedule: str  # lr schedule: poly (power 0.9), as the code runs it for every row
-    warmup: int  # lr warm-up iterations
+    schedule: str  # lr schedule: poly (power 0.9) or multistep (x 0.1 at `milestones`)
+    milestones: tuple[int, ...]  # multistep: decay iterations at max_steps (scaled with --max-steps)
+    warmup: int  # linear lr warm-up iterations, from warmup_factor x lr
+    warmup_factor: float  # 1.0: the warm-up changes nothing (detectron2's WarmupMultiStepLR)
     queries: int  # object queries of a model built from --backbone
     eval_size: int | None  # --eval-size: test short side (None: the crop)
 
@@ -89,14 +91,17 @@ class Recipe:
 # swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640}.yaml and configs/coco/panoptic-segmentation/{maskformer2_R50_bs16_50ep,
 # swin/maskformer2_swin_large_IN21k_384_bs16_100ep}.yaml (common/data/SOURCES_mask2former.md); paper A.3 and §4.2:
 # AdamW lr 1e-4, weight decay 0.05, backbone lr x 0.1, full-model clip 0.01.
-# COCO: 50 epochs = 368,750 iterations at batch 16 (Mask2Former's MAX_ITER; its multi-step decay and 10
-# warm-up iterations are not run here: every row trains with poly). COCO Swin-L uses 200 queries.
+# ADE20K: poly (LR_SCHEDULER_NAME WarmupPolyLR, WARMUP_FACTOR 1.0, WARMUP_ITERS 0). COCO (Base-COCO-PanopticSegmentation.yaml):
+# MAX_ITER 368,750 (50 epochs at batch 16), WarmupMultiStepLR STEPS (327778, 355092), GAMMA 0.1, WARMUP_ITERS 10 at
+# WARMUP_FACTOR 1.0 (so no warm-up in effect), large-scale jitter at 1024 (MIN_SCALE 0.1, MAX_SCALE 2.0); Swin-L
+# (maskformer2_swin_large_IN21k_384_bs16_100ep.yaml): 737,500 (100 epochs), STEPS (655556, 710184), 200 queries.
 # HRNet (A.3): "W48 ... 100K iterations. SGD ... 2x10^-2 ... polynomial ... 0.9. The weight decay rate is 10^-4.
 # Random flipping"; momentum 0.9, batch 16 and the 520 crop from HRNet-Semantic-Segmentation's ADE20K config
 # (seg_hrnet_w48_520x520_ohem_sgd_lr2e-2_wd1e-4_bs_16_epoch120.yaml); no clipping there.
-ADE20K = Recipe("semantic", "aug", 160_000, 16, 512, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "ade20k", "poly", 0, 100, None)
-COCO = Recipe("panoptic", "pretrain", 368_750, 16, 1024, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "lsj", "poly", 0, 100, 800)
-HRNET = Recipe("semantic", "aug", 100_000, 16, 520, 2e-2, "sgd", 1e-4, 0.9, 1.0, 0.0, "flip", "poly", 0, 0, None)
+ADE20K = Recipe("semantic", "aug", 160_000, 16, 512, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "ade20k", "poly", (), 0, 1.0, 100, None)
+COCO = Recipe("panoptic", "pretrain", 368_750, 16, 1024, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "lsj", "multistep", (327_778, 355_092),
+              10, 1.0, 100, 800)
+HRNET = Recipe("semantic", "aug", 100_000, 16, 520, 2e-2, "sgd", 1e-4, 0.9, 1.0, 0.0, "flip", "poly", (), 0, 1.0, 0, None)
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("ade20k", "r50"): ADE20K,
     ("ade20k", "swin-t"): ADE20K,
@@ -105,7 +110,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("ade20k", "hrnet-small"): HRNET,  # random weights, for CPU runs: pass a small --crop / --batch-size
     ("coco", "r50"): COCO,
     ("coco", "swin-t"): COCO,
-    ("coco", "swin-l"): dataclasses.replace(COCO, queries=200),
+    ("coco", "swin-l"): dataclasses.replace(COCO, max_steps=737_500, milestones=(655_556, 710_184), queries=200),
     # The toy world (common/toyworld.py, 64x64 images in the ADE20K layout): ADE20K's recipes at its size.
     ("toy", "r50"): dataclasses.replace(ADE20K, crop=64, eval_size=64),
     ("toy", "hrnet-small"): dataclasses.replace(HRNET, crop=64, eval_size=64),
@@ -137,6 +142,7 @@ def resolve(a) -> Recipe:
                         ("weight_decay", r.weight_decay), ("backbone_lr_multiplier", r.backbone_lr), ("grad_clip", r.grad_clip)):
         setattr(a, flag, value if getattr(a, flag) is None else getattr(a, flag))
     a.optimizer, a.momentum, a.augment = r.optimizer, r.momentum, AUGMENTS[r.augment]
+    a.schedule = dict(kind=r.schedule, milestones=r.milestones, base_steps=r.max_steps, warmup=r.warmup, warmup_factor=r.warmup_factor)
     if a.no_augment:
         a.augment = without_a9(a.augment)
     if is_hrnet(key[1]) and a.task != "semantic":
@@ -147,6 +153,8 @@ def resolve(a) -> Recipe:
         raise SegGenError(f"--task {a.task} needs COCO panoptic data (--data coco); {a.data} is trained for semantic segmentation")
     if a.multiscale and a.task != "semantic":
         raise SegGenError("--multiscale is for semantic segmentation (the paper's ADE20K m.s. column)")
+    if a.backbone_weights is not None and (a.model is not None or a.eval_only):
+        raise SegGenError("--backbone-weights is for a fresh --backbone model; --model / --checkpoint carry their own weights")
     if a.model is not None and a.backbone is not None:
         raise SegGenError("pass either --model (a checkpoint) or --backbone (a fresh paper configuration), not both")
     if a.eval_only and a.checkpoint is None:
@@ -208,9 +216,10 @@ def run(a) -> dict:
     model_src = str(a.checkpoint) if a.eval_only else a.model
     backbone = a.backbone or Backbone.r50
     key = a.recipe.split("/")[1]
-    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries)
+    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries,
+                                                       a.backbone_weights)
     freeze_unused(net)
-    say(f"{type(net).__name__} ({model_src or backbone.value + ' from config'}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
+    say(f"{type(net).__name__} ({model_src or backbone.value + ', backbone weights: ' + a.weights_loaded}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
         f"parameters) on {a.data}; {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     say(f"  data root {a.data_root}: {len(real)} real training, {len(val)} validation images; synthetic: "
         + (", ".join(f"{f} ({len(s)})" for f, s in zip(folders, synthetic)) or "none"))
@@ -279,12 +288,12 @@ class Loop:
         return state["phase"], state["step"]
 
     def phase(self, k: int, first: int, resume_from: Path | None, say):
-        """Phase k from step `first`: a fresh optimizer and poly schedule (pretrain -> finetune, §3.4). Returns the prepared model."""
+        """Phase k from step `first`: a fresh optimizer and schedule (pretrain -> finetune, §3.4). Returns the prepared model."""
         a, acc = self.a, self.accelerator
         name, p_aug, steps = self.phases[k]
         acc.free_memory()
         optimizer = build_optimizer(self.net, a.optimizer, a.lr, a.weight_decay, a.backbone_lr_multiplier, a.momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, n=steps: (1 - min(s, n) / n) ** 0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, n=steps: lr_factor(s, n, **a.schedule))
         model, optimizer, scheduler = acc.prepare(self.net, optimizer, scheduler)
         if resume_from is not None:
             acc.load_state(str(resume_from))
@@ -360,15 +369,16 @@ class Loop:
 def main(
     data: Annotated[Data, typer.Option(help="Dataset: ADE20K (semantic) or COCO panoptic (panoptic / instance).", rich_help_panel="Data")] = Data.ade20k,
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
-    synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
+    synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. FOLDER:k takes only the first k samples per source (count ablations, Fig. 8 / Table 8). Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
     task: Annotated[Task | None, typer.Option(show_default="recipe", help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
     strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = None,
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
     max_real_samples: Annotated[int | None, typer.Option(min=1, help="Train on a fixed random subset of this many real samples (Table 4).", rich_help_panel="Data")] = None,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per process.", rich_help_panel="Data")] = 4,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resize/crop, colour jitter or flip (appendix A.9's ablation).", rich_help_panel="Data")] = False,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Appendix A.9's ablation: no colour augmentation, random flipping or random cropping (the centre window); the random resize (scale jitter) stays, as A.9 does not name it.", rich_help_panel="Data")] = False,
     model: Annotated[str | None, typer.Option(help="Mask2Former checkpoint to fine-tune: hub id or folder (e.g. facebook/mask2former-swin-large-ade-semantic).", rich_help_panel="Model")] = None,
     backbone: Annotated[Backbone | None, typer.Option(help="Build a fresh model instead (default r50): Mask2Former on r50 / swin-t / swin-l, or HRNetV2 (hrnet-w48; hrnet-small: random, CPU-sized) as a semantic segmenter (A.3, Table 4b).", rich_help_panel="Model")] = None,
+    backbone_weights: Annotated[str | None, typer.Option(show_default="official", help="ImageNet weights of a --backbone model: hub id, folder, or none (random). Default: r50 timm/resnet50.tv_in1k (torchvision = detectron2's R-50.pkl, BatchNorm frozen), swin-t microsoft/swin-tiny-patch4-window7-224, swin-l microsoft/swin-large-patch4-window12-384-in22k, hrnet-w48 timm/hrnet_w48.ms_in1k, hrnet-small none.", rich_help_panel="Model")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Iterations, per phase for pretrain (ADE20K 160k; COCO 368,750 = 50 epochs at batch 16).", rich_help_panel="Training")] = None,
     pretrain_steps: Annotated[int | None, typer.Option(min=1, show_default="--max-steps", help="--strategy pretrain: iterations on synthetic data (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Global batch over all processes (A.3: 16).", rich_help_panel="Training")] = None,

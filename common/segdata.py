@@ -273,6 +273,30 @@ def semantic_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels >= 0, labels // SEG, IGNORE).long()
 
 
+def split_count(spec: Path) -> tuple[Path, int | None]:
+    """--synthetic FOLDER[:k] -> (FOLDER, k or None). A folder whose own name ends in :digits is taken whole."""
+    head, sep, tail = str(spec).rpartition(":")
+    if not sep or not tail.isdigit() or Path(spec).is_dir():
+        return Path(spec), None
+    if int(tail) < 1:
+        raise SegGenError(f"--synthetic {spec}: k must be at least 1 (FOLDER:k takes the first k samples per source)")
+    return Path(head), int(tail)
+
+
+def first_per_source(samples: list[Sample], k: int) -> list[Sample]:
+    """The first k samples made from each source (real) sample: ordered by source id, then by the sample
+    index `k` that masksyn / imgsyn record (manifest order where a record has none)."""
+    order = sorted(range(len(samples)), key=lambda i: (str(samples[i].meta.get("source_id", "")), int(samples[i].meta.get("k", i)), i))
+    seen: dict[str, int] = {}
+    keep = []
+    for i in order:
+        src = str(samples[i].meta.get("source_id", ""))
+        if seen.get(src, 0) < k:
+            seen[src] = seen.get(src, 0) + 1
+            keep.append(samples[i])
+    return keep
+
+
 def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     """(real training samples, one sample list per synthetic folder, the folders) of train_seg's options
     `a` (--strategy, --synthetic, --max-real-samples ...), checked before any model."""
@@ -288,8 +312,12 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
             raise SegGenError(
                 f"--strategy {a.strategy.value} needs synthetic data, but neither {synth_dir('masksyn', a.data)} nor "
                 f"{synth_dir('imgsyn', a.data)} exists: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
-        for folder in folders:
+        folders, counts = zip(*(split_count(f) for f in folders))
+        folders = list(folders)
+        for folder, k in zip(folders, counts):
             samples = read_synthetic(folder)
+            if k is not None:  # Fig. 8 / Table 8 / A.6 count ablations without regenerating
+                samples = first_per_source(samples, k)
             probe_synthetic(folder, samples, a.data)
             synthetic.append(samples)
     elif a.synthetic:

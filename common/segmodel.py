@@ -64,10 +64,12 @@ def model_type(folder) -> str | None:
 
 
 def build_segmenter(model: str | None, backbone: str | None, data: str, queries: int = 100, weights: str | None = None):
-    """(network, processor, where its weights came from) for train_seg: a saved HRNet folder (hrnet.save or
-    a checkpoint) or a fresh HRNet of `backbone`, else Mask2Former (build_model; a fresh one with its
-    backbone's ImageNet weights, common/backbones.py)."""
+    """(network, processor, where its backbone weights came from) for train_seg: a saved HRNet folder
+    (hrnet.save or a checkpoint) or a fresh HRNet of `backbone`, else Mask2Former (build_model). A fresh
+    model starts from its backbone's ImageNet weights (`weights`: --backbone-weights, None = the official
+    ones: common/backbones.py DEFAULT_WEIGHTS, hrnet.DEFAULT_WEIGHTS), as Mask2Former's and HRNet's recipes do."""
     from common import hrnet
+    from common.backbones import init_backbone
 
     if model is not None and model_type(model) == "hrnetv2":
         net = hrnet.load(model)
@@ -78,7 +80,10 @@ def build_segmenter(model: str | None, backbone: str | None, data: str, queries:
         net, source = hrnet.build(str(backbone.value).removeprefix("hrnet-"), len(class_names(data)), weights)
         return net, Normalize(), source
     net, processor = build_model(model, None if model else backbone, data, queries)
-    return net, processor, str(model) if model else "random"
+    return net, processor, str(model) if model else init_backbone(net, backbone.value, weights)
+
+
+R50 = dict(embedding_size=64, depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048])  # ResNet-50 (torchvision's widths)
 
 
 def build_model(model: str | None, backbone: Backbone | None, data: str, queries: int = 100):
@@ -108,9 +113,7 @@ def build_model(model: str | None, backbone: Backbone | None, data: str, queries
     if backbone == Backbone.r50:
         # Mask2Former's R50 ADE20K config: the Swin-T head (same hidden sizes, queries, layers) on ResNet-50.
         cfg = json.loads((CONFIGS / "mask2former_swin_tiny_ade_semantic_config.json").read_text())
-        cfg["backbone_config"] = ResNetConfig(
-            depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-            out_features=["stage1", "stage2", "stage3", "stage4"]).to_dict()
+        cfg["backbone_config"] = ResNetConfig(**R50, layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"]).to_dict()
     else:
         name = {Backbone.swin_t: "tiny", Backbone.swin_l: "large"}[backbone]
         cfg = json.loads((CONFIGS / f"mask2former_swin_{name}_ade_semantic_config.json").read_text())
@@ -161,6 +164,23 @@ def save_model(net, processor, folder: Path) -> None:
     else:
         net.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def lr_factor(step: int, steps: int, kind: str = "poly", milestones: tuple = (), base_steps: int | None = None,
+              warmup: int = 0, warmup_factor: float = 1.0, power: float = 0.9, gamma: float = 0.1) -> float:
+    """The learning rate of iteration `step` of `steps`, as a factor of the base lr (detectron2's lr schedulers,
+    as Mask2Former configures them). poly: (1 - step / steps)^0.9 (WarmupPolyLR); multistep: gamma^(number of
+    milestones passed) (WarmupMultiStepLR), the milestones given for `base_steps` iterations scaled to `steps`.
+    Then a linear warm-up over `warmup` iterations from warmup_factor (1.0: none in effect)."""
+    if kind == "poly":
+        factor = (1 - min(step, steps) / steps) ** power
+    else:
+        scaled = [m * steps / (base_steps or steps) for m in milestones]
+        factor = gamma ** sum(step >= m for m in scaled)
+    if step < warmup:
+        alpha = step / warmup
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
 
 
 def build_optimizer(model, kind: str, lr: float, weight_decay: float, backbone_multiplier: float, momentum: float):

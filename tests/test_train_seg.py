@@ -3,6 +3,7 @@ from the given folders only, pretrain runs both phases, evaluation at the origin
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def _write_synthetic(folder, samples, n=2, label=None):
                 shutil.copy(sample.annotation, folder / f"colormaps/{sid}.png")
                 w.append({"id": sid, "source_id": sample.id, "method": "imgsyn", "image": f"images/{sid}.jpg",
                           "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
-                          "caption": "a room", "seed": k, "models": {}})
+                          "caption": "a room", "seed": k, "k": k, "models": {}})
     return folder
 
 
@@ -385,11 +386,21 @@ def test_panoptic_and_instance_evaluation_at_original_resolution_with_an_oracle(
     assert got["pixels"] == sum(int((lab != 255).sum()) for lab in labels)  # scored at full resolution
 
 
-def test_coco_panoptic_training_runs(tiny, coco_train, tmp_path):
-    _ok(_cli(["--data", "coco", "--data-root", coco_train, "--strategy", "real", "--max-steps", "2",
-              "--output-dir", tmp_path / "run", "--eval-size", "64", *FAST], tiny))
+def test_coco_panoptic_training_runs_with_the_scaled_multistep_schedule(tiny, coco_train, tmp_path):
+    fast = FAST[:FAST.index("--log-every")] + ["--log-every", "1"]
+    _ok(_cli(["--data", "coco", "--data-root", coco_train, "--strategy", "real", "--max-steps", "10",
+              "--output-dir", tmp_path / "run", "--eval-size", "64", *fast], tiny))
     got = json.loads((tmp_path / "run/metrics.json").read_text())
-    assert got["task"] == "panoptic" and got["drawn"] == {"real": 4}
+    assert got["task"] == "panoptic" and got["drawn"] == {"real": 20}
+    # Base-COCO-PanopticSegmentation.yaml: x 0.1 at 327,778 and 355,092 of 368,750 iterations -> at 8.89 and 9.63 of 10.
+    # The lr logged after iteration s is the one iteration s + 1 runs with (head lr; backbone x 0.1).
+    lrs = [r["lr"] for r in _stats(tmp_path / "run")]
+    scaled = [m * 10 / 368_750 for m in (327_778, 355_092)]
+    assert lrs == pytest.approx([1e-4 * 0.1 ** sum(s >= m for m in scaled) for s in range(1, 11)])
+    assert lrs[7:] == pytest.approx([1e-4, 1e-5, 1e-6])
+    r = train_seg.RECIPES[("coco", "swin-l")]
+    assert (r.max_steps, r.milestones, r.queries, r.warmup, r.warmup_factor) == (737_500, (655_556, 710_184), 200, 10, 1.0)
+    assert segmodel.lr_factor(0, 10, "multistep", (5,), 10, warmup=10, warmup_factor=0.5) == 0.5  # a warm-up with effect
     assert {"PQ", "PQ_th", "PQ_st"} <= set(got["single_scale"]["panoptic"]) and "AP" in got["single_scale"]["instance"]
 
 
@@ -509,3 +520,34 @@ def test_hrnet_trains_with_synthetic_data(strategy, tmp_path):
 def test_hrnet_is_a_semantic_segmenter_for_ade20k(tmp_path):
     result = _cli(["--data", "coco", "--backbone", "hrnet-w48", "--output-dir", tmp_path])
     assert result.exit_code == 2 and "--backbone hrnet-w48 has no recipe for --data coco" in result.output
+
+
+def test_no_augment_removes_exactly_what_a9_names():
+    # A.9: "we eliminate color augmentation, random flipping, and random cropping"; the random resize stays.
+    a9 = segdata.without_a9(segdata.AUGMENTS["ade20k"])
+    assert (a9.colour, a9.flip, a9.crop, a9.resize) == (False, False, False, "ade20k")
+    train = read_dataset("ade20k", ADE_ROOT, "val")[1]
+    data = segdata.SegData([[train]], "ade20k", 96, augment=a9)
+    image, target = segdata.load_image(train.image), segdata.load_target(train, "ade20k", "semantic")
+    shapes = set()
+    for seed in range(8):
+        got = data[(0, 0, seed)]
+        # Exactly the centre window of the randomly resized sample: no colour change, no flip, no random offset.
+        resized, label = segdata.random_resize(image, target, 96, np.random.default_rng(seed))
+        img, lab, _ = segdata.center_crop(np.asarray(resized), label, 96)
+        assert np.array_equal(got["image"].numpy(), img.transpose(2, 0, 1)) and np.array_equal(got["label"].numpy(), lab)
+        shapes.add(resized.size)
+    assert len(shapes) > 1  # the scale jitter is still drawn
+
+
+def test_synthetic_folder_count_takes_the_first_k_per_source(tmp_path):
+    from common.datasets import read_synthetic
+
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    folder = _write_synthetic(tmp_path / "syn", real[::-1], n=3)  # sources written in reverse order
+    assert segdata.split_count(tmp_path / "syn:2") == (folder, 2) and segdata.split_count(folder) == (folder, None)
+    got = segdata.first_per_source(read_synthetic(folder), 2)
+    assert [(s.meta["source_id"], s.meta["k"]) for s in got] == [(r.id, k) for r in real for k in (0, 1)]
+    args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "syn:1"], data="ade20k")
+    _, synthetic, folders = segdata.read_sources(args, print)
+    assert folders == [folder] and [s.id for s in synthetic[0]] == [f"syn_{r.id}_s0" for r in real]
