@@ -7,16 +7,18 @@
 The paper fine-tunes a pretrained SDXL; on 2 CPU cores there is none, so this builds one: the tiny
 SDXL-architecture pipeline of common/tiny.py (two CLIP text encoders, "text_time" conditioning, a VAE
 that downsamples by 8 to 4 latent channels, SDXL's scheduler), then
-1. trains its VAE as an autoencoder on the world's training images (L1 + a small KL term, as the
-   Stable Diffusion autoencoders without their perceptual/GAN terms) and sets `scaling_factor` to
-   1 / std of the latents, the rule by which SD's 0.18215 was chosen;
+1. trains its VAE as an autoencoder on the world's training images and, half of each batch, their
+   colour maps in the generation palette (a Text2Mask map comes out through this decoder), with L1 +
+   a small KL term, as the Stable Diffusion autoencoders without their perceptual/GAN terms, and sets
+   `scaling_factor` to 1 / std of the latents, the rule by which SD's 0.18215 was chosen;
 2. trains its UNet text-to-image on the same images with the world's captions: ε-prediction at a
    uniform timestep of SDXL's DDPM schedule, 10% of captions dropped to SDXL's zeroed unconditional
    embedding, so classifier-free guidance works as with the real base.
 The text encoders stay random and frozen. The result is written with save_pretrained, so
 `--pretrained OUT` loads it like any pipeline folder. Rebuilt on demand: same world, same seed, same
 settings give the same weights (on one machine; float reductions may differ across CPUs).
-OUT/toybase.json records the settings, losses, timings and the VAE's held-out reconstruction error;
+OUT/toybase.json records the settings, losses, timings (wall and CPU), the VAE's held-out
+reconstruction error and its colour-map round trip (PSNR, pixels read back as their class, off-palette);
 OUT/samples.png shows the base sampled for validation captions beside the real images.
 """
 
