@@ -223,7 +223,7 @@ def run(a) -> dict:
     backbone = a.backbone or Backbone.r50
     key = a.recipe.split("/")[1]
     net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries,
-                                                       a.backbone_weights)
+                                                       a.backbone_weights, a.task)
     freeze_unused(net)
     say(f"{type(net).__name__} ({model_src or backbone.value + ', backbone weights: ' + a.weights_loaded}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
         f"parameters) on {a.data}; {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")

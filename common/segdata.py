@@ -54,11 +54,19 @@ def coco_train_ids() -> np.ndarray:
     return lut
 
 
-def class_names(data: str) -> list[str]:
-    """Class names by train id."""
+def class_names(data: str, task: str = "semantic") -> list[str]:
+    """Class names by train id; COCO --task instance: the 80 thing categories (Table 3's head)."""
     if data != "coco":
         return [c["name"] for c in sorted(semantic_table(data), key=lambda c: c["train_id"])]
-    return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"])]
+    return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"]) if task != "instance" or c["isthing"]]
+
+
+def instance_train_ids() -> np.ndarray:
+    """(256,) uint8 lookup: COCO thing category id -> train id 0..79 of the instance head (sorted by id); stuff, void -> 255."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for i, c in enumerate(sorted((c for c in coco_categories() if c["isthing"]), key=lambda c: c["id"])):
+        lut[c["id"]] = i
+    return lut
 
 
 def thing_train_ids(data: str) -> set[int]:
@@ -83,13 +91,13 @@ def load_target(sample: Sample, data: str, task: str) -> np.ndarray:
         label = load_train_label(sample, data).astype(np.int32)
         return np.where(label == IGNORE, -1, label * SEG)
     ids = load_panoptic(sample)
-    lut, things = coco_train_ids(), thing_train_ids(data)
+    lut = instance_train_ids() if task == "instance" else coco_train_ids()  # instance: the 80-class head
     target = np.full(ids.shape, -1, np.int32)
     for k, seg in enumerate(sample.segments or [], 1):
         cls = int(lut[seg["category_id"]])
         # Mask2Former (detectron2's panoptic mapper) leaves crowd regions out of the targets; the
         # instance task keeps things only.
-        if seg.get("iscrowd", 0) or (task == "instance" and cls not in things):
+        if seg.get("iscrowd", 0) or cls == IGNORE:
             continue
         target[ids == seg["id"]] = cls * SEG + k
     return target

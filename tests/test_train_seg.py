@@ -322,8 +322,8 @@ def coco_train(tmp_path_factory):
 def test_coco_targets_leave_out_crowd_and_keep_things_for_instance():
     sample = read_dataset("coco", COCO_ROOT, "val")[0]
     ids = load_panoptic(sample)
-    lut = segdata.coco_train_ids()
-    for task in ("panoptic", "instance"):
+    for task in ("panoptic", "instance"):  # instance: the 80-class head's train ids
+        lut = segdata.instance_train_ids() if task == "instance" else segdata.coco_train_ids()
         target = segdata.load_target(sample, "coco", task)
         masks, classes, keep = segdata.mask_targets(torch.from_numpy(target)[None])
         expect = [s for s in sample.segments if not s["iscrowd"]
@@ -615,3 +615,60 @@ def test_synthetic_filtered_trains_on_annotations_filtered(tiny, tmp_path):
     _write_quality(folder)
     _ok(_cli([*base, "--synthetic-sampling", "hardness", "--output-dir", tmp_path / "h"], tiny))
     assert json.loads((tmp_path / "h/metrics.json").read_text())["skipped_images"] == 0
+
+
+def _instances_json(path, samples, shift=False):
+    """COCO's instances_val2017.json for `samples`, derived from their panoptic things (pycocotools RLE);
+    shift: every annotation moved to the next thing category (a ground truth the panoptic one disagrees with)."""
+    from pycocotools import mask as mask_util
+
+    things = sorted(c["id"] for c in coco_categories() if c["isthing"])
+    images, anns = [], []
+    for n, s in enumerate(samples, 1):
+        ids = load_panoptic(s)
+        images.append({"id": n, "file_name": s.image.name, "height": ids.shape[0], "width": ids.shape[1]})
+        for seg in s.segments:
+            if seg["category_id"] in things:
+                rle = mask_util.encode(np.asfortranarray((ids == seg["id"]).astype(np.uint8)))
+                cat = things[(things.index(seg["category_id"]) + 1) % len(things)] if shift else seg["category_id"]
+                anns.append({"id": len(anns) + 1, "image_id": n, "category_id": cat, "iscrowd": int(seg["iscrowd"]),
+                             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}, "area": float(mask_util.area(rle))})
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": c} for c in things]}))
+    return path
+
+
+def test_instance_head_has_the_80_things_and_ap_uses_the_instances_file_when_given(tmp_path):
+    from accelerate import Accelerator
+
+    assert len(segdata.class_names("coco", "instance")) == 80 and len(segdata.class_names("coco")) == 133
+    samples = read_dataset("coco", COCO_ROOT, "val")
+    lut = segdata.instance_train_ids()
+    per_image = []  # the oracle answers with the non-crowd things, in the 80-class head's ids
+    for s in samples:
+        ids, segs = torch.from_numpy(load_panoptic(s)), [g for g in s.segments if lut[g["category_id"]] != 255 and not g["iscrowd"]]
+        per_image.append((torch.stack([ids == g["id"] for g in segs]), torch.tensor([int(lut[g["category_id"]]) for g in segs])))
+    exact = [(s, pi) for s, pi in zip(samples, per_image)
+             if max(load_panoptic(s).shape) <= round(min(load_panoptic(s).shape) * 1333 / 800)]
+    s, pi = exact[0]
+    short = min(load_panoptic(s).shape)
+
+    def ap(instances):
+        return segmodel.evaluate(_Oracle([pi], num_classes=80), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True),
+                                 False, task="instance", instances=instances)["instance"]["AP"]
+
+    assert ap(None) == pytest.approx(1.0)  # from the panoptic things
+    assert ap(_instances_json(tmp_path / "same.json", samples)) == pytest.approx(1.0)
+    assert ap(_instances_json(tmp_path / "shifted.json", samples, shift=True)) == 0.0  # the file, not the panoptic PNG, is the truth
+
+
+def test_coco_instance_run_says_where_its_ap_came_from(tiny, coco_train, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_train, root)
+    args = ["--data", "coco", "--data-root", root, "--task", "instance", "--strategy", "real", "--max-steps", "2", "--eval-size", "64", *FAST]
+    _ok(_cli([*args, "--output-dir", tmp_path / "a"], tiny))
+    got = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert got["task"] == "instance" and "panoptic things" in got["ap_source"] and "AP" in got["single_scale"]["instance"]
+    assert len(json.loads((tmp_path / "a/model/config.json").read_text())["id2label"]) == 80  # the thing head
+    instances = _instances_json(root / "annotations/instances_val2017.json", read_dataset("coco", root, "val"))
+    _ok(_cli([*args, "--output-dir", tmp_path / "b"], tiny))
+    assert json.loads((tmp_path / "b/metrics.json").read_text())["ap_source"] == str(instances)
