@@ -19,7 +19,7 @@ from PIL import Image
 from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
 from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, read_synthetic
-from common import quality
+from common import quality, subset
 from common.paths import synth_dir
 
 
@@ -312,6 +312,8 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     real, synthetic, folders = [], [], []
     if a.strategy != "synthetic":
         real = read_dataset(a.data, a.data_root, "train")
+        if getattr(a, "real_subset", None) is not None:  # the one subset every stage trains on (common/subset.py)
+            real = subset.apply(real, a.real_subset)
         if a.max_real_samples is not None:  # Table 4's low-data ablation: a fixed random subset
             keep = np.random.default_rng(a.seed).permutation(len(real))[:a.max_real_samples]
             real = [real[i] for i in sorted(keep)]
