@@ -55,7 +55,7 @@ from common.datasets import default_data_root, read_dataset
 from common.hrnet import loss as hrnet_loss
 from common.paths import seg_run_dir
 from common.progress import console, progress_bar
-from common.segdata import AUGMENTS, MixedBatches, SegData, mask_targets, read_sources, semantic_labels, without_a9
+from common.segdata import AUGMENTS, MixedBatches, SegData, mask_targets, read_sources, semantic_labels, synthetic_weights, without_a9
 from common.segmodel import Backbone, build_optimizer, build_segmenter, lr_factor, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -169,6 +169,11 @@ class Strategy(str, Enum):
     synthetic = "synthetic"
 
 
+class Sampling(str, Enum):
+    uniform = "uniform"
+    hardness = "hardness"
+
+
 class Task(str, Enum):
     semantic = "semantic"
     panoptic = "panoptic"
@@ -204,11 +209,12 @@ def run(a) -> dict:
     # ---- 2. data
     val = read_dataset(a.data, a.data_root, "val")
     real, synthetic, folders = ([], [], []) if a.eval_only else read_sources(a, say)
+    weights = synthetic_weights(folders, synthetic, a.data, a.synthetic_sampling.value) if synthetic else None
     phases = [] if a.eval_only else plan_phases(a)
     if not a.eval_only and a.batch_size % accelerator.num_processes:
         raise SegGenError(f"--batch-size {a.batch_size} (the global batch) must be a multiple of the {accelerator.num_processes} processes")
     for _, p, _ in phases:  # the sampler checks p and the sources before any model is built
-        MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0)
+        MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0, weights=weights)
     resume_from = None if a.eval_only else resolve_seg_resume(a.resume, output_dir, say)
 
     # ---- 3. model
@@ -217,7 +223,7 @@ def run(a) -> dict:
     backbone = a.backbone or Backbone.r50
     key = a.recipe.split("/")[1]
     net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries,
-                                                       a.backbone_weights)
+                                                       a.backbone_weights, a.task)
     freeze_unused(net)
     say(f"{type(net).__name__} ({model_src or backbone.value + ', backbone weights: ' + a.weights_loaded}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
         f"parameters) on {a.data}; {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
@@ -237,7 +243,7 @@ def run(a) -> dict:
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
     loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task),
-                ["real", *[str(f) for f in folders]], output_dir, phases)
+                ["real", *[str(f) for f in folders]], output_dir, phases, weights)
     start_phase, start_step = loop.resume(resume_from, say)
     for k in range(start_phase, len(phases)):
         model = loop.phase(k, start_step if k == start_phase else 0, resume_from if k == start_phase else None, say)
@@ -260,8 +266,9 @@ class Loop:
     """The training loop's state across phases: what was drawn from each source, skipped images and steps
     (the run's totals, kept in every checkpoint), the stats.jsonl log."""
 
-    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases):
+    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases, weights=None):
         self.a, self.accelerator, self.net, self.processor, self.dataset = a, accelerator, net, processor, dataset
+        self.weights = weights  # synthetic draw probabilities (segdata.synthetic_weights), None: uniform
         self.source_names, self.output_dir, self.phases = source_names, output_dir, phases
         self.hrnet = is_hrnet(a.recipe.split("/")[1])
         # Per-process counts: samples drawn from each source, then images left out for having no label.
@@ -298,7 +305,7 @@ class Loop:
         if resume_from is not None:
             acc.load_state(str(resume_from))
         sampler = MixedBatches(len(self.dataset.sources[0]), [len(s) for s in self.dataset.sources[1:]], a.batch_size // acc.num_processes,
-                               p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes)
+                               p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes, self.weights)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers,
                                              pin_memory=acc.device.type == "cuda", persistent_workers=False,
                                              prefetch_factor=4 if a.num_workers else None)
@@ -373,6 +380,9 @@ def main(
     task: Annotated[Task | None, typer.Option(show_default="recipe", help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
     strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = None,
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
+    synthetic_filtered: Annotated[bool, typer.Option("--synthetic-filtered", help="Train on the FreeMask-filtered annotations quality.py --filter wrote (FOLDER/annotations_filtered/: noisy regions ignored).", rich_help_panel="Data")] = False,
+    synthetic_sampling: Annotated[Sampling, typer.Option(help="How synthetic samples are drawn: uniform (§3.4) or hardness (FreeMask's resampling from FOLDER/quality.jsonl, each folder keeping its share).", rich_help_panel="Data")] = Sampling.uniform,
+    real_subset: Annotated[Path | None, typer.Option(help="Train only on the real samples listed in this file (python -m common.subset; Table 4's 1,000, the same in every stage). Validation is whole.", rich_help_panel="Data")] = None,
     max_real_samples: Annotated[int | None, typer.Option(min=1, help="Train on a fixed random subset of this many real samples (Table 4).", rich_help_panel="Data")] = None,
     num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per process.", rich_help_panel="Data")] = 4,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Appendix A.9's ablation: no colour augmentation, random flipping or random cropping (the centre window); the random resize (scale jitter) stays, as A.9 does not name it.", rich_help_panel="Data")] = False,
