@@ -20,6 +20,7 @@ from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
 from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, read_synthetic
 from common import quality, subset
+from common.manifest import manifest_files
 from common.paths import synth_dir
 
 
@@ -306,6 +307,21 @@ def first_per_source(samples: list[Sample], k: int) -> list[Sample]:
     return keep
 
 
+def default_folders(data: str, say) -> list[Path]:
+    """Whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist; one without any manifest line (a run
+    that stopped before its first sample) is skipped with a warning (issue 17 item 2). An empty folder
+    given with --synthetic still fails (read_synthetic)."""
+    found = []
+    for p in (synth_dir(m, data) for m in ("masksyn", "imgsyn")):
+        if not p.is_dir():
+            continue
+        if not any(f.stat().st_size for f in manifest_files(p)):
+            say(f"[yellow]skipping the default synthetic folder {p}: it has no samples yet[/]")
+            continue
+        found.append(p)
+    return found
+
+
 def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     """(real training samples, one sample list per synthetic folder, the folders) of train_seg's options
     `a` (--strategy, --synthetic, --max-real-samples ...), checked before any model."""
@@ -318,11 +334,11 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
             keep = np.random.default_rng(a.seed).permutation(len(real))[:a.max_real_samples]
             real = [real[i] for i in sorted(keep)]
     if a.strategy != "real":
-        folders = list(a.synthetic) or [p for p in (synth_dir(m, a.data) for m in ("masksyn", "imgsyn")) if p.is_dir()]
+        folders = list(a.synthetic) or default_folders(a.data, say)
         if not folders:
             raise SegGenError(
                 f"--strategy {a.strategy.value} needs synthetic data, but neither {synth_dir('masksyn', a.data)} nor "
-                f"{synth_dir('imgsyn', a.data)} exists: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
+                f"{synth_dir('imgsyn', a.data)} exists with samples: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
         folders, counts = zip(*(split_count(f) for f in folders))
         folders = list(folders)
         for folder, k in zip(folders, counts):

@@ -672,3 +672,33 @@ def test_coco_instance_run_says_where_its_ap_came_from(tiny, coco_train, tmp_pat
     instances = _instances_json(root / "annotations/instances_val2017.json", read_dataset("coco", root, "val"))
     _ok(_cli([*args, "--output-dir", tmp_path / "b"], tiny))
     assert json.loads((tmp_path / "b/metrics.json").read_text())["ap_source"] == str(instances)
+
+
+# ---------------------------------------------------------------- one job per run folder; empty default folders (issues 16, 17)
+
+def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_holder(tiny, tmp_path):
+    import os
+
+    from common.lock import output_lock
+
+    with output_lock(tmp_path / "run", rank=0, flag="--output-dir"):  # another job writing there
+        r = _cli(["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "2", "--output-dir", tmp_path / "run", "--eval-size", "32", *FAST], tiny)
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert "--output-dir" in out and str(os.getpid()) in out, out
+    assert not (tmp_path / "run/stats.jsonl").exists()
+
+
+def test_an_empty_default_synthetic_folder_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    (tmp_path / "synth/masksyn-ade20k").mkdir(parents=True)  # a masksyn run that stopped before its first sample
+    (tmp_path / "synth/masksyn-ade20k/manifest.jsonl").write_text("")
+    _write_synthetic(tmp_path / "synth/imgsyn-ade20k", real[:1], n=1)
+    said = []
+    args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[], data="ade20k")
+    _, synthetic, folders = segdata.read_sources(args, said.append)
+    assert [str(f) for f in folders] == ["synth/imgsyn-ade20k"] and len(synthetic[0]) == 1
+    assert any("skipping the default synthetic folder synth/masksyn-ade20k" in x for x in said)
+    with pytest.raises(train_seg.SegGenError, match="has no samples"):  # given explicitly, it still fails
+        segdata.read_sources(SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "synth/masksyn-ade20k"], data="ade20k"), print)
