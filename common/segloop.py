@@ -1,5 +1,5 @@
 """train_seg.py's training loop across phases (paper §3.4: pretrain -> finetune is two phases, each with a
-fresh optimizer and schedule): MixedBatches -> DataLoader -> normalise -> targets -> loss -> clip -> step,
+fresh optimizer and schedule): batches (train_seg.py's MixedBatches, §3.4) -> DataLoader -> normalise -> targets -> loss -> clip -> step,
 with stats.jsonl, checkpoints and the run's totals (what was drawn from each source, skipped images)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from common.checkpoint import save_seg_checkpoint
 from common.hrnet import loss as hrnet_loss
 from common.progress import console, progress_bar
-from common.segdata import MixedBatches, mask_targets, semantic_labels
+from common.segdata import mask_targets, semantic_labels
 from common.segmodel import build_optimizer, is_hrnet, lr_factor
 
 
@@ -21,7 +21,8 @@ class Loop:
     """The training loop's state across phases: what was drawn from each source, skipped images and steps
     (the run's totals, kept in every checkpoint), the stats.jsonl log."""
 
-    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases, weights=None):
+    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases, batches, weights=None):
+        self.batches = batches  # the batch sampler class: train_seg.py's MixedBatches (§3.4)
         self.a, self.accelerator, self.net, self.processor, self.dataset = a, accelerator, net, processor, dataset
         self.weights = weights  # synthetic draw probabilities (segdata.synthetic_weights), None: uniform
         self.source_names, self.output_dir, self.phases = source_names, output_dir, phases
@@ -59,7 +60,7 @@ class Loop:
         model, optimizer, scheduler = acc.prepare(self.net, optimizer, scheduler)
         if resume_from is not None:
             acc.load_state(str(resume_from))
-        sampler = MixedBatches(len(self.dataset.sources[0]), [len(s) for s in self.dataset.sources[1:]], a.batch_size // acc.num_processes,
+        sampler = self.batches(len(self.dataset.sources[0]), [len(s) for s in self.dataset.sources[1:]], a.batch_size // acc.num_processes,
                                p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes, self.weights)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers,
                                              pin_memory=acc.device.type == "cuda", persistent_workers=False,
