@@ -221,6 +221,29 @@ def train_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.
 
 
 @torch.no_grad()
+def caption_use(pipe, images: torch.Tensor, texts: list[str], seed: int = 0) -> dict:
+    """Does the UNet read its captions? Its ε-MSE on held-out images with their own captions and with the
+    captions shuffled among them (same noise, same timesteps); equal losses mean captions are ignored."""
+    from diffusers import DDPMScheduler
+
+    from common.sdxl import encode_prompts, time_ids
+    from common.training import noisy_latents
+
+    z = torch.cat([pipe.vae.encode(images[i:i + 100]).latent_dist.mode() for i in range(0, len(images), 100)])
+    z = z * pipe.vae.config.scaling_factor
+    embeds, pooled = encode_prompts(texts, [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)])
+    g = torch.Generator().manual_seed(seed)
+    noisy, t, target = noisy_latents(z, DDPMScheduler.from_config(pipe.scheduler.config), g)
+    tid = time_ids((64, 64), (0, 0), (64, 64)).expand(len(z), 6)
+    perm = torch.randperm(len(z), generator=g)
+    out = {}
+    for name, (e, p) in {"own": (embeds, pooled), "shuffled": (embeds[perm], pooled[perm])}.items():
+        pred = pipe.unet(noisy, t, encoder_hidden_states=e, added_cond_kwargs={"text_embeds": p, "time_ids": tid}).sample
+        out[f"mse_{name}_captions"] = float(torch.nn.functional.mse_loss(pred, target))
+    return out
+
+
+@torch.no_grad()
 def sample(pipe, captions: list[str], steps: int = 30, guidance: float = 5.0, seed: int = 0, sampler: str = "heun") -> np.ndarray:
     """Sample the pipeline's UNet for `captions` with common/sampler.py (Karras schedule, Heun);
     returns (B, 64, 64, 3) uint8 images."""
@@ -289,6 +312,8 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
     pipe.save_pretrained(out)
     record["seconds"] = time.perf_counter() - t0
     record["cpu_seconds"] = time.process_time() - cpu0
+    if len(val_texts) > 1:
+        record["unet_caption_use_val"] = caption_use(pipe, val_images, val_texts, cfg.seed)
     # A look at what it learned: real validation images over samples drawn for their captions.
     n = min(8, len(val_texts))
     if n:

@@ -148,6 +148,7 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     maps = record["vae_colormaps_val"]  # the generation-palette maps of the val split through the VAE
     assert set(maps) == {"psnr_db", "class_right", "off_palette"}
     assert 0 <= maps["class_right"] <= 1 and 0 <= maps["off_palette"] <= 1
+    assert set(record["unet_caption_use_val"]) == {"mse_own_captions", "mse_shuffled_captions"}
     assert Image.open(out / "samples.png").size == (64 * 4, 128)  # 4 val images over 4 samples
     images = sample(pipe, ["a red ball on grass under a sky"], steps=2)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
