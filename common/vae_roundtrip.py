@@ -42,7 +42,7 @@ def colour_maps(sample: Sample, data: str, resolution: int | None = None) -> tup
     """(truth, {palette kind: colour map}): the (H, W) semantic labels of a real sample and its (H, W, 3)
     uint8 colour map under each palette. resolution: the shorter side resized to it (nearest) and both
     sides cropped to a multiple of 8, as the VAE needs; None keeps the annotation's size."""
-    if data == "ade20k":
+    if data != "coco":  # ADE20K and the toy world: 8-bit semantic labels
         truth = load_label(sample, data)
         maps = {k: label_to_color(truth, palette_for(data, k)) for k in KINDS}
     else:  # COCO panoptic: segments outlined with the edge colour (A.2); truth is the semantic map
@@ -61,7 +61,7 @@ def colour_maps(sample: Sample, data: str, resolution: int | None = None) -> tup
 def recovered(truth: np.ndarray, cmap: np.ndarray, data: str, kind: str, vote: bool) -> np.ndarray:
     """(H, W) bool: the pixels of a round-tripped colour map that decode to their own class."""
     palette = palette_for(data, kind)
-    if data == "ade20k":
+    if data != "coco":
         return color_to_label(cmap, palette, vote=vote) == truth
     return panoptic_color_to_semantic(cmap, palette, vote=vote) == truth
 

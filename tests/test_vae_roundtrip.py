@@ -86,3 +86,20 @@ def test_bad_vae_folder_names_the_flag(tmp_path):
     result = run(["--vae", tmp_path, "--data-root", ADE_ROOT, "--n", 1])
     assert result.exit_code == 2
     assert "--vae" in result.output and "vae/config.json" in result.output
+
+
+def test_toy_world_maps_are_semantic_not_panoptic(vae_folder, tmp_path):
+    """--data toy reads 8-bit labels like ADE20K (it used to be taken for COCO panoptic PNGs)."""
+    import subprocess
+    import sys
+
+    world = tmp_path / "world"
+    subprocess.run([sys.executable, "-m", "common.toyworld", str(world), "--train", "2", "--val", "2", "--seed", "0"],
+                   check=True, capture_output=True)
+    out = tmp_path / "rt.json"
+    result = run(["--vae", vae_folder, "--data", "toy", "--data-root", world, "--n", 2, "--resolution", 64, "--device", "cpu", "--json", out])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out.read_text())
+    assert got["samples"] == 2 and got["pixels"] == 2 * 64 * 64
+    truth, maps = vr.colour_maps(read_dataset("toy", world, "val")[0], "toy")
+    assert truth.shape == (64, 64) and set(np.unique(color_to_label(maps["generation"], palette_for("toy")))) == set(np.unique(truth))
