@@ -304,3 +304,29 @@ def test_coco_panoptic_folder_from_recovered_instances(tmp_path, models, caption
         assert np.array_equal(cmap, panoptic_to_color(ids, sample.segments, palette))
     assert run(out, {"text2mask": None, "mask2img": None, "base": None}, captions, data="coco",
                reproduce=read_synthetic(out)[-1].id)["identical"]
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+def test_train_seg_trains_on_a_coco_masksyn_folder(tmp_path, models, captions, tiny_models, task):
+    """A COCO MaskSyn folder is a training source for train_seg --data coco, panoptic and instance alike:
+    every synthetic slot of the batches is drawn from it (p_aug 1) and metrics.json is written."""
+    from typer.testing import CliRunner
+
+    import train_seg
+    from conftest import COCO_ROOT
+
+    out = tmp_path / "masksyn-coco"
+    assert run(out, models, captions, data="coco", per_sample=1, **ACCEPT_ALL)["written"] == 2
+    root = tmp_path / "coco"  # a COCO root whose train split is a copy of the 2 real val samples
+    shutil.copytree(COCO_ROOT, root)
+    shutil.copytree(root / "val2017", root / "train2017")
+    shutil.copytree(root / "annotations/panoptic_val2017", root / "annotations/panoptic_train2017")
+    shutil.copy(root / "annotations/panoptic_val2017.json", root / "annotations/panoptic_train2017.json")
+    args = ["--data", "coco", "--data-root", root, "--task", task, "--strategy", "synthetic", "--synthetic", out,
+            "--model", tiny_models("mask2former"), "--max-steps", "2", "--batch-size", "2", "--crop", "64",
+            "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "1", "--eval-size", "64",
+            "--output-dir", tmp_path / "run"]
+    result = CliRunner().invoke(train_seg.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    got = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert got["task"] == task and got["drawn"] == {"real": 0, str(out): 4}
