@@ -18,6 +18,8 @@ manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -113,6 +115,8 @@ def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np
 def imgsyn(**options) -> dict:
     """Run ImgSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
     "failed", "seconds", "out", ...}."""
+    quiet.quiet()
+    threads.configure()
     o = Job(**options)
     data, split, resolution, limit, reproduce, batch_size = o.data, o.split, o.resolution, o.limit, o.reproduce, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
@@ -155,6 +159,8 @@ def imgsyn(**options) -> dict:
 
     # -- model
     gen = synth.load_mask2img(mask2img, base, kind, state.device, dtype, models["vae"]) if todo else None
+    if gen is not None and state.is_main_process:
+        synth.caption_note(gen, {s: caps[s] for s in sources}, captions)
 
     # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)

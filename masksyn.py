@@ -27,6 +27,8 @@ common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does no
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -158,6 +160,8 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
 def masksyn(**options) -> dict:
     """Run MaskSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
     "rejected", "failed", "seconds", "out", ...}."""
+    quiet.quiet()
+    threads.configure()
     o = Job(**options)
     data, resolution, limit, reproduce, per_sample, batch_size = o.data, o.resolution, o.limit, o.reproduce, o.per_sample, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
@@ -222,6 +226,8 @@ def masksyn(**options) -> dict:
             for batch in todo:
                 if gens is None:  # models load once there is work
                     gens = load_models(models, settings, state.device)
+                    if state.is_main_process:
+                        synth.caption_note(gens[0], {s: caps[s] for s in sources}, captions)
                 for (s, k), item in zip(batch, generate(*gens, batch, caps, settings, palettes)):
                     sid = synth.sample_id(s, k)
                     if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole

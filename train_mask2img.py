@@ -19,6 +19,8 @@ checkpoint-N/ folders and cache/ (the caption embeddings, reused on resume; dele
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import json
 import time
 from pathlib import Path
@@ -52,7 +54,7 @@ from common.sdxl import (
 from common.training import (
     ColorMapDataset, RunLog, StepMeter, cache_latents, check_cache_latents, check_finite, ema_weights, image_grid,
     load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer, noisy_latents, optimizer_step,
-    quiet_loading, read_captions, sample_latents, step_generator, step_loader, to_device,
+    caption_cut_note, read_captions, sample_latents, step_generator, step_loader, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -64,7 +66,8 @@ def train(a: SimpleNamespace) -> Path:
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
-    quiet_loading()
+    quiet.quiet()
+    plan = threads.configure()
     data_root = a.data_root or default_data_root()
     captions = a.captions or captions_path(a.data, a.split)
     out = a.output_dir or mask2img_dir(a.data)
@@ -77,6 +80,8 @@ def train(a: SimpleNamespace) -> Path:
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
+    note = plan.workers_note(a.num_workers)
+    a.num_workers = plan.workers(a.num_workers)
 
     accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -85,6 +90,9 @@ def train(a: SimpleNamespace) -> Path:
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
     log = RunLog(out, options, main_proc, checkpoint_step(resume_from) or 0)
     if main_proc:
+        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions)):
+            if line:
+                console.print(f"[yellow]note:[/] {line}")
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
                       f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
@@ -269,7 +277,7 @@ def main(
     random_flip: RandomFlipOpt = True,
     center_crop: CenterCropOpt = False,
     max_train_samples: MaxTrainSamplesOpt = None,
-    num_workers: NumWorkersOpt = 4,
+    num_workers: NumWorkersOpt = None,
     pretrained: PretrainedOpt = PAPER_BASE,
     controlnet: Annotated[str | None, typer.Option(help="Start from this ControlNet folder instead of a copy of the UNet's encoder.", rich_help_panel="Model")] = None,
     vae: VaeOpt = None,

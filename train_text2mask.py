@@ -18,6 +18,8 @@ resume; delete it when done).
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import json
 import time
 from pathlib import Path
@@ -50,7 +52,7 @@ from common.sdxl import (
 from common.training import (
     ColorMapDataset, RunLog, StepMeter, cache_latents, check_cache_latents, check_finite, ema_weights, image_grid,
     load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer, noisy_latents, optimizer_step,
-    quiet_loading, read_captions, sample_latents, step_generator, step_loader, to_device,
+    caption_cut_note, read_captions, sample_latents, step_generator, step_loader, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -62,7 +64,8 @@ def train(a: SimpleNamespace) -> Path:
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
-    quiet_loading()
+    quiet.quiet()
+    plan = threads.configure()
     data_root = a.data_root or default_data_root()
     captions = a.captions or captions_path(a.data, a.split)
     out = a.output_dir or text2mask_dir(a.data)
@@ -74,6 +77,8 @@ def train(a: SimpleNamespace) -> Path:
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
+    note = plan.workers_note(a.num_workers)
+    a.num_workers = plan.workers(a.num_workers)
 
     accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -82,6 +87,9 @@ def train(a: SimpleNamespace) -> Path:
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
     log = RunLog(out, options, main_proc, checkpoint_step(resume_from) or 0)
     if main_proc:
+        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions)):
+            if line:
+                console.print(f"[yellow]note:[/] {line}")
         console.print(f"Text2Mask ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
 
@@ -227,7 +235,7 @@ def main(
     random_flip: RandomFlipOpt = True,
     center_crop: CenterCropOpt = False,
     max_train_samples: MaxTrainSamplesOpt = None,
-    num_workers: NumWorkersOpt = 4,
+    num_workers: NumWorkersOpt = None,
     pretrained: PretrainedOpt = PAPER_BASE,
     vae: VaeOpt = None,
     resolution: ResolutionOpt = 768,

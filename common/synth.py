@@ -297,6 +297,16 @@ def _ready(pipe, controlnet, kind, device, dtype) -> Generator:
     return Generator(pipe, denoiser, kind == "sdxl", device, dtype)
 
 
+def caption_note(gen: Generator, captions: dict[str, str], source) -> None:
+    """Say once which captions are longer than the pipeline's text encoder reads (common/quiet.py), in
+    place of the tokenizer's and the pipeline's warnings per batch."""
+    from common import quiet
+
+    note = quiet.caption_cut_note(gen.pipe.tokenizer, captions, source=str(source))
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
+
+
 @torch.no_grad()
 def encode(gen: Generator, captions: list[str], size: tuple[int, int]) -> tuple[Cond, Cond]:
     """(cond, uncond) for a batch of captions to be drawn at size (h, w), through the pipeline's own
