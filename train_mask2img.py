@@ -23,6 +23,7 @@ from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts 
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -37,7 +38,8 @@ from rich.console import Console
 from common import SegGenError
 from common.colormap import palette_for
 from common.datasets import default_data_root, read_dataset
-from common.paths import captions_path, mask2img_dir
+from common.lock import output_lock
+from common.paths import captions_path, mask2img_dir, record_path
 from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.checkpoint import load as load_checkpoint
 from common.cli import (  # the command line both trainers share: choices and options, declared once
@@ -63,6 +65,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def train(a: SimpleNamespace) -> Path:
     """The whole run: checks, data, model, loop, final save. Returns the output folder."""
+    with ExitStack() as held:  # the lock on --output-dir, taken once the accelerator knows this rank
+        return _train(a, held)
+
+
+def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
@@ -84,6 +91,7 @@ def train(a: SimpleNamespace) -> Path:
     a.num_workers = plan.workers(a.num_workers)
 
     accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
+    held.enter_context(output_lock(out, accelerator.process_index, "--output-dir"))  # one writer per run folder
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
@@ -195,11 +203,13 @@ def train(a: SimpleNamespace) -> Path:
             ema.copy_to(controlnet.parameters())
         controlnet.save_pretrained(out)
         palette.save(out / "palette.json")
-        local = lambda p: str(Path(p).resolve()) if p and Path(p).is_dir() else p  # noqa: E731  (hub ids stay ids)
-        (out / "seggen.json").write_text(json.dumps({  # local folders absolute: the sampling scripts run from anywhere
-            "stage": "mask2img", "base": local(a.pretrained), "vae": local(a.vae), "data": a.data, "palette": "palette.json",
+        notes = []  # local folders relative to the run folder, hub ids as they are: the run can move (common/paths.py)
+        (out / "seggen.json").write_text(json.dumps({
+            "stage": "mask2img", "base": record_path(a.pretrained, out, notes), "vae": a.vae and record_path(a.vae, out, notes), "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}")
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "
                       f"ControlNet + seggen.json + palette.json -> {out}")
     accelerator.end_training()

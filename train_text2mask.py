@@ -22,6 +22,7 @@ from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts 
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -35,7 +36,8 @@ from rich.console import Console
 
 from common.colormap import color_to_label, label_to_color, palette_for
 from common.datasets import default_data_root, read_dataset
-from common.paths import captions_path, text2mask_dir
+from common.lock import output_lock
+from common.paths import captions_path, record_path, text2mask_dir
 from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.checkpoint import load as load_checkpoint
 from common.cli import (  # the command line both trainers share: choices and options, declared once
@@ -61,6 +63,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def train(a: SimpleNamespace) -> Path:
     """The whole run: checks, data, model, loop, final save. Returns the output folder."""
+    with ExitStack() as held:  # the lock on --output-dir, taken once the accelerator knows this rank
+        return _train(a, held)
+
+
+def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
@@ -81,6 +88,7 @@ def train(a: SimpleNamespace) -> Path:
     a.num_workers = plan.workers(a.num_workers)
 
     accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
+    held.enter_context(output_lock(out, accelerator.process_index, "--output-dir"))  # one writer per run folder
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
@@ -178,7 +186,7 @@ def train(a: SimpleNamespace) -> Path:
         pipe.save_pretrained(out)
         palette.save(out / "palette.json")
         (out / "seggen.json").write_text(json.dumps({
-            "stage": "text2mask", "base": a.pretrained, "data": a.data, "palette": "palette.json", "palette_kind": a.palette,
+            "stage": "text2mask", "base": record_path(a.pretrained, out), "data": a.data, "palette": "palette.json", "palette_kind": a.palette,
             "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "
