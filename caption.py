@@ -14,9 +14,12 @@ its own `NAME.rank{N}.jsonl`; readers take the family as one file.
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import copy
 import json
 import time
+from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +32,8 @@ from common import SegGenError, cli
 from common.cli import Data, Precision, Split, precision_dtype, user_errors
 from common.colormap import class_names
 from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
-from common.manifest import ManifestWriter, done_ids, rank_path
+from common.lock import output_lock
+from common.manifest import ManifestWriter, rank_path, read_ids
 from common.paths import captions_path
 from common.progress import progress_bar
 from common.shard import process_state, shard
@@ -111,19 +115,33 @@ def load_blip2(model: str, quantize: Quantize, precision: Precision, device):
 
 # ---------------------------------------------------------------- the job
 
-def caption(
+def caption(*args, **kwargs) -> dict:
+    """Caption a dataset split (the arguments of `_caption`); returns the summary {"captioned", "skipped", "failed",
+    "seconds", "out"}."""
+    with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        return _caption(held, *args, **kwargs)
+
+
+def _caption(
+    held: ExitStack,
     data: str, data_root: Path | None, split: str, out: Path | None = None, captioner: str = "blip2",
     model: str = PAPER_MODEL, prompt: str = PAPER_PROMPT, quantize: str = "none", precision: str = "auto",
-    batch_size: int = 16, num_workers: int = 2, max_new_tokens: int = 30, num_beams: int = 1, limit: int | None = None,
+    batch_size: int = 16, num_workers: int | None = None, max_new_tokens: int = 30, num_beams: int = 1, limit: int | None = None,
 ) -> dict:
     """Caption a dataset split; returns the summary {"captioned", "skipped", "failed", "seconds", "out"}."""
+    quiet.quiet()
+    plan = threads.configure()
     state = process_state()
+    if (note := plan.workers_note(num_workers)) and state.is_main_process:
+        console.print(f"[yellow]note:[/] {note}")
+    num_workers = plan.workers(num_workers)
     samples = read_dataset(data, data_root, split)  # bad --data / --data-root fail here, before any model
     root = Path(data_root) if data_root is not None else default_data_root()
     out = Path(out) if out is not None else captions_path(data, split)
     samples = samples[:limit] if limit else samples
     mine = shard(samples, state)
-    done = done_ids(out)
+    held.enter_context(output_lock(out, state.process_index, "--out", file=True))  # one writer per captions file
+    done = read_ids(out)  # ids only, streaming (issue 18 item 1)
     todo = [s for s in mine if s.id not in done]
     if state.is_main_process:
         console.print(f"[bold]caption.py[/] {data}/{split}: {len(samples)} image(s) under {root}, output {out}"
@@ -207,7 +225,7 @@ def main(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=512, help="Longest caption, in tokens.", rich_help_panel="Generation")] = 30,
     num_beams: Annotated[int, typer.Option(min=1, max=16, help="Beam search width (1 = greedy).", rich_help_panel="Generation")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generate() call.", rich_help_panel="Generation")] = 16,
-    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader workers decoding images.", rich_help_panel="Generation")] = 2,
+    num_workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: cores−1, at most 4; 0 on ≤ 2 cores; common/threads.py).", rich_help_panel="Generation")] = None,
 ):
     """Caption a dataset with BLIP-2 (paper §3.2) or with its class names; resumable, shardable."""
     with user_errors(console):

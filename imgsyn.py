@@ -18,7 +18,10 @@ manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -32,6 +35,7 @@ from PIL import Image
 from common import SegGenError, cli, synth
 from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.datasets import Sample, load_label, load_panoptic, read_dataset
+from common.lock import output_lock
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir
 from common.shard import process_state
@@ -113,6 +117,13 @@ def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np
 def imgsyn(**options) -> dict:
     """Run ImgSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
     "failed", "seconds", "out", ...}."""
+    with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        return _imgsyn(held, **options)
+
+
+def _imgsyn(held: ExitStack, **options) -> dict:
+    quiet.quiet()
+    threads.configure()
     o = Job(**options)
     data, split, resolution, limit, reproduce, batch_size = o.data, o.split, o.resolution, o.limit, o.reproduce, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
@@ -142,7 +153,9 @@ def imgsyn(**options) -> dict:
     dtype = precision_dtype(o.precision, state.device)
     settings = o.settings(Settings, dtype, steps=o.steps, palette=palette.name)
     models = {"mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
+    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/lock.py)
     done = synth.check_output(out, settings, models)
+    recorded = synth.record_models(models, out)  # relative to out: the folder moves with its models (issue 17 item 4)
 
     # -- the plan: batches of (source id, k); this process takes every world-th batch
     todo, skipped = synth.process_plan(sources, per_sample, batch_size, state, done)
@@ -155,6 +168,8 @@ def imgsyn(**options) -> dict:
 
     # -- model
     gen = synth.load_mask2img(mask2img, base, kind, state.device, dtype, models["vae"]) if todo else None
+    if gen is not None and state.is_main_process:
+        synth.caption_note(gen, {s: caps[s] for s in sources}, captions)
 
     # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
@@ -180,7 +195,7 @@ def imgsyn(**options) -> dict:
                     summary["skipped"] += 1
                     continue
                 synth.save_sample(out, sid, image, cache[s]["colormap"], lambda p: synth.link_or_copy(samples[s].annotation, p))
-                record = synth.sample_record("imgsyn", sid, s, k, caps[s], settings, models, batch)
+                record = synth.sample_record("imgsyn", sid, s, k, caps[s], settings, recorded, batch)
                 if samples[s].segments is not None:
                     record["segments_info"] = samples[s].segments
                 writer.append(record)
@@ -201,7 +216,7 @@ def _reproduce(out, wanted, samples, caps, state) -> dict:
     """Regenerate one sample from its manifest line (its own settings, models and batch) into
     out/reproduce/ and compare it with the stored image byte for byte."""
     rec = synth.find_record(out, wanted)
-    settings, models = Settings.from_record(rec["settings"]), rec["models"]
+    settings, models = Settings.from_record(rec["settings"]), synth.resolve_models(rec["models"], out)
     batch = [(s, int(k)) for s, k in rec["batch"]]
     lost = [s for s, _ in batch if s not in samples or s not in caps]
     if lost:

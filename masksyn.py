@@ -27,7 +27,10 @@ common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does no
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -42,7 +45,8 @@ from common import SegGenError, cli, synth
 from common.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
 from common.datasets import id_to_rgb
-from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
+from common.lock import output_lock
+from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_ids, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
 from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
@@ -158,6 +162,13 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
 def masksyn(**options) -> dict:
     """Run MaskSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
     "rejected", "failed", "seconds", "out", ...}."""
+    with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        return _masksyn(held, **options)
+
+
+def _masksyn(held: ExitStack, **options) -> dict:
+    quiet.quiet()
+    threads.configure()
     o = Job(**options)
     data, resolution, limit, reproduce, per_sample, batch_size = o.data, o.resolution, o.limit, o.reproduce, o.per_sample, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
@@ -189,10 +200,11 @@ def masksyn(**options) -> dict:
                           off_palette_distance=palettes[0].min_distance() / 2)
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     rejected_path = out / "rejected.jsonl"
+    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/lock.py)
     done = synth.check_output(out, settings, models)
     # Rejections carry their settings too: a rerun with e.g. a looser --max-off-palette must not skip them.
-    rejected = outcomes(read_manifest(rejected_path))
-    synth.check_output(out, settings, models, list(rejected.values()))
+    rejected = synth.check_output(out, settings, models, rejected_path)  # ids only, streaming
+    recorded = synth.record_models(models, out)  # relative to out: the folder moves with its models (issue 17 item 4)
 
     # -- the plan: rounds of (source id, attempt) cut into batches; this process takes every world-th batch
     # of each round. Round 0 draws attempts 0..N-1 of every caption; each later round draws, for each
@@ -222,6 +234,8 @@ def masksyn(**options) -> dict:
             for batch in todo:
                 if gens is None:  # models load once there is work
                     gens = load_models(models, settings, state.device)
+                    if state.is_main_process:
+                        synth.caption_note(gens[0], {s: caps[s] for s in sources}, captions)
                 for (s, k), item in zip(batch, generate(*gens, batch, caps, settings, palettes)):
                     sid = synth.sample_id(s, k)
                     if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
@@ -231,13 +245,13 @@ def masksyn(**options) -> dict:
                     if "rejected" in item:
                         rejects.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
                                         "off_palette": item["off_palette"], "classes": item["classes"],
-                                        "settings": settings.record(), "models": models, "batch": [[b, kk] for b, kk in batch]})
+                                        "settings": settings.record(), "models": recorded, "batch": [[b, kk] for b, kk in batch]})
                         summary["rejected"] += 1
                         summary["rejections"][item["rule"]] = summary["rejections"].get(item["rule"], 0) + 1
                         continue
                     annotation = id_to_rgb(item["panoptic"]) if data == "coco" else item["label"]  # COCO panoptic / ADE20K encoding
                     synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, annotation))
-                    record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, models, batch),
+                    record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, recorded, batch),
                               "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]}
                     if data == "coco":
                         record["segments_info"] = item["segments_info"]
@@ -250,7 +264,7 @@ def masksyn(**options) -> dict:
                                 rate=summary["written"] / (time.perf_counter() - start))
             # The round is complete in every process: its outcomes decide the next round.
             state.wait_for_everyone()
-            done, rejected = ids_in(read_manifest(out) if out.is_dir() else []), outcomes(read_manifest(rejected_path))
+            done, rejected = read_ids(out) if out.is_dir() else set(), read_ids(rejected_path)
 
     summary["seconds"] = time.perf_counter() - start
     summary["failures"] = []
@@ -265,15 +279,6 @@ def masksyn(**options) -> dict:
 
 
 # ---------------------------------------------------------------- redraw rounds and their tally
-
-def ids_in(records: list[dict]) -> set[str]:
-    return {str(r["id"]) for r in records}
-
-
-def outcomes(rejected_records: list[dict]) -> dict[str, dict]:
-    """Rejected id -> its line (the rule and reason)."""
-    return {str(r["id"]): r for r in rejected_records}
-
 
 def sample_attempt(sid: str) -> tuple[str, int]:
     s, _, k = sid.rpartition("_")
@@ -348,7 +353,7 @@ def _reproduce(out, wanted, caps, state) -> dict:
     """Regenerate one sample from its manifest line (its own settings, models and batch) into
     out/reproduce/ and compare image and annotation with the stored ones byte for byte."""
     rec = synth.find_record(out, wanted)
-    settings, models = Settings.from_record(rec["settings"]), rec["models"]
+    settings, models = Settings.from_record(rec["settings"]), synth.resolve_models(rec["models"], out)
     batch = [(s, int(k)) for s, k in rec["batch"]]
     lost = [s for s, _ in batch if s not in caps]
     if lost:

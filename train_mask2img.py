@@ -19,8 +19,11 @@ checkpoint-N/ folders and cache/ (the caption embeddings, reused on resume; dele
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -35,7 +38,8 @@ from rich.console import Console
 from common import SegGenError
 from common.colormap import palette_for
 from common.datasets import default_data_root, read_dataset
-from common.paths import captions_path, mask2img_dir
+from common.lock import output_lock
+from common.paths import captions_path, mask2img_dir, record_path
 from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.checkpoint import load as load_checkpoint
 from common.cli import (  # the command line both trainers share: choices and options, declared once
@@ -52,7 +56,7 @@ from common.sdxl import (
 from common.training import (
     ColorMapDataset, RunLog, StepMeter, cache_latents, check_cache_latents, check_finite, ema_weights, image_grid,
     load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer, noisy_latents, optimizer_step,
-    quiet_loading, read_captions, sample_latents, step_generator, step_loader, to_device,
+    caption_cut_note, read_captions, sample_latents, step_generator, step_loader, to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True)
@@ -61,10 +65,16 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def train(a: SimpleNamespace) -> Path:
     """The whole run: checks, data, model, loop, final save. Returns the output folder."""
+    with ExitStack() as held:  # the lock on --output-dir, taken once the accelerator knows this rank
+        return _train(a, held)
+
+
+def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
     # ---------------------------------------------------------------- setup: every check before heavy work
-    quiet_loading()
+    quiet.quiet()
+    plan = threads.configure()
     data_root = a.data_root or default_data_root()
     captions = a.captions or captions_path(a.data, a.split)
     out = a.output_dir or mask2img_dir(a.data)
@@ -77,14 +87,20 @@ def train(a: SimpleNamespace) -> Path:
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
+    note = plan.workers_note(a.num_workers)
+    a.num_workers = plan.workers(a.num_workers)
 
     accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
+    held.enter_context(output_lock(out, accelerator.process_index, "--output-dir"))  # one writer per run folder
     main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
                "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
                "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
     log = RunLog(out, options, main_proc, checkpoint_step(resume_from) or 0)
     if main_proc:
+        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions)):
+            if line:
+                console.print(f"[yellow]note:[/] {line}")
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
                       f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
@@ -187,11 +203,13 @@ def train(a: SimpleNamespace) -> Path:
             ema.copy_to(controlnet.parameters())
         controlnet.save_pretrained(out)
         palette.save(out / "palette.json")
-        local = lambda p: str(Path(p).resolve()) if p and Path(p).is_dir() else p  # noqa: E731  (hub ids stay ids)
-        (out / "seggen.json").write_text(json.dumps({  # local folders absolute: the sampling scripts run from anywhere
-            "stage": "mask2img", "base": local(a.pretrained), "vae": local(a.vae), "data": a.data, "palette": "palette.json",
+        notes = []  # local folders relative to the run folder, hub ids as they are: the run can move (common/paths.py)
+        (out / "seggen.json").write_text(json.dumps({
+            "stage": "mask2img", "base": record_path(a.pretrained, out, notes), "vae": a.vae and record_path(a.vae, out, notes), "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}")
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "
                       f"ControlNet + seggen.json + palette.json -> {out}")
     accelerator.end_training()
@@ -269,7 +287,7 @@ def main(
     random_flip: RandomFlipOpt = True,
     center_crop: CenterCropOpt = False,
     max_train_samples: MaxTrainSamplesOpt = None,
-    num_workers: NumWorkersOpt = 4,
+    num_workers: NumWorkersOpt = None,
     pretrained: PretrainedOpt = PAPER_BASE,
     controlnet: Annotated[str | None, typer.Option(help="Start from this ControlNet folder instead of a copy of the UNet's encoder.", rich_help_panel="Model")] = None,
     vae: VaeOpt = None,

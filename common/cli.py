@@ -89,7 +89,7 @@ PaletteOpt = Annotated[PaletteKind, typer.Option(help="Colour map palette: gener
 RandomFlipOpt = Annotated[bool, typer.Option(help="Random horizontal flip of image and colour map together (appendix A.4).", rich_help_panel="Data")]
 CenterCropOpt = Annotated[bool, typer.Option(help="Centre crop instead of a random crop.", rich_help_panel="Data")]
 MaxTrainSamplesOpt = Annotated[int | None, typer.Option(min=1, help="Train on the first N captioned samples only (a quick try).", rich_help_panel="Data")]
-NumWorkersOpt = Annotated[int, typer.Option(min=0, help="DataLoader worker processes.", rich_help_panel="Data")]
+NumWorkersOpt = Annotated[int | None, typer.Option(min=0, help="DataLoader worker processes (default: cores−1, at most 4; 0 on ≤ 2 cores; common/threads.py).", rich_help_panel="Data")]
 PretrainedOpt = Annotated[str, typer.Option(help="Base pipeline, hub id or folder; SDXL or SD-1.5-style (told from its folder).", rich_help_panel="Model")]
 VaeOpt = Annotated[str | None, typer.Option(help="Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix so the VAE can run in fp16.", rich_help_panel="Model")]
 ResolutionOpt = Annotated[int, typer.Option(min=8, max=4096, help="Training resolution (appendix A.4: 768); a multiple of the VAE factor (8).", rich_help_panel="Training")]

@@ -29,10 +29,11 @@ from PIL import Image, ImageDraw
 
 from common import SegGenError, sdxl
 from common.colormap import Palette, label_to_color, palette_for
-from common.manifest import atomic_save, read_manifest
+from common.manifest import atomic_save, first_record, iter_lines, line_id, manifest_files, parse_line, read_ids
 from common.progress import console, progress_bar
 from common import sampler as edm
 from common.sampler import Cond, EpsDenoiser
+from common.paths import record_path, resolve_recorded
 from common.shard import shard
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
@@ -209,10 +210,10 @@ def check_controlnet(path: str, base: str | None, data: str) -> tuple[str, str]:
         if not recorded:
             raise SegGenError(f"--mask2img {folder} records no base pipeline (no 'base' in {meta}): pass --base, "
                               f"the SDXL / SD-1.5 pipeline the ControlNet was trained on")
-        base = str(recorded)
-        if not _is_hub_id(base) and not Path(base).exists():  # recorded relative to where training ran
-            raise SegGenError(f"--mask2img {folder} records base pipeline {base!r} (in seggen.json), which is not found "
-                              f"from {Path.cwd()}: pass --base with that pipeline's folder or hub id")
+        base = resolve_recorded(str(recorded), folder)  # recorded relative to the ControlNet folder (common/paths.py)
+        if not _is_hub_id(base) and not Path(base).exists():
+            raise SegGenError(f"--mask2img {folder} records base pipeline {recorded!r} (in seggen.json), which is not found "
+                              f"from {Path.cwd()} (looked for {base}): pass --base with that pipeline's folder or hub id")
     kind = check_pipeline(base, "--base", "train_mask2img.py")
     if not _is_hub_id(path) and not _is_hub_id(base):
         cn = _read_json(folder / "config.json", "--mask2img")
@@ -229,7 +230,24 @@ def recorded_vae(mask2img: str) -> str | None:
     """The VAE train_mask2img.py --vae trained with (e.g. an fp16-fixed SDXL VAE), from seggen.json; None
     when it used the base pipeline's own."""
     meta = Path(mask2img) / "seggen.json"
-    return _read_json(meta, "--mask2img").get("vae") if meta.is_file() else None
+    vae = _read_json(meta, "--mask2img").get("vae") if meta.is_file() else None
+    return resolve_recorded(vae, mask2img) if vae else None
+
+
+def record_models(models: dict, out: Path, notes: list[str] | None = None) -> dict:
+    """A manifest's `models` as recorded in folder `out`: local paths relative to it, hub ids as they are
+    (common/paths.py `record_path`), so a synthetic folder moved with its models still names them."""
+    return {k: record_path(v, out, notes) if v else v for k, v in models.items()}
+
+
+def resolve_models(recorded: dict, out: Path) -> dict:
+    """`record_models`' inverse: the paths (or hub ids) a manifest line in folder `out` names."""
+    return {k: resolve_recorded(str(v), out) if v else v for k, v in recorded.items()}
+
+
+def _place(models: dict) -> dict:
+    """Models by where they are (absolute, symlinks resolved), to compare a resumed run's with the folder's."""
+    return {k: os.path.realpath(v) if v and not _is_hub_id(str(v)) else v for k, v in models.items()}
 
 
 def model_palette(folder: str, data: str) -> Palette:
@@ -297,6 +315,16 @@ def _ready(pipe, controlnet, kind, device, dtype) -> Generator:
     return Generator(pipe, denoiser, kind == "sdxl", device, dtype)
 
 
+def caption_note(gen: Generator, captions: dict[str, str], source) -> None:
+    """Say once which captions are longer than the pipeline's text encoder reads (common/quiet.py), in
+    place of the tokenizer's and the pipeline's warnings per batch."""
+    from common import quiet
+
+    note = quiet.caption_cut_note(gen.pipe.tokenizer, captions, source=str(source))
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
+
+
 @torch.no_grad()
 def encode(gen: Generator, captions: list[str], size: tuple[int, int]) -> tuple[Cond, Cond]:
     """(cond, uncond) for a batch of captions to be drawn at size (h, w), through the pipeline's own
@@ -343,22 +371,28 @@ def control_tensor(colormaps: list[np.ndarray]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the output folder
 
-def check_output(out: Path, settings: Settings, models: dict, records: list[dict] | None = None) -> set[str]:
+def check_output(out: Path, settings: Settings, models: dict, manifest: Path | None = None) -> set[str]:
     """Ids already written in out (a rerun skips them). An output folder holding another run's
     samples made with different settings or models is an error: mixing them would break provenance.
+    Models are compared by where they are (the recorded paths resolved from out, `models` from here), so
+    a folder moved together with its models resumes.
 
-    records: other lines to check the same way instead of out's manifest (masksyn's rejected.jsonl)."""
-    if records is None:
-        records = read_manifest(out) if out.is_dir() else []
-    if records:
-        old = {**upgrade(records[0].get("settings", {})), "models": records[0].get("models")}
-        settings = {**settings.record(), "models": models}
+    Reads the ids and the first line only, streaming (common/manifest.py `read_ids`, `first_record`): a
+    resume of a million-line folder keeps ~100 bytes per id, not every record (issue 18 item 1).
+    manifest: another manifest family to check the same way instead of out's (masksyn's rejected.jsonl)."""
+    if manifest is None and not out.is_dir():
+        return set()
+    path = out if manifest is None else manifest
+    first = first_record(path)
+    if first is not None:
+        old = {**upgrade(first.get("settings", {})), "models": _place(resolve_models(first.get("models") or {}, out))}
+        settings = {**settings.record(), "models": _place(models)}
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
             raise SegGenError(f"--out {out} holds samples of another run with different settings ({shown}): "
                               f"pass another --out, or the same settings to resume it")
-    return {str(r["id"]) for r in records}
+    return read_ids(path) if first is not None else set()
 
 
 def sample_record(method: str, sid: str, source_id: str, k: int, caption: str, settings: Settings, models: dict,
@@ -395,9 +429,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def find_record(out: Path, wanted: str) -> dict:
-    for rec in read_manifest(out):
-        if str(rec["id"]) == wanted:
-            return rec
+    """The manifest line of sample `wanted`, streaming: only that line is parsed."""
+    for file in manifest_files(out):
+        for n, _, line in iter_lines(file):
+            if line_id(line, f"{file}:{n}") == wanted:
+                return parse_line(line, f"{file}:{n}")
     raise SegGenError(f"--reproduce {wanted}: no such id in the manifests of --out {out}")
 
 

@@ -127,6 +127,17 @@ def read_captions(path: Path, samples: list[Sample]) -> tuple[list[Sample], list
     return kept, [caption[s.id] for s in kept]
 
 
+def caption_cut_note(pretrained: str, samples: list[Sample], texts: list[str], captions: Path) -> str | None:
+    """common/quiet.py's one line naming the captions longer than the base's (first) text encoder reads,
+    or None: said once here instead of the tokenizer's warning per batch."""
+    from transformers import AutoTokenizer
+
+    from common import quiet
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+    return quiet.caption_cut_note(tokenizer, {s.id: text for s, text in zip(samples, texts)}, source=str(captions))
+
+
 class LatentCache:
     """Row i (or 2i + flipped, when random flips are on) = the VAE's latent distribution of training
     picture i at the centre crop: (2·C, R/8, R/8) mean and log-variance, fp16, memory-mapped. A training
@@ -460,14 +471,8 @@ def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
 
 
 def quiet_loading() -> None:
-    """No per-file "Loading weights" bars from diffusers/transformers: the run has its own progress bar."""
-    import logging
+    """Our messages, not library chatter: common/quiet.py's `quiet()` (no per-file loading bars either; the
+    run has its own progress bar). Kept for bench/ scripts; the stages call quiet.quiet() themselves."""
+    from common import quiet
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
+    quiet.quiet()

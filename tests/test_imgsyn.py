@@ -230,7 +230,9 @@ def test_base_and_vae_recorded_with_the_controlnet(tmp_path, models, ade_caption
     (cn / "seggen.json").write_text(json.dumps({"base": models["base"], "vae": vae}))
     s = run_ade(tmp_path / "o", {"mask2img": str(cn), "base": None}, ade_captions, per_sample=1, limit=1)
     assert s["written"] == 1
-    assert read_synthetic(tmp_path / "o")[0].meta["models"] == {"mask2img": str(cn), "base": models["base"], "vae": vae}
+    recorded = read_synthetic(tmp_path / "o")[0].meta["models"]
+    assert all(v.startswith("../") for v in recorded.values())  # relative to the folder (issue 17 item 4)
+    assert synth.resolve_models(recorded, tmp_path / "o") == {"mask2img": str(cn), "base": models["base"], "vae": vae}
 
 
 def test_cli_errors_exit_2_with_the_flag_named(tmp_path, ade_captions):
@@ -286,3 +288,78 @@ def test_sampler_choices_are_the_samplers_own():
     from common.sampler import SAMPLERS, SCHEDULES
 
     assert [s.value for s in Sampler] == list(SAMPLERS) and [s.value for s in SamplingSchedule] == list(SCHEDULES)
+
+
+SLOW_START = r"""
+import os, runpy, sys, time
+from common import synth
+real = synth.sample_images
+def waiting(*a, **k):  # the first batch waits until the test has seen the second job refused
+    while not os.path.exists(os.environ["GO"]):
+        time.sleep(0.1)
+    return real(*a, **k)
+synth.sample_images = waiting
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_second_job_on_the_same_out_stops_at_once_naming_the_holder(tmp_path, models, ade_captions):
+    """Two real processes on one --out (issue 16 item 2): the second exits 2 before any work, naming the
+    first; the first finishes, and its folder reads back with every id once."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root, out, go = Path(imgsyn.__file__).parent, tmp_path / "o", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(root), "GO": str(go)}
+    args = [str(root / "imgsyn.py"), "--data-root", str(ADE_ROOT), "--split", "val", "--captions", str(ade_captions),
+            "--mask2img", models["mask2img"], "--base", models["base"], "--per-sample", "2", "--steps", "1",
+            "--resolution", "64", "--out", str(out)]
+    (tmp_path / "slow.py").write_text(SLOW_START)
+    first = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock, deadline = out / ".lock.rank0", time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip()) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        message = " ".join(second.stderr.split())
+        assert f"--out {out} is in use by another job: pid {first.pid}" in message
+        assert "imgsyn.py" in message  # the holder's command
+        assert first.poll() is None and not any(p.stat().st_size for p in out.glob("manifest*.jsonl"))  # no line yet
+    finally:
+        go.touch()
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    ids = [s.id for s in read_synthetic(out)]  # read_synthetic refuses an id written twice
+    assert sorted(ids) == [f"ADE_val_0000000{i}_00{k}" for i in (1, 2) for k in range(2)]
+
+
+def test_a_moved_run_still_finds_its_models(tmp_path, tiny_models, ade_captions):
+    """Issue 17 item 4: a Mask2Img run folder and a synthetic folder record their models relative to
+    themselves; moved together with them (another machine, another mount), they still find them and resume."""
+    import train_mask2img
+    from conftest import invoke, trainer_args
+
+    here = tmp_path / "here"
+    shutil.copytree(tiny_models("sdxl"), here / "base")
+    res = invoke(train_mask2img.app, trainer_args(tmp_path, here / "base", here / "run", **{"--max-steps": 1}))
+    assert res.exit_code == 0, res.output
+    assert json.loads((here / "run" / "seggen.json").read_text())["base"] == "../base"
+    s = run_ade(here / "synth", {"mask2img": str(here / "run"), "base": None}, ade_captions, per_sample=1, limit=1)
+    assert s["written"] == 1
+    line = json.loads((here / "synth" / "manifest.jsonl").read_text())
+    assert line["models"] == {"mask2img": "../run", "base": "../base", "vae": None}
+
+    there = tmp_path / "there"
+    (here).rename(there)  # the whole tree moves; the old paths are gone
+    again = run_ade(there / "synth", {"mask2img": str(there / "run"), "base": None}, ade_captions, per_sample=1, limit=1)
+    assert again["written"] == 0 and again["skipped"] == 1  # same models where they now are: a resume, not a clash
+    rep = imgsyn.imgsyn(**{**dict(data="ade20k", data_root=ADE_ROOT, split="val", captions=ade_captions, out=there / "synth"),
+                           "reproduce": line["id"]})
+    assert rep["identical"]

@@ -185,7 +185,8 @@ def test_bad_inputs_fail_before_any_model(tmp_path, monkeypatch, accepted_run, m
 def test_sd15_text2mask(tmp_path, models, captions, tiny_models):
     """Paper appendix A.11: SD-1.5 as the Text2Mask base (detected from the pipeline folder)."""
     s = run(tmp_path / "sd15", {**models, "text2mask": str(tiny_models("sd15"))}, captions, per_sample=1, **ACCEPT_ALL)
-    assert s["written"] == 2 and {x.meta["models"]["text2mask"] for x in read_synthetic(tmp_path / "sd15")} == {str(tiny_models("sd15"))}
+    out = tmp_path / "sd15"
+    assert s["written"] == 2 and {synth.resolve_models(x.meta["models"], out)["text2mask"] for x in read_synthetic(out)} == {str(tiny_models("sd15"))}
 
 
 def test_help_shows_the_sampling_defaults():

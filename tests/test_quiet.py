@@ -106,3 +106,37 @@ def test_the_filter_drops_expected_messages_by_text(text):
     assert keep
     library = "diffusers" if "CLIP can only" in text else "transformers"
     assert not q.ExpectedMessages(library).filter(logging.makeLogRecord({"msg": f"`X` {text}"}))
+
+
+# ---------------------------------------------------------------- the stages call quiet() and threads.configure()
+CHATTER = ["falling back to", "LOAD REPORT", "Token indices sequence length", "worker processes",
+           "truncated because CLIP can only handle"]
+
+
+def stage_stderr(args, tmp_path):
+    """A stage script run as a user runs it (a fresh process, no verbosity variables): its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for k in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+@pytest.mark.parametrize("stage", ["train_text2mask", "imgsyn"])
+def test_a_stage_run_shows_our_caption_note_and_no_library_chatter(stage, tiny_models, tmp_path):
+    from conftest import ADE_ROOT, TRAIN_CAPTIONS, trainer_args, write_captions
+
+    long = {"ADE_val_00000001": LONG * 2, "ADE_val_00000002": TRAIN_CAPTIONS["ADE_val_00000002"]}
+    if stage == "train_text2mask":
+        args = trainer_args(tmp_path, tiny_models("sdxl"), tmp_path / "run", **{"--max-steps": 1})
+        write_captions(tmp_path / "captions.jsonl", long)
+    else:
+        captions = write_captions(tmp_path / "captions.jsonl", long)
+        args = ["--data-root", ADE_ROOT, "--split", "val", "--captions", captions, "--mask2img", tiny_models("controlnet"),
+                "--base", tiny_models("sdxl"), "--per-sample", 1, "--steps", 1, "--resolution", 64, "--out", tmp_path / "o"]
+    err = stage_stderr([ROOT / f"{stage}.py", *args], tmp_path)
+    for text in CHATTER:
+        assert text not in err, f"{stage}.py let through {text!r}:\n{err}"
+    assert err.count("1 of 2 captions are longer than the text encoder's 77 tokens") == 1, err
+    assert "first: ADE_val_00000001" in err

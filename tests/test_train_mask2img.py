@@ -16,6 +16,7 @@ from conftest import ADE_ROOT, ROOT, invoke, trainer_args, write_captions
 from safetensors.torch import load_file
 
 import train_mask2img
+from common import synth
 from common.colormap import Palette, palette_for, resize_nearest, label_to_color
 from common.datasets import load_label, read_dataset
 
@@ -50,14 +51,17 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     assert (out / "checkpoint-2" / "controlnet" / "config.json").is_file()
     assert json.loads((out / "cache" / "latents.json").read_text())["rows"] == 4  # both processes' rows, both flips
     meta = json.loads((out / "seggen.json").read_text())
-    assert meta["base"] == str(base) and meta["palette"] == "palette.json"
+    from common.paths import resolve_recorded
+
+    assert meta["base"].startswith("../")  # relative to the run folder: it moves with the base (issue 17 item 4)
+    assert resolve_recorded(meta["base"], out) == str(base) and meta["palette"] == "palette.json"
     assert Palette.load(out / meta["palette"]).colors.tolist() == palette_for("ade20k").colors.tolist()
     # ControlNet's zero convolutions start at zero (Zhang et al. 2023): trained, they have moved.
     zero_convs = {k: v for k, v in weights(out).items() if k.startswith(("controlnet_down_blocks", "controlnet_mid_block"))}
     assert zero_convs and any(v.abs().max() > 0 for v in zero_convs.values())
 
     controlnet = ControlNetModel.from_pretrained(out)  # the folder alone is enough, with the base it names
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(meta["base"], controlnet=controlnet)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(resolve_recorded(meta["base"], out), controlnet=controlnet)
     label = resize_nearest(load_label(read_dataset("ade20k", ADE_ROOT, "val")[0], "ade20k"), (64, 64))
     image = pipe("a living room", image=Image.fromarray(label_to_color(label, palette_for("ade20k"))), height=64, width=64,
                  num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
@@ -113,7 +117,7 @@ def test_starts_from_a_given_controlnet(tmp_path, tiny_models):
     vae = tiny_models("sdxl") / "vae"  # a separate VAE folder, as for madebyollin/sdxl-vae-fp16-fix
     assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1, "--lr": 0, "--max-grad-norm": 0, "--vae": vae,
                                                                   "--controlnet": tiny_models("controlnet")})).exit_code == 0
-    assert json.loads((out / "seggen.json").read_text())["vae"] == str(vae)  # imgsyn must sample with it too
+    assert synth.recorded_vae(str(out)) == str(vae)  # imgsyn must sample with it too (recorded relative to out)
     start, end = weights(tiny_models("controlnet")), weights(out)
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)  # lr 0: unchanged copy
 
