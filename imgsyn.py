@@ -121,6 +121,9 @@ def imgsyn(**options) -> dict:
         return _imgsyn(held, **options)
 
 
+PER_SAMPLE = {"ade20k": 50, "coco": 10}  # images per human label, paper §4.1; other datasets 10
+
+
 def _imgsyn(held: ExitStack, **options) -> dict:
     quiet.quiet()
     threads.configure()
@@ -128,7 +131,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
     data, split, resolution, limit, reproduce, batch_size = o.data, o.split, o.resolution, o.limit, o.reproduce, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
     state = process_state()
-    per_sample = o.per_sample or (50 if data == "ade20k" else 10)  # paper §4.1
+    per_sample = o.per_sample or PER_SAMPLE.get(data, 10)  # paper §4.1
     captions = require(Path(o.captions) if o.captions else captions_path(data, split), f"caption.py --data {data} --split {split}", "--captions")
     mask2img = str(o.mask2img or mask2img_dir(data))
     out = Path(o.out) if o.out else synth_dir("imgsyn", data)
@@ -234,6 +237,7 @@ def _reproduce(out, wanted, samples, caps, state) -> dict:
 
 # ---------------------------------------------------------------- command line
 
+
 def main(
     data: Annotated[Data, typer.Option(help="Dataset whose human labels are drawn again.", rich_help_panel="Data")] = Data.ade20k,
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
@@ -243,7 +247,7 @@ def main(
     mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
     base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,
     precision: PrecisionOpt = Precision.auto,
-    per_sample: Annotated[int | None, typer.Option(min=1, max=10000, help="Images per human label (paper §4.1: 50 ADE20K, 10 COCO).", rich_help_panel="Sampling")] = None,
+    per_sample: Annotated[int | None, typer.Option(min=1, max=10000, help="Images per human label (paper §4.1).", show_default="50 for ade20k, 10 for coco and toy", rich_help_panel="Sampling")] = None,
     steps: Annotated[int, typer.Option(min=1, max=1000, help="EDM sampler steps (paper A.4: 40 for Mask2Img).", rich_help_panel="Sampling")] = 40,
     guidance: Annotated[float, typer.Option(min=1.0, max=30.0, help="Classifier-free guidance scale (1 = none; SDXL's default 5).", rich_help_panel="Sampling")] = 5.0,
     sampler: SamplerOpt = Sampler.euler,

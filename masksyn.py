@@ -373,7 +373,7 @@ def _reproduce(out, wanted, caps, state) -> dict:
 # ---------------------------------------------------------------- command line
 
 def main(
-    data: Annotated[Data, typer.Option(help="Dataset whose classes and palette the masks use (ADE20K; see the module doc for COCO).", rich_help_panel="Data")] = Data.ade20k,
+    data: Annotated[Data, typer.Option(help="Dataset whose classes and palette the masks use. ade20k: semantic label PNGs (the paper); coco: panoptic PNGs + segments_info, instances recovered from the edge-coloured maps (common/colormap.py: color_to_panoptic, beyond the paper); toy: the toy world.", rich_help_panel="Data")] = Data.ade20k,
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL, the prompts (default: captions/{data}_train.jsonl, from caption.py).", rich_help_panel="Data")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N captions (a quick look).", rich_help_panel="Data")] = None,
     text2mask: Annotated[str | None, typer.Option(help="Text2Mask pipeline folder or hub id (default: runs/text2mask-{data}/).", rich_help_panel="Models")] = None,

@@ -467,6 +467,16 @@ def report(s: dict, compared: str) -> int:
         console.print(f"[yellow]short:[/] ... {len(s['short']) - 10} more caption(s) (all in tally.json)")
     for f in s["failures"][:3]:
         console.print(f"[red]failed:[/] {f}")
+    if s["written"] == 0 and s["skipped"] == 0:  # the folder holds no sample: say why, loudly, and what to change
+        if s.get("rejected"):
+            why = (f"every mask drawn was rejected ({', '.join(f'{k} {v}' for k, v in sorted(s.get('rejections', {}).items()))}; "
+                   "see rejected*.jsonl). Train Text2Mask longer, or loosen --max-off-palette, or raise --max-attempts")
+        elif s["failed"]:
+            why = "every sample failed (see the failures above)"
+        else:
+            why = "there was nothing to draw: check --captions / --limit / --data-root"
+        console.print(f"[bold red]no sample written to {s['out']}[/]: {why}. train_seg skips an empty folder it finds by default.")
+        return 1
     return 1 if s["failed"] else 0
 
 

@@ -185,6 +185,8 @@ def test_help_shows_the_sampling_defaults():
     app.command()(imgsyn.main)
     text = " ".join(CliRunner().invoke(app, ["--help"], terminal_width=200).output.split())
     assert "[default: euler]" in text and "[default: legacy]" in text and "[default: 40]" in text and "[default: 5.0]" in text
+    unboxed = " ".join(text.replace("│", " ").split())  # rich wraps long help inside its box
+    assert "[default: (50 for ade20k, 10 for coco and toy)]" in unboxed  # --per-sample: the paper's count per dataset
 
 
 @pytest.fixture

@@ -105,6 +105,13 @@ def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeyp
     tally = json.loads((out / "tally.json").read_text())
     assert tally["attempts"] == 18 and tally["accepted"] == 0 and tally["rejected"] == {"off_palette": 18} and len(tally["short"]) == 2
     assert not (out / "images").exists()
+    # A folder left without any sample ends loudly, with exit 1, saying why and what to change.
+    from common.progress import console
+
+    with console.capture() as cap:
+        assert synth.report(s, compared="sample") == 1
+    said = " ".join(cap.get().split())
+    assert "no sample written" in said and "off_palette 18" in said and "--max-off-palette" in said and "--max-attempts" in said
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
@@ -198,6 +205,8 @@ def test_help_shows_the_sampling_defaults():
     text = " ".join(CliRunner().invoke(app, ["--help"], terminal_width=200).output.split())
     assert "[default: euler]" in text and "[default: legacy]" in text and "[default: 5.0]" in text
     assert "[default: 200]" in text and "[default: 40]" in text  # paper A.4's step counts
+    unboxed = " ".join(text.replace("│", " ").split())  # rich wraps long help inside its box
+    assert "coco: panoptic PNGs + segments_info" in unboxed and "--data" in unboxed  # --data says what each dataset gives
 
 
 def test_cli_errors_exit_2_with_the_flag_named(tmp_path, captions):
