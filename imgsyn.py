@@ -209,6 +209,9 @@ def _imgsyn(held: ExitStack, **options) -> dict:
             progress.update(task, advance=len(batch), rate=summary["written"] / (time.perf_counter() - start))
 
     summary["seconds"] = time.perf_counter() - start
+    state.wait_for_everyone()  # every rank's manifest is complete
+    if data == "coco" and state.is_main_process and out.is_dir():  # the folder as a COCO panoptic dataset too
+        summary["coco_json"] = str(synth.write_coco_panoptic_json(out))
     summary["failures"] = failures
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))

@@ -267,6 +267,8 @@ def _masksyn(held: ExitStack, **options) -> dict:
             done, rejected = read_ids(out) if out.is_dir() else set(), read_ids(rejected_path)
 
     summary["seconds"] = time.perf_counter() - start
+    if data == "coco" and state.is_main_process and out.is_dir():  # the folder as a COCO panoptic dataset too
+        summary["coco_json"] = str(synth.write_coco_panoptic_json(out))
     summary["failures"] = []
     summary["short"] = [f"{s}: {t['accepted']} of {per_sample} accepted after {t['attempts']} attempt(s) (max {max_attempts}); "
                         f"rejected: {t['why']}" for s, t in tally(sources, per_sample, max_attempts, out, rejected_path).items()

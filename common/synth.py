@@ -480,6 +480,32 @@ def report(s: dict, compared: str) -> int:
     return 1 if s["failed"] else 0
 
 
+# ---------------------------------------------------------------- the folder as a COCO panoptic dataset
+
+def write_coco_panoptic_json(out: Path) -> Path:
+    """OUT/panoptic_{OUT name}.json, the COCO panoptic format that panopticapi, detectron2 and mmdet read:
+    `images` (id, file_name under OUT/images, width, height), `annotations` (image_id, file_name under
+    OUT/annotations — the panoptic PNGs, id = R + 256 G + 65536 B — and segments_info) and COCO's 133
+    `categories`. Made from the manifest lines and replaced atomically at the end of every run, so after
+    a resume it lists exactly the samples the manifests hold (register it with panoptic_root=OUT/annotations,
+    image_root=OUT/images)."""
+    from common.colormap import coco_categories
+    from common.datasets import read_synthetic
+
+    images, annotations = [], []
+    # Integer image ids 1..N in sample-id order, as the tools expect (detectron2 casts them with int());
+    # the sample id is the file names' stem.
+    for image_id, sample in enumerate(sorted(read_synthetic(out), key=lambda x: x.id), start=1):
+        with Image.open(sample.annotation) as im:  # reads the header only
+            width, height = im.size
+        images.append({"id": image_id, "file_name": sample.image.name, "width": width, "height": height})
+        annotations.append({"image_id": image_id, "file_name": sample.annotation.name, "segments_info": sample.segments})
+    doc = {"images": images, "annotations": annotations,
+           "categories": [{k: c[k] for k in ("id", "name", "isthing", "color") if k in c} for c in coco_categories()]}
+    path = out / f"panoptic_{out.name}.json"
+    return atomic_save(path, lambda p: Path(p).write_text(json.dumps(doc)))
+
+
 # ---------------------------------------------------------------- contact sheet (paper Fig. 3 / 4)
 
 def overlay(image: np.ndarray, label: np.ndarray, data: str, alpha: float = 0.5) -> np.ndarray:

@@ -4,6 +4,7 @@ synthetic folder, kill-and-resume, bit-for-bit reproduction from a manifest line
 import json
 import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ from PIL import Image
 
 import imgsyn
 from common import SegGenError, synth
-from common.colormap import color_to_label, palette_for, panoptic_to_color
-from common.datasets import load_label, load_panoptic, read_dataset, read_synthetic
+from common.colormap import coco_categories, color_to_label, palette_for, panoptic_to_color
+from common.datasets import load_label, load_panoptic, read_dataset, read_synthetic, rgb_to_id
 from common.manifest import ManifestWriter
 from conftest import ADE_ROOT, COCO_ROOT
 
@@ -92,6 +93,21 @@ def test_coco_panoptic_folder(tmp_path, models):
         assert np.array_equal(cmap, panoptic_to_color(ids, sample.segments, palette))  # category colours + edges
         with Image.open(sample.image) as im:
             assert im.size == (ids.shape[1], ids.shape[0])
+    # The folder is a COCO panoptic dataset too: panoptic_coco.json read back with pycocotools' COCO.
+    from pycocotools.coco import COCO
+
+    doc = json.loads((out / "panoptic_coco.json").read_text())
+    coco = COCO()
+    coco.dataset = {**doc, "annotations": []}  # the panoptic annotations are per image, not per segment
+    coco.createIndex()
+    assert sorted(Path(img["file_name"]).stem for img in coco.loadImgs(coco.getImgIds())) == sorted(x.id for x in read_synthetic(out))
+    assert {c["id"] for c in doc["categories"]} == {c["id"] for c in coco_categories()}
+    for ann in doc["annotations"]:
+        img = coco.loadImgs(ann["image_id"])[0]
+        assert (out / "images" / img["file_name"]).is_file() and (out / "annotations" / ann["file_name"]).is_file()
+        ids = rgb_to_id(np.asarray(Image.open(out / "annotations" / ann["file_name"])))
+        assert ids.shape == (img["height"], img["width"])
+        assert {x["id"] for x in ann["segments_info"]} == set(np.unique(ids[ids > 0]).tolist())
 
 
 @contextmanager
