@@ -69,14 +69,16 @@ def manifest_lines(out: Path) -> list[bytes]:
 
 
 def generated(out: Path) -> int:
-    """Progress of a generation stage: complete manifest lines."""
-    return sum(line.endswith(b"\n") for line in manifest_lines(out))
+    """Progress of a generation stage: complete manifest lines (0 before the output exists)."""
+    return sum(line.endswith(b"\n") for line in manifest_lines(out)) if out.exists() else 0
 
 
 def checkpoints(out: Path) -> tuple:
-    """Progress of a trainer: the names of its complete checkpoint folders."""
+    """Progress of a trainer: the names of its complete checkpoint folders (those with their marker,
+    written last: checkpoint.json for the generator trainers, state.json for train_seg)."""
     found = list(out.glob("checkpoint-*")) + list(out.glob("checkpoints/*"))
-    return tuple(sorted(p.name for p in found if not p.name.startswith(".") and (p / "checkpoint.json").is_file()))
+    return tuple(sorted(p.name for p in found if not p.name.startswith(".")
+                        and ((p / "checkpoint.json").is_file() or (p / "state.json").is_file())))
 
 
 def same_samples(ref: Path, soak: Path) -> str | None:
@@ -193,7 +195,7 @@ def soak(stage: Stage, work: Path, kills: int, rng: random.Random, say) -> dict:
     changes, last = [], None
     while proc.poll() is None:  # the uninterrupted run, timing each unit of work it writes
         time.sleep(0.02)
-        now = stage.progress(ref) if ref.exists() else None
+        now = stage.progress(ref)
         if now != last:
             changes.append(time.perf_counter())
             last = now
@@ -201,18 +203,19 @@ def soak(stage: Stage, work: Path, kills: int, rng: random.Random, say) -> dict:
         return {"landed": 0, "attempts": 0, "result": f"reference run failed (exit {proc.returncode}; see {log})"}
     gaps = sorted(b - a for a, b in zip(changes[1:], changes[2:]))
     per_unit = gaps[len(gaps) // 2] if gaps else 1.0  # the median time between two units
-    landed, attempts, resumed = 0, 0, False
+    landed, attempts = 0, 0
     while True:
         attempts += 1
-        before = stage.progress(out) if out.exists() else None
+        before = stage.progress(out)
+        # what a user does: --resume latest once a complete checkpoint exists, else the same command anew
+        resumed = stage.progress is not checkpoints or bool(before)
         proc = subprocess.Popen(stage.argv(out, resumed), stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
-        resumed = True
         kill_at, seen = None, None
         while proc.poll() is None:
             time.sleep(0.02)
             if landed >= kills:
                 continue  # enough kills: let this attempt finish
-            now = stage.progress(out) if out.exists() else None
+            now = stage.progress(out)
             if kill_at is None and now != before:  # it wrote something in this attempt: kill within the next unit or so
                 seen = time.perf_counter()
                 kill_at = seen + rng.uniform(0, per_unit)
