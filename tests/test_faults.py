@@ -772,20 +772,20 @@ def case_seg_synthetic_duplicate_id(w, tmp):
     return Case(seg_args(w, tmp / "run", "--synthetic", folder, "--strategy", "synthetic"), 2, [f"{m}:3", f"{VAL[0]}_000"])
 
 
-@pending("train_seg", "train_seg.py run(): take common.lock.output_lock(output_dir, rank=process index, flag='--output-dir') around the job, before any model loads; today output_dir.mkdir raises FileExistsError (traceback)")
+@case("train_seg")
 def case_seg_output_dir_is_a_file(w, tmp):
     (tmp / "run").write_text("notes")
     return Case(seg_args(w, tmp / "run", "--strategy", "real"), 2, ["--output-dir", str(tmp / "run")], out=tmp / "run")
 
 
-@pending("train_seg", "train_seg.py run(): take common.lock.output_lock(output_dir, rank=process index, flag='--output-dir') around the job, before any model loads")
+@case("train_seg")
 def case_seg_second_writer(w, tmp):
     (tmp / "run").mkdir()
     return Case(seg_args(w, tmp / "run", "--strategy", "real"), 2, ["--output-dir", "in use by another job"], out=tmp / "run",
                 hold=(tmp / "run", False))
 
 
-@pending("train_seg", "train_seg.py run(): take common.lock.output_lock(output_dir, rank=process index, flag='--output-dir') around the job, before any model loads (its 'cannot create the lock file (Read-only file system)' stops the run); today Loop.__init__'s open(stats.jsonl) raises OSError (traceback)")
+@case("train_seg")
 def case_seg_read_only_output(w, tmp):
     (tmp / "run").mkdir()
     return Case(seg_args(w, tmp / "run", "--strategy", "real"), 2, [str(tmp / "run"), "Read-only"], out=tmp / "run",
