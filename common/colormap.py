@@ -70,10 +70,29 @@ class Palette:
 
     @classmethod
     def load(cls, path: str | Path) -> Palette:
+        """A palette.json saved with a trained generator, checked: its colours must be distinct (a mask is
+        decoded by nearest colour, so two classes with one colour cannot be told apart) and, when its name
+        names a dataset ("ade20k-generation"), it must hold a colour for each of that dataset's values. The
+        datasets' own palettes are taken as they are (the usual ADE20K / COCO colours repeat one colour)."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError) as e:
+            palette = cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise SegGenError(f"{path}: not a readable palette file ({e})") from e
+        data, _, kind = palette.name.partition("-")
+        known = palette_for(data, kind) if data in ("ade20k", "coco", "toy") and kind in ("generation", "usual") else None
+        if known is not None and np.array_equal(known.colors, palette.colors) and np.array_equal(known.values, palette.values):
+            return palette
+        if known is not None and sorted(palette.values.tolist()) != sorted(known.values.tolist()):
+            lost = sorted(set(known.values.tolist()) - set(palette.values.tolist()))
+            raise SegGenError(f"{path}: palette {palette.name!r} has {len(palette.values)} colours, {data} needs {len(known.values)} "
+                              f"(one per label value{f'; none for {lost[:8]}' if lost else ''}); save the palette again with the trainer")
+        colors, first = np.unique(palette.colors, axis=0, return_index=True)
+        if len(colors) != len(palette.colors):
+            dup = sorted(set(range(len(palette.colors))) - set(first.tolist()))[0]
+            same = [int(v) for v, c in zip(palette.values, palette.colors) if (c == palette.colors[dup]).all()]
+            raise SegGenError(f"{path}: palette {palette.name!r} gives label values {same} the same colour "
+                              f"{tuple(int(x) for x in palette.colors[dup])}; every value needs its own colour")
+        return palette
 
 
 def separated_colors(n: int, seeds=((0, 0, 0),), levels: int = 6) -> np.ndarray:

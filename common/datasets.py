@@ -290,10 +290,11 @@ def read_synthetic(folder: str | Path) -> list[Sample]:
     folder = Path(folder)
     if not folder.is_dir():
         raise SegGenError(f"synthetic folder {folder} does not exist: run masksyn.py or imgsyn.py first, or fix --synthetic")
-    records = read_manifest(folder, required=SYNTHETIC_FIELDS, path_fields=("image", "annotation", "colormap"))
+    places: list[str] = []
+    records = read_manifest(folder, required=SYNTHETIC_FIELDS, path_fields=("image", "annotation", "colormap"), places=places)
     if not records:
         raise SegGenError(f"synthetic folder {folder} has no samples (no manifest*.jsonl lines)")
-    return [synthetic_sample(folder, r, f"{folder} id {r['id']!r}") for r in records]
+    return [synthetic_sample(folder, r, f"{where} (id {r['id']!r})") for r, where in zip(records, places)]
 
 
 def synthetic_index(folder: str | Path):

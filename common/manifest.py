@@ -62,9 +62,12 @@ class ManifestWriter:
 
     def __init__(self, path: str | Path, path_fields: tuple[str, ...] = ()):
         self.path, self.path_fields = Path(path), path_fields
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_line(self.path)
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self.path)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:  # a read-only place, a file where the folder should be, a full disk
+            raise _write_error(self.path, e) from e
 
     def append(self, record: dict) -> None:
         self.append_many([record])
@@ -74,18 +77,30 @@ class ManifestWriter:
         for record in records:
             for key in self.path_fields:
                 check_relative(record[key], f"{self.path} id {record.get('id')!r} field {key!r}")
-        self._f.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # disk full: the lines written before stay; a part of this one is dropped on reopening
+            raise _write_error(self.path, e) from e
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # its lines failed to flush: append_many has said so
+            pass
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _write_error(path: Path, e: OSError) -> SegGenError:
+    """An OSError while writing an output, as one line naming the file and what to do."""
+    return SegGenError(f"cannot write {path} ({e.strerror or e}); free space or choose a writable output, "
+                       f"then rerun the same command: what was written so far is kept and resumed")
 
 
 def _drop_partial_line(path: Path, chunk: int = 1 << 16) -> None:
@@ -117,13 +132,13 @@ def check_caption(rec: dict, where: str, empty_ok: bool = False) -> None:
 
 
 def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fields: tuple[str, ...] = (),
-                  captions: bool | None = None) -> list[dict]:
+                  captions: bool | None = None, places: list[str] | None = None) -> list[dict]:
     """Every record of a manifest family (see manifest_files), validated.
 
     Raises SegGenError naming file and line for bad JSON or UTF-8, a missing field, an absolute or
     escaping path, an id written twice, or (captions; by default when `required` holds "caption") a
     caption that is not a string, or (for CAPTION_FIELDS manifests) an empty one. A last line without
-    its newline (a write cut by a kill) is skipped.
+    its newline (a write cut by a kill) is skipped. `places`, if given, receives each record's "file:line".
     """
     if captions is None:
         captions = "caption" in required
@@ -150,6 +165,8 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fi
                 raise SegGenError(f"{where}: id {rid!r} was already written at {seen[rid]}")
             seen[rid] = where
             records.append(rec)
+            if places is not None:
+                places.append(where)
     return records
 
 

@@ -179,3 +179,29 @@ def test_resize_nearest_invents_no_colours():
     assert set(np.unique(resize_nearest(label, (300, 200)))) <= set(np.unique(label))
     ids = load_panoptic(COCO_SAMPLES[0])
     assert set(np.unique(resize_nearest(ids, (64, 64)))) <= set(np.unique(ids))
+
+
+def test_palette_file_needs_distinct_colours_and_the_datasets_count(tmp_path):
+    """A palette.json saved with a generator: the datasets' own palettes load as they are (the usual ADE20K
+    colours repeat one), a generation palette with two equal colours or a missing class is refused by name."""
+    import json
+
+    import pytest
+
+    from common import SegGenError
+    from common.colormap import Palette, palette_for
+
+    for data in ("ade20k", "coco"):
+        for kind in ("generation", "usual"):
+            palette_for(data, kind).save(tmp_path / "p.json")
+            assert Palette.load(tmp_path / "p.json").colors.tolist() == palette_for(data, kind).colors.tolist()
+    d = palette_for("ade20k").to_dict()
+    d["colors"][5] = d["colors"][3]
+    (tmp_path / "dup.json").write_text(json.dumps(d))
+    with pytest.raises(SegGenError, match=r"dup.json: palette 'ade20k-generation' gives label values \[3, 5\] the same colour"):
+        Palette.load(tmp_path / "dup.json")
+    d = palette_for("ade20k").to_dict()
+    d["colors"], d["values"] = d["colors"][:-1], d["values"][:-1]
+    (tmp_path / "short.json").write_text(json.dumps(d))
+    with pytest.raises(SegGenError, match=r"short.json: palette 'ade20k-generation' has 150 colours, ade20k needs 151 .*none for \[150\]"):
+        Palette.load(tmp_path / "short.json")

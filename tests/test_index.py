@@ -99,7 +99,7 @@ def test_index_errors_name_manifest_and_line(tmp_path):
     (folder / "images/ADE_val_00000002_r0.jpg").unlink()
     with pytest.raises(SegGenError, match=r"missing/manifest.jsonl:2: image file .*ADE_val_00000002_r0.jpg is missing"):
         synthetic_index(folder)[1]
-    with pytest.raises(SegGenError, match=r"missing id 'ADE_val_00000002_r0': image file .* is missing"):
+    with pytest.raises(SegGenError, match=r"missing/manifest.jsonl:2 \(id 'ADE_val_00000002_r0'\): image file .* is missing"):
         read_synthetic(folder)
     folder = _write(tmp_path / "link", real)
     outside = tmp_path / "secret.png"

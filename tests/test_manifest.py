@@ -159,3 +159,29 @@ def test_iter_chunks_cover_the_file_and_end_at_newlines(tmp_path):
         assert b"".join(c for _, c in pieces) == data
         assert [o for o, _ in pieces] == [sum(len(c) for _, c in pieces[:j]) for j in range(len(pieces))]
         assert all(c.endswith(b"\n") for _, c in pieces[:-1]) and all(pieces_c for _, pieces_c in pieces)
+
+
+def test_a_failed_write_is_one_message_naming_the_file_and_keeps_the_lines_before(tmp_path, monkeypatch):
+    """Disk full during an append (the fsync fails): SegGenError naming the manifest; earlier lines stay."""
+    import errno
+    import os
+
+    import pytest
+
+    from common import SegGenError
+    from common.manifest import ManifestWriter, read_manifest
+
+    path = tmp_path / "m.jsonl"
+    with ManifestWriter(path) as w:
+        w.append({"id": "a"})
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(SegGenError, match=r"cannot write .*m.jsonl \(No space left on device\).*rerun"):
+            w.append({"id": "b"})
+        monkeypatch.undo()
+    assert [r["id"] for r in read_manifest(path)][0] == "a"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SegGenError, match=r"cannot write .*file/m.jsonl"):
+        ManifestWriter(tmp_path / "file" / "m.jsonl")
