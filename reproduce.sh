@@ -127,6 +127,12 @@ stage() {  # stage NAME COMMAND...: skip when done, else run, time it, mark done
   awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%s\t%.1f\n", n, b - a }' >> "$TIMES"
   touch "$DONE/$name"
 }
+has_samples() {  # has_samples ARGS...: every --synthetic DIR among ARGS holds at least one manifest line
+  while [ $# -gt 0 ]; do
+    if [ "$1" = --synthetic ]; then cat "$2"/manifest*.jsonl 2>/dev/null | grep -q . || return 1; shift; fi
+    shift
+  done
+}
 resume_if_checkpoint() {  # --resume latest when the run folder holds a checkpoint
   if compgen -G "$1/checkpoint-*" >/dev/null || compgen -G "$1/checkpoints/*" >/dev/null; then echo --resume latest; fi
 }
@@ -164,6 +170,9 @@ if [ "$PRESET" = toy ]; then
     for syn in real imgsyn masksyn both; do
       case $syn in real) S=(--strategy real) ;; imgsyn) S=(--strategy aug --p-aug 0.6 --synthetic "$IMGSYN") ;;
         masksyn) S=(--strategy aug --p-aug 0.6 --synthetic "$MASKSYN") ;; both) S=(--strategy aug --p-aug 0.6 --synthetic "$IMGSYN" --synthetic "$MASKSYN") ;; esac
+      if [ "$DRY" = 0 ] && [ "$syn" != real ] && ! has_samples "${S[@]}"; then
+        echo "== table4 $syn: skipped, a synthetic folder has no samples (see its tally.json)"; continue
+      fi
       for seed in "${SEEDS[@]}"; do
         stage "table4-n$n-$syn-s$seed" "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" "${S[@]}" --max-real-samples "$n" \
           --seed "$seed" --max-steps "$TABLE_STEPS" --output-dir "$WORK/runs/table4/n$n-$syn-s$seed" "${SEG_ARGS[@]}"
