@@ -53,6 +53,8 @@ def results(work: Path) -> dict:
         "text2mask_histogram_tv": {"finetuned": ft and ft["histogram_tv"], "base": base and base["histogram_tv"]},
         "alignment_miou": {k: align and round(align[k], 2) for k in ("imgsyn", "ceiling", "floor")},
         "table4": table4(work),
+        "masksyn_tally": {k: v for k, v in (_json(work / "synth/masksyn-toy/tally.json") or {}).items()
+                          if k in ("attempts", "accepted", "rejected")},
         "stage_seconds": {k: round(v, 1) for k, v in stage_times(work).items()},
     }
     a = res["alignment_miou"]
@@ -78,7 +80,12 @@ def write_toy_report(work: Path) -> Path:
              "## Text2Mask quality (validation captions, masksyn's sampler)", "",
              "| model | off-palette pixels | class histogram distance (TV, 0..1) |", "| --- | --- | --- |",
              f"| fine-tuned Text2Mask | {fmt(off['finetuned'], True)} | {fmt(tv['finetuned'])} |",
-             f"| untrained base | {fmt(off['base'], True)} | {fmt(tv['base'])} |", "",
+             f"| untrained base | {fmt(off['base'], True)} | {fmt(tv['base'])} |", ""]
+    tally = res["masksyn_tally"]
+    if tally:
+        lines += [f"MaskSyn kept {tally.get('accepted')} of {tally.get('attempts')} drawn masks (rejected by rule: "
+                  f"{tally.get('rejected')}; masksyn's --max-off-palette rule).", ""]
+    lines += [
              "## Mask2Img alignment (FreestyleNet's measure: a segmenter trained on all real data, mIoU %)", "",
              "| images | mIoU (%) |", "| --- | --- |",
              f"| real validation images (ceiling) | {fmt(a['ceiling'] and a['ceiling'] / 100, True)} |",
