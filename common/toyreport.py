@@ -130,7 +130,7 @@ def contact_sheet(work: Path, k: int = 6, cell: int = 96) -> Path | None:
         pass
     for name, title in (("masksyn", "MaskSyn: learned map | image"), ("imgsyn", "ImgSyn: real map | learned image")):
         folder = work / f"synth/{name}-toy"
-        if (folder / "manifest.jsonl").is_file():
+        if (folder / "manifest.jsonl").is_file() and (folder / "manifest.jsonl").stat().st_size:  # MaskSyn may keep none
             syn = read_synthetic(folder)[:k // 2]
             rows.append((title, [x for s in syn for x in (label_to_color(load_label(s, "toy"), usual), rgb(s.image))]))
     for sub, title in (("t2m-finetuned", "Text2Mask maps (fine-tuned)"), ("t2m-base", "the same sampled from the base"),
