@@ -34,9 +34,11 @@ model/ (the final model + image processor) and metrics.json.
 
 from __future__ import annotations
 
+from common import quiet, threads  # first: threads sets OMP_WAIT_POLICY before torch starts its OpenMP pool
+
 import dataclasses
 import json
-import time
+from functools import lru_cache
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -48,15 +50,16 @@ import torch
 import typer
 
 from common import SegGenError
-from common.checkpoint import resolve_seg_resume, save_seg_checkpoint
+from common.checkpoint import resolve_seg_resume
 from common.cli import Data, MixedPrecision, Tracker, user_errors
 from common.cli import run as run_cli
 from common.datasets import default_data_root, read_dataset
-from common.hrnet import loss as hrnet_loss
+from common.lock import output_lock
 from common.paths import seg_run_dir
-from common.progress import console, progress_bar
-from common.segdata import AUGMENTS, MixedBatches, SegData, mask_targets, read_sources, semantic_labels, without_a9
-from common.segmodel import Backbone, build_optimizer, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
+from common.progress import console
+from common.segdata import AUGMENTS, SegData, read_sources, synthetic_weights, without_a9
+from common.segloop import Loop
+from common.segmodel import Backbone, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -79,8 +82,10 @@ class Recipe:
     backbone_lr: float  # --backbone-lr-multiplier
     grad_clip: float  # --grad-clip: full-model gradient norm (0: none)
     augment: str  # common/segdata.py AUGMENTS: ade20k (resize, crop, colour, flip), lsj, flip (flip only)
-    schedule: str  # lr schedule: poly (power 0.9), as the code runs it for every row
-    warmup: int  # lr warm-up iterations
+    schedule: str  # lr schedule: poly (power 0.9) or multistep (x 0.1 at `milestones`)
+    milestones: tuple[int, ...]  # multistep: decay iterations at max_steps (scaled with --max-steps)
+    warmup: int  # linear lr warm-up iterations, from warmup_factor x lr
+    warmup_factor: float  # 1.0: the warm-up changes nothing (detectron2's WarmupMultiStepLR)
     queries: int  # object queries of a model built from --backbone
     eval_size: int | None  # --eval-size: test short side (None: the crop)
 
@@ -89,14 +94,17 @@ class Recipe:
 # swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640}.yaml and configs/coco/panoptic-segmentation/{maskformer2_R50_bs16_50ep,
 # swin/maskformer2_swin_large_IN21k_384_bs16_100ep}.yaml (common/data/SOURCES_mask2former.md); paper A.3 and §4.2:
 # AdamW lr 1e-4, weight decay 0.05, backbone lr x 0.1, full-model clip 0.01.
-# COCO: 50 epochs = 368,750 iterations at batch 16 (Mask2Former's MAX_ITER; its multi-step decay and 10
-# warm-up iterations are not run here: every row trains with poly). COCO Swin-L uses 200 queries.
+# ADE20K: poly (LR_SCHEDULER_NAME WarmupPolyLR, WARMUP_FACTOR 1.0, WARMUP_ITERS 0). COCO (Base-COCO-PanopticSegmentation.yaml):
+# MAX_ITER 368,750 (50 epochs at batch 16), WarmupMultiStepLR STEPS (327778, 355092), GAMMA 0.1, WARMUP_ITERS 10 at
+# WARMUP_FACTOR 1.0 (so no warm-up in effect), large-scale jitter at 1024 (MIN_SCALE 0.1, MAX_SCALE 2.0); Swin-L
+# (maskformer2_swin_large_IN21k_384_bs16_100ep.yaml): 737,500 (100 epochs), STEPS (655556, 710184), 200 queries.
 # HRNet (A.3): "W48 ... 100K iterations. SGD ... 2x10^-2 ... polynomial ... 0.9. The weight decay rate is 10^-4.
 # Random flipping"; momentum 0.9, batch 16 and the 520 crop from HRNet-Semantic-Segmentation's ADE20K config
 # (seg_hrnet_w48_520x520_ohem_sgd_lr2e-2_wd1e-4_bs_16_epoch120.yaml); no clipping there.
-ADE20K = Recipe("semantic", "aug", 160_000, 16, 512, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "ade20k", "poly", 0, 100, None)
-COCO = Recipe("panoptic", "pretrain", 368_750, 16, 1024, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "lsj", "poly", 0, 100, 800)
-HRNET = Recipe("semantic", "aug", 100_000, 16, 520, 2e-2, "sgd", 1e-4, 0.9, 1.0, 0.0, "flip", "poly", 0, 0, None)
+ADE20K = Recipe("semantic", "aug", 160_000, 16, 512, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "ade20k", "poly", (), 0, 1.0, 100, None)
+COCO = Recipe("panoptic", "pretrain", 368_750, 16, 1024, 1e-4, "adamw", 0.05, 0.0, 0.1, 0.01, "lsj", "multistep", (327_778, 355_092),
+              10, 1.0, 100, 800)
+HRNET = Recipe("semantic", "aug", 100_000, 16, 520, 2e-2, "sgd", 1e-4, 0.9, 1.0, 0.0, "flip", "poly", (), 0, 1.0, 0, None)
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("ade20k", "r50"): ADE20K,
     ("ade20k", "swin-t"): ADE20K,
@@ -105,7 +113,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("ade20k", "hrnet-small"): HRNET,  # random weights, for CPU runs: pass a small --crop / --batch-size
     ("coco", "r50"): COCO,
     ("coco", "swin-t"): COCO,
-    ("coco", "swin-l"): dataclasses.replace(COCO, queries=200),
+    ("coco", "swin-l"): dataclasses.replace(COCO, max_steps=737_500, milestones=(655_556, 710_184), queries=200),
     # The toy world (common/toyworld.py, 64x64 images in the ADE20K layout): ADE20K's recipes at its size.
     ("toy", "r50"): dataclasses.replace(ADE20K, crop=64, eval_size=64),
     ("toy", "hrnet-small"): dataclasses.replace(HRNET, crop=64, eval_size=64),
@@ -137,6 +145,7 @@ def resolve(a) -> Recipe:
                         ("weight_decay", r.weight_decay), ("backbone_lr_multiplier", r.backbone_lr), ("grad_clip", r.grad_clip)):
         setattr(a, flag, value if getattr(a, flag) is None else getattr(a, flag))
     a.optimizer, a.momentum, a.augment = r.optimizer, r.momentum, AUGMENTS[r.augment]
+    a.schedule = dict(kind=r.schedule, milestones=r.milestones, base_steps=r.max_steps, warmup=r.warmup, warmup_factor=r.warmup_factor)
     if a.no_augment:
         a.augment = without_a9(a.augment)
     if is_hrnet(key[1]) and a.task != "semantic":
@@ -147,6 +156,8 @@ def resolve(a) -> Recipe:
         raise SegGenError(f"--task {a.task} needs COCO panoptic data (--data coco); {a.data} is trained for semantic segmentation")
     if a.multiscale and a.task != "semantic":
         raise SegGenError("--multiscale is for semantic segmentation (the paper's ADE20K m.s. column)")
+    if a.backbone_weights is not None and (a.model is not None or a.eval_only):
+        raise SegGenError("--backbone-weights is for a fresh --backbone model; --model / --checkpoint carry their own weights")
     if a.model is not None and a.backbone is not None:
         raise SegGenError("pass either --model (a checkpoint) or --backbone (a fresh paper configuration), not both")
     if a.eval_only and a.checkpoint is None:
@@ -161,10 +172,72 @@ class Strategy(str, Enum):
     synthetic = "synthetic"
 
 
+class Sampling(str, Enum):
+    uniform = "uniform"
+    hardness = "hardness"
+
+
 class Task(str, Enum):
     semantic = "semantic"
     panoptic = "panoptic"
     instance = "instance"
+
+
+# ---------------------------------------------------------------- §3.4: which samples each iteration sees
+
+class MixedBatches(torch.utils.data.Sampler):
+    """The per-process batches of iterations start..stop, as lists of (source, index, augmentation seed).
+
+    Source 0 is the real training set, source k >= 1 the k-th synthetic folder. Each real slot of the
+    batch is replaced by a synthetic sample with probability p_aug (§3.4), drawn uniformly from the union
+    of all synthetic folders (or with `weights`: synthetic_weights). Real samples are seen in a fresh random order every epoch, shared by the
+    processes (process r takes slots r*B..r*B+B-1 of each global batch). Everything is a function of
+    (seed, step, rank), so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, n_real: int, n_synthetic: list[int], batch: int, p_aug: float, seed: int,
+                 start: int, stop: int, rank: int = 0, world: int = 1, weights: np.ndarray | None = None):
+        if not 0.0 <= p_aug <= 1.0:
+            raise SegGenError(f"--p-aug must lie in [0, 1] (got {p_aug})")
+        if p_aug > 0 and sum(n_synthetic) == 0:
+            raise SegGenError("p_aug > 0 needs synthetic samples: pass --synthetic FOLDER (or --strategy real)")
+        if p_aug < 1 and n_real == 0:
+            raise SegGenError("no real training samples (check --data-root / --max-real-samples)")
+        self.n_real, self.batch, self.p_aug, self.seed = n_real, batch, p_aug, seed
+        self.offsets = np.concatenate([[0], np.cumsum(n_synthetic)]).astype(np.int64)
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        if weights is not None and (len(weights) != self.offsets[-1] or not np.isclose(np.sum(weights), 1.0)):
+            raise SegGenError(f"--synthetic-sampling: {len(weights)} probabilities for {int(self.offsets[-1])} synthetic samples")
+        self.weights = weights
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0, epoch]).permutation(self.n_real)
+
+    def draw(self, step: int) -> list[tuple[int, int, int]]:
+        rng = np.random.default_rng([self.seed, 1, step, self.rank])
+        replace = rng.random(self.batch) < self.p_aug
+        if self.weights is None:  # §3.4: uniform over the union of the folders
+            synth = rng.integers(0, max(int(self.offsets[-1]), 1), self.batch)
+        else:  # FreeMask's hardness resampling (--synthetic-sampling hardness)
+            synth = rng.choice(len(self.weights), self.batch, p=self.weights)
+        aug_seeds = rng.integers(0, 2**62, self.batch)
+        out = []
+        for i in range(self.batch):
+            if replace[i]:
+                k = int(np.searchsorted(self.offsets, synth[i], side="right")) - 1
+                out.append((k + 1, int(synth[i] - self.offsets[k]), int(aug_seeds[i])))
+            else:
+                epoch, j = divmod((step * self.world + self.rank) * self.batch + i, self.n_real)
+                out.append((0, int(self._order(epoch)[j]), int(aug_seeds[i])))
+        return out
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.draw(step)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 # ---------------------------------------------------------------- the run's pieces
@@ -181,7 +254,6 @@ def plan_phases(a) -> list[tuple[str, float, int]]:
 
 def run(a) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     # ---- 1. setup: the recipe fills unset options; every check before any heavy work
     a.data = a.data.value
@@ -190,17 +262,27 @@ def run(a) -> dict:
     output_dir = a.output_dir or seg_run_dir(a.data, a.strategy.value)
     accelerator = Accelerator(mixed_precision=a.mixed_precision, step_scheduler_with_optimizer=False,
                               log_with="tensorboard" if a.report_to == "tensorboard" else None, project_dir=str(output_dir))
+    if a.eval_only:
+        return train(a, accelerator, output_dir)
+    with output_lock(output_dir, rank=accelerator.process_index, flag="--output-dir"):  # one job per run folder
+        return train(a, accelerator, output_dir)
+
+
+def train(a, accelerator, output_dir: Path) -> dict:
+    from accelerate.utils import set_seed
+
     main_proc = accelerator.is_main_process
     say = console.print if main_proc else (lambda *x, **k: None)
 
     # ---- 2. data
     val = read_dataset(a.data, a.data_root, "val")
     real, synthetic, folders = ([], [], []) if a.eval_only else read_sources(a, say)
+    weights = synthetic_weights(folders, synthetic, a.data, a.synthetic_sampling.value) if synthetic else None
     phases = [] if a.eval_only else plan_phases(a)
     if not a.eval_only and a.batch_size % accelerator.num_processes:
         raise SegGenError(f"--batch-size {a.batch_size} (the global batch) must be a multiple of the {accelerator.num_processes} processes")
     for _, p, _ in phases:  # the sampler checks p and the sources before any model is built
-        MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0)
+        MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0, weights=weights)
     resume_from = None if a.eval_only else resolve_seg_resume(a.resume, output_dir, say)
 
     # ---- 3. model
@@ -208,9 +290,10 @@ def run(a) -> dict:
     model_src = str(a.checkpoint) if a.eval_only else a.model
     backbone = a.backbone or Backbone.r50
     key = a.recipe.split("/")[1]
-    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries)
+    net, processor, a.weights_loaded = build_segmenter(model_src, None if model_src else backbone, a.data, RECIPES[(a.data, key)].queries,
+                                                       a.backbone_weights, a.task)
     freeze_unused(net)
-    say(f"{type(net).__name__} ({model_src or backbone.value + ' from config'}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
+    say(f"{type(net).__name__} ({model_src or backbone.value + ', backbone weights: ' + a.weights_loaded}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M "
         f"parameters) on {a.data}; {accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     say(f"  data root {a.data_root}: {len(real)} real training, {len(val)} validation images; synthetic: "
         + (", ".join(f"{f} ({len(s)})" for f, s in zip(folders, synthetic)) or "none"))
@@ -228,7 +311,7 @@ def run(a) -> dict:
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
     loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task),
-                ["real", *[str(f) for f in folders]], output_dir, phases)
+                ["real", *[str(f) for f in folders]], output_dir, phases, MixedBatches, weights)
     start_phase, start_step = loop.resume(resume_from, say)
     for k in range(start_phase, len(phases)):
         model = loop.phase(k, start_step if k == start_phase else 0, resume_from if k == start_phase else None, say)
@@ -247,128 +330,23 @@ def run(a) -> dict:
     return finish(result, output_dir, main_proc, a.metrics_file)
 
 
-class Loop:
-    """The training loop's state across phases: what was drawn from each source, skipped images and steps
-    (the run's totals, kept in every checkpoint), the stats.jsonl log."""
-
-    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases):
-        self.a, self.accelerator, self.net, self.processor, self.dataset = a, accelerator, net, processor, dataset
-        self.source_names, self.output_dir, self.phases = source_names, output_dir, phases
-        self.hrnet = is_hrnet(a.recipe.split("/")[1])
-        # Per-process counts: samples drawn from each source, then images left out for having no label.
-        self.counts = torch.zeros(len(source_names) + 1, dtype=torch.long)
-        self.skipped_steps = 0  # the same on every process
-        self.stats = open(output_dir / "stats.jsonl", "a") if accelerator.is_main_process else None
-        dev = accelerator.device
-        self.mean = torch.tensor(processor.image_mean, device=dev).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(processor.image_std, device=dev).view(1, 3, 1, 1) * 255
-
-    def totals(self) -> dict:  # a collective: every process calls it
-        c = self.accelerator.reduce(self.counts.to(self.accelerator.device), "sum").cpu().tolist()
-        return {"drawn": dict(zip(self.source_names, c[:-1])), "skipped_images": c[-1], "skipped_steps": self.skipped_steps}
-
-    def resume(self, path: Path | None, say) -> tuple[int, int]:
-        """(phase, step) to start from; the run's totals so far from the checkpoint (counted once, on the main process)."""
-        if path is None:
-            return 0, 0
-        state = json.loads((path / "state.json").read_text())
-        if self.accelerator.is_main_process:
-            self.counts = torch.tensor([state["drawn"].get(n, 0) for n in self.source_names] + [state["skipped_images"]], dtype=torch.long)
-        self.skipped_steps = state["skipped_steps"]
-        say(f"resuming from {path} (phase {state['phase'] + 1}, step {state['step']})")
-        return state["phase"], state["step"]
-
-    def phase(self, k: int, first: int, resume_from: Path | None, say):
-        """Phase k from step `first`: a fresh optimizer and poly schedule (pretrain -> finetune, §3.4). Returns the prepared model."""
-        a, acc = self.a, self.accelerator
-        name, p_aug, steps = self.phases[k]
-        acc.free_memory()
-        optimizer = build_optimizer(self.net, a.optimizer, a.lr, a.weight_decay, a.backbone_lr_multiplier, a.momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, n=steps: (1 - min(s, n) / n) ** 0.9)
-        model, optimizer, scheduler = acc.prepare(self.net, optimizer, scheduler)
-        if resume_from is not None:
-            acc.load_state(str(resume_from))
-        sampler = MixedBatches(len(self.dataset.sources[0]), [len(s) for s in self.dataset.sources[1:]], a.batch_size // acc.num_processes,
-                               p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers,
-                                             pin_memory=acc.device.type == "cuda", persistent_workers=False,
-                                             prefetch_factor=4 if a.num_workers else None)
-        say(f"phase {k + 1}/{len(self.phases)} [bold]{name}[/]: steps {first}..{steps}, p_aug {p_aug}, global batch {a.batch_size}, crop {a.crop}")
-        model.train()
-        t0, t_log, n_log, loss_sum = time.perf_counter(), time.perf_counter(), 0, 0.0
-        with progress_bar(console, "it/s", enabled=acc.is_main_process, transient=True) as progress:
-            bar = progress.add_task(name, total=steps, completed=first)
-            for step, batch in enumerate(loader, start=first):
-                loss = self.step(model, optimizer, scheduler, batch)
-                if loss is not None:
-                    loss_sum, n_log = loss_sum + loss, n_log + 1
-                done = step + 1
-                progress.update(bar, completed=done)
-                if done % a.log_every == 0 or done == steps:
-                    self.log(name, done, loss_sum / max(n_log, 1), scheduler, (time.perf_counter() - t_log) / a.log_every
-                             if done % a.log_every == 0 else None, sum(s for _, _, s in self.phases[:k]))
-                    t_log, n_log, loss_sum = time.perf_counter(), 0, 0.0
-                if a.checkpoint_every and (done % a.checkpoint_every == 0 or done == steps):
-                    save_seg_checkpoint(acc, self.net, self.processor, self.output_dir, {"phase": k, "step": done, **self.totals()}, a.keep_checkpoints)
-        acc.wait_for_everyone()
-        elapsed = time.perf_counter() - t0
-        say(f"phase {name}: {steps - first} steps in {elapsed:.1f} s ({(steps - first) / max(elapsed, 1e-9):.2f} it/s)")
-        return model
-
-    def step(self, model, optimizer, scheduler, batch):
-        """One iteration: normalise, the targets (Mask2Former's masks, or HRNet's per-pixel classes), loss, clip,
-        step. Returns the loss (None: skipped)."""
-        acc, a = self.accelerator, self.a
-        images = (batch["image"].to(acc.device, non_blocking=True).float() - self.mean) / self.std
-        labels = batch["label"].to(acc.device, non_blocking=True)
-        valid = batch["valid"].to(acc.device, non_blocking=True).long()
-        self.counts[:-1] += torch.bincount(batch["source"], minlength=len(self.source_names))
-        mask_labels, class_labels, keep = mask_targets(labels)
-        self.counts[-1] += int((~keep).sum())
-        # Every process takes the same branch (the loss itself synchronises its mask count).
-        if bool(acc.gather(keep.any()[None].long()).min() == 0):
-            self.skipped_steps += 1
-            scheduler.step()
-            return None
-        if self.hrnet:  # per-pixel cross-entropy, 255 (ignore, padding) left out
-            loss = hrnet_loss(model(images[keep]), semantic_labels(labels[keep]))
-        else:
-            loss = model(pixel_values=images[keep], pixel_mask=valid[keep], mask_labels=mask_labels, class_labels=class_labels).loss
-        acc.backward(loss)
-        if a.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), a.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().float()
-
-    def log(self, phase: str, done: int, loss, scheduler, seconds_per_it, offset: int) -> None:
-        loss = self.accelerator.reduce(torch.as_tensor(loss, device=self.accelerator.device), "mean")
-        rec = {"phase": phase, "step": done, "loss": float(loss), "lr": max(scheduler.get_last_lr()),  # head lr
-               "it_per_s": 1 / seconds_per_it if seconds_per_it else None, **self.totals()}
-        if self.stats:
-            self.stats.write(json.dumps(rec) + "\n")
-            self.stats.flush()
-        self.accelerator.log({"loss": rec["loss"], "lr": rec["lr"]}, step=done + offset)
-
-    def close(self) -> None:
-        if self.stats:
-            self.stats.close()
-
-
 @app.command(epilog=recipe_table())
 def main(
     data: Annotated[Data, typer.Option(help="Dataset: ADE20K (semantic) or COCO panoptic (panoptic / instance).", rich_help_panel="Data")] = Data.ade20k,
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
-    synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
+    synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. FOLDER:k takes only the first k samples per source (count ablations, Fig. 8 / Table 8). Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
     task: Annotated[Task | None, typer.Option(show_default="recipe", help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
     strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = None,
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
+    synthetic_filtered: Annotated[bool, typer.Option("--synthetic-filtered", help="Train on the FreeMask-filtered annotations quality.py --filter wrote (FOLDER/annotations_filtered/: noisy regions ignored).", rich_help_panel="Data")] = False,
+    synthetic_sampling: Annotated[Sampling, typer.Option(help="How synthetic samples are drawn: uniform (§3.4) or hardness (FreeMask's resampling from FOLDER/quality.jsonl, each folder keeping its share).", rich_help_panel="Data")] = Sampling.uniform,
+    real_subset: Annotated[Path | None, typer.Option(help="Train only on the real samples listed in this file (python -m common.subset; Table 4's 1,000, the same in every stage). Validation is whole.", rich_help_panel="Data")] = None,
     max_real_samples: Annotated[int | None, typer.Option(min=1, help="Train on a fixed random subset of this many real samples (Table 4).", rich_help_panel="Data")] = None,
-    num_workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes per process.", rich_help_panel="Data")] = 4,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resize/crop, colour jitter or flip (appendix A.9's ablation).", rich_help_panel="Data")] = False,
+    num_workers: Annotated[int | None, typer.Option(min=0, show_default="machine", help="DataLoader worker processes per process (default: cores - 1, at most 4; 0 on 1-2 cores: common/threads.py).", rich_help_panel="Data")] = None,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Appendix A.9's ablation: no colour augmentation, random flipping or random cropping (the centre window); the random resize (scale jitter) stays, as A.9 does not name it.", rich_help_panel="Data")] = False,
     model: Annotated[str | None, typer.Option(help="Mask2Former checkpoint to fine-tune: hub id or folder (e.g. facebook/mask2former-swin-large-ade-semantic).", rich_help_panel="Model")] = None,
     backbone: Annotated[Backbone | None, typer.Option(help="Build a fresh model instead (default r50): Mask2Former on r50 / swin-t / swin-l, or HRNetV2 (hrnet-w48; hrnet-small: random, CPU-sized) as a semantic segmenter (A.3, Table 4b).", rich_help_panel="Model")] = None,
+    backbone_weights: Annotated[str | None, typer.Option(show_default="official", help="ImageNet weights of a --backbone model: hub id, folder, or none (random). Default: r50 timm/resnet50.tv_in1k (torchvision = detectron2's R-50.pkl, BatchNorm frozen), swin-t microsoft/swin-tiny-patch4-window7-224, swin-l microsoft/swin-large-patch4-window12-384-in22k, hrnet-w48 timm/hrnet_w48.ms_in1k, hrnet-small none.", rich_help_panel="Model")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Iterations, per phase for pretrain (ADE20K 160k; COCO 368,750 = 50 epochs at batch 16).", rich_help_panel="Training")] = None,
     pretrain_steps: Annotated[int | None, typer.Option(min=1, show_default="--max-steps", help="--strategy pretrain: iterations on synthetic data (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Global batch over all processes (A.3: 16).", rich_help_panel="Training")] = None,
@@ -393,7 +371,13 @@ def main(
 ):
     """Train Mask2Former (or HRNet) on real + synthetic data (paper §3.4) and write metrics.json."""
     args = SimpleNamespace(**locals())
+    quiet.quiet()
+    plan = threads.configure()
     with user_errors(console):
+        note = plan.workers_note(args.num_workers)
+        if note:
+            console.print(f"[yellow]{note}[/]")
+        args.num_workers = plan.workers(args.num_workers)
         args.report_to = args.report_to.value
         args.mixed_precision = args.mixed_precision.value if args.mixed_precision else None
         if args.report_to == "tensorboard":

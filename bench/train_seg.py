@@ -104,7 +104,7 @@ def ours(model_dir, backbone, args, work: Path) -> float:
     cli = ["--data-root", ADE, "--synthetic", synthetic_copies(work / "synth"), "--strategy", "aug", "--p-aug", "0.6",
            "--max-steps", 4 * window, "--log-every", window, "--batch-size", args.batch_size, "--crop", args.crop,
            "--num-workers", args.num_workers, "--checkpoint-every", 0, "--output-dir", work / "run", "--eval-size", 32]
-    cli += ["--model", model_dir] if model_dir else ["--backbone", backbone.value]
+    cli += ["--model", model_dir] if model_dir else ["--backbone", backbone.value, "--backbone-weights", "none"]  # speed only
     if args.mixed_precision:
         cli += ["--mixed-precision", args.mixed_precision]
     result = CliRunner().invoke(train_seg.app, [str(c) for c in cli])

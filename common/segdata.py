@@ -9,7 +9,6 @@ Training targets of every task are one int32 map: class * SEG + k for the k-th s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,8 @@ from PIL import Image
 from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
 from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, read_synthetic
+from common import quality, subset
+from common.manifest import manifest_files
 from common.paths import synth_dir
 
 
@@ -53,11 +54,19 @@ def coco_train_ids() -> np.ndarray:
     return lut
 
 
-def class_names(data: str) -> list[str]:
-    """Class names by train id."""
+def class_names(data: str, task: str = "semantic") -> list[str]:
+    """Class names by train id; COCO --task instance: the 80 thing categories (Table 3's head)."""
     if data != "coco":
         return [c["name"] for c in sorted(semantic_table(data), key=lambda c: c["train_id"])]
-    return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"])]
+    return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"]) if task != "instance" or c["isthing"]]
+
+
+def instance_train_ids() -> np.ndarray:
+    """(256,) uint8 lookup: COCO thing category id -> train id 0..79 of the instance head (sorted by id); stuff, void -> 255."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for i, c in enumerate(sorted((c for c in coco_categories() if c["isthing"]), key=lambda c: c["id"])):
+        lut[c["id"]] = i
+    return lut
 
 
 def thing_train_ids(data: str) -> set[int]:
@@ -82,13 +91,13 @@ def load_target(sample: Sample, data: str, task: str) -> np.ndarray:
         label = load_train_label(sample, data).astype(np.int32)
         return np.where(label == IGNORE, -1, label * SEG)
     ids = load_panoptic(sample)
-    lut, things = coco_train_ids(), thing_train_ids(data)
+    lut = instance_train_ids() if task == "instance" else coco_train_ids()  # instance: the 80-class head
     target = np.full(ids.shape, -1, np.int32)
     for k, seg in enumerate(sample.segments or [], 1):
         cls = int(lut[seg["category_id"]])
         # Mask2Former (detectron2's panoptic mapper) leaves crowd regions out of the targets; the
         # instance task keeps things only.
-        if seg.get("iscrowd", 0) or (task == "instance" and cls not in things):
+        if seg.get("iscrowd", 0) or cls == IGNORE:
             continue
         target[ids == seg["id"]] = cls * SEG + k
     return target
@@ -273,23 +282,70 @@ def semantic_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels >= 0, labels // SEG, IGNORE).long()
 
 
+def split_count(spec: Path) -> tuple[Path, int | None]:
+    """--synthetic FOLDER[:k] -> (FOLDER, k or None). A folder whose own name ends in :digits is taken whole."""
+    head, sep, tail = str(spec).rpartition(":")
+    if not sep or not tail.isdigit() or Path(spec).is_dir():
+        return Path(spec), None
+    if int(tail) < 1:
+        raise SegGenError(f"--synthetic {spec}: k must be at least 1 (FOLDER:k takes the first k samples per source)")
+    return Path(head), int(tail)
+
+
+def first_per_source(samples: list[Sample], k: int) -> list[Sample]:
+    """The first k samples made from each source (real) sample: ordered by source id, then by the sample
+    index `k` that masksyn / imgsyn record (manifest order where a record has none)."""
+    order = sorted(range(len(samples)), key=lambda i: (str(samples[i].meta.get("source_id", "")), int(samples[i].meta.get("k", i)), i))
+    seen: dict[str, int] = {}
+    keep = []
+    for i in order:
+        src = str(samples[i].meta.get("source_id", ""))
+        if seen.get(src, 0) < k:
+            seen[src] = seen.get(src, 0) + 1
+            keep.append(samples[i])
+    return keep
+
+
+def default_folders(data: str, say) -> list[Path]:
+    """Whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist; one without any manifest line (a run
+    that stopped before its first sample) is skipped with a warning (issue 17 item 2). An empty folder
+    given with --synthetic still fails (read_synthetic)."""
+    found = []
+    for p in (synth_dir(m, data) for m in ("masksyn", "imgsyn")):
+        if not p.is_dir():
+            continue
+        if not any(f.stat().st_size for f in manifest_files(p)):
+            say(f"[yellow]skipping the default synthetic folder {p}: it has no samples yet[/]")
+            continue
+        found.append(p)
+    return found
+
+
 def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     """(real training samples, one sample list per synthetic folder, the folders) of train_seg's options
     `a` (--strategy, --synthetic, --max-real-samples ...), checked before any model."""
     real, synthetic, folders = [], [], []
     if a.strategy != "synthetic":
         real = read_dataset(a.data, a.data_root, "train")
+        if getattr(a, "real_subset", None) is not None:  # the one subset every stage trains on (common/subset.py)
+            real = subset.apply(real, a.real_subset)
         if a.max_real_samples is not None:  # Table 4's low-data ablation: a fixed random subset
             keep = np.random.default_rng(a.seed).permutation(len(real))[:a.max_real_samples]
             real = [real[i] for i in sorted(keep)]
     if a.strategy != "real":
-        folders = list(a.synthetic) or [p for p in (synth_dir(m, a.data) for m in ("masksyn", "imgsyn")) if p.is_dir()]
+        folders = list(a.synthetic) or default_folders(a.data, say)
         if not folders:
             raise SegGenError(
                 f"--strategy {a.strategy.value} needs synthetic data, but neither {synth_dir('masksyn', a.data)} nor "
-                f"{synth_dir('imgsyn', a.data)} exists: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
-        for folder in folders:
+                f"{synth_dir('imgsyn', a.data)} exists with samples: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
+        folders, counts = zip(*(split_count(f) for f in folders))
+        folders = list(folders)
+        for folder, k in zip(folders, counts):
             samples = read_synthetic(folder)
+            if k is not None:  # Fig. 8 / Table 8 / A.6 count ablations without regenerating
+                samples = first_per_source(samples, k)
+            if getattr(a, "synthetic_filtered", False):  # FreeMask's noisy-region filter (quality.py --filter)
+                samples = quality.filtered_samples(folder, samples)
             probe_synthetic(folder, samples, a.data)
             synthetic.append(samples)
     elif a.synthetic:
@@ -297,52 +353,13 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     return real, synthetic, folders
 
 
-# ---------------------------------------------------------------- §3.4: which samples each iteration sees
-
-class MixedBatches(torch.utils.data.Sampler):
-    """The per-process batches of iterations start..stop, as lists of (source, index, augmentation seed).
-
-    Source 0 is the real training set, source k >= 1 the k-th synthetic folder. Each real slot of the
-    batch is replaced by a synthetic sample with probability p_aug (§3.4), drawn uniformly from the union
-    of all synthetic folders. Real samples are seen in a fresh random order every epoch, shared by the
-    processes (process r takes slots r*B..r*B+B-1 of each global batch). Everything is a function of
-    (seed, step, rank), so a resumed run sees exactly the batches it would have seen.
-    """
-
-    def __init__(self, n_real: int, n_synthetic: list[int], batch: int, p_aug: float, seed: int,
-                 start: int, stop: int, rank: int = 0, world: int = 1):
-        if not 0.0 <= p_aug <= 1.0:
-            raise SegGenError(f"--p-aug must lie in [0, 1] (got {p_aug})")
-        if p_aug > 0 and sum(n_synthetic) == 0:
-            raise SegGenError("p_aug > 0 needs synthetic samples: pass --synthetic FOLDER (or --strategy real)")
-        if p_aug < 1 and n_real == 0:
-            raise SegGenError("no real training samples (check --data-root / --max-real-samples)")
-        self.n_real, self.batch, self.p_aug, self.seed = n_real, batch, p_aug, seed
-        self.offsets = np.concatenate([[0], np.cumsum(n_synthetic)]).astype(np.int64)
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-
-    @lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, epoch]).permutation(self.n_real)
-
-    def draw(self, step: int) -> list[tuple[int, int, int]]:
-        rng = np.random.default_rng([self.seed, 1, step, self.rank])
-        replace = rng.random(self.batch) < self.p_aug
-        synth = rng.integers(0, max(int(self.offsets[-1]), 1), self.batch)
-        aug_seeds = rng.integers(0, 2**62, self.batch)
-        out = []
-        for i in range(self.batch):
-            if replace[i]:
-                k = int(np.searchsorted(self.offsets, synth[i], side="right")) - 1
-                out.append((k + 1, int(synth[i] - self.offsets[k]), int(aug_seeds[i])))
-            else:
-                epoch, j = divmod((step * self.world + self.rank) * self.batch + i, self.n_real)
-                out.append((0, int(self._order(epoch)[j]), int(aug_seeds[i])))
-        return out
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield self.draw(step)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+def synthetic_weights(folders: list[Path], synthetic: list[list[Sample]], data: str, sampling: str) -> np.ndarray | None:
+    """(sum of the folders' sizes,) probabilities of drawing each synthetic sample (MixedBatches' order:
+    folder after folder), or None for §3.4's uniform draw. "hardness": FreeMask's resampling within each
+    folder (common.quality.sampling_probabilities), each folder's share kept at its share of the samples
+    as under the uniform draw."""
+    if sampling == "uniform":
+        return None
+    total = sum(len(s) for s in synthetic)
+    classes = len(class_names(data))
+    return np.concatenate([quality.sampling_probabilities(f, s, classes) * len(s) / total for f, s in zip(folders, synthetic)])

@@ -63,11 +63,14 @@ def model_type(folder) -> str | None:
     return json.loads(path.read_text()).get("model_type") if path.is_file() else None
 
 
-def build_segmenter(model: str | None, backbone: str | None, data: str, queries: int = 100, weights: str | None = None):
-    """(network, processor, where its weights came from) for train_seg: a saved HRNet folder (hrnet.save or
-    a checkpoint) or a fresh HRNet of `backbone`, else Mask2Former (build_model; a fresh one with its
-    backbone's ImageNet weights, common/backbones.py)."""
+def build_segmenter(model: str | None, backbone: str | None, data: str, queries: int = 100, weights: str | None = None,
+                    task: str = "semantic"):
+    """(network, processor, where its backbone weights came from) for train_seg: a saved HRNet folder
+    (hrnet.save or a checkpoint) or a fresh HRNet of `backbone`, else Mask2Former (build_model). A fresh
+    model starts from its backbone's ImageNet weights (`weights`: --backbone-weights, None = the official
+    ones: common/backbones.py DEFAULT_WEIGHTS, hrnet.DEFAULT_WEIGHTS), as Mask2Former's and HRNet's recipes do."""
     from common import hrnet
+    from common.backbones import init_backbone
 
     if model is not None and model_type(model) == "hrnetv2":
         net = hrnet.load(model)
@@ -77,11 +80,14 @@ def build_segmenter(model: str | None, backbone: str | None, data: str, queries:
     if model is None and is_hrnet(backbone):
         net, source = hrnet.build(str(backbone.value).removeprefix("hrnet-"), len(class_names(data)), weights)
         return net, Normalize(), source
-    net, processor = build_model(model, None if model else backbone, data, queries)
-    return net, processor, str(model) if model else "random"
+    net, processor = build_model(model, None if model else backbone, data, queries, task)
+    return net, processor, str(model) if model else init_backbone(net, backbone.value, weights)
 
 
-def build_model(model: str | None, backbone: Backbone | None, data: str, queries: int = 100):
+R50 = dict(embedding_size=64, depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048])  # ResNet-50 (torchvision's widths)
+
+
+def build_model(model: str | None, backbone: Backbone | None, data: str, queries: int = 100, task: str = "semantic"):
     """(Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor) from a hub id / folder, or the
     paper's configuration of `backbone` with random weights (no download)."""
     from transformers import (
@@ -91,7 +97,7 @@ def build_model(model: str | None, backbone: Backbone | None, data: str, queries
         ResNetConfig,
     )
 
-    names = class_names(data)
+    names = class_names(data, task)  # COCO --task instance: an 80-class head on the thing categories
     id2label = dict(enumerate(names))
     label2id = {v: k for k, v in id2label.items()}
     if model is not None:
@@ -108,9 +114,7 @@ def build_model(model: str | None, backbone: Backbone | None, data: str, queries
     if backbone == Backbone.r50:
         # Mask2Former's R50 ADE20K config: the Swin-T head (same hidden sizes, queries, layers) on ResNet-50.
         cfg = json.loads((CONFIGS / "mask2former_swin_tiny_ade_semantic_config.json").read_text())
-        cfg["backbone_config"] = ResNetConfig(
-            depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-            out_features=["stage1", "stage2", "stage3", "stage4"]).to_dict()
+        cfg["backbone_config"] = ResNetConfig(**R50, layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"]).to_dict()
     else:
         name = {Backbone.swin_t: "tiny", Backbone.swin_l: "large"}[backbone]
         cfg = json.loads((CONFIGS / f"mask2former_swin_{name}_ade_semantic_config.json").read_text())
@@ -161,6 +165,23 @@ def save_model(net, processor, folder: Path) -> None:
     else:
         net.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def lr_factor(step: int, steps: int, kind: str = "poly", milestones: tuple = (), base_steps: int | None = None,
+              warmup: int = 0, warmup_factor: float = 1.0, power: float = 0.9, gamma: float = 0.1) -> float:
+    """The learning rate of iteration `step` of `steps`, as a factor of the base lr (detectron2's lr schedulers,
+    as Mask2Former configures them). poly: (1 - step / steps)^0.9 (WarmupPolyLR); multistep: gamma^(number of
+    milestones passed) (WarmupMultiStepLR), the milestones given for `base_steps` iterations scaled to `steps`.
+    Then a linear warm-up over `warmup` iterations from warmup_factor (1.0: none in effect)."""
+    if kind == "poly":
+        factor = (1 - min(step, steps) / steps) ** power
+    else:
+        scaled = [m * steps / (base_steps or steps) for m in milestones]
+        factor = gamma ** sum(step >= m for m in scaled)
+    if step < warmup:
+        alpha = step / warmup
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
 
 
 def build_optimizer(model, kind: str, lr: float, weight_decay: float, backbone_multiplier: float, momentum: float):
@@ -312,15 +333,44 @@ class PanopticEval:
 
 
 class InstanceEval:
-    """Mask AP (Table 3; for a panoptic model AP^Th_pan) through Mask2Former's instance inference."""
+    """Mask AP (Table 3; for a panoptic model AP^Th_pan) through Mask2Former's instance inference.
 
-    def __init__(self, data: str, things_only: bool):
-        self.cats = sorted(coco_categories(), key=lambda c: c["id"])
+    things_only: a panoptic model (133 classes, its thing predictions kept); else the instance head's 80
+    thing classes. Ground truth: `instances` (COCO's instances_{split}2017.json, through pycocotools) when
+    given, else the panoptic thing segments."""
+
+    def __init__(self, data: str, things_only: bool, instances: Path | None = None):
+        self.cats = sorted((c for c in coco_categories() if things_only or c["isthing"]), key=lambda c: c["id"])
         self.things = thing_train_ids(data) if things_only else None
         self.ap = MaskAP(categories(self.cats))
+        self.coco = None
+        if instances is not None:
+            import contextlib
+            import io
+
+            from pycocotools.coco import COCO
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(instances))
+            self.by_file = {im["file_name"]: im["id"] for im in self.coco.dataset["images"]}
+
+    def ground_truth(self, image_id: int, sample: Sample) -> None:
+        if self.coco is None:
+            return self.ap.add_ground_truth(image_id, load_panoptic(sample), sample.segments)
+        from pycocotools import mask as mask_util
+
+        coco_id = self.by_file.get(sample.image.name)
+        if coco_id is None:
+            raise SegGenError(f"{sample.image.name} is not in the instances annotation file (COCO's instances_*2017.json)")
+        info = self.coco.imgs[coco_id]
+        self.ap.images.append({"id": image_id, "height": info["height"], "width": info["width"]})
+        for ann in self.coco.imgToAnns[coco_id]:  # polygons and RLEs as COCO's own evaluation reads them
+            rle = self.coco.annToRLE(ann)
+            self.ap.gt.append({"id": len(self.ap.gt) + 1, "image_id": image_id, "category_id": ann["category_id"], "segmentation": rle,
+                               "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": int(ann.get("iscrowd", 0))})
 
     def update(self, image_id: int, sample: Sample, scores, classes, masks) -> None:
-        self.ap.add_ground_truth(image_id, load_panoptic(sample), sample.segments)
+        self.ground_truth(image_id, sample)
         binary, inst_scores, labels = instance_inference(classes, masks, self.things)
         self.ap.add_predictions(image_id, binary.cpu().numpy(), inst_scores.tolist(), [self.cats[c]["id"] for c in labels.tolist()])
 
@@ -333,21 +383,30 @@ def categories(cats: list[dict]) -> dict[int, bool]:
     return {c["id"]: bool(c["isthing"]) for c in cats}
 
 
-def evaluators(task: str, data: str) -> list:
-    """What `task` measures: semantic mIoU; panoptic PQ (+ AP of the things and mIoU, the paper's Table 2); instance mask AP."""
+def evaluators(task: str, data: str, instances: Path | None = None) -> list:
+    """What `task` measures: semantic mIoU; panoptic PQ (+ AP of the things and mIoU, the paper's Table 2); instance
+    mask AP (against `instances`, COCO's instances json, when given)."""
     return {"semantic": lambda: [SemanticEval(data)],
             "panoptic": lambda: [SemanticEval(data), PanopticEval(data), InstanceEval(data, things_only=True)],
-            "instance": lambda: [InstanceEval(data, things_only=False)]}[task]()
+            "instance": lambda: [InstanceEval(data, things_only=False, instances=instances)]}[task]()
+
+
+def instances_file(data_root: Path, split: str = "val") -> Path | None:
+    """COCO's annotations/instances_{split}2017.json under the data root, if it is there (Table 3's AP is measured on it)."""
+    from common.datasets import coco_root
+
+    path = coco_root(Path(data_root), split) / "annotations" / f"instances_{split}2017.json"
+    return path if path.is_file() else None
 
 
 def evaluate(model, samples: list[Sample], data: str, size: int, mean, std, accelerator, multiscale: bool,
-             progress=None, task: str = "semantic") -> dict:
+             progress=None, task: str = "semantic", instances: Path | None = None) -> dict:
     """The metrics of `task` over `samples` at their original resolution (each process takes every
     world_size-th, results combined)."""
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    metrics = evaluators(task, data)
+    metrics = evaluators(task, data, instances)
     mean_t = torch.tensor(mean, device=accelerator.device).view(3, 1, 1) * 255
     std_t = torch.tensor(std, device=accelerator.device).view(3, 1, 1) * 255
     max_long = 4 * size if data == "ade20k" else round(size * 1333 / 800)  # detectron2's test sizes
@@ -397,8 +456,11 @@ def merged(total, parts: list):
 def evaluate_scales(model, val: list[Sample], a, eval_size: int, mean, std, accelerator) -> dict:
     """{"single_scale": metrics} and, with --multiscale, {"multi_scale": metrics (flip + 6 scales)}."""
     out = {}
+    instances = instances_file(a.data_root) if a.task == "instance" else None
+    if a.task == "instance":  # Table 3: against COCO's instance annotations when present
+        out["ap_source"] = str(instances) if instances else "panoptic things (no annotations/instances_val2017.json)"
     with progress_bar(console, "it/s", enabled=accelerator.is_main_process, transient=True) as progress:
-        out["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task)
+        out["single_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, False, progress, a.task, instances)
         if a.multiscale:
             out["multi_scale"] = evaluate(model, val, a.data, eval_size, mean, std, accelerator, True, progress, a.task)
     return out

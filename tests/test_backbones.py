@@ -143,3 +143,47 @@ def test_wrong_weights_name_the_flag(tmp_path):
         init_backbone(tiny_r50_mask2former(), "r50", tmp_path)
     with pytest.raises(SegGenError, match="no model.safetensors"):
         init_backbone(tiny_r50_mask2former(), "r50", tmp_path / "..")
+
+
+def test_train_seg_loads_backbone_weights_from_a_folder_and_keeps_bn_frozen(tmp_path, monkeypatch):
+    """The command-line path: --backbone r50 --backbone-weights FOLDER, a few training steps, RUN/model."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import train_seg
+    from common import segmodel
+
+    saved = torchvision_resnet_tensors()
+    save_file(saved, tmp_path / "model.safetensors")
+    # train_seg's R50 configuration shrunk to the tiny ResNet (the real one is 25 M parameters): its widths,
+    # and the tiny head's config in place of the published one.
+    heads = tmp_path / "configs"
+    heads.mkdir()
+    (heads / "mask2former_swin_tiny_ade_semantic_config.json").write_text(tiny_r50_mask2former().config.to_json_string())
+    monkeypatch.setattr(segmodel, "CONFIGS", heads)
+    monkeypatch.setattr(segmodel, "R50", dict(embedding_size=STEM, depths=DEPTHS, hidden_sizes=WIDTHS))
+    steps, lr = 3, 1e-3
+    result = CliRunner().invoke(train_seg.app, [str(a) for a in [
+        "--data-root", ADE_ROOT, "--strategy", "real", "--backbone", "r50", "--backbone-weights", tmp_path, "--max-steps", steps,
+        "--lr", lr, "--batch-size", 2, "--crop", 64, "--eval-size", 32, "--num-workers", 0, "--checkpoint-every", 0,
+        "--output-dir", tmp_path / "run"]])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["weights"] == str(tmp_path)
+    assert json.loads((tmp_path / "run/options.json").read_text())["weights_loaded"] == str(tmp_path)
+    trained = Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path / "run/model").model.pixel_level_module.encoder.state_dict()
+    # BatchNorm (statistics and affine) exactly the folder's after training; the convolutions the folder's
+    # plus at most the steps' AdamW updates at the backbone lr (0.1 x --lr), far from any random start.
+    from common.backbones import torchvision_to_transformers_resnet
+
+    expected = torchvision_to_transformers_resnet(saved)
+    for k, v in expected.items():
+        if "normalization" in k:
+            assert torch.equal(trained[k], v), k
+        else:
+            assert (trained[k] - v).abs().max() <= 2 * steps * 0.1 * lr, k
+    assert any(not torch.equal(trained[k], v) for k, v in expected.items() if "convolution" in k)  # the backbone trained
+    # Without the flag a fresh model asks for the official ImageNet weights (offline here: the error names the flag).
+    result = CliRunner().invoke(train_seg.app, [str(a) for a in [
+        "--data-root", ADE_ROOT, "--strategy", "real", "--backbone", "r50", "--max-steps", 1, "--output-dir", tmp_path / "run2"]])
+    assert result.exit_code == 2 and f"--backbone-weights {DEFAULT_WEIGHTS['r50']}" in " ".join(result.output.split()), result.output

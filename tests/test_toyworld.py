@@ -145,6 +145,9 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor == pytest.approx(record["vae_scaling_factor"]) and record["vae_scaling_factor"] != 1.0
     assert set(record["vae_reconstruction_val"]) == {"mae_255", "psnr_db"}
+    maps = record["vae_colormaps_val"]  # the generation-palette maps of the val split through the VAE
+    assert set(maps) == {"psnr_db", "class_right", "off_palette"}
+    assert 0 <= maps["class_right"] <= 1 and 0 <= maps["off_palette"] <= 1
     assert Image.open(out / "samples.png").size == (64 * 4, 128)  # 4 val images over 4 samples
     images = sample(pipe, ["a red ball on grass under a sky"], steps=2)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
@@ -159,3 +162,33 @@ def test_toybase_without_a_world_names_the_command(tmp_path):
 
     with pytest.raises(SegGenError, match=r"--world .*python -m common.toyworld"):
         build(tmp_path / "base", tmp_path / "missing", BaseConfig.quick())
+
+
+def test_toybase_map_roundtrip_scores_what_comes_back(world):
+    """The colour-map check of the base's VAE: a lossless round trip reads every pixel back as its class,
+    a map painted a class off reads those pixels back wrong."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from common.toybase import load_maps, map_roundtrip
+
+    maps, labels = load_maps(world, "val")  # (N, 3, 64, 64) in [-1, 1], (N, 64, 64)
+    assert maps.shape == (4, 3, 64, 64) and labels.shape == (4, 64, 64)
+
+    class Fake:  # encode -> the input as the posterior mean; decode -> `shift(latents)`
+        def __init__(self, shift):
+            self.shift = shift
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=self.shift(z))
+
+    exact = map_roundtrip(Fake(lambda z: z), maps, labels)
+    assert exact["class_right"] == 1.0 and exact["off_palette"] == 0.0 and exact["psnr_db"] > 60
+    shifted = maps.clone()
+    shifted[:, :, :32] = maps[:1, :, -1:, :1]  # top half (sky) painted the first map's bottom-left (ground) colour
+    wrong = map_roundtrip(Fake(lambda z: shifted), maps, labels)
+    assert wrong["class_right"] < 1.0 and wrong["off_palette"] == 0.0

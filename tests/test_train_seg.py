@@ -3,6 +3,7 @@ from the given folders only, pretrain runs both phases, evaluation at the origin
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def _write_synthetic(folder, samples, n=2, label=None):
                 shutil.copy(sample.annotation, folder / f"colormaps/{sid}.png")
                 w.append({"id": sid, "source_id": sample.id, "method": "imgsyn", "image": f"images/{sid}.jpg",
                           "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
-                          "caption": "a room", "seed": k, "models": {}})
+                          "caption": "a room", "seed": k, "k": k, "models": {}})
     return folder
 
 
@@ -321,8 +322,8 @@ def coco_train(tmp_path_factory):
 def test_coco_targets_leave_out_crowd_and_keep_things_for_instance():
     sample = read_dataset("coco", COCO_ROOT, "val")[0]
     ids = load_panoptic(sample)
-    lut = segdata.coco_train_ids()
-    for task in ("panoptic", "instance"):
+    for task in ("panoptic", "instance"):  # instance: the 80-class head's train ids
+        lut = segdata.instance_train_ids() if task == "instance" else segdata.coco_train_ids()
         target = segdata.load_target(sample, "coco", task)
         masks, classes, keep = segdata.mask_targets(torch.from_numpy(target)[None])
         expect = [s for s in sample.segments if not s["iscrowd"]
@@ -385,11 +386,21 @@ def test_panoptic_and_instance_evaluation_at_original_resolution_with_an_oracle(
     assert got["pixels"] == sum(int((lab != 255).sum()) for lab in labels)  # scored at full resolution
 
 
-def test_coco_panoptic_training_runs(tiny, coco_train, tmp_path):
-    _ok(_cli(["--data", "coco", "--data-root", coco_train, "--strategy", "real", "--max-steps", "2",
-              "--output-dir", tmp_path / "run", "--eval-size", "64", *FAST], tiny))
+def test_coco_panoptic_training_runs_with_the_scaled_multistep_schedule(tiny, coco_train, tmp_path):
+    fast = FAST[:FAST.index("--log-every")] + ["--log-every", "1"]
+    _ok(_cli(["--data", "coco", "--data-root", coco_train, "--strategy", "real", "--max-steps", "10",
+              "--output-dir", tmp_path / "run", "--eval-size", "64", *fast], tiny))
     got = json.loads((tmp_path / "run/metrics.json").read_text())
-    assert got["task"] == "panoptic" and got["drawn"] == {"real": 4}
+    assert got["task"] == "panoptic" and got["drawn"] == {"real": 20}
+    # Base-COCO-PanopticSegmentation.yaml: x 0.1 at 327,778 and 355,092 of 368,750 iterations -> at 8.89 and 9.63 of 10.
+    # The lr logged after iteration s is the one iteration s + 1 runs with (head lr; backbone x 0.1).
+    lrs = [r["lr"] for r in _stats(tmp_path / "run")]
+    scaled = [m * 10 / 368_750 for m in (327_778, 355_092)]
+    assert lrs == pytest.approx([1e-4 * 0.1 ** sum(s >= m for m in scaled) for s in range(1, 11)])
+    assert lrs[7:] == pytest.approx([1e-4, 1e-5, 1e-6])
+    r = train_seg.RECIPES[("coco", "swin-l")]
+    assert (r.max_steps, r.milestones, r.queries, r.warmup, r.warmup_factor) == (737_500, (655_556, 710_184), 200, 10, 1.0)
+    assert segmodel.lr_factor(0, 10, "multistep", (5,), 10, warmup=10, warmup_factor=0.5) == 0.5  # a warm-up with effect
     assert {"PQ", "PQ_th", "PQ_st"} <= set(got["single_scale"]["panoptic"]) and "AP" in got["single_scale"]["instance"]
 
 
@@ -509,3 +520,185 @@ def test_hrnet_trains_with_synthetic_data(strategy, tmp_path):
 def test_hrnet_is_a_semantic_segmenter_for_ade20k(tmp_path):
     result = _cli(["--data", "coco", "--backbone", "hrnet-w48", "--output-dir", tmp_path])
     assert result.exit_code == 2 and "--backbone hrnet-w48 has no recipe for --data coco" in result.output
+
+
+def test_no_augment_removes_exactly_what_a9_names():
+    # A.9: "we eliminate color augmentation, random flipping, and random cropping"; the random resize stays.
+    a9 = segdata.without_a9(segdata.AUGMENTS["ade20k"])
+    assert (a9.colour, a9.flip, a9.crop, a9.resize) == (False, False, False, "ade20k")
+    train = read_dataset("ade20k", ADE_ROOT, "val")[1]
+    data = segdata.SegData([[train]], "ade20k", 96, augment=a9)
+    image, target = segdata.load_image(train.image), segdata.load_target(train, "ade20k", "semantic")
+    shapes = set()
+    for seed in range(8):
+        got = data[(0, 0, seed)]
+        # Exactly the centre window of the randomly resized sample: no colour change, no flip, no random offset.
+        resized, label = segdata.random_resize(image, target, 96, np.random.default_rng(seed))
+        img, lab, _ = segdata.center_crop(np.asarray(resized), label, 96)
+        assert np.array_equal(got["image"].numpy(), img.transpose(2, 0, 1)) and np.array_equal(got["label"].numpy(), lab)
+        shapes.add(resized.size)
+    assert len(shapes) > 1  # the scale jitter is still drawn
+
+
+def test_synthetic_folder_count_takes_the_first_k_per_source(tmp_path):
+    from common.datasets import read_synthetic
+
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    folder = _write_synthetic(tmp_path / "syn", real[::-1], n=3)  # sources written in reverse order
+    assert segdata.split_count(tmp_path / "syn:2") == (folder, 2) and segdata.split_count(folder) == (folder, None)
+    got = segdata.first_per_source(read_synthetic(folder), 2)
+    assert [(s.meta["source_id"], s.meta["k"]) for s in got] == [(r.id, k) for r in real for k in (0, 1)]
+    args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "syn:1"], data="ade20k")
+    _, synthetic, folders = segdata.read_sources(args, print)
+    assert folders == [folder] and [s.id for s in synthetic[0]] == [f"syn_{r.id}_s0" for r in real]
+
+
+# ---------------------------------------------------------------- FreeMask: filtered annotations, hardness resampling (issue 13)
+
+def _write_quality(folder, hard_ids=()):
+    """quality.jsonl as quality.py writes it (id + per-class [mean loss, pixels]); `hard_ids` get a high-loss class."""
+    from common.datasets import read_synthetic
+
+    with open(folder / "quality.jsonl", "w") as f:
+        for s in read_synthetic(folder):
+            loss = {"0": [5.0, 100], "1": [5.0, 100]} if s.id in hard_ids else {"0": [0.1, 100]}
+            f.write(json.dumps({"id": s.id, "miou": 0.5, "accuracy": 0.5, "loss": loss, "iou": {}}) + "\n")
+
+
+def test_hardness_sampling_draws_by_the_given_probabilities_and_resumes_exactly():
+    p = np.array([0.5, 0.0, 0.1, 0.4])  # folder 1: samples 0, 1; folder 2: samples 0, 1
+    sampler = train_seg.MixedBatches(3, [2, 2], batch=4, p_aug=1.0, seed=0, start=0, stop=500, weights=p)
+    draws = [(s, i) for batch in sampler for s, i, _ in batch]
+    assert (1, 1) not in draws  # probability 0: never drawn
+    for (s, i), pk in zip([(1, 0), (2, 0), (2, 1)], p[[0, 2, 3]]):
+        assert binomtest(draws.count((s, i)), len(draws), pk).pvalue > 1e-3
+    assert list(train_seg.MixedBatches(3, [2, 2], 4, 1.0, 0, start=490, stop=500, weights=p)) == list(sampler)[490:]
+    with pytest.raises(train_seg.SegGenError, match="--synthetic-sampling"):
+        train_seg.MixedBatches(3, [2, 2], 4, 1.0, 0, 0, 1, weights=p[:3] / p[:3].sum())
+
+
+def test_synthetic_weights_keep_each_folders_share_and_follow_freemask(tmp_path):
+    from common import quality
+    from common.datasets import read_synthetic
+
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    a = _write_synthetic(tmp_path / "a", real, n=2)  # 4 samples
+    b = _write_synthetic(tmp_path / "b", real[:1], n=2)  # 2 samples
+    _write_quality(a, hard_ids={f"a_{real[0].id}_s0"})
+    _write_quality(b)
+    samples = [read_synthetic(a), read_synthetic(b)]
+    w = segdata.synthetic_weights([a, b], samples, "ade20k", "hardness")
+    assert w.shape == (6,) and w.sum() == pytest.approx(1.0)
+    assert w[:4].sum() == pytest.approx(4 / 6) and w[4:].sum() == pytest.approx(2 / 6)  # the uniform draw's shares
+    assert w[:4] == pytest.approx(quality.sampling_probabilities(a, samples[0], 150) * 4 / 6)
+    assert w[:4].argmax() == [s.id for s in samples[0]].index(f"a_{real[0].id}_s0")  # the hard mask is drawn most
+    assert segdata.synthetic_weights([a, b], samples, "ade20k", "uniform") is None
+
+
+def test_synthetic_filtered_trains_on_annotations_filtered(tiny, tmp_path):
+    from common.datasets import read_synthetic
+
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    folder = _write_synthetic(tmp_path / "syn", real[:1])
+    (folder / "annotations_filtered").mkdir()
+    for s in read_synthetic(folder):  # the filter ignored everything: every synthetic image is left out of the loss
+        Image.fromarray(np.zeros_like(load_label(s, "ade20k"))).save(folder / "annotations_filtered" / s.annotation.name)
+    args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[folder], data="ade20k", synthetic_filtered=True)
+    _, synthetic, _ = segdata.read_sources(args, print)
+    assert [s.annotation.parent.name for s in synthetic[0]] == ["annotations_filtered"] * 2
+    base = ["--data-root", ADE_ROOT, "--synthetic", folder, "--strategy", "synthetic", "--max-steps", "2", "--eval-size", "32", *FAST]
+    _ok(_cli([*base, "--synthetic-filtered", "--output-dir", tmp_path / "f"], tiny))
+    got = json.loads((tmp_path / "f/metrics.json").read_text())
+    assert got["skipped_images"] == got["drawn"][str(folder)] == 4
+    r = _cli([*base, "--synthetic-sampling", "hardness", "--output-dir", tmp_path / "h"], tiny)  # no quality.jsonl yet
+    assert r.exit_code == 2 and "run quality.py --synthetic" in r.output
+    _write_quality(folder)
+    _ok(_cli([*base, "--synthetic-sampling", "hardness", "--output-dir", tmp_path / "h"], tiny))
+    assert json.loads((tmp_path / "h/metrics.json").read_text())["skipped_images"] == 0
+
+
+def _instances_json(path, samples, shift=False):
+    """COCO's instances_val2017.json for `samples`, derived from their panoptic things (pycocotools RLE);
+    shift: every annotation moved to the next thing category (a ground truth the panoptic one disagrees with)."""
+    from pycocotools import mask as mask_util
+
+    things = sorted(c["id"] for c in coco_categories() if c["isthing"])
+    images, anns = [], []
+    for n, s in enumerate(samples, 1):
+        ids = load_panoptic(s)
+        images.append({"id": n, "file_name": s.image.name, "height": ids.shape[0], "width": ids.shape[1]})
+        for seg in s.segments:
+            if seg["category_id"] in things:
+                rle = mask_util.encode(np.asfortranarray((ids == seg["id"]).astype(np.uint8)))
+                cat = things[(things.index(seg["category_id"]) + 1) % len(things)] if shift else seg["category_id"]
+                anns.append({"id": len(anns) + 1, "image_id": n, "category_id": cat, "iscrowd": int(seg["iscrowd"]),
+                             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}, "area": float(mask_util.area(rle))})
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": c} for c in things]}))
+    return path
+
+
+def test_instance_head_has_the_80_things_and_ap_uses_the_instances_file_when_given(tmp_path):
+    from accelerate import Accelerator
+
+    assert len(segdata.class_names("coco", "instance")) == 80 and len(segdata.class_names("coco")) == 133
+    samples = read_dataset("coco", COCO_ROOT, "val")
+    lut = segdata.instance_train_ids()
+    per_image = []  # the oracle answers with the non-crowd things, in the 80-class head's ids
+    for s in samples:
+        ids, segs = torch.from_numpy(load_panoptic(s)), [g for g in s.segments if lut[g["category_id"]] != 255 and not g["iscrowd"]]
+        per_image.append((torch.stack([ids == g["id"] for g in segs]), torch.tensor([int(lut[g["category_id"]]) for g in segs])))
+    exact = [(s, pi) for s, pi in zip(samples, per_image)
+             if max(load_panoptic(s).shape) <= round(min(load_panoptic(s).shape) * 1333 / 800)]
+    s, pi = exact[0]
+    short = min(load_panoptic(s).shape)
+
+    def ap(instances):
+        return segmodel.evaluate(_Oracle([pi], num_classes=80), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True),
+                                 False, task="instance", instances=instances)["instance"]["AP"]
+
+    assert ap(None) == pytest.approx(1.0)  # from the panoptic things
+    assert ap(_instances_json(tmp_path / "same.json", samples)) == pytest.approx(1.0)
+    assert ap(_instances_json(tmp_path / "shifted.json", samples, shift=True)) == 0.0  # the file, not the panoptic PNG, is the truth
+
+
+def test_coco_instance_run_says_where_its_ap_came_from(tiny, coco_train, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_train, root)
+    args = ["--data", "coco", "--data-root", root, "--task", "instance", "--strategy", "real", "--max-steps", "2", "--eval-size", "64", *FAST]
+    _ok(_cli([*args, "--output-dir", tmp_path / "a"], tiny))
+    got = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert got["task"] == "instance" and "panoptic things" in got["ap_source"] and "AP" in got["single_scale"]["instance"]
+    assert len(json.loads((tmp_path / "a/model/config.json").read_text())["id2label"]) == 80  # the thing head
+    instances = _instances_json(root / "annotations/instances_val2017.json", read_dataset("coco", root, "val"))
+    _ok(_cli([*args, "--output-dir", tmp_path / "b"], tiny))
+    assert json.loads((tmp_path / "b/metrics.json").read_text())["ap_source"] == str(instances)
+
+
+# ---------------------------------------------------------------- one job per run folder; empty default folders (issues 16, 17)
+
+def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_holder(tiny, tmp_path):
+    import os
+
+    from common.lock import output_lock
+
+    with output_lock(tmp_path / "run", rank=0, flag="--output-dir"):  # another job writing there
+        r = _cli(["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "2", "--output-dir", tmp_path / "run", "--eval-size", "32", *FAST], tiny)
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert "--output-dir" in out and str(os.getpid()) in out, out
+    assert not (tmp_path / "run/stats.jsonl").exists()
+
+
+def test_an_empty_default_synthetic_folder_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    (tmp_path / "synth/masksyn-ade20k").mkdir(parents=True)  # a masksyn run that stopped before its first sample
+    (tmp_path / "synth/masksyn-ade20k/manifest.jsonl").write_text("")
+    _write_synthetic(tmp_path / "synth/imgsyn-ade20k", real[:1], n=1)
+    said = []
+    args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[], data="ade20k")
+    _, synthetic, folders = segdata.read_sources(args, said.append)
+    assert [str(f) for f in folders] == ["synth/imgsyn-ade20k"] and len(synthetic[0]) == 1
+    assert any("skipping the default synthetic folder synth/masksyn-ade20k" in x for x in said)
+    with pytest.raises(train_seg.SegGenError, match="has no samples"):  # given explicitly, it still fails
+        segdata.read_sources(SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "synth/masksyn-ade20k"], data="ade20k"), print)

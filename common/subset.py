@@ -1,0 +1,70 @@
+"""One real subset for every stage (issue 10 item 5; Table 4's 1,000-sample setting trains the generators
+*and* the segmenter on the same images).
+
+    python -m common.subset --data ade20k --data-root datasets --n 1000 --seed 0 --out subsets/ade20k-1000.txt
+
+writes the sorted ids of a seeded choice of --n training samples, one per line; every stage's
+`--real-subset FILE` keeps only those (`apply`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from common import SegGenError
+from common.cli import Data, user_errors
+from common.datasets import default_data_root, read_dataset
+from common.progress import console
+
+
+def choose(ids: list[str], n: int, seed: int) -> list[str]:
+    """Sorted ids of a seeded choice of n of `ids` (without replacement)."""
+    if not 1 <= n <= len(ids):
+        raise SegGenError(f"--n must lie in 1..{len(ids)} (the split's samples; got {n})")
+    pick = np.random.default_rng(seed).choice(len(ids), n, replace=False)
+    return sorted(ids[i] for i in pick)
+
+
+def read_ids(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise SegGenError(f"--real-subset {path}: no such file; write one with python -m common.subset --out {path}")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise SegGenError(f"--real-subset {path}: no ids in it")
+    return ids
+
+
+def apply(samples: list, path: str | Path) -> list:
+    """The samples whose id is in the subset file, in their order; every id of the file must be one of them."""
+    ids = set(read_ids(path))
+    missing = sorted(ids - {s.id for s in samples})
+    if missing:
+        raise SegGenError(f"--real-subset {path}: {len(missing)} id(s) are not in the dataset (e.g. {missing[0]!r}); "
+                          f"was it written for another --data / --data-root / split?")
+    return [s for s in samples if s.id in ids]
+
+
+def main(
+    out: Annotated[Path, typer.Option(help="Where the ids go (one per line, sorted).")],
+    n: Annotated[int, typer.Option(min=1, help="How many training samples (Table 4: 1000).")],
+    data: Annotated[Data, typer.Option(help="Dataset.")] = Data.ade20k,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).")] = None,
+    split: Annotated[str, typer.Option(help="Split the ids are drawn from.")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed of the choice.")] = 0,
+):
+    """Write a seeded subset of a dataset's training ids, for every stage's --real-subset."""
+    with user_errors(console):
+        samples = read_dataset(data.value, data_root if data_root is not None else default_data_root(), split)
+        ids = choose([s.id for s in samples], n, seed)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f"{i}\n" for i in ids))
+        console.print(f"{out}: {len(ids)} of {len(samples)} {data.value} {split} ids (seed {seed})")
+
+
+if __name__ == "__main__":
+    typer.run(main)
