@@ -70,7 +70,7 @@ elif [ "$PRESET" = toy ]; then
   case "$SIZE" in
     full)  WORLD=(--train 2000 --val 200); BASE_ARGS=(); GEN_STEPS=1500; MS=(--limit 200 --per-sample 2); IS=(--limit 200 --per-sample 2)
            SAMPLE_STEPS=20; EVAL_N=100; SEG_STEPS=400; TABLE_STEPS=150; TABLE_N=(50 500); SEEDS=(0 1 2) ;;
-    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(--vae-steps 200 --unet-steps 600); GEN_STEPS=300; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
+    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(--vae-steps 400 --unet-steps 600); GEN_STEPS=300; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
            SAMPLE_STEPS=15; EVAL_N=48; SEG_STEPS=150; TABLE_STEPS=50; TABLE_N=(50); SEEDS=(0) ;;
     smoke) WORLD=(--train 24 --val 8); BASE_ARGS=(--quick); GEN_STEPS=2; MS=(--limit 2 --per-sample 1 --max-off-palette 1.0); IS=(--limit 2 --per-sample 1)
            SAMPLE_STEPS=2; EVAL_N=4; SEG_STEPS=2; TABLE_STEPS=2; TABLE_N=(8); SEEDS=(0) ;;
