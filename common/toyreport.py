@@ -53,6 +53,8 @@ def results(work: Path) -> dict:
         "text2mask_histogram_tv": {"finetuned": ft and ft["histogram_tv"], "base": base and base["histogram_tv"]},
         "alignment_miou": {k: align and round(align[k], 2) for k in ("imgsyn", "ceiling", "floor")},
         "table4": table4(work),
+        "base_vae": {k: v for k, v in (_json(work / "base/toybase.json") or {}).items()
+                     if k in ("vae_reconstruction_val", "vae_colormaps_val")},
         "masksyn_tally": {k: v for k, v in (_json(work / "synth/masksyn-toy/tally.json") or {}).items()
                           if k in ("attempts", "accepted", "rejected")},
         "stage_seconds": {k: round(v, 1) for k, v in stage_times(work).items()},
@@ -81,6 +83,11 @@ def write_toy_report(work: Path) -> Path:
              "| model | off-palette pixels | class histogram distance (TV, 0..1) |", "| --- | --- | --- |",
              f"| fine-tuned Text2Mask | {fmt(off['finetuned'], True)} | {fmt(tv['finetuned'])} |",
              f"| untrained base | {fmt(off['base'], True)} | {fmt(tv['base'])} |", ""]
+    maps = res["base_vae"].get("vae_colormaps_val")
+    if maps:
+        lines += [f"The base's VAE alone, encoding and decoding real validation colour maps, leaves "
+                  f"{fmt(maps.get('off_palette'), True)} of pixels off the palette and reads back "
+                  f"{fmt(maps.get('class_right'), True)} as their class (toybase.json): Text2Mask cannot do better.", ""]
     tally = res["masksyn_tally"]
     if tally:
         lines += [f"MaskSyn kept {tally.get('accepted')} of {tally.get('attempts')} drawn masks (rejected by rule: "
