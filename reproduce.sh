@@ -129,7 +129,7 @@ stage() {  # stage NAME COMMAND...: skip when done, else run, time it, mark done
 }
 has_samples() {  # has_samples ARGS...: every --synthetic DIR among ARGS holds at least one manifest line
   while [ $# -gt 0 ]; do
-    if [ "$1" = --synthetic ]; then cat "$2"/manifest*.jsonl 2>/dev/null | grep -q . || return 1; shift; fi
+    if [ "$1" = --synthetic ]; then grep -qs . "$2"/manifest*.jsonl || return 1; shift; fi  # (no cat | grep -q: pipefail + SIGPIPE)
     shift
   done
 }
