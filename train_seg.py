@@ -355,7 +355,7 @@ def main(
     backbone_lr_multiplier: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Backbone lr factor (Mask2Former: 0.1; HRNet: 1).", rich_help_panel="Training")] = None,
     grad_clip: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Full-model gradient norm clip (Mask2Former: 0.01; HRNet: none; 0: off).", rich_help_panel="Training")] = None,
     crop: Annotated[int | None, typer.Option(min=32, max=2048, show_default="recipe", help="Training crop (ADE20K: 512, Swin-L 640; COCO: 1024).", rich_help_panel="Training")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws and augmentation.", rich_help_panel="Training")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws, augmentation and the loss's random draws (per step, so --resume is exact).", rich_help_panel="Training")] = 0,
     mixed_precision: Annotated[MixedPrecision | None, typer.Option(help="Mixed precision (default: accelerate's config; Mask2Former trains with AMP).", rich_help_panel="Training")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (default runs/seg-{data}-{strategy}).", rich_help_panel="Output")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoints/phase*-step* folder.", rich_help_panel="Output")] = None,

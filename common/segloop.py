@@ -15,6 +15,7 @@ from common.hrnet import loss as hrnet_loss
 from common.progress import console, progress_bar
 from common.segdata import mask_targets, semantic_labels
 from common.segmodel import build_optimizer, is_hrnet, lr_factor
+from common.training import step_seed
 
 
 class Loop:
@@ -71,6 +72,9 @@ class Loop:
         with progress_bar(console, "it/s", enabled=acc.is_main_process, transient=True) as progress:
             bar = progress.add_task(name, total=steps, completed=first)
             for step, batch in enumerate(loader, start=first):
+                # The loss draws from torch's global RNG (Mask2Former's uncertainty point sampling, dropout): seed it from
+                # (seed, phase, step, rank), so a resumed run draws what the uninterrupted one drew at this step.
+                torch.manual_seed(step_seed(a.seed + 1000 * k, step, acc.process_index))
                 loss = self.step(model, optimizer, scheduler, batch)
                 if loss is not None:
                     loss_sum, n_log = loss_sum + loss, n_log + 1

@@ -246,6 +246,12 @@ def test_resume_latest_continues_from_the_last_checkpoint(tiny, tmp_path):
     full = json.loads((tmp_path / "full/metrics.json").read_text())
     cut = json.loads((tmp_path / "cut/metrics.json").read_text())
     assert cut["drawn"] == full["drawn"]
+    # The same weights as the uninterrupted run: the loss's random point sampling is replayed exactly.
+    from safetensors.torch import load_file
+
+    want, got = (load_file(tmp_path / run / "model/model.safetensors") for run in ("full", "cut"))
+    assert want.keys() == got.keys()
+    assert max(float((want[k].float() - got[k].float()).abs().max()) for k in want) <= 1e-6
     # A checkpoint loads like any model folder (--eval-only --checkpoint).
     _ok(_cli(["--eval-only", "--checkpoint", tmp_path / "full/checkpoints/phase0-step0000004", "--data-root", ADE_ROOT,
               "--eval-size", "32", "--output-dir", tmp_path / "ev"]))
