@@ -411,7 +411,7 @@ def rerun_completes(out):
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == VAL
 
 
-@pending("caption", "caption.py caption(): take common.lock.output_lock(out, rank=process index, flag='--out', file=True) around the job, before any model loads")
+@case("caption")
 def case_caption_second_writer(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "in use by another job", "pid"], out=out, hold=(out, True))
@@ -467,7 +467,7 @@ def case_imgsyn_resolution_not_multiple_of_8(w, tmp):
     return Case(args, 2, ["--resolution", "70"])
 
 
-@pending("imgsyn", "imgsyn.py imgsyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads (the lock then says '--out X: cannot create the lock file'); today the ManifestWriter names only OUT/manifest.jsonl, after loading the models")
+@case("imgsyn")
 def case_imgsyn_out_is_a_file(w, tmp):
     (tmp / "o").write_text("notes")
     return Case(img_args(w, tmp / "o"), 2, ["--out", str(tmp / "o")], out=tmp / "o")
@@ -543,7 +543,7 @@ def existing_imgsyn(w, tmp):
     return out
 
 
-@pending("imgsyn", "imgsyn.py imgsyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads")
+@case("imgsyn")
 def case_imgsyn_second_writer(w, tmp):
     out = existing_imgsyn(w, tmp)
     return Case(img_args(w, out), 2, ["--out", str(out), "in use by another job"], out=out, hold=(out, False))
@@ -570,7 +570,7 @@ def case_masksyn_text2mask_pickle_only(w, tmp):
     return Case(ms_args(w, tmp / "o", text2mask=t2m), 2, ["--text2mask", str(t2m), "safetensors"])
 
 
-@pending("masksyn", "masksyn.py masksyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads")
+@case("masksyn")
 def case_masksyn_second_writer(w, tmp):
     (tmp / "o").mkdir()
     return Case(ms_args(w, tmp / "o"), 2, ["--out", "in use by another job"], out=tmp / "o", hold=(tmp / "o", False))
@@ -610,7 +610,7 @@ def case_masksyn_resolution_not_multiple_of_8(w, tmp):
     return Case(args, 2, ["--resolution", "100"])
 
 
-@pending("masksyn", "masksyn.py masksyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads (as imgsyn_out_is_a_file)")
+@case("masksyn")
 def case_masksyn_out_is_a_file(w, tmp):
     (tmp / "o").write_text("notes")
     return Case(ms_args(w, tmp / "o"), 2, ["--out", str(tmp / "o")], out=tmp / "o")
@@ -664,7 +664,7 @@ def case_text2mask_pretrained_missing(w, tmp):
     return Case(trainer(w, tmp / "run", pretrained=tmp / "nothing"), 2, ["--pretrained", "nothing"])
 
 
-@pending("train_text2mask", "train_text2mask.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads; today RunLog's mkdir raises FileExistsError (traceback)")
+@case("train_text2mask")
 def case_text2mask_output_dir_is_a_file(w, tmp):
     (tmp / "run").write_text("notes")
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", str(tmp / "run")], out=tmp / "run")
@@ -676,19 +676,19 @@ def case_text2mask_pretrained_pickle_only(w, tmp):
     return Case(trainer(w, tmp / "run", pretrained=base), 2, ["--pretrained", str(base), "safetensors"])
 
 
-@pending("train_text2mask", "train_text2mask.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads")
+@case("train_text2mask")
 def case_text2mask_second_writer(w, tmp):
     (tmp / "run").mkdir()
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", "in use by another job"], out=tmp / "run", hold=(tmp / "run", False))
 
 
-@pending("train_mask2img", "train_mask2img.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads")
+@case("train_mask2img")
 def case_mask2img_second_writer(w, tmp):
     (tmp / "run").mkdir()
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", "in use by another job"], out=tmp / "run", hold=(tmp / "run", False))
 
 
-@pending("train_mask2img", "train_mask2img.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads; today RunLog's mkdir raises FileExistsError (traceback)")
+@case("train_mask2img")
 def case_mask2img_output_dir_is_a_file(w, tmp):
     (tmp / "run").write_text("notes")
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", str(tmp / "run")], out=tmp / "run")
