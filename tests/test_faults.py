@@ -396,8 +396,7 @@ def case_caption_disk_full(w, tmp):
                 patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out))
 
 
-@pending("caption", "caption.py, caption(), labels loop: only labels_caption() inside `try/except SegGenError`; the "
-                    "writer's SegGenError (disk full) must stop the run (exit 2), not count as one image's failure (exit 1)")
+@case("caption")
 def case_caption_labels_disk_full(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "No space left"], out=out, grows=True,
@@ -824,7 +823,7 @@ def case_quality_segmenter_missing(w, tmp):
     return Case(q_args(w, folder, segmenter=tmp / "nope"), 2, ["--segmenter", "nope"], out=folder)
 
 
-@pending("quality", "quality.py run(): take common.lock.output_lock(synthetic, rank=process index, flag='--synthetic') around the job, before any model loads")
+@case("quality")
 def case_quality_second_writer(w, tmp):
     folder = synthetic(tmp / "syn")
     return Case(q_args(w, folder), 2, ["--synthetic", "in use by another job"], out=folder, hold=(folder, False))
