@@ -529,7 +529,7 @@ def case_imgsyn_label_out_of_range(w, tmp):
     return imgsyn_item(w, tmp, breaks)
 
 
-@pending("imgsyn", "common/synth.py load_mask2img (and check_pipeline for --base): from_pretrained(..., use_safetensors=True); a folder with *.bin and no *.safetensors -> SegGenError('--mask2img X holds pickle weights only (*.bin); convert them to safetensors (diffusers: load once and save_pretrained(safe_serialization=True))') before loading; today it loads the pickle silently")
+@case("imgsyn")
 def case_imgsyn_mask2img_pickle_only(w, tmp):
     cn = pickle_only(w["controlnet"], tmp / "cn")
     return Case(img_args(w, tmp / "o", mask2img=cn), 2, ["--mask2img", str(cn), "safetensors"])
@@ -562,8 +562,7 @@ def case_imgsyn_read_only_folder(w, tmp):
 
 # ---------------------------------------------------------------- masksyn.py
 
-@pending("masksyn", "common/synth.py load_text2mask: use_safetensors=True and a *.bin-only folder refused up front with "
-                    "SegGenError naming --text2mask and how to convert; today diffusers logs an error and loads the pickle")
+@case("masksyn")
 def case_masksyn_text2mask_pickle_only(w, tmp):
     t2m = pickle_only(w["sdxl"], tmp / "t2m")
     return Case(ms_args(w, tmp / "o", text2mask=t2m), 2, ["--text2mask", str(t2m), "safetensors"])
@@ -669,7 +668,7 @@ def case_text2mask_output_dir_is_a_file(w, tmp):
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", str(tmp / "run")], out=tmp / "run")
 
 
-@pending("train_text2mask", 'common/sdxl.py load_text_encoders / common/training.py model loading: use_safetensors=True, and check --pretrained for *.safetensors up front -> SegGenError naming --pretrained and how to convert; today an OSError traceback (transformers) or a silent pickle load (diffusers UNet)')
+@case("train_text2mask")
 def case_text2mask_pretrained_pickle_only(w, tmp):
     base = pickle_only(w["sdxl"], tmp / "base")
     return Case(trainer(w, tmp / "run", pretrained=base), 2, ["--pretrained", str(base), "safetensors"])
