@@ -172,10 +172,12 @@ def _caption(
         if captioner == "labels":
             names = class_names(data)
             for sample in todo:
-                try:
-                    write([(sample, labels_caption(sample, data, names))])
+                try:  # only the item's own failure (bad label) is caught: a write error (disk full) stops the run
+                    text = labels_caption(sample, data, names)
                 except SegGenError as e:
                     fail(sample, str(e))
+                else:
+                    write([(sample, text)])
                 advance(1)
         elif todo:
             import torch

@@ -40,6 +40,7 @@ from common import quality as q
 from common.cli import Data, Split
 from common.colormap import label_to_color, palette_for
 from common.datasets import Sample, load_image, read_dataset, read_synthetic
+from common.lock import output_lock
 from common.manifest import ManifestWriter, done_ids, rank_path, read_manifest
 from common.shard import process_state, shard
 
@@ -169,69 +170,70 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
     """quality.py's job; returns {"written", "skipped", "filtered", "seconds", "summary", ...}."""
     state = process_state()
     folder = Path(synthetic)
-    samples = read_synthetic(folder)  # a bad --synthetic fails here, before any model
-    real = read_dataset(data, data_root, split)
-    names = q.class_names(data)
-    seg = load_segmenter(segmenter, len(names), state.device)
-    a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
-    out = folder / q.QUALITY_FILE
-    settings = {"segmenter": str(segmenter), "size": size}
-    old = read_manifest(out)
-    if old and old[0].get("settings") != settings:
-        raise SegGenError(f"--segmenter / --size: {out} holds figures of {old[0].get('settings')}, not {settings}; "
-                          f"pass those to resume, or delete {out}")
-    mine = shard(samples, state)
-    done = done_ids(out)
-    todo = [s for s in mine if s.id not in done]
-    if state.is_main_process:
-        console.print(f"[bold]quality.py[/] {folder}: {len(samples)} sample(s), {len(done)} already judged; segmenter "
-                      f"{segmenter} ({seg.kind}) at short side {size}; reference: {reference_on} ({data}/{split}, "
-                      f"{len(real)} image(s)){f'; filter, tolerance {tolerance}' if filter else ''}")
-    summary = {"written": 0, "skipped": len(mine) - len(todo), "filtered": 0, "out": str(out)}
-    start = time.perf_counter()
-    with synth.progress("quality", state) as progress:
-        ref = reference(real, seg, a, state, progress) if reference_on == "real" else None
-        means = np.array([np.nan if m is None else m for m in ref["class_means"]]) if ref else None
-        if filter:
-            check_filter_settings(folder, {"tolerance": tolerance, "reference": reference_on, **settings}, state)
+    samples = read_synthetic(folder)  # a bad --synthetic fails here, before any lock or model
+    with output_lock(folder, state.process_index, "--synthetic"):  # one writer per folder (common/lock.py)
+        real = read_dataset(data, data_root, split)
+        names = q.class_names(data)
+        seg = load_segmenter(segmenter, len(names), state.device)
+        a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
+        out = folder / q.QUALITY_FILE
+        settings = {"segmenter": str(segmenter), "size": size}
+        old = read_manifest(out)
+        if old and old[0].get("settings") != settings:
+            raise SegGenError(f"--segmenter / --size: {out} holds figures of {old[0].get('settings')}, not {settings}; "
+                              f"pass those to resume, or delete {out}")
+        mine = shard(samples, state)
+        done = done_ids(out)
+        todo = [s for s in mine if s.id not in done]
+        if state.is_main_process:
+            console.print(f"[bold]quality.py[/] {folder}: {len(samples)} sample(s), {len(done)} already judged; segmenter "
+                          f"{segmenter} ({seg.kind}) at short side {size}; reference: {reference_on} ({data}/{split}, "
+                          f"{len(real)} image(s)){f'; filter, tolerance {tolerance}' if filter else ''}")
+        summary = {"written": 0, "skipped": len(mine) - len(todo), "filtered": 0, "out": str(out)}
+        start = time.perf_counter()
+        with synth.progress("quality", state) as progress:
+            ref = reference(real, seg, a, state, progress) if reference_on == "real" else None
+            means = np.array([np.nan if m is None else m for m in ref["class_means"]]) if ref else None
+            if filter:
+                check_filter_settings(folder, {"tolerance": tolerance, "reference": reference_on, **settings}, state)
 
-        def write_filtered(s, loss, label):
-            q.write_filtered(s, q.noisy_pixels(loss, label, means, tolerance), q.filtered_path(folder, s))
-            summary["filtered"] += 1
+            def write_filtered(s, loss, label):
+                q.write_filtered(s, q.noisy_pixels(loss, label, means, tolerance), q.filtered_path(folder, s))
+                summary["filtered"] += 1
 
-        # step 2 (+ step 3 when the class means are known already)
-        task = progress.add_task("judging", total=len(todo), rate=0.0)
-        with ManifestWriter(rank_path(out, state.process_index, state.num_processes)) as writer:
-            for s in todo:
-                figures, loss, label, _ = figures_of(seg, s, data, size)
-                if filter and means is not None:
+            # step 2 (+ step 3 when the class means are known already)
+            task = progress.add_task("judging", total=len(todo), rate=0.0)
+            with ManifestWriter(rank_path(out, state.process_index, state.num_processes)) as writer:
+                for s in todo:
+                    figures, loss, label, _ = figures_of(seg, s, data, size)
+                    if filter and means is not None:
+                        write_filtered(s, loss, label)
+                    off = {"off_palette": s.meta["off_palette"]} if "off_palette" in s.meta else {}
+                    writer.append({"id": s.id, **figures, **off, "settings": settings})
+                    summary["written"] += 1
+                    progress.update(task, advance=1, rate=summary["written"] / (time.perf_counter() - start))
+            state.wait_for_everyone()
+            records = read_manifest(out)
+            # step 3: the samples still without a filtered annotation (--reference folder, or judged before)
+            if filter:
+                means = means if means is not None else q.class_means(records, len(names))
+                left = [s for s in mine if not q.filtered_path(folder, s).is_file()]
+                task = progress.add_task("filtering", total=len(left), rate=0.0)
+                for s in left:
+                    _, loss, label, _ = figures_of(seg, s, data, size)
                     write_filtered(s, loss, label)
-                off = {"off_palette": s.meta["off_palette"]} if "off_palette" in s.meta else {}
-                writer.append({"id": s.id, **figures, **off, "settings": settings})
-                summary["written"] += 1
-                progress.update(task, advance=1, rate=summary["written"] / (time.perf_counter() - start))
-        state.wait_for_everyone()
-        records = read_manifest(out)
-        # step 3: the samples still without a filtered annotation (--reference folder, or judged before)
-        if filter:
-            means = means if means is not None else q.class_means(records, len(names))
-            left = [s for s in mine if not q.filtered_path(folder, s).is_file()]
-            task = progress.add_task("filtering", total=len(left), rate=0.0)
-            for s in left:
-                _, loss, label, _ = figures_of(seg, s, data, size)
-                write_filtered(s, loss, label)
-                progress.update(task, advance=1, rate=summary["filtered"] / (time.perf_counter() - start))
-    summary["seconds"] = time.perf_counter() - start
-    # step 4: the summary and the contact sheet of the worst samples (main process)
-    if state.is_main_process:
-        hist = np.array(ref["class_pixels"]) if ref else sum(  # --reference folder: the real labels, no model
-            np.bincount(q.label_train_ids(s, data).ravel(), minlength=256)[:len(names)] for s in real)
-        summ = {"segmenter": str(segmenter), "reference": reference_on, **q.summarize(records, names, hist, worst)}
-        (folder / "quality_summary.json").write_text(json.dumps(summ, indent=1))
-        summary.update(summary=summ, summary_path=str(folder / "quality_summary.json"))
-        if summ["worst"]:
-            summary["sheet"] = str(worst_sheet(seg, {s.id: s for s in samples}, summ["worst"], data, size, folder / "quality_worst.png"))
-    return summary
+                    progress.update(task, advance=1, rate=summary["filtered"] / (time.perf_counter() - start))
+        summary["seconds"] = time.perf_counter() - start
+        # step 4: the summary and the contact sheet of the worst samples (main process)
+        if state.is_main_process:
+            hist = np.array(ref["class_pixels"]) if ref else sum(  # --reference folder: the real labels, no model
+                np.bincount(q.label_train_ids(s, data).ravel(), minlength=256)[:len(names)] for s in real)
+            summ = {"segmenter": str(segmenter), "reference": reference_on, **q.summarize(records, names, hist, worst)}
+            (folder / "quality_summary.json").write_text(json.dumps(summ, indent=1))
+            summary.update(summary=summ, summary_path=str(folder / "quality_summary.json"))
+            if summ["worst"]:
+                summary["sheet"] = str(worst_sheet(seg, {s.id: s for s in samples}, summ["worst"], data, size, folder / "quality_worst.png"))
+        return summary
 
 
 def worst_sheet(seg: Segmenter, by_id: dict, worst: list[dict], data: str, size: int, path: Path) -> Path:

@@ -39,6 +39,7 @@ from common import SegGenError
 from common.colormap import palette_for
 from common.datasets import default_data_root, read_dataset
 from common.lock import output_lock
+from common.weights import SAFE, check_safetensors
 from common.paths import captions_path, mask2img_dir, record_path
 from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.checkpoint import load as load_checkpoint
@@ -119,11 +120,11 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     if a.cache_latents:
         dataset.latents = cache_latents(vae, dataset, "pixel_values", out / "cache", accelerator, a.vae or a.pretrained,
                                         console=console if main_proc else None)
-    unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet", **SAFE)
     # The ControlNet: a trainable copy of the UNet's encoder whose zero convolutions start silent
     # (Zhang et al. 2023), or an existing one. Its conditioning embedding downsamples by 8, like the VAE.
     if a.controlnet:
-        controlnet = ControlNetModel.from_pretrained(a.controlnet)
+        controlnet = ControlNetModel.from_pretrained(a.controlnet, **SAFE)
     else:
         controlnet = ControlNetModel.from_unet(unet)
     # Frozen: SDXL-base stays as it is, in the training dtype.
@@ -227,6 +228,7 @@ def check_controlnet(path: str | None, base) -> None:
     cfg = json.loads(config.read_text())
     if cfg.get("_class_name") != "ControlNetModel":
         raise SegGenError(f"--controlnet {path}: config.json describes a {cfg.get('_class_name')}, not a ControlNetModel")
+    check_safetensors(path, "--controlnet")  # pickle-only weights are refused before any model loads
     factor = 2 ** (len(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
     if factor != base.vae_factor:
         raise SegGenError(f"--controlnet {path}: its conditioning embedding downsamples by {factor}, the VAE of "

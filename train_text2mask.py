@@ -37,6 +37,7 @@ from rich.console import Console
 from common.colormap import color_to_label, label_to_color, palette_for
 from common.datasets import default_data_root, read_dataset
 from common.lock import output_lock
+from common.weights import SAFE
 from common.paths import captions_path, record_path, text2mask_dir
 from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.checkpoint import load as load_checkpoint
@@ -115,7 +116,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     if a.cache_latents:
         dataset.latents = cache_latents(vae, dataset, "colormap", out / "cache", accelerator, a.vae or a.pretrained,
                                         console=console if main_proc else None)
-    unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet", **SAFE)
     unet.train()
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -182,7 +183,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         if ema is not None:
             ema.copy_to(unet.parameters())
         extra = {"vae": vae.to(torch.float32)} if a.vae else {}
-        pipe = DiffusionPipeline.from_pretrained(a.pretrained, unet=unet, **extra)
+        pipe = DiffusionPipeline.from_pretrained(a.pretrained, unet=unet, **SAFE, **extra)
         pipe.save_pretrained(out)
         palette.save(out / "palette.json")
         (out / "seggen.json").write_text(json.dumps({

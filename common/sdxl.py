@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common import SegGenError
+from common.weights import SAFE, check_safetensors
 
 PAPER_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # appendix A.4: both generators start from SDXL-base
 
@@ -78,6 +79,7 @@ def inspect_base(pretrained: str) -> BaseInfo:
             raise SegGenError(f"--pretrained {pretrained}: model_index.json has no {part!r}; a Stable Diffusion (XL) pipeline is needed")
     sdxl = is_sdxl(index)
     vae = _base_file(pretrained, "vae/config.json")
+    check_safetensors(pretrained, "--pretrained")  # pickle-only weights are refused before any model loads
     factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     return BaseInfo(pretrained, sdxl, factor, bool(index.get("force_zeros_for_empty_prompt", sdxl)))
 
@@ -88,6 +90,7 @@ def check_vae(vae: str | None) -> None:
         config = _base_file(vae, "config.json", "--vae")
         if config.get("_class_name") != "AutoencoderKL":
             raise SegGenError(f"--vae {vae}: config.json describes a {config.get('_class_name')}, not an AutoencoderKL")
+        check_safetensors(vae, "--vae")
 
 
 def check_resolution(resolution: int, base: BaseInfo) -> None:
@@ -110,10 +113,10 @@ def load_text_encoders(pretrained: str, is_sdxl: bool, device, dtype) -> list[tu
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     pairs = [(AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer"),
-              CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=dtype))]
+              CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=dtype, **SAFE))]
     if is_sdxl:
         pairs.append((AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2"),
-                      CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", torch_dtype=dtype)))
+                      CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", torch_dtype=dtype, **SAFE)))
     return [(tok, enc.to(device).eval().requires_grad_(False)) for tok, enc in pairs]
 
 

@@ -35,6 +35,7 @@ from common import sampler as edm
 from common.sampler import Cond, EpsDenoiser
 from common.paths import record_path, resolve_recorded
 from common.shard import shard
+from common.weights import SAFE, check_safetensors
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 SD_PIPELINES = ("StableDiffusionPipeline",)
@@ -185,6 +186,7 @@ def check_pipeline(path: str, flag: str, made_by: str) -> str:
                           f"pass the folder {made_by} wrote, or an SDXL / SD-1.5 pipeline")
     else:
         index = _read_json(folder / "model_index.json", flag)
+        check_safetensors(folder, flag)  # pickle-only weights are refused before any model loads
     name = index.get("_class_name")
     if name not in SDXL_PIPELINES + SD_PIPELINES:
         raise SegGenError(f"{flag} {folder}: a {name}, not an SDXL or SD-1.5 text-to-image pipeline")
@@ -204,6 +206,7 @@ def check_controlnet(path: str, base: str | None, data: str) -> tuple[str, str]:
         if name != "ControlNetModel":
             raise SegGenError(f"--mask2img {folder}: its config.json is a {name}, not a ControlNetModel; "
                               f"pass the folder train_mask2img.py wrote")
+        check_safetensors(folder, "--mask2img")  # pickle-only weights are refused before any model loads
     if base is None:
         meta = folder / "seggen.json"
         recorded = _read_json(meta, "--mask2img").get("base") if meta.is_file() else None
@@ -279,6 +282,7 @@ def _load(what: str, flag: str, fn):
 
     diffusers.utils.logging.disable_progress_bar()  # our own progress bar is the one that matters
     transformers.utils.logging.disable_progress_bar()
+    check_safetensors(what, flag)  # a local pickle-only folder: refused with how to convert (common/weights.py)
     try:
         return fn()
     except (OSError, ValueError, EnvironmentError) as e:
@@ -290,19 +294,19 @@ def load_text2mask(path: str, kind: str, device: torch.device, dtype: torch.dtyp
 
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = _load(path, "--text2mask", lambda: cls.from_pretrained(path, dtype=dtype, **extra))
+    pipe = _load(path, "--text2mask", lambda: cls.from_pretrained(path, dtype=dtype, **SAFE, **extra))
     return _ready(pipe, None, kind, device, dtype)
 
 
 def load_mask2img(path: str, base: str, kind: str, device: torch.device, dtype: torch.dtype, vae: str | None = None) -> Generator:
     from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    controlnet = _load(path, "--mask2img", lambda: ControlNetModel.from_pretrained(path, dtype=dtype))
+    controlnet = _load(path, "--mask2img", lambda: ControlNetModel.from_pretrained(path, dtype=dtype, **SAFE))
     cls = StableDiffusionXLControlNetPipeline if kind == "sdxl" else StableDiffusionControlNetPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     if vae:  # the VAE the ControlNet was trained with (seggen.json), instead of the base's
-        extra["vae"] = _load(vae, "--mask2img (its seggen.json 'vae')", lambda: AutoencoderKL.from_pretrained(vae, dtype=dtype))
-    pipe = _load(base, "--base", lambda: cls.from_pretrained(base, controlnet=controlnet, dtype=dtype, **extra))
+        extra["vae"] = _load(vae, "--mask2img (its seggen.json 'vae')", lambda: AutoencoderKL.from_pretrained(vae, dtype=dtype, **SAFE))
+    pipe = _load(base, "--base", lambda: cls.from_pretrained(base, controlnet=controlnet, dtype=dtype, **SAFE, **extra))
     return _ready(pipe, controlnet, kind, device, dtype)
 
 

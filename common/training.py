@@ -34,6 +34,7 @@ from common.datasets import Sample, load_image, load_label, load_panoptic
 from common.manifest import CAPTION_FIELDS, read_manifest
 from common.progress import progress_bar
 from common.sdxl import TextEmbeddings, time_ids
+from common.weights import SAFE
 
 
 # ---------------------------------------------------------------- the run's set-up
@@ -71,7 +72,7 @@ def load_vae(a, device, weight_dtype):
     fixed VAE is given (which then runs in the training dtype), as in diffusers' examples."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae")
+    vae = AutoencoderKL.from_pretrained(a.vae or a.pretrained, subfolder=None if a.vae else "vae", **SAFE)
     return vae.requires_grad_(False).to(device, **({} if a.vae is None else {"dtype": weight_dtype}))
 
 

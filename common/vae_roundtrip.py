@@ -27,6 +27,7 @@ from common.cli import Data, Split
 from common.colormap import (color_to_label, label_to_color, palette_for, panoptic_color_to_semantic, panoptic_to_color,
                              panoptic_to_semantic, resize_nearest)
 from common.datasets import Sample, load_label, load_panoptic, read_dataset
+from common.weights import SAFE
 
 KINDS = ("generation", "usual")  # the palettes compared
 DECODINGS = ("nearest", "vote")  # nearest colour, then + the 3×3 majority vote
@@ -113,7 +114,7 @@ def load_vae(vae: str, device: str):
         tries = ["vae", None]
     for i, sub in enumerate(tries):
         try:
-            return AutoencoderKL.from_pretrained(vae, subfolder=sub).to(device).eval()
+            return AutoencoderKL.from_pretrained(vae, subfolder=sub, **SAFE).to(device).eval()
         except (OSError, ValueError) as e:
             if i == len(tries) - 1:
                 raise SegGenError(f"--vae {vae}: cannot load an AutoencoderKL from it ({e}); pass a VAE or pipeline "

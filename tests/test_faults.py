@@ -396,8 +396,7 @@ def case_caption_disk_full(w, tmp):
                 patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out))
 
 
-@pending("caption", "caption.py, caption(), labels loop: only labels_caption() inside `try/except SegGenError`; the "
-                    "writer's SegGenError (disk full) must stop the run (exit 2), not count as one image's failure (exit 1)")
+@case("caption")
 def case_caption_labels_disk_full(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "No space left"], out=out, grows=True,
@@ -411,7 +410,7 @@ def rerun_completes(out):
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == VAL
 
 
-@pending("caption", "caption.py caption(): take common.lock.output_lock(out, rank=process index, flag='--out', file=True) around the job, before any model loads")
+@case("caption")
 def case_caption_second_writer(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "in use by another job", "pid"], out=out, hold=(out, True))
@@ -467,7 +466,7 @@ def case_imgsyn_resolution_not_multiple_of_8(w, tmp):
     return Case(args, 2, ["--resolution", "70"])
 
 
-@pending("imgsyn", "imgsyn.py imgsyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads (the lock then says '--out X: cannot create the lock file'); today the ManifestWriter names only OUT/manifest.jsonl, after loading the models")
+@case("imgsyn")
 def case_imgsyn_out_is_a_file(w, tmp):
     (tmp / "o").write_text("notes")
     return Case(img_args(w, tmp / "o"), 2, ["--out", str(tmp / "o")], out=tmp / "o")
@@ -530,7 +529,7 @@ def case_imgsyn_label_out_of_range(w, tmp):
     return imgsyn_item(w, tmp, breaks)
 
 
-@pending("imgsyn", "common/synth.py load_mask2img (and check_pipeline for --base): from_pretrained(..., use_safetensors=True); a folder with *.bin and no *.safetensors -> SegGenError('--mask2img X holds pickle weights only (*.bin); convert them to safetensors (diffusers: load once and save_pretrained(safe_serialization=True))') before loading; today it loads the pickle silently")
+@case("imgsyn")
 def case_imgsyn_mask2img_pickle_only(w, tmp):
     cn = pickle_only(w["controlnet"], tmp / "cn")
     return Case(img_args(w, tmp / "o", mask2img=cn), 2, ["--mask2img", str(cn), "safetensors"])
@@ -543,7 +542,7 @@ def existing_imgsyn(w, tmp):
     return out
 
 
-@pending("imgsyn", "imgsyn.py imgsyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads")
+@case("imgsyn")
 def case_imgsyn_second_writer(w, tmp):
     out = existing_imgsyn(w, tmp)
     return Case(img_args(w, out), 2, ["--out", str(out), "in use by another job"], out=out, hold=(out, False))
@@ -563,14 +562,13 @@ def case_imgsyn_read_only_folder(w, tmp):
 
 # ---------------------------------------------------------------- masksyn.py
 
-@pending("masksyn", "common/synth.py load_text2mask: use_safetensors=True and a *.bin-only folder refused up front with "
-                    "SegGenError naming --text2mask and how to convert; today diffusers logs an error and loads the pickle")
+@case("masksyn")
 def case_masksyn_text2mask_pickle_only(w, tmp):
     t2m = pickle_only(w["sdxl"], tmp / "t2m")
     return Case(ms_args(w, tmp / "o", text2mask=t2m), 2, ["--text2mask", str(t2m), "safetensors"])
 
 
-@pending("masksyn", "masksyn.py masksyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads")
+@case("masksyn")
 def case_masksyn_second_writer(w, tmp):
     (tmp / "o").mkdir()
     return Case(ms_args(w, tmp / "o"), 2, ["--out", "in use by another job"], out=tmp / "o", hold=(tmp / "o", False))
@@ -610,7 +608,7 @@ def case_masksyn_resolution_not_multiple_of_8(w, tmp):
     return Case(args, 2, ["--resolution", "100"])
 
 
-@pending("masksyn", "masksyn.py masksyn(): take common.lock.output_lock(out, rank=process index, flag='--out') around the job, before any model loads (as imgsyn_out_is_a_file)")
+@case("masksyn")
 def case_masksyn_out_is_a_file(w, tmp):
     (tmp / "o").write_text("notes")
     return Case(ms_args(w, tmp / "o"), 2, ["--out", str(tmp / "o")], out=tmp / "o")
@@ -664,31 +662,31 @@ def case_text2mask_pretrained_missing(w, tmp):
     return Case(trainer(w, tmp / "run", pretrained=tmp / "nothing"), 2, ["--pretrained", "nothing"])
 
 
-@pending("train_text2mask", "train_text2mask.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads; today RunLog's mkdir raises FileExistsError (traceback)")
+@case("train_text2mask")
 def case_text2mask_output_dir_is_a_file(w, tmp):
     (tmp / "run").write_text("notes")
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", str(tmp / "run")], out=tmp / "run")
 
 
-@pending("train_text2mask", 'common/sdxl.py load_text_encoders / common/training.py model loading: use_safetensors=True, and check --pretrained for *.safetensors up front -> SegGenError naming --pretrained and how to convert; today an OSError traceback (transformers) or a silent pickle load (diffusers UNet)')
+@case("train_text2mask")
 def case_text2mask_pretrained_pickle_only(w, tmp):
     base = pickle_only(w["sdxl"], tmp / "base")
     return Case(trainer(w, tmp / "run", pretrained=base), 2, ["--pretrained", str(base), "safetensors"])
 
 
-@pending("train_text2mask", "train_text2mask.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads")
+@case("train_text2mask")
 def case_text2mask_second_writer(w, tmp):
     (tmp / "run").mkdir()
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", "in use by another job"], out=tmp / "run", hold=(tmp / "run", False))
 
 
-@pending("train_mask2img", "train_mask2img.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads")
+@case("train_mask2img")
 def case_mask2img_second_writer(w, tmp):
     (tmp / "run").mkdir()
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", "in use by another job"], out=tmp / "run", hold=(tmp / "run", False))
 
 
-@pending("train_mask2img", "train_mask2img.py train(): take common.lock.output_lock(out, rank=process index, flag='--output-dir') around the job, before any model loads; today RunLog's mkdir raises FileExistsError (traceback)")
+@case("train_mask2img")
 def case_mask2img_output_dir_is_a_file(w, tmp):
     (tmp / "run").write_text("notes")
     return Case(trainer(w, tmp / "run"), 2, ["--output-dir", str(tmp / "run")], out=tmp / "run")
@@ -824,7 +822,7 @@ def case_quality_segmenter_missing(w, tmp):
     return Case(q_args(w, folder, segmenter=tmp / "nope"), 2, ["--segmenter", "nope"], out=folder)
 
 
-@pending("quality", "quality.py run(): take common.lock.output_lock(synthetic, rank=process index, flag='--synthetic') around the job, before any model loads")
+@case("quality")
 def case_quality_second_writer(w, tmp):
     folder = synthetic(tmp / "syn")
     return Case(q_args(w, folder), 2, ["--synthetic", "in use by another job"], out=folder, hold=(folder, False))
