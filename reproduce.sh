@@ -16,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 REPO=$(pwd)
 
-PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run"; }
+PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
+    --coco-masksyn) COCO_MASKSYN=1; shift ;;
     --max-steps) MAX_STEPS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "reproduce.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -193,14 +194,16 @@ stage train-text2mask "${LAUNCH[@]}" train_text2mask.py --data "$DATA" --data-ro
 # shellcheck disable=SC2046
 stage train-mask2img "${LAUNCH[@]}" train_mask2img.py --data "$DATA" --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
   --output-dir "$M2I" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
-if [ "$DATA" = ade20k ]; then  # COCO: ImgSyn only, instances cannot be read back from colour maps (§4.1, A.2)
+# COCO: ImgSyn only in the paper (§4.1; A.2 leaves instance recovery open). --coco-masksyn adds MaskSyn,
+# its instances recovered from the edge-coloured maps (common/colormap.py: color_to_panoptic), beyond the paper.
+if [ "$DATA" = ade20k ] || [ "$COCO_MASKSYN" = 1 ]; then
   stage masksyn "${LAUNCH_MANY[@]}" masksyn.py --data "$DATA" --captions "$CAPTIONS" --text2mask "$T2M" --mask2img "$M2I" \
     --out "$MASKSYN" "${MASKSYN_ARGS[@]}"
 fi
 stage imgsyn "${LAUNCH_MANY[@]}" imgsyn.py --data "$DATA" --data-root "$DATA_ROOT" --split train --captions "$CAPTIONS" \
   --mask2img "$M2I" --out "$IMGSYN" "${IMGSYN_ARGS[@]}"
 SYNTH=(--synthetic "$IMGSYN")
-if [ "$DATA" = ade20k ]; then SYNTH+=(--synthetic "$MASKSYN"); fi
+if [ "$DATA" = ade20k ] || [ "$COCO_MASKSYN" = 1 ]; then SYNTH+=(--synthetic "$MASKSYN"); fi
 # shellcheck disable=SC2046
 stage seg-real "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" --strategy real \
   --output-dir "$SEG_REAL" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$SEG_REAL")

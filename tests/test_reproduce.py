@@ -47,6 +47,15 @@ def test_coco_uses_imgsyn_only_and_pretrain_then_finetune():
     assert "--strategy pretrain" in r.stdout
 
 
+def test_coco_masksyn_is_an_option_beyond_the_paper():
+    r = run("--preset", "paper", "--data", "coco", "--data-root", "/data", "--dry-run", "--coco-masksyn")
+    assert r.returncode == 0, r.stderr
+    masksyn = [line for line in r.stdout.splitlines() if "masksyn.py" in line]
+    assert len(masksyn) == 1 and "--data coco" in masksyn[0] and "--per-sample 10" in masksyn[0]
+    seg = [line for line in r.stdout.splitlines() if "train_seg.py" in line and "--strategy pretrain" in line]
+    assert seg and "--synthetic" in seg[0] and "masksyn-coco" in seg[0] and "imgsyn-coco" in seg[0]
+
+
 def test_bad_options_are_named():
     r = run("--preset", "huge")
     assert r.returncode == 2 and "--preset must be paper, toy or tiny (got huge)" in r.stderr
