@@ -1,5 +1,6 @@
 # make test   creates .venv when missing, installs, runs the tests offline
-# make demo   the whole SegGen chain on the built-in real samples with tiny models (no GPU, no download)
+# make demo   the whole SegGen chain on the toy world at reduced size, every model learned here (no GPU, no download, ~10 min)
+# make smoke  the plumbing only: tiny random models on the built-in real samples
 # make bench  prints the benchmarks of bench/
 
 VENV ?= .venv
@@ -13,7 +14,7 @@ export PYTHONPATH := $(CURDIR)
 # (bench/threads.py, common/threads.py). A value already in the environment wins.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo smoke bench clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +29,10 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	./reproduce.sh --preset tiny --work runs/demo
+	./reproduce.sh --preset toy --size demo --work runs/demo
+
+smoke: install
+	./reproduce.sh --preset tiny --work runs/smoke
 
 bench: install
 	$(PY) bench/colormap.py
@@ -38,4 +42,4 @@ bench: install
 	$(PY) bench/train_seg.py
 
 clean:
-	rm -rf $(VENV) runs/demo
+	rm -rf $(VENV) runs/demo runs/smoke

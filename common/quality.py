@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from common import SegGenError
-from common.colormap import IGNORE, ade20k_classes, coco_categories
+from common.colormap import IGNORE, coco_categories, semantic_classes
 from common.datasets import Sample, load_label
 from common.manifest import atomic_save, read_manifest
 
@@ -42,8 +42,8 @@ def train_ids(data: str) -> np.ndarray:
     """(256,) uint8 lookup: label value (ADE20K PNG value / COCO category id) -> train id, 255 = ignore.
     TODO(lead): the same lookup as train_seg's ade20k_train_ids / coco_train_ids (common.segdata)."""
     lut = np.full(256, IGNORE, np.uint8)
-    if data == "ade20k":
-        for c in ade20k_classes():
+    if data in ("ade20k", "toy"):
+        for c in semantic_classes(data):
             lut[c["png_value"]] = c["train_id"]
     else:
         for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])):
@@ -52,8 +52,8 @@ def train_ids(data: str) -> np.ndarray:
 
 
 def class_names(data: str) -> list[str]:
-    if data == "ade20k":
-        return [c["name"] for c in sorted(ade20k_classes(), key=lambda c: c["train_id"])]
+    if data in ("ade20k", "toy"):
+        return [c["name"] for c in sorted(semantic_classes(data), key=lambda c: c["train_id"])]
     return [c["name"] for c in sorted(coco_categories(), key=lambda c: c["id"])]
 
 

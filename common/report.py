@@ -93,7 +93,12 @@ def contact_sheet(work: Path, data: str) -> Path | None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path)
-    ap.add_argument("--data", default="ade20k", choices=("ade20k", "coco"))
-    ap.add_argument("--preset", default="paper", choices=("paper", "tiny"))
+    ap.add_argument("--data", default="ade20k", choices=("ade20k", "coco", "toy"))
+    ap.add_argument("--preset", default="paper", choices=("paper", "tiny", "toy"))
     args = ap.parse_args()
-    print(f"report: {write_report(args.work, args.data, args.preset)}")
+    if args.preset == "toy":
+        from common.toyreport import write_toy_report
+
+        print(f"report: {write_toy_report(args.work)}")
+    else:
+        print(f"report: {write_report(args.work, args.data, args.preset)}")

@@ -49,7 +49,9 @@ def test_coco_uses_imgsyn_only_and_pretrain_then_finetune():
 
 def test_bad_options_are_named():
     r = run("--preset", "huge")
-    assert r.returncode == 2 and "--preset must be paper or tiny (got huge)" in r.stderr
+    assert r.returncode == 2 and "--preset must be paper, toy or tiny (got huge)" in r.stderr
+    r = run("--preset", "toy", "--size", "huge", "--dry-run")
+    assert r.returncode == 2 and "--size must be full, demo or smoke (got huge)" in r.stderr
     r = run("--gpus", "zero", "--dry-run")
     assert r.returncode == 2 and "--gpus must be a positive integer" in r.stderr
     r = run("--frobnicate")
@@ -94,10 +96,49 @@ def test_tiny_chain_killed_midway_resumes_and_validates(tmp_path):
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_the_options(flag):
     r = run(flag)
-    assert r.returncode == 0 and "--preset {paper,tiny}" in r.stdout and "--dry-run" in r.stdout
+    assert r.returncode == 0 and "--preset {paper,toy,tiny}" in r.stdout and "--dry-run" in r.stdout
 
 
 def test_help_prints_the_header_not_the_script():
     r = run("--help")
     assert r.returncode == 0 and "--preset" in r.stdout
     assert "set -euo" not in r.stdout and "cd " not in r.stdout
+
+
+def test_toy_preset_dry_run_prints_the_chain_and_table4():
+    before = sorted(ROOT.iterdir())
+    r = run("--preset", "toy", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()[1:]
+    assert "common.toyworld" in lines[0] and "--train 2000 --val 200 --seed 0" in lines[0]
+    assert "common.toybase" in lines[1]
+    for script in ("train_text2mask.py", "train_mask2img.py"):
+        line = next(x for x in lines if script in x)
+        assert "--data toy" in line and "--pretrained runs/toy/base" in line and "--resolution 64" in line
+    table = [x for x in lines if "runs/table4/" in x]
+    assert len(table) == 2 * 4 * 3  # two N x {real, +ImgSyn, +MaskSyn, +both} x three seeds
+    assert all("--backbone hrnet-small" in x and "--max-real-samples" in x for x in table)
+    assert all("--strategy aug --p-aug 0.6" in x for x in table if "-real-s" not in x)
+    assert sum("--synthetic" in x for x in table) == 18
+    assert sorted(ROOT.iterdir()) == before
+
+
+def test_toy_smoke_chain_writes_report_and_results(tmp_path):
+    work = tmp_path / "toy"
+    env = {**os.environ, "PYTHON": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"}
+    r = subprocess.run([SCRIPT, "--preset", "toy", "--size", "smoke", "--work", str(work)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stages = {line.split("\t")[0] for line in (work / "stage_times.tsv").read_text().splitlines()}
+    assert {"world", "base", "train-text2mask", "train-mask2img", "masksyn", "imgsyn", "eval-text2mask",
+            "eval-text2mask-base", "seg-all", "eval-floor", "eval-alignment"} <= stages
+    res = json.loads((work / "results.json").read_text())
+    assert set(res["text2mask_off_palette"]) == {"finetuned", "base"}
+    assert all(0.0 <= v <= 1.0 for v in res["text2mask_off_palette"].values())
+    assert set(res["alignment_miou"]) == {"imgsyn", "ceiling", "floor"}
+    assert all(0.0 <= v <= 100.0 for v in res["alignment_miou"].values())
+    assert sorted(r["synthetic"] for r in res["table4"]) == ["both", "imgsyn", "masksyn", "real"]
+    assert all(set(r) == {"real_samples", "synthetic", "seed", "miou"} and r["real_samples"] == 8 for r in res["table4"])
+    report = (work / "report.md").read_text()
+    assert "## Text2Mask quality" in report and "+ MaskSyn" in report and "## Mask2Img alignment" in report
+    assert Image.open(work / "contact_sheet.png").size[1] >= 6 * 96  # six rows: real, MaskSyn, ImgSyn, two Text2Mask, floor

@@ -1,0 +1,152 @@
+"""The toy world's measurements for `reproduce.sh --preset toy` (issue 12); each writes one JSON file.
+
+    python bench/toy.py text2mask --model T2M_OR_BASE --world WORLD --out WORK/eval/t2m-finetuned.json
+    python bench/toy.py floor --base BASE --world WORLD --out WORK/eval/floor   # base images, caption only
+    python bench/toy.py align --segmenter SEG/model --world WORLD --imgsyn DIR --floor WORK/eval/floor \
+        --out WORK/eval/alignment.json
+
+text2mask: draws one colour map per validation caption with the masksyn sampler settings (SDXL reference
+Euler, legacy schedule, guidance 5), then measures what masksyn's decode measures: the share of pixels
+farther than half the palette's closest pair of colours from every colour (masksyn's off-palette rule),
+and the total variation distance, ½·Σ|p - q|, between the class-pixel histogram of the decoded maps and
+that of the real validation labels. Run on the untrained base too: it was never asked for colour maps,
+so it shows what fine-tuning taught.
+
+floor / align: the alignment measure of FreestyleNet (Xue et al. 2023, §4.1), with the segmenter of
+quality.py (its `predict`): one segmenter trained on all real data, dataset-level mIoU (intersections and
+unions summed over images, as train_seg's evaluator) on (a) ImgSyn images against the labels they were
+drawn for, (b) real validation images (the ceiling), (c) images the base draws from the same caption with
+no map (the floor, written by `floor` as PNGs beside their source ids).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import synth  # noqa: E402
+from common.colormap import IGNORE, label_to_color, palette_for, semantic_classes  # noqa: E402
+from common.datasets import load_label, read_dataset, read_synthetic  # noqa: E402
+from common.training import read_captions  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+SAMPLING = synth.edm.Settings.from_dict({"sampler": "euler", "schedule": "legacy", "guidance": 5.0, "S_churn": 0.0,
+                                         "S_tmin": 0.0, "S_tmax": None, "S_noise": 1.0})  # masksyn's defaults
+C = len(semantic_classes("toy"))
+
+
+def _captions(world: Path, split: str, n: int):
+    samples, texts = read_captions(world / f"captions_{split}.jsonl", read_dataset("toy", world, split))
+    return samples[:n], texts[:n]
+
+
+def _draw(gen, texts: list[str], steps: int, seed: int, batch: int = 16, control=None) -> np.ndarray:
+    """(N, 64, 64, 3) uint8 pictures, sample i seeded by (seed, i)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        t = texts[i:i + batch]
+        cond, uncond = synth.encode(gen, t, (64, 64))
+        gens = [torch.Generator().manual_seed(seed * 100003 + i + j) for j in range(len(t))]
+        out.append(synth.sample_images(gen, cond, uncond, gens, (64, 64), steps, SAMPLING))
+    return np.concatenate(out)
+
+
+def _histogram(labels) -> np.ndarray:
+    """Share of labelled pixels per label value 1..C (0 = other/off-palette left out)."""
+    h = sum(np.bincount(lab.ravel(), minlength=256)[1:C + 1] for lab in labels).astype(np.float64)
+    return h / max(h.sum(), 1)
+
+
+@app.command()
+def text2mask(model: Annotated[str, typer.Option()], world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()],
+              n: int = 64, steps: int = 20, seed: int = 0) -> None:
+    from masksyn import decode_mask
+
+    palette = synth.model_palette(model, "toy")  # a fine-tuned model's palette.json, else the toy generation palette
+    gen = synth.load_text2mask(model, "sdxl", torch.device("cpu"), torch.float32)
+    samples, texts = _captions(world, "val", n)
+    cmaps = _draw(gen, texts, steps, seed)
+    distance = palette.min_distance() / 2  # masksyn's off-palette rule
+    decoded = [decode_mask(c, palette, distance) for c in cmaps]
+    real = _histogram(load_label(s, "toy") for s in samples)
+    fake = _histogram(d[0] for d in decoded)
+    res = {"model": model, "captions": len(texts), "steps": steps, "off_palette": float(np.mean([d[1] for d in decoded])),
+           "histogram_tv": float(0.5 * np.abs(real - fake).sum()), "histogram_real": real.round(4).tolist(),
+           "histogram_generated": fake.round(4).tolist()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    pics = out.with_suffix("")
+    pics.mkdir(exist_ok=True)
+    for i, c in enumerate(cmaps[:8]):
+        Image.fromarray(c).save(pics / f"{i:02d}.png")
+    print(f"{model}: off-palette {res['off_palette']:.1%}, histogram TV {res['histogram_tv']:.3f} -> {out}")
+
+
+@app.command()
+def floor(base: Annotated[str, typer.Option()], world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()],
+          n: int = 64, steps: int = 20, seed: int = 0) -> None:
+    gen = synth.load_text2mask(base, "sdxl", torch.device("cpu"), torch.float32)
+    samples, texts = _captions(world, "train", n)
+    images = _draw(gen, texts, steps, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for s, im in zip(samples, images):
+        Image.fromarray(im).save(out / f"{s.id}.png")
+    print(f"floor: {len(images)} base images for their captions alone -> {out}")
+
+
+def _miou(seg, pairs) -> float:
+    """Dataset-level mIoU (%) over the classes present in labels or predictions."""
+    from quality import predict
+
+    inter, union = np.zeros(C), np.zeros(C)
+    lut = np.full(256, IGNORE, np.int64)
+    for c in semantic_classes("toy"):
+        lut[c["png_value"]] = c["train_id"]
+    for image, label in pairs:
+        gt = lut[label]
+        pred = predict(seg, image, 64)[0].argmax(0).numpy()
+        ok = gt != IGNORE
+        for k in range(C):
+            p, g = (pred == k) & ok, gt == k
+            inter[k] += (p & g).sum()
+            union[k] += (p | g).sum()
+    return float(100 * np.mean(inter[union > 0] / union[union > 0]))
+
+
+@app.command()
+def align(segmenter: Annotated[Path, typer.Option()], world: Annotated[Path, typer.Option()], imgsyn: Annotated[Path, typer.Option()],
+          floor_dir: Annotated[Path, typer.Option("--floor")], out: Annotated[Path, typer.Option()]) -> None:
+    from quality import load_segmenter
+
+    seg = load_segmenter(segmenter, C, torch.device("cpu"))
+    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))  # noqa: E731
+    syn = read_synthetic(imgsyn)
+    val = read_dataset("toy", world, "val")
+    by_id = {s.id: s for s in read_dataset("toy", world, "train")}
+    floor_pairs = [(rgb(p), load_label(by_id[p.stem], "toy")) for p in sorted(floor_dir.glob("*.png"))]
+    res = {"imgsyn": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in syn]),
+           "ceiling": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in val]),
+           "floor": _miou(seg, floor_pairs),
+           "images": {"imgsyn": len(syn), "ceiling": len(val), "floor": len(floor_pairs)}, "segmenter": str(segmenter)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"alignment mIoU: ImgSyn {res['imgsyn']:.1f}%, ceiling {res['ceiling']:.1f}%, floor {res['floor']:.1f}% -> {out}")
+
+
+def colormap(label: np.ndarray) -> np.ndarray:
+    """A label map in the usual toy colours (for the contact sheet)."""
+    return label_to_color(label, palette_for("toy", "usual"))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    app()
