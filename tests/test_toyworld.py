@@ -141,7 +141,7 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     out = tmp_path / "base"
     record = build(out, world, BaseConfig.quick())
     info = inspect_base(str(out))
-    assert info.is_sdxl and info.vae_factor == 4  # 16x16 latents: the toy VAE learns colour maps
+    assert info.is_sdxl and info.vae_factor == 8
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor == pytest.approx(record["vae_scaling_factor"]) and record["vae_scaling_factor"] != 1.0
     assert set(record["vae_reconstruction_val"]) == {"mae_255", "psnr_db"}
