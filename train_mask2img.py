@@ -122,11 +122,11 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
                                         console=console if main_proc else None)
     unet = UNet2DConditionModel.from_pretrained(a.pretrained, subfolder="unet", **SAFE)
     # The ControlNet: a trainable copy of the UNet's encoder whose zero convolutions start silent
-    # (Zhang et al. 2023), or an existing one. Its conditioning embedding downsamples by 8, like the VAE.
+    # (Zhang et al. 2023), or an existing one. Its conditioning embedding downsamples as the VAE does.
     if a.controlnet:
         controlnet = ControlNetModel.from_pretrained(a.controlnet, **SAFE)
     else:
-        controlnet = ControlNetModel.from_unet(unet)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(base.vae_factor))
     # Frozen: SDXL-base stays as it is, in the training dtype.
     unet.requires_grad_(False).to(accelerator.device, weight_dtype)
     controlnet.train()
@@ -217,6 +217,20 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     return out
 
 
+CONDITIONING_CHANNELS = (16, 32, 96, 256)  # ControlNet's default conditioning embedding (diffusers), 3 stride-2 convs
+
+
+def conditioning_channels(vae_factor: int) -> tuple[int, ...]:
+    """The conditioning embedding's channels for a VAE that downsamples by `vae_factor` (a power of 2, ≤ 8):
+    ControlNet's default, cut to one stride-2 conv per halving, so the colour map meets the latents.
+    SDXL's factor 8 keeps the default exactly; the toy base's factor 4 drops the last block."""
+    n = vae_factor.bit_length() - 1  # log2
+    if vae_factor != 2 ** n or n >= len(CONDITIONING_CHANNELS):
+        raise SegGenError(f"--pretrained: its VAE downsamples by {vae_factor}; a ControlNet conditioning embedding "
+                          f"is built for a factor of 1, 2, 4 or 8 only")
+    return CONDITIONING_CHANNELS[: n + 1]
+
+
 def check_controlnet(path: str | None, base) -> None:
     """--controlnet: a ControlNetModel folder whose conditioning embedding downsamples like the base's VAE."""
     if path is None:
@@ -229,7 +243,7 @@ def check_controlnet(path: str | None, base) -> None:
     if cfg.get("_class_name") != "ControlNetModel":
         raise SegGenError(f"--controlnet {path}: config.json describes a {cfg.get('_class_name')}, not a ControlNetModel")
     check_safetensors(path, "--controlnet")  # pickle-only weights are refused before any model loads
-    factor = 2 ** (len(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
+    factor = 2 ** (len(cfg.get("conditioning_embedding_out_channels", CONDITIONING_CHANNELS)) - 1)
     if factor != base.vae_factor:
         raise SegGenError(f"--controlnet {path}: its conditioning embedding downsamples by {factor}, the VAE of "
                           f"{base.path} by {base.vae_factor}; the colour map would not meet the latents")

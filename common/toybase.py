@@ -3,10 +3,11 @@
     python -m common.toyworld WORLD --train 2000 --val 200 --seed 0
     python -m common.toybase OUT --world WORLD                 # ~10 min on 2 cores
     python -m common.toybase OUT --world WORLD --quick         # seconds: a smoke build for tests
+    python -m common.toybase OUT --world WORLD --vae-factor 4  # 16x16 latents (default 8, SDXL's factor)
 
 The paper fine-tunes a pretrained SDXL; on 2 CPU cores there is none, so this builds one: the tiny
 SDXL-architecture pipeline of common/tiny.py (two CLIP text encoders, "text_time" conditioning, a VAE
-that downsamples by 8 to 4 latent channels, SDXL's scheduler), then
+with 4 latent channels, SDXL's scheduler), then
 1. trains its VAE as an autoencoder on the world's training images and, half of each batch, their
    colour maps in the generation palette (a Text2Mask map comes out through this decoder), with L1 +
    a small KL term, as the Stable Diffusion autoencoders without their perceptual/GAN terms, and sets
@@ -14,7 +15,10 @@ that downsamples by 8 to 4 latent channels, SDXL's scheduler), then
 2. trains its UNet text-to-image on the same images with the world's captions: ε-prediction at a
    uniform timestep of SDXL's DDPM schedule, 10% of captions dropped to SDXL's zeroed unconditional
    embedding, so classifier-free guidance works as with the real base.
-The text encoders stay random and frozen. The result is written with save_pretrained, so
+The VAE downsamples by 8 as SDXL's; `--vae-factor 4` gives 16x16 latents at the same VAE cost per step.
+Measured on the demo world (docs/toy-results.md): the factor-4 VAE (8, 16, 32) reads back more map
+pixels as their class but leaves as many off the palette (34% after 400 steps vs ~31% at factor 8), so
+it is not the default. The text encoders stay random and frozen. The result is written with save_pretrained, so
 `--pretrained OUT` loads it like any pipeline folder. Rebuilt on demand: same world, same seed, same
 settings give the same weights (on one machine; float reductions may differ across CPUs).
 OUT/toybase.json records the settings, losses, timings (wall and CPU), the VAE's held-out
@@ -55,7 +59,7 @@ class BaseConfig:
     vae_logvar_init: float = -6.0  # the posterior starts narrow (std 0.05, not 1): at weight 1e-6 the KL term
     # takes far longer than a few hundred steps to shrink a unit-std posterior, whose noise then caps
     # what the latents carry (measured: L1 0.426 vs 0.453 after 100 steps, same seed and batches)
-    vae_channels: tuple[int, ...] = (8, 16, 32, 32)  # 4 blocks: downsampling by 8, as SDXL's VAE
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32)  # 4 blocks: downsampling by 8, as SDXL's VAE (FACTORS)
     unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -68,6 +72,12 @@ class BaseConfig:
     def quick(cls) -> BaseConfig:
         """A smoke build for tests: the same code path in a few seconds; the model learns nothing useful."""
         return cls(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, sample_steps=2)
+
+
+# --vae-factor -> (VAE block channels, UNet block channels). Measured one-thread CPU-s per training step
+# (VAE batch 16, UNet batch 32, under load): factor 8 VAE 0.32, UNet (32, 64) on 8x8 0.21; factor 4 VAE 0.30,
+# UNet (16, 32) on 16x16 0.36 (the UNet (32, 64) on 16x16 would cost 0.56).
+FACTORS = {8: ((8, 16, 32, 32), (32, 64)), 4: ((8, 16, 32), (16, 32))}
 
 
 def _vae(channels, logvar_init: float = 0.0):
@@ -334,6 +344,8 @@ def main(
     vae_steps: Annotated[int | None, typer.Option(min=1, help=f"VAE training steps (default {BaseConfig.vae_steps}).")] = None,
     unet_steps: Annotated[int | None, typer.Option(min=1, help=f"UNet training steps (default {BaseConfig.unet_steps}).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the weights and of the training batches.")] = 0,
+    vae_factor: Annotated[int, typer.Option(help="How much the VAE downsamples: 8 (SDXL's factor, 8x8 latents) or 4 "
+                                                 "(16x16 latents, UNet (16, 32)).")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="torch threads; 1 is fastest for these tiny models on a shared "
                                                      "2-core machine (measured under load).")] = 1,
 ):
@@ -341,6 +353,10 @@ def main(
     torch.set_num_threads(threads)
     cfg = BaseConfig.quick() if quick else BaseConfig()
     cfg.seed = seed
+    if vae_factor not in FACTORS:
+        console.print(f"[red]error:[/] --vae-factor must be one of {sorted(FACTORS)} (got {vae_factor})")
+        raise typer.Exit(2)
+    cfg.vae_channels, cfg.unet_channels = FACTORS[vae_factor]
     cfg.vae_steps = vae_steps or cfg.vae_steps
     cfg.unet_steps = unet_steps or cfg.unet_steps
     try:

@@ -68,6 +68,21 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
+def test_a_base_whose_vae_downsamples_by_4_gets_a_controlnet_that_does_too(tmp_path, tiny_models):
+    # The toy base (common/toybase.py) has a factor-4 VAE: the map must be embedded to the latents' 16x16.
+    from diffusers import ControlNetModel
+
+    from common.toybase import _vae
+
+    base = Path(shutil.copytree(tiny_models("sdxl"), tmp_path / "base4"))
+    shutil.rmtree(base / "vae")
+    _vae((8, 16, 32)).save_pretrained(base / "vae")
+    out = tmp_path / "run"
+    assert run(trainer_args(tmp_path, base, out, **{"--max-steps": 1})).exit_code == 0
+    assert ControlNetModel.from_pretrained(out).config.conditioning_embedding_out_channels == [16, 32, 96]
+    assert train_mask2img.conditioning_channels(8) == (16, 32, 96, 256)  # SDXL: diffusers' default, unchanged
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_models):
     base = tiny_models("sdxl")
     extra = {"--lr": 1e-3, "--ema": None, "--ema-decay": 0.9, "--caption-dropout": 0.5}
