@@ -28,8 +28,8 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from common import SegGenError, cli
-from common.cli import Data, Precision, Split, precision_dtype, user_errors
+from common import SegGenError, cli, subset
+from common.cli import Data, Precision, RealSubsetOpt, Split, precision_dtype, user_errors
 from common.colormap import class_names
 from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
 from common.lock import output_lock
@@ -127,6 +127,7 @@ def _caption(
     data: str, data_root: Path | None, split: str, out: Path | None = None, captioner: str = "blip2",
     model: str = PAPER_MODEL, prompt: str = PAPER_PROMPT, quantize: str = "none", precision: str = "auto",
     batch_size: int = 16, num_workers: int | None = None, max_new_tokens: int = 30, num_beams: int = 1, limit: int | None = None,
+    real_subset: Path | None = None,
 ) -> dict:
     """Caption a dataset split; returns the summary {"captioned", "skipped", "failed", "seconds", "out"}."""
     quiet.quiet()
@@ -138,6 +139,8 @@ def _caption(
     samples = read_dataset(data, data_root, split)  # bad --data / --data-root fail here, before any model
     root = Path(data_root) if data_root is not None else default_data_root()
     out = Path(out) if out is not None else captions_path(data, split)
+    if real_subset is not None:  # the one subset every stage uses (common/subset.py)
+        samples = subset.apply(samples, real_subset)
     samples = samples[:limit] if limit else samples
     mine = shard(samples, state)
     held.enter_context(output_lock(out, state.process_index, "--out", file=True))  # one writer per captions file
@@ -218,6 +221,7 @@ def main(
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
     split: Annotated[Split, typer.Option(help="Split to caption.", rich_help_panel="Data")] = Split.train,
     limit: Annotated[int | None, typer.Option(min=1, help="Caption only the first N images (a quick look).", rich_help_panel="Data")] = None,
+    real_subset: RealSubsetOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output JSONL (default: captions/{data}_{split}.jsonl).", rich_help_panel="Output")] = None,
     captioner: Annotated[Captioner, typer.Option(help="blip2: the paper's captioner (§3.2). labels: the class names in the annotation, largest area first; no model, offline.", rich_help_panel="Captioner")] = Captioner.blip2,
     model: Annotated[str, typer.Option(help="BLIP-2 hub id or folder.", rich_help_panel="Captioner")] = PAPER_MODEL,

@@ -32,14 +32,14 @@ import torch
 import typer
 from PIL import Image
 
-from common import SegGenError, cli, synth
+from common import SegGenError, cli, subset, synth
 from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.lock import output_lock
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir
 from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, Split, precision_dtype, user_errors
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, Split, precision_dtype, user_errors
 from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -63,6 +63,7 @@ class Job(synth.Job):
     split: str = "train"
     per_sample: int | None = None  # paper §4.1: 50 ADE20K, 10 COCO
     steps: int = 40
+    real_subset: Path | None = None  # only these sources (common/subset.py)
 
 
 # ---------------------------------------------------------------- one source sample's inputs
@@ -147,6 +148,9 @@ def _imgsyn(held: ExitStack, **options) -> dict:
     if missing:
         raise SegGenError(f"--captions {captions}: {len(missing)} id(s) are not in {data}/{split} (e.g. {missing[0]!r}); "
                           f"pass the --data / --data-root / --split the captions were made from, or their --captions")
+    if o.real_subset is not None:  # the one subset every stage uses: its sources only
+        keep = subset.captioned(caps, o.real_subset, captions)
+        caps = {i: c for i, c in caps.items() if i in keep}
     sources = sorted(caps)[:limit] if limit else sorted(caps)
     if reproduce is not None:  # the sample's own manifest line says which models and settings
         return _reproduce(out, reproduce, samples, caps, state)
@@ -247,6 +251,7 @@ def main(
     split: Annotated[Split, typer.Option(help="Split of the real samples.", rich_help_panel="Data")] = Split.train,
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL (default: captions/{data}_{split}.jsonl, from caption.py).", rich_help_panel="Data")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N captioned sources (a quick look).", rich_help_panel="Data")] = None,
+    real_subset: RealSubsetOpt = None,
     mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
     base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,
     precision: PrecisionOpt = Precision.auto,

@@ -41,7 +41,7 @@ import torch
 import typer
 from rich.progress import TextColumn
 
-from common import SegGenError, cli, synth
+from common import SegGenError, cli, subset, synth
 from common.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
 from common.datasets import id_to_rgb
@@ -49,7 +49,7 @@ from common.lock import output_lock
 from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_ids, read_manifest
 from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
 from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, precision_dtype, user_errors
+from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, precision_dtype, user_errors
 from common.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -78,6 +78,7 @@ class Job(synth.Job):
     text2mask_steps: int = 200
     mask2img_steps: int = 40
     max_off_palette: float = 0.1
+    real_subset: Path | None = None  # only these captions' ids (common/subset.py)
 
 
 # ---------------------------------------------------------------- one batch: caption -> mask -> image
@@ -187,6 +188,9 @@ def _masksyn(held: ExitStack, **options) -> dict:
     caps = {str(r["id"]): r["caption"] for r in read_manifest(captions, CAPTION_FIELDS)}
     if not caps:
         raise SegGenError(f"--captions {captions} holds no captions: run caption.py --data {data}")
+    if o.real_subset is not None:  # the one subset every stage uses: its captions only
+        keep = subset.captioned(caps, o.real_subset, captions)
+        caps = {i: c for i, c in caps.items() if i in keep}
     sources = sorted(caps)[:limit] if limit else sorted(caps)
     if reproduce is not None:  # the sample's own manifest line says which models and settings
         return _reproduce(out, reproduce, caps, state)
@@ -378,6 +382,7 @@ def main(
     data: Annotated[Data, typer.Option(help="Dataset whose classes and palette the masks use. ade20k: semantic label PNGs (the paper); coco: panoptic PNGs + segments_info, instances recovered from the edge-coloured maps (common/colormap.py: color_to_panoptic, beyond the paper); toy: the toy world.", rich_help_panel="Data")] = Data.ade20k,
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL, the prompts (default: captions/{data}_train.jsonl, from caption.py).", rich_help_panel="Data")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N captions (a quick look).", rich_help_panel="Data")] = None,
+    real_subset: RealSubsetOpt = None,
     text2mask: Annotated[str | None, typer.Option(help="Text2Mask pipeline folder or hub id (default: runs/text2mask-{data}/).", rich_help_panel="Models")] = None,
     mask2img: Annotated[str | None, typer.Option(help="Mask2Img ControlNet folder or hub id (default: runs/mask2img-{data}/).", rich_help_panel="Models")] = None,
     base: Annotated[str | None, typer.Option(help="Base SDXL / SD-1.5 pipeline of the ControlNet (default: the one recorded in its seggen.json).", rich_help_panel="Models")] = None,

@@ -35,6 +35,7 @@ from PIL import Image
 from rich.console import Console
 
 from common.colormap import color_to_label, label_to_color, palette_for
+from common import subset
 from common.datasets import default_data_root, read_dataset
 from common.lock import output_lock
 from common.weights import SAFE
@@ -44,7 +45,7 @@ from common.checkpoint import load as load_checkpoint
 from common.cli import (  # the command line both trainers share: choices and options, declared once
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
     CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GradientAccumulationOpt,
-    GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt,
+    GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
     MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
     ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
     ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
@@ -83,6 +84,9 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     resume_from = resolve_trainer_resume(a.resume, out, console.print)
     check_cache_latents(a.cache_latents, a.center_crop)
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
+    if a.real_subset is not None:  # the one subset every stage uses (common/subset.py)
+        keep = subset.captioned([s.id for s in samples], a.real_subset, captions)
+        samples, texts = [s for s in samples if s.id in keep], [t for s, t in zip(samples, texts) if s.id in keep]
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
     palette = palette_for(a.data, a.palette)
     note = plan.workers_note(a.num_workers)
@@ -243,6 +247,7 @@ def main(
     palette: PaletteOpt = PaletteKind.generation,
     random_flip: RandomFlipOpt = True,
     center_crop: CenterCropOpt = False,
+    real_subset: RealSubsetOpt = None,
     max_train_samples: MaxTrainSamplesOpt = None,
     num_workers: NumWorkersOpt = None,
     pretrained: PretrainedOpt = PAPER_BASE,

@@ -88,6 +88,7 @@ CaptionsOpt = Annotated[Path | None, typer.Option(help="Captions manifest of cap
 PaletteOpt = Annotated[PaletteKind, typer.Option(help="Colour map palette: generation (separated colours, docs/design.md) or usual (community colours).", rich_help_panel="Data")]
 RandomFlipOpt = Annotated[bool, typer.Option(help="Random horizontal flip of image and colour map together (appendix A.4).", rich_help_panel="Data")]
 CenterCropOpt = Annotated[bool, typer.Option(help="Centre crop instead of a random crop.", rich_help_panel="Data")]
+RealSubsetOpt = Annotated[Path | None, typer.Option(help="Use only the real samples listed in this file, one id a line (python -m common.subset; Table 4's 1,000, the same file in every stage).", rich_help_panel="Data")]
 MaxTrainSamplesOpt = Annotated[int | None, typer.Option(min=1, help="Train on the first N captioned samples only (a quick try).", rich_help_panel="Data")]
 NumWorkersOpt = Annotated[int | None, typer.Option(min=0, help="DataLoader worker processes (default: cores−1, at most 4; 0 on ≤ 2 cores; common/threads.py).", rich_help_panel="Data")]
 PretrainedOpt = Annotated[str, typer.Option(help="Base pipeline, hub id or folder; SDXL or SD-1.5-style (told from its folder).", rich_help_panel="Model")]

@@ -4,7 +4,8 @@
     python -m common.subset --data ade20k --data-root datasets --n 1000 --seed 0 --out subsets/ade20k-1000.txt
 
 writes the sorted ids of a seeded choice of --n training samples, one per line; every stage's
-`--real-subset FILE` keeps only those (`apply`).
+`--real-subset FILE` (common/cli.py: RealSubsetOpt) keeps only those: `apply` for a stage that reads the
+dataset (caption, train_seg), `captioned` for one that reads captions (both trainers, masksyn, imgsyn).
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ def apply(samples: list, path: str | Path) -> list:
         raise SegGenError(f"--real-subset {path}: {len(missing)} id(s) are not in the dataset (e.g. {missing[0]!r}); "
                           f"was it written for another --data / --data-root / split?")
     return [s for s in samples if s.id in ids]
+
+
+def captioned(caption_ids, path: str | Path, captions: str | Path) -> set[str]:
+    """The subset's ids, every one of them checked to have a caption in `captions` (its ids `caption_ids`):
+    a stage that reads captions (both trainers, masksyn, imgsyn) keeps only the lines whose id this returns."""
+    ids = read_ids(path)
+    have = set(caption_ids)
+    missing = [i for i in ids if i not in have]
+    if missing:
+        raise SegGenError(f"--real-subset {path}: {len(missing)} of its {len(ids)} id(s) have no caption in --captions {captions} "
+                          f"(e.g. {missing[0]!r}); caption them with caption.py --real-subset {path} --out {captions}, "
+                          f"or pass the subset written for this dataset and split")
+    return set(ids)
 
 
 def main(
