@@ -11,7 +11,9 @@ The paper's two ways of using synthetic data (§3.4):
   (p_aug = 0 is `real`, 1 is `synthetic`).
 - `pretrain` (COCO): train on synthetic data only, then fine-tune on real data only, each for --max-steps
   (Table 6: 160k + 160k), with a fresh optimizer and schedule for the second phase.
-- `real`: the baseline; `synthetic`: synthetic only (Table 5, against DiffuMask).
+- `real`: the baseline; `real-pretrain`: its two-phase form, real then real again, each phase a fresh
+  optimizer and schedule (Tables 2/3's "50+50" baseline against `pretrain`); `synthetic`: synthetic only
+  (Table 5, against DiffuMask).
 
 The model is transformers' Mask2FormerForUniversalSegmentation (detectron2 is not installable here),
 trained with the official Mask2Former recipes (A.3: "we keep the official training hyper-parameters"):
@@ -169,6 +171,7 @@ class Strategy(str, Enum):
     real = "real"
     aug = "aug"
     pretrain = "pretrain"
+    real_pretrain = "real-pretrain"  # Tables 2/3's baseline: real then real again (50 + 50 epochs)
     synthetic = "synthetic"
 
 
@@ -247,6 +250,8 @@ def plan_phases(a) -> list[tuple[str, float, int]]:
     """(name, p_aug, steps) per phase: pretrain is Table 6's synthetic then real, each a fresh schedule (§3.4)."""
     if a.strategy == Strategy.pretrain:
         return [("pretrain-synthetic", 1.0, a.pretrain_steps), ("finetune-real", 0.0, a.max_steps)]
+    if a.strategy == Strategy.real_pretrain:  # the same two phases on real data only: Tables 2/3's "50+50" baseline
+        return [("pretrain-real", 0.0, a.pretrain_steps), ("finetune-real", 0.0, a.max_steps)]
     return [(a.strategy.value, {"real": 0.0, "aug": a.p_aug, "synthetic": 1.0}[a.strategy.value], a.max_steps)]
 
 
@@ -336,7 +341,7 @@ def main(
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
     synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. FOLDER:k takes only the first k samples per source (count ablations, Fig. 8 / Table 8). Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
     task: Annotated[Task | None, typer.Option(show_default="recipe", help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
-    strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; synthetic: synthetic only.", rich_help_panel="Data")] = None,
+    strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; real-pretrain: real then real (Tables 2/3's 50+50 baseline); synthetic: synthetic only.", rich_help_panel="Data")] = None,
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
     synthetic_filtered: Annotated[bool, typer.Option("--synthetic-filtered", help="Train on the FreeMask-filtered annotations quality.py --filter wrote (FOLDER/annotations_filtered/: noisy regions ignored).", rich_help_panel="Data")] = False,
     synthetic_sampling: Annotated[Sampling, typer.Option(help="How synthetic samples are drawn: uniform (§3.4) or hardness (FreeMask's resampling from FOLDER/quality.jsonl, each folder keeping its share).", rich_help_panel="Data")] = Sampling.uniform,
@@ -348,7 +353,7 @@ def main(
     backbone: Annotated[Backbone | None, typer.Option(help="Build a fresh model instead (default r50): Mask2Former on r50 / swin-t / swin-l, or HRNetV2 (hrnet-w48; hrnet-small: random, CPU-sized) as a semantic segmenter (A.3, Table 4b).", rich_help_panel="Model")] = None,
     backbone_weights: Annotated[str | None, typer.Option(show_default="official", help="ImageNet weights of a --backbone model: hub id, folder, or none (random). Default: r50 timm/resnet50.tv_in1k (torchvision = detectron2's R-50.pkl, BatchNorm frozen), swin-t microsoft/swin-tiny-patch4-window7-224, swin-l microsoft/swin-large-patch4-window12-384-in22k, hrnet-w48 timm/hrnet_w48.ms_in1k, hrnet-small none.", rich_help_panel="Model")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Iterations, per phase for pretrain (ADE20K 160k; COCO 368,750 = 50 epochs at batch 16).", rich_help_panel="Training")] = None,
-    pretrain_steps: Annotated[int | None, typer.Option(min=1, show_default="--max-steps", help="--strategy pretrain: iterations on synthetic data (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
+    pretrain_steps: Annotated[int | None, typer.Option(min=1, show_default="--max-steps", help="--strategy pretrain / real-pretrain: iterations of the first phase (default: --max-steps, Table 6's 160k + 160k).", rich_help_panel="Training")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, show_default="recipe", help="Global batch over all processes (A.3: 16).", rich_help_panel="Training")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Base learning rate (A.3: AdamW 1e-4; HRNet SGD 2e-2).", rich_help_panel="Training")] = None,
     weight_decay: Annotated[float | None, typer.Option(min=0.0, show_default="recipe", help="Weight decay (A.3: AdamW 0.05; HRNet SGD 1e-4).", rich_help_panel="Training")] = None,

@@ -332,7 +332,7 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
         if a.max_real_samples is not None:  # Table 4's low-data ablation: a fixed random subset
             keep = np.random.default_rng(a.seed).permutation(len(real))[:a.max_real_samples]
             real = [real[i] for i in sorted(keep)]
-    if a.strategy != "real":
+    if a.strategy not in ("real", "real-pretrain"):
         folders = list(a.synthetic) or default_folders(a.data, say)
         if not folders:
             raise SegGenError(
@@ -349,7 +349,7 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
             probe_synthetic(folder, samples, a.data)
             synthetic.append(samples)
     elif a.synthetic:
-        say(f"[yellow]--strategy real: ignoring {len(a.synthetic)} --synthetic folder(s)[/]")
+        say(f"[yellow]--strategy {a.strategy.value}: ignoring {len(a.synthetic)} --synthetic folder(s)[/]")
     return real, synthetic, folders
 
 

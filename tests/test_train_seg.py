@@ -233,6 +233,17 @@ def test_pretrain_runs_synthetic_then_real(tiny, tmp_path):
     assert stats[1]["lr"] == 0 and stats[2]["lr"] > 0  # a fresh poly schedule for the fine-tuning
 
 
+def test_real_pretrain_runs_two_fresh_phases_on_real_data_only(tiny, tmp_path):
+    """Tables 2/3's "50+50" baseline in one command: real, then real again with a fresh schedule."""
+    _ok(_cli(["--data-root", ADE_ROOT, "--strategy", "real-pretrain", "--pretrain-steps", "4", "--max-steps", "4",
+              "--output-dir", tmp_path / "run", "--eval-size", "32", *FAST], tiny))
+    stats = _stats(tmp_path / "run")
+    assert [(r["phase"], r["step"]) for r in stats] == [("pretrain-real", 2), ("pretrain-real", 4), ("finetune-real", 2), ("finetune-real", 4)]
+    assert [r["drawn"]["real"] for r in stats] == [4, 8, 12, 16] and all(set(r["drawn"]) == {"real"} for r in stats)
+    assert stats[1]["lr"] == 0 and stats[2]["lr"] > 0  # the second phase starts its poly schedule afresh
+    assert [p["name"] for p in json.loads((tmp_path / "run/metrics.json").read_text())["phases"]] == ["pretrain-real", "finetune-real"]
+
+
 def test_resume_latest_continues_from_the_last_checkpoint(tiny, tmp_path):
     args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", *FAST]
     args[args.index("--checkpoint-every") + 1] = "2"
