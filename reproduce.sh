@@ -8,6 +8,7 @@
 #   ./reproduce.sh --preset tiny                                              tiny random models, built-in samples (plumbing smoke test)
 #   ./reproduce.sh ... --dry-run                                              print the exact commands, run nothing
 #   ./reproduce.sh ... --max-steps N                                          every trainer stops after N steps (a smoke run)
+#   ./reproduce.sh --preset paper --experiment table4 --data-root PATH --gpus 8  one of the paper's tables or figures (list: --experiment list)
 #
 # Reruns resume: a stage whose output is complete (its marker in WORK/.done/) is skipped; a stage cut
 # short continues where it stopped (caption/masksyn/imgsyn skip the ids already written, the trainers
@@ -16,8 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 REPO=$(pwd)
 
-PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper)"; }
+PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT=""
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --experiment {NAME[,NAME...],all,list} (paper preset)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --work) WORK=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --coco-masksyn) COCO_MASKSYN=1; shift ;;
+    --experiment) EXPERIMENT=$2; shift 2 ;;
     --max-steps) MAX_STEPS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "reproduce.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -140,6 +142,192 @@ resume_if_checkpoint() {  # --resume latest when the run folder holds a checkpoi
 
 if [ "$DRY" = 0 ]; then mkdir -p "$WORK"; fi
 echo "# SegGen reproduce.sh --preset $PRESET --data $DATA --data-root $DATA_ROOT --gpus $GPUS (work: $WORK)"
+
+# ---------------------------------------------------------------- named experiments: --experiment NAME (paper preset)
+# The paper's tables and figures, one row per segmentation run (§4, A.3, A.6, A.9–A.11). Every row runs
+# after the generation chain it names; a chain shared by several experiments runs once.
+#   chain      full: caption -> Text2Mask, Mask2Img -> MaskSyn (ADE20K) + ImgSyn on every training sample (§4.1)
+#              n1000: the same on 1,000 training samples (python -m common.subset; --real-subset in every stage; Table 4)
+#              sd15: Text2Mask and Mask2Img on SD-1.5, 10 MaskSyn + 10 ImgSyn per sample (A.11: 200K + 200K; Table 9)
+#   strategy   train_seg.py --strategy: real, aug (p_aug), pretrain (synthetic then real), real-pretrain (real then
+#              real: the 50+50 baselines of Tables 2/3), synthetic (synthetic only)
+#   synthetic  the chain's folders: imgsyn, masksyn, both; NAME:k takes the first k samples per source
+#              (train_seg --synthetic FOLDER:k; Fig. 8: ImgSyn x1/10/30/50 = 20K/200K/600K/1M; Table 8: MaskSyn x2/4/8/10 = 40K..200K)
+#   steps      iterations at batch 16 (A.3: ADE20K 160k, HRNet 100k; COCO R50 368,750 = 50 epochs, Swin-L 737,500 = 100); A+B: two phases
+#   extra      more train_seg.py flags (- for none)
+# Not here: Mask DINO (Tables 1/2 rows; needs detectron2, not installable), DiffuMask (Table 5's other row).
+# Our choices where the paper is silent: COCO's aug run of Table 6b uses p_aug 0.6 (ADE20K's); SD-1.5 trains
+# and samples at 512 (its native size; A.11 names no resolution); the 1,000-sample chain keeps §4.1's per-sample counts.
+EXPERIMENTS='
+# experiment run                    data    chain  backbone   task      strategy       p_aug  synthetic   steps           extra
+table1       r50-real               ade20k  full   r50        semantic  real           -      -           160000          --multiscale
+table1       r50-seggen             ade20k  full   r50        semantic  aug            0.6    both        160000          --multiscale
+table1       swinl-real             ade20k  full   swin-l     semantic  real           -      -           160000          --multiscale
+table1       swinl-seggen           ade20k  full   swin-l     semantic  aug            0.6    both        160000          --multiscale
+table2       r50-real               coco    full   r50        panoptic  real-pretrain  -      -           368750+368750   -
+table2       r50-seggen             coco    full   r50        panoptic  pretrain       -      imgsyn      368750+368750   -
+table2       swinl-real             coco    full   swin-l     panoptic  real-pretrain  -      -           737500+737500   -
+table2       swinl-seggen           coco    full   swin-l     panoptic  pretrain       -      imgsyn      737500+737500   -
+table3       r50-real               coco    full   r50        instance  real-pretrain  -      -           368750+368750   -
+table3       r50-seggen             coco    full   r50        instance  pretrain       -      imgsyn      368750+368750   -
+table3       swinl-real             coco    full   swin-l     instance  real-pretrain  -      -           737500+737500   -
+table3       swinl-seggen           coco    full   swin-l     instance  pretrain       -      imgsyn      737500+737500   -
+table4       r50-real               ade20k  full   r50        semantic  real           -      -           160000          -
+table4       r50-masksyn            ade20k  full   r50        semantic  aug            0.6    masksyn     160000          -
+table4       r50-imgsyn             ade20k  full   r50        semantic  aug            0.6    imgsyn      160000          -
+table4       r50-both               ade20k  full   r50        semantic  aug            0.6    both        160000          -
+table4       r50-real-1000          ade20k  n1000  r50        semantic  real           -      -           160000          -
+table4       r50-masksyn-1000       ade20k  n1000  r50        semantic  aug            0.6    masksyn     160000          -
+table4       r50-imgsyn-1000        ade20k  n1000  r50        semantic  aug            0.6    imgsyn      160000          -
+table4       r50-both-1000          ade20k  n1000  r50        semantic  aug            0.6    both        160000          -
+table4       hrnet-real             ade20k  full   hrnet-w48  semantic  real           -      -           100000          -
+table4       hrnet-masksyn          ade20k  full   hrnet-w48  semantic  aug            0.6    masksyn     100000          -
+table4       hrnet-imgsyn           ade20k  full   hrnet-w48  semantic  aug            0.6    imgsyn      100000          -
+table4       hrnet-both             ade20k  full   hrnet-w48  semantic  aug            0.6    both        100000          -
+table4       hrnet-real-1000        ade20k  n1000  hrnet-w48  semantic  real           -      -           100000          -
+table4       hrnet-masksyn-1000     ade20k  n1000  hrnet-w48  semantic  aug            0.6    masksyn     100000          -
+table4       hrnet-imgsyn-1000      ade20k  n1000  hrnet-w48  semantic  aug            0.6    imgsyn      100000          -
+table4       hrnet-both-1000        ade20k  n1000  hrnet-w48  semantic  aug            0.6    both        100000          -
+table5       real                   ade20k  full   r50        semantic  real           -      -           160000          -
+table5       masksyn                ade20k  full   r50        semantic  synthetic      -      masksyn     160000          -
+table5       imgsyn                 ade20k  full   r50        semantic  synthetic      -      imgsyn      160000          -
+table5       both                   ade20k  full   r50        semantic  synthetic      -      both        160000          -
+table6       ade20k-pretrain        ade20k  full   r50        semantic  pretrain       -      both        160000+160000   -
+table6       ade20k-aug             ade20k  full   r50        semantic  aug            0.6    both        160000          -
+table6       coco-pretrain          coco    full   r50        panoptic  pretrain       -      imgsyn      368750+368750   -
+table6       coco-aug               coco    full   r50        panoptic  aug            0.6    imgsyn      368750          -
+table6       coco-pretrain-instance coco    full   r50        instance  pretrain       -      imgsyn      368750+368750   -
+table6       coco-aug-instance      coco    full   r50        instance  aug            0.6    imgsyn      368750          -
+table7       real                   ade20k  full   r50        semantic  real           -      -           160000          -
+table7       seggen                 ade20k  full   r50        semantic  aug            0.6    both        160000          -
+table7       real-noaug             ade20k  full   r50        semantic  real           -      -           160000          --no-augment
+table7       seggen-noaug           ade20k  full   r50        semantic  aug            0.6    both        160000          --no-augment
+fig7         p0.0                   ade20k  full   r50        semantic  aug            0.0    both        160000          -
+fig7         p0.2                   ade20k  full   r50        semantic  aug            0.2    both        160000          -
+fig7         p0.4                   ade20k  full   r50        semantic  aug            0.4    both        160000          -
+fig7         p0.6                   ade20k  full   r50        semantic  aug            0.6    both        160000          -
+fig7         p0.8                   ade20k  full   r50        semantic  aug            0.8    both        160000          -
+fig7         p1.0                   ade20k  full   r50        semantic  aug            1.0    both        160000          -
+fig8         real                   ade20k  full   r50        semantic  real           -      -           160000          -
+fig8         imgsyn-20k             ade20k  full   r50        semantic  aug            0.6    imgsyn:1    160000          -
+fig8         imgsyn-200k            ade20k  full   r50        semantic  aug            0.6    imgsyn:10   160000          -
+fig8         imgsyn-600k            ade20k  full   r50        semantic  aug            0.6    imgsyn:30   160000          -
+fig8         imgsyn-1m              ade20k  full   r50        semantic  aug            0.6    imgsyn:50   160000          -
+table8       real                   ade20k  full   r50        semantic  real           -      -           160000          -
+table8       masksyn-40k            ade20k  full   r50        semantic  aug            0.6    masksyn:2   160000          -
+table8       masksyn-80k            ade20k  full   r50        semantic  aug            0.6    masksyn:4   160000          -
+table8       masksyn-160k           ade20k  full   r50        semantic  aug            0.6    masksyn:8   160000          -
+table8       masksyn-200k           ade20k  full   r50        semantic  aug            0.6    masksyn:10  160000          -
+table9       real                   ade20k  sd15   r50        semantic  real           -      -           160000          -
+table9       masksyn                ade20k  sd15   r50        semantic  aug            0.6    masksyn     160000          -
+table9       imgsyn                 ade20k  sd15   r50        semantic  aug            0.6    imgsyn      160000          -
+table9       both                   ade20k  sd15   r50        semantic  aug            0.6    both        160000          -
+'
+NOTES='
+table1 Table 1: ADE20K val mIoU, single- and multi-scale (metrics.json: single_scale, multi_scale)
+table2 Table 2: COCO panoptic val2017, real 50+50 (100+100) epochs against synthetic pre-training + real fine-tuning
+table3 Table 3: COCO instance AP (80 things), against annotations/instances_val2017.json when present (metrics.json: ap_source)
+table4 Table 4: MaskSyn / ImgSyn ablation, Mask2Former R50 (a) and HRNet-W48 (b), all 20,210 and 1,000 real samples
+table5 Table 5: synthetic data only; the IoU of bus, car and person is in metrics.json single_scale.per_class_iou
+table6 Table 6: pre-training against augmentation, ADE20K (a) and COCO PQ / AP (b)
+table7 Table 7 (A.9): without colour augmentation, random flipping and random cropping
+fig7 Fig. 7: p_aug from 0 (real only) to 1 (synthetic only)
+fig8 Fig. 8, A.6: the number of ImgSyn samples (first k per real sample)
+table8 Table 8 (A.10): the number of MaskSyn samples (first k per caption)
+table9 Table 9 (A.11): the generators on SD-1.5
+'
+SD15=${SD15:-stable-diffusion-v1-5/stable-diffusion-v1-5}  # A.11; the weights once at runwayml/stable-diffusion-v1-5
+SUBSET_N=1000 SUBSET_SEED=0  # Table 4's 1,000 real samples, one seeded choice for every stage
+
+set_flag() {  # set_flag ARRAY FLAG VALUE: the flag's value in the named array replaced (appended when absent)
+  local -n arr=$1; local i
+  for i in "${!arr[@]}"; do if [ "${arr[$i]}" = "$2" ]; then arr[i+1]=$3; return; fi; done
+  arr+=("$2" "$3")
+}
+
+declare -A ONCE=()
+once() {  # once NAME COMMAND...: stage, but only the first time this run asks for NAME (chains shared by experiments)
+  [ -z "${ONCE[$1]:-}" ] || return 0
+  ONCE[$1]=1
+  stage "$@"
+}
+chain() {  # chain KIND DATA: the generation stages of one chain (each once per run); sets CH_MASKSYN, CH_IMGSYN, CH_SUBSET
+  local kind=$1 data=$2 tag=$2 caps=$WORK/captions/$2_train.jsonl
+  local gen=("${GEN_TRAIN_ARGS[@]}") ms=("${MASKSYN_ARGS[@]}") is=("${IMGSYN_ARGS[@]}") sub=()
+  if [ "$data" = coco ]; then set_flag is --per-sample 10; else set_flag is --per-sample 50; fi  # §4.1
+  CH_SUBSET=""
+  case $kind in
+    n1000) tag=$data-$SUBSET_N CH_SUBSET=$WORK/subsets/$data-$SUBSET_N.txt caps=$WORK/captions/${data}_train-$SUBSET_N.jsonl
+           sub=(--real-subset "$CH_SUBSET") ;;
+    sd15)  tag=$data-sd15; set_flag gen --pretrained "$SD15"; set_flag gen --resolution 512
+           set_flag ms --resolution 512; set_flag is --resolution 512; set_flag is --per-sample 10 ;;  # A.11: 200K + 200K
+  esac
+  local t2m=$WORK/runs/text2mask-$tag m2i=$WORK/runs/mask2img-$tag
+  CH_MASKSYN=$WORK/synth/masksyn-$tag CH_IMGSYN=$WORK/synth/imgsyn-$tag
+  if [ -n "$CH_SUBSET" ]; then  # one seeded subset, then its own captions file
+    once "$tag-subset" "$PY" -m common.subset --data "$data" --data-root "$DATA_ROOT" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
+    once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
+  else  # the full chain and SD-1.5 share the captions (§3.2: BLIP-2 captions, whatever the base)
+    once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${CAPTION_ARGS[@]}"
+  fi
+  # shellcheck disable=SC2046
+  once "$tag-train-text2mask" "${LAUNCH[@]}" train_text2mask.py --data "$data" --data-root "$DATA_ROOT" --captions "$caps" "${sub[@]}" \
+    --output-dir "$t2m" "${gen[@]}" $(resume_if_checkpoint "$t2m")
+  # shellcheck disable=SC2046
+  once "$tag-train-mask2img" "${LAUNCH[@]}" train_mask2img.py --data "$data" --data-root "$DATA_ROOT" --captions "$caps" "${sub[@]}" \
+    --output-dir "$m2i" "${gen[@]}" $(resume_if_checkpoint "$m2i")
+  if [ "$data" = ade20k ]; then  # COCO: ImgSyn only (§4.1)
+    once "$tag-masksyn" "${LAUNCH_MANY[@]}" masksyn.py --data "$data" --captions "$caps" "${sub[@]}" --text2mask "$t2m" --mask2img "$m2i" \
+      --out "$CH_MASKSYN" "${ms[@]}"
+  fi
+  once "$tag-imgsyn" "${LAUNCH_MANY[@]}" imgsyn.py --data "$data" --data-root "$DATA_ROOT" --split train --captions "$caps" "${sub[@]}" \
+    --mask2img "$m2i" --out "$CH_IMGSYN" "${is[@]}"
+}
+
+experiment() {  # experiment NAME: the chains its rows need, then its segmentation runs
+  local name=$1 found=0 exp run data kind backbone task strategy p syn steps extra
+  echo "# experiment $name:$(sed -n "s/^$name / /p" <<< "$NOTES")"
+  while read -r exp run data kind backbone task strategy p syn steps extra <&3; do
+    [ "$exp" = "$name" ] || continue
+    found=1
+    chain "$kind" "$data"
+    local args=(--data "$data" --data-root "$DATA_ROOT" --backbone "$backbone" --task "$task" --strategy "$strategy")
+    [ "$p" = - ] || args+=(--p-aug "$p")
+    local s k folder
+    for s in ${syn//both/masksyn imgsyn}; do
+      [ "$s" = - ] && continue
+      k=""; [[ "$s" == *:* ]] && k=":${s#*:}"
+      case ${s%%:*} in masksyn) folder=$CH_MASKSYN ;; imgsyn) folder=$CH_IMGSYN ;; esac
+      args+=(--synthetic "$folder$k")
+    done
+    if [ -n "$MAX_STEPS" ]; then if [[ "$steps" == *+* ]]; then steps=$MAX_STEPS+$MAX_STEPS; else steps=$MAX_STEPS; fi; fi
+    if [[ "$steps" == *+* ]]; then args+=(--pretrain-steps "${steps%+*}" --max-steps "${steps#*+}"); else args+=(--max-steps "$steps"); fi
+    args+=(--batch-size 16)  # A.3
+    [[ "$backbone" == hrnet* ]] || args+=(--mixed-precision bf16)  # Mask2Former trains with AMP; HRNet's recipe in fp32
+    [ -z "$CH_SUBSET" ] || args+=(--real-subset "$CH_SUBSET")
+    # shellcheck disable=SC2206
+    [ "$extra" = - ] || args+=($extra)
+    local out=$WORK/runs/$name/$run
+    # shellcheck disable=SC2046
+    stage "$name-$run" "${LAUNCH[@]}" train_seg.py "${args[@]}" --output-dir "$out" $(resume_if_checkpoint "$out")
+  done 3<<< "$EXPERIMENTS"
+  [ "$found" = 1 ] || { echo "reproduce.sh: --experiment $name is none of: ${NAMES[*]} (or all, list)" >&2; exit 2; }
+}
+
+NAMES=($(awk '!/^#/ && NF { if (!seen[$1]++) print $1 }' <<< "$EXPERIMENTS"))
+if [ -n "$EXPERIMENT" ]; then
+  [ "$PRESET" = paper ] || { echo "reproduce.sh: --experiment is for --preset paper" >&2; exit 2; }
+  if [ "$EXPERIMENT" = list ]; then
+    for n in "${NAMES[@]}"; do sed -n "s/^$n //p" <<< "$NOTES"; done
+    exit 0
+  fi
+  if [ "$EXPERIMENT" = all ]; then todo=("${NAMES[@]}"); else IFS=, read -r -a todo <<< "$EXPERIMENT"; fi
+  for n in "${todo[@]}"; do
+    [[ " ${NAMES[*]} " == *" $n "* ]] || { echo "reproduce.sh: --experiment $n is none of: ${NAMES[*]} (or all, list)" >&2; exit 2; }
+  done
+  for n in "${todo[@]}"; do experiment "$n"; done
+  exit 0
+fi
 
 if [ "$PRESET" = toy ]; then
   # world -> base -> Text2Mask, Mask2Img -> MaskSyn, ImgSyn -> the measurements -> Table 4 (bench/toy.py measures)

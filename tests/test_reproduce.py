@@ -151,3 +151,152 @@ def test_toy_smoke_chain_writes_report_and_results(tmp_path):
     report = (work / "report.md").read_text()
     assert "## Text2Mask quality" in report and "+ MaskSyn" in report and "## Mask2Img alignment" in report
     assert Image.open(work / "contact_sheet.png").size[1] >= 6 * 96  # six rows: real, MaskSyn, ImgSyn, two Text2Mask, floor
+
+
+# ---------------------------------------------------------------- --experiment NAME: the paper's tables and figures
+
+ADE_TRAIN = 20_210  # ADE20K training images (§4.1, Table 4)
+R50_ADE, HRNET, COCO_50EP, COCO_100EP = 160_000, 100_000, 368_750, 737_500  # A.3 / Tables 1–4: 160k; 100k; 50 and 100 epochs at batch 16
+
+
+def run_row(data="ade20k", backbone="r50", task="semantic", strategy="real", p_aug=None, synthetic=(), steps=R50_ADE,
+            chain="full", extra=()):
+    """One segmentation run as the paper describes it; steps: an int, or (pre-training, fine-tuning)."""
+    return (data, backbone, task, strategy, p_aug, tuple(sorted(synthetic)), steps, chain, tuple(sorted(extra)))
+
+
+def ade_ablation(backbone, steps, chain="full"):  # Table 4 / 9 rows: baseline, + MaskSyn, + ImgSyn, + both at p_aug 60 %
+    baseline = run_row(backbone=backbone, steps=steps, chain="full" if chain == "sd15" else chain)  # real data only: no generator
+    return [baseline] + [
+        run_row(backbone=backbone, steps=steps, chain=chain, strategy="aug", p_aug=0.6, synthetic=s)
+        for s in (["masksyn"], ["imgsyn"], ["masksyn", "imgsyn"])]
+
+
+def coco_pair(task, backbone, epochs):  # Tables 2/3: real e+e epochs against synthetic pre-training + real fine-tuning
+    return [run_row("coco", backbone, task, "real-pretrain", steps=(epochs, epochs)),
+            run_row("coco", backbone, task, "pretrain", synthetic=["imgsyn"], steps=(epochs, epochs))]
+
+
+BOTH = ["masksyn", "imgsyn"]
+# Fig. 8's ImgSyn counts and Table 8's MaskSyn counts (samples in all), as the paper gives them.
+FIG8_IMGSYN = (20_000, 200_000, 600_000, 1_000_000)
+TABLE8_MASKSYN = (40_000, 80_000, 160_000, 200_000)
+
+# Transcribed from the paper (§4.1–4.3, A.3, A.6, A.9–A.11).
+PAPER = {
+    "table1": [run_row(backbone=b, strategy=s, p_aug=p, synthetic=syn, extra=["--multiscale"])
+               for b in ("r50", "swin-l") for s, p, syn in (("real", None, []), ("aug", 0.6, BOTH))],
+    "table2": coco_pair("panoptic", "r50", COCO_50EP) + coco_pair("panoptic", "swin-l", COCO_100EP),
+    "table3": coco_pair("instance", "r50", COCO_50EP) + coco_pair("instance", "swin-l", COCO_100EP),
+    "table4": ade_ablation("r50", R50_ADE) + ade_ablation("r50", R50_ADE, "n1000")
+              + ade_ablation("hrnet-w48", HRNET) + ade_ablation("hrnet-w48", HRNET, "n1000"),
+    "table5": [run_row()] + [run_row(strategy="synthetic", synthetic=s) for s in (["masksyn"], ["imgsyn"], BOTH)],
+    "table6": [run_row(strategy="pretrain", synthetic=BOTH, steps=(R50_ADE, R50_ADE)), run_row(strategy="aug", p_aug=0.6, synthetic=BOTH)]
+              + [r for task in ("panoptic", "instance") for r in (
+                  run_row("coco", "r50", task, "pretrain", synthetic=["imgsyn"], steps=(COCO_50EP, COCO_50EP)),
+                  run_row("coco", "r50", task, "aug", p_aug=0.6, synthetic=["imgsyn"], steps=COCO_50EP))],
+    "table7": [run_row(strategy=s, p_aug=p, synthetic=syn, extra=e) for e in ([], ["--no-augment"])
+               for s, p, syn in (("real", None, []), ("aug", 0.6, BOTH))],
+    "fig7": [run_row(strategy="aug", p_aug=p, synthetic=BOTH) for p in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)],
+    "fig8": [run_row()] + [run_row(strategy="aug", p_aug=0.6, synthetic=[f"imgsyn:{n}"]) for n in FIG8_IMGSYN],
+    "table8": [run_row()] + [run_row(strategy="aug", p_aug=0.6, synthetic=[f"masksyn:{n}"]) for n in TABLE8_MASKSYN],
+    "table9": ade_ablation("r50", R50_ADE, "sd15"),
+}
+
+
+def flags(line: str) -> dict:
+    """--flag value pairs after the script of a printed command (repeatable flags as lists, switches as True)."""
+    import shlex
+
+    words = shlex.split(line)
+    words = words[next(i for i, w in enumerate(words) if w.endswith(".py") or w == "common.subset") + 1:]
+    out = {}
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else True
+            out.setdefault(w, []).append(value)
+    return {k: v if k == "--synthetic" else v[-1] for k, v in out.items()}  # the last of a repeated flag wins (click)
+
+
+def as_row(f: dict) -> tuple:
+    """A printed train_seg.py command as a run_row; a --synthetic FOLDER:k as 'kind:the paper's count' (k per real sample)."""
+    import re
+
+    synthetic, chains = [], set()
+    for s in f.get("--synthetic", []):
+        m = re.fullmatch(r".*/(masksyn|imgsyn)-(ade20k|coco)(-1000|-sd15)?(?::(\d+))?", s)
+        assert m, s
+        synthetic.append(m[1] if m[4] is None else f"{m[1]}:{paper_count(int(m[4]) * ADE_TRAIN)}")
+        chains.add({None: "full", "-1000": "n1000", "-sd15": "sd15"}[m[3]])
+    chain = "n1000" if "--real-subset" in f else (chains.pop() if chains else "full")
+    steps = int(f["--max-steps"]) if "--pretrain-steps" not in f else (int(f["--pretrain-steps"]), int(f["--max-steps"]))
+    return (f["--data"], f["--backbone"], f["--task"], f["--strategy"], float(f["--p-aug"]) if "--p-aug" in f else None,
+            tuple(sorted(synthetic)), steps, chain, tuple(sorted(k for k in ("--multiscale", "--no-augment") if k in f)))
+
+
+def paper_count(n: int) -> int:
+    """The count of Fig. 8 / Table 8 that n samples are (within 5 %: the paper rounds 50 x 20,210 = 1,010,500 to '1M'), else n."""
+    return next((c for c in FIG8_IMGSYN + TABLE8_MASKSYN if abs(n - c) <= 0.05 * c), n)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_experiment_dry_run_matches_the_paper(name):
+    before = sorted(ROOT.iterdir())
+    r = run("--preset", "paper", "--experiment", name, "--data-root", "/data", "--gpus", "8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    seg = [flags(x) for x in lines if "train_seg.py" in x]
+    assert sorted(as_row(f) for f in seg) == sorted(PAPER[name])
+    assert all(f["--batch-size"] == "16" and f["--data-root"] == "/data" for f in seg)  # A.3: batch 16
+    assert len({f["--output-dir"] for f in seg}) == len(seg)  # one run folder each
+    assert all("--num_processes 8" in x for x in lines if ".py" in x)
+    gen = {s: [flags(x) for x in lines if f" {s} " in x] for s in ("caption.py", "train_text2mask.py", "train_mask2img.py", "masksyn.py", "imgsyn.py")}
+    for f in gen["train_text2mask.py"] + gen["train_mask2img.py"]:  # A.4: 30k iterations at lr 1e-5
+        assert f["--max-steps"] == "30000" and f["--lr"] == "1e-5"
+        sd15 = f["--output-dir"].endswith("-sd15")
+        assert (f["--pretrained"], f["--resolution"]) == (("stable-diffusion-v1-5/stable-diffusion-v1-5", "512") if sd15 else
+                                                          ("stabilityai/stable-diffusion-xl-base-1.0", "768"))
+    for f in gen["imgsyn.py"]:  # §4.1: 50 per ADE20K sample, 10 per COCO sample; A.11: 200K with SD-1.5
+        assert f["--per-sample"] == {"ade20k": "50", "coco": "10", "sd15": "10"}["sd15" if f["--out"].endswith("-sd15") else f["--data"]]
+    assert all(f["--per-sample"] == "10" and f["--data"] == "ade20k" for f in gen["masksyn.py"])  # §4.1: 10, ADE20K only
+    uses = {f["--data"] for f in seg}
+    assert {f["--data"] for f in gen["caption.py"]} == uses  # every chain a run needs, and only those
+    sd15 = any(f["--output-dir"].endswith("-sd15") for f in gen["train_text2mask.py"])
+    assert sd15 == (name == "table9")
+    assert sorted(ROOT.iterdir()) == before
+
+
+def test_table4_uses_one_subset_in_every_stage():
+    r = run("--preset", "paper", "--experiment", "table4", "--data-root", "/data", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    made = [flags(x) for x in lines if "common.subset" in x]
+    assert len(made) == 1 and made[0]["--n"] == "1000" and made[0]["--data"] == "ade20k"  # Table 4: 1,000 real samples
+    subset = made[0]["--out"]
+    first = lines.index(next(x for x in lines if "common.subset" in x))
+    later = [x for x in lines[first + 1:] if ".py" in x and "-1000" in x]
+    stages = {next(w for w in x.split() if w.endswith(".py")) for x in later}
+    assert stages == {"caption.py", "train_text2mask.py", "train_mask2img.py", "masksyn.py", "imgsyn.py", "train_seg.py"}
+    assert all(flags(x).get("--real-subset") == subset for x in later)
+    assert not any("--real-subset" in x for x in lines if "-1000" not in x)  # the full-data runs use every sample
+
+
+def test_experiment_list_and_bad_names():
+    r = run("--preset", "paper", "--experiment", "list")
+    assert r.returncode == 0 and "Table 9 (A.11)" in r.stdout and "Fig. 7" in r.stdout
+    r = run("--experiment", "table10", "--dry-run")
+    assert r.returncode == 2 and "--experiment table10 is none of: table1 table2" in r.stderr
+    r = run("--preset", "tiny", "--experiment", "table1", "--dry-run")
+    assert r.returncode == 2 and "--experiment is for --preset paper" in r.stderr
+
+
+def test_all_experiments_share_each_chain_and_max_steps_caps_every_run():
+    r = run("--preset", "paper", "--experiment", "all", "--data-root", "/data", "--dry-run", "--max-steps", "7")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if ".py" in x]
+    generation = [x for x in lines if "train_seg.py" not in x]
+    assert len(generation) == len(set(generation))  # a chain that several experiments use is printed (and run) once
+    assert sum("caption.py" in x for x in lines) == 3  # ADE20K, COCO, the 1,000-sample subset
+    seg = [flags(x) for x in lines if "train_seg.py" in x]
+    assert len(seg) == sum(len(v) for v in PAPER.values())
+    assert all(f["--max-steps"] == "7" and f.get("--pretrain-steps", "7") == "7" for f in seg)
