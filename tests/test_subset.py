@@ -162,3 +162,23 @@ def test_imgsyn_draws_from_the_subset_sources_only(tmp_path, tiny_models, one_id
     (tmp_path / "none.txt").write_text("ADE_val_00000009\n")
     with pytest.raises(SegGenError, match=r"--real-subset .*none.txt: 1 of its 1 id\(s\) have no caption in --captions"):
         imgsyn.imgsyn(real_subset=tmp_path / "none.txt", out=tmp_path / "is2", **kw)
+
+
+@pytest.mark.parametrize("script", ["caption", "masksyn", "imgsyn"])
+def test_every_stage_cli_names_a_missing_subset_file(tmp_path, script):
+    import importlib
+
+    module = importlib.import_module(script)
+    caps = val_captions(tmp_path / "caps.jsonl")
+    args = {"caption": ["--data-root", ADE_ROOT, "--split", "val", "--captioner", "labels", "--out", tmp_path / "out.jsonl"],
+            "masksyn": ["--captions", caps, "--out", tmp_path / "out"],
+            "imgsyn": ["--data-root", ADE_ROOT, "--split", "val", "--captions", caps, "--out", tmp_path / "out"]}[script]
+    r = cli_of(module.main, [*args, "--real-subset", tmp_path / "nope.txt"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--real-subset" in out and "nope.txt: no such file" in out and "common.subset" in out
+
+
+def cli_of(main, argv):
+    app = typer.Typer()
+    app.command()(main)
+    return invoke(app, [str(a) for a in argv])
