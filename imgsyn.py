@@ -104,13 +104,17 @@ def generate(gen, batch, samples, captions, settings, palette, cache, resize: bo
     out = [None] * len(batch)
     for size in dict.fromkeys(sizes):  # in order of first appearance
         idx = [i for i, sz in enumerate(sizes) if sz == size]
-        rows = []
-        for i in idx:  # (1, 3, h, w) float in [0, 1] on the device, per source and size
-            per_size = inputs[i].setdefault("control", {})
-            if size not in per_size:
-                per_size[size] = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1])], gen.device)
-            rows.append(per_size[size])
-        control = torch.cat(rows)  # (B, 3, h, w)
+        key = (tuple(batch[i][0] for i in idx), size)  # the batch's sources: the same for most batches in a row
+        held = inputs[idx[0]].setdefault("control", {})
+        if key not in held:
+            rows = []
+            for i in idx:  # (1, 3, h, w) float in [0, 1] on the device, per source and size
+                if size not in inputs[i].setdefault("row", {}):
+                    inputs[i]["row"][size] = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1])], gen.device)
+                rows.append(inputs[i]["row"][size])
+            held.clear()  # one batch's control kept per source
+            held[key] = torch.cat(rows)  # (B, 3, h, w)
+        control = held[key]
         generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, *batch[i])) for i in idx]
         cond, uncond = synth.encode(gen, [captions[batch[i][0]] for i in idx], size)
         images = synth.sample_images(gen, cond, uncond, generators, size, settings.steps, settings.sampling(),
