@@ -63,7 +63,6 @@ class Job(synth.Job):
     split: str = "train"
     per_sample: int | None = None  # paper §4.1: 50 ADE20K, 10 COCO
     steps: int = 40
-    write_threads: int = 2  # threads encoding and saving a batch's files beside the next batch (0: in the loop)
 
 
 # ---------------------------------------------------------------- one source sample's inputs

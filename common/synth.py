@@ -111,6 +111,7 @@ class Job:
     precision: str = "auto"
     preview: int = 0
     reproduce: str | None = None
+    write_threads: int = 2  # threads encoding and saving a batch's files beside the next batch (0: in the loop; not a flag)
 
     def settings(self, cls, dtype, **own):
         """The run's recorded settings (cls: the script's Settings) from these options and the script's own fields."""
@@ -474,17 +475,21 @@ class SampleSink:
         for key in set(self.shared) - set(keep):
             del self.shared[key]
 
-    def put(self, files: list, records: list[dict]) -> None:
-        """Commit `records` (one fsync) once the futures `files` are done; blocks while `depth` batches wait."""
+    def put(self, files: list, records: list[dict], to: list | None = None) -> None:
+        """Commit `records` (one fsync per manifest) once the futures `files` are done; blocks while
+        `depth` batches wait. to: each record's ManifestWriter, in order (default: the sink's own)."""
+        to = to or [self.writer] * len(records)
+
         def commit():
             if self.failed:  # a batch before this one failed (its error is raised in the loop): none after it is committed
                 return
             try:
                 for f in files:
                     f.result()  # a line never points at an incomplete file
-                for r in records:
-                    self.writer.append(r, sync=False)
-                self.writer.sync()
+                for writer, r in zip(to, records):
+                    writer.append(r, sync=False)
+                for writer in {id(w): w for w in to}.values():
+                    writer.sync()
             except BaseException:
                 self.failed = True
                 raise
