@@ -230,6 +230,24 @@ def provenance(samples) -> dict:
             "annotation": [str(s.meta.get("annotation", "")) for s in samples]}
 
 
+def first_per_source(samples, k: int):
+    """The first k samples made from each source (real) sample: ordered by source id, then by the sample
+    index `k` that masksyn / imgsyn record (manifest order where a record has none). A SyntheticIndex /
+    IndexView gives a view of itself (its arrays shared, nothing copied); a list gives a list. Sorted with
+    numpy: one int per sample, not a Python tuple (1.2 M samples at paper scale)."""
+    cols = provenance(samples)
+    src, n = cols["source_id"], len(cols["source_id"])
+    rank = {s: r for r, s in enumerate(sorted(set(src)))}
+    codes = np.fromiter((rank[s] for s in src), np.int64, n)
+    position = np.arange(n)
+    order = np.lexsort((position, np.where(cols["k"] >= 0, cols["k"], position), codes))  # source, then k, then position
+    ranked = codes[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if n else np.zeros(0, np.int64)
+    within = position - np.repeat(starts, np.diff(np.r_[starts, n]))  # each sample's place among its source's
+    keep = order[within < k]
+    return samples.take(keep) if hasattr(samples, "take") else [samples[i] for i in keep]
+
+
 def build_synthetic_arrays(folder: Path, files: list[Path]) -> dict:
     """Scan the manifests once for ids and line offsets: a chunk at a time in C (manifest.chunk_ids and
     numpy's newline positions), line by line with json.loads only for a chunk with a line not in

@@ -18,7 +18,7 @@ from PIL import Image
 from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
 from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, synthetic_index
-from common.index import provenance
+from common.index import first_per_source
 from common import quality, subset
 from common.manifest import manifest_files
 from common.paths import synth_dir
@@ -291,22 +291,6 @@ def split_count(spec: Path) -> tuple[Path, int | None]:
     if int(tail) < 1:
         raise SegGenError(f"--synthetic {spec}: k must be at least 1 (FOLDER:k takes the first k samples per source)")
     return Path(head), int(tail)
-
-
-def first_per_source(samples, k: int):
-    """The first k samples made from each source (real) sample: ordered by source id, then by the sample
-    index `k` that masksyn / imgsyn record (manifest order where a record has none). A SyntheticIndex
-    gives a view of itself (its arrays shared, nothing copied); a list gives a list."""
-    cols = provenance(samples)
-    src, kk = cols["source_id"], cols["k"].tolist()
-    order = sorted(range(len(src)), key=lambda i: (src[i], kk[i] if kk[i] >= 0 else i, i))
-    seen: dict[str, int] = {}
-    keep = []
-    for i in order:
-        if seen.get(src[i], 0) < k:
-            seen[src[i]] = seen.get(src[i], 0) + 1
-            keep.append(i)
-    return samples.take(keep) if hasattr(samples, "take") else [samples[i] for i in keep]
 
 
 def default_folders(data: str, say) -> list[Path]:

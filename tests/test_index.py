@@ -163,7 +163,7 @@ def test_provenance_views_and_filtered_annotations_match_the_record_list(tmp_pat
     """What train_seg decides at start-up from an index (FOLDER:k, hardness groups, filtered annotations)
     is what it decided from read_synthetic's records: lines in ManifestWriter's form (read by regex) and
     hand-written ones (another key order, an escaped id, no k: read by json) alike."""
-    from common.index import provenance, sample_ids
+    from common.index import first_per_source, provenance, sample_ids
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
     folder = _write(tmp_path / "synth", real)
@@ -179,6 +179,10 @@ def test_provenance_views_and_filtered_annotations_match_the_record_list(tmp_pat
     assert got["k"].tolist() == want["k"].tolist() == [0, 0, 3, -1]
     assert {k: got[k] for k in ("source_id", "method", "annotation")} == {k: want[k] for k in ("source_id", "method", "annotation")}
     assert got["source_id"] == ["ADE_val_00000001", "ADE_val_00000002", "S", "S"]
+    for k in (1, 2):  # FOLDER:k: the same samples from the index (a view) as from the records (a list)
+        picked = first_per_source(index, k)
+        assert not isinstance(picked, list) and list(picked) == first_per_source(records, k)
+    assert [s.id for s in first_per_source(index, 1)] == ["ADE_val_00000001_r0", "ADE_val_00000002_r0", 'h"q']  # S: k=3 before none
     view = index.take([3, 0])
     assert list(view) == [records[3], records[0]] and sample_ids(view) == ["noK", "ADE_val_00000001_r0"]
     assert provenance(view)["k"].tolist() == [-1, 0] and view.take([1])[0] == records[0]
