@@ -91,26 +91,43 @@ def generation_size(h: int, w: int, res: int) -> tuple[int, int]:
     return tuple(int(min(2 * res, max(8, round(x * scale / 8) * 8))) for x in (h, w))
 
 
-def generate(gen, batch, samples, captions, settings, palette, cache) -> list[np.ndarray]:
+def generate(gen, batch, samples, captions, settings, palette, cache, resize: bool = True) -> list[np.ndarray]:
     """Mask2Img on one batch of (source id, k): (H, W, 3) uint8 images at each label's own size.
 
-    Items are drawn at `generation_size` and resized back, so the human label fits as it is. A UNet
-    batch needs one shape: items of different shapes (a batch that spans two sources) go in turns."""
+    Items are drawn at `generation_size` and resized back, so the human label fits as it is (resize=False:
+    left at the drawn size, for `to_label_size` in the writing threads). A UNet batch needs one shape:
+    items of different shapes (a batch that spans two sources) go in turns. A source's control rows are
+    made once (its K samples come in a row) and kept in `cache`, on the device."""
     res = settings.resolution
     inputs = [source_inputs(samples[s], settings.data, palette, cache) for s, _ in batch]
     sizes = [generation_size(*i["label"].shape, res) for i in inputs]
     out = [None] * len(batch)
     for size in dict.fromkeys(sizes):  # in order of first appearance
         idx = [i for i, sz in enumerate(sizes) if sz == size]
-        control = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1]) for i in idx])
+        key = (tuple(batch[i][0] for i in idx), size)  # the batch's sources: the same for most batches in a row
+        held = inputs[idx[0]].setdefault("control", {})
+        if key not in held:
+            rows = []
+            for i in idx:  # (1, 3, h, w) float in [0, 1] on the device, per source and size
+                if size not in inputs[i].setdefault("row", {}):
+                    inputs[i]["row"][size] = synth.control_tensor([resize_nearest(inputs[i]["colormap"], size[::-1])], gen.device)
+                rows.append(inputs[i]["row"][size])
+            held.clear()  # one batch's control kept per source
+            held[key] = torch.cat(rows)  # (B, 3, h, w)
+        control = held[key]
         generators = [torch.Generator().manual_seed(synth.derive_seed(settings.seed, *batch[i])) for i in idx]
         cond, uncond = synth.encode(gen, [captions[batch[i][0]] for i in idx], size)
         images = synth.sample_images(gen, cond, uncond, generators, size, settings.steps, settings.sampling(),
                                      control=control)
         for i, im in zip(idx, images):
-            h, w = inputs[i]["label"].shape
-            out[i] = im if (h, w) == size else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
+            out[i] = to_label_size(im, inputs[i]["label"].shape) if resize else im
     return out
+
+
+def to_label_size(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A drawn (h, w, 3) image resized (bicubic) to the label's (H, W), unchanged when it has that size."""
+    h, w = shape
+    return image if image.shape[:2] == (h, w) else np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
 
 
 # ---------------------------------------------------------------- the job
@@ -180,15 +197,17 @@ def _imgsyn(held: ExitStack, **options) -> dict:
 
     # -- the loop
     writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
+    sink = synth.SampleSink(writer, workers=o.write_threads)  # files encoded and saved beside the next batch
     rows, failures, cache, start = [], [], {}, time.perf_counter()
     progress = synth.progress("imgsyn", state)
-    with writer, progress:
+    with writer, sink, progress:
         task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0)
         for batch in todo:
             for gone in set(cache) - {s for s, _ in batch}:  # keep the sources of this batch only
                 del cache[gone]
+            sink.forget(cache)
             try:
-                images = generate(gen, batch, samples, caps, settings, palette, cache)
+                images = generate(gen, batch, samples, caps, settings, palette, cache, resize=False)
             except SegGenError as e:  # an unreadable label: the batch's new samples fail, the run goes on
                 failures.append(str(e))
                 new = sum(synth.sample_id(s, k) not in done for s, k in batch)  # a redone batch's written ones stay
@@ -196,20 +215,26 @@ def _imgsyn(held: ExitStack, **options) -> dict:
                 summary["skipped"] += len(batch) - new
                 progress.update(task, advance=len(batch))
                 continue
+            files, records = [], []
             for (s, k), image in zip(batch, images):
                 sid = synth.sample_id(s, k)
                 if sid in done:  # a batch cut by a kill is drawn again whole; its written samples stay
                     summary["skipped"] += 1
                     continue
-                synth.save_sample(out, sid, image, cache[s]["colormap"], lambda p: synth.link_or_copy(samples[s].annotation, p))
+                shape = cache[s]["label"].shape
+                files += [sink.file(out / "images" / f"{sid}.jpg", lambda p, im=image, hw=shape: synth.save_jpeg(p, to_label_size(im, hw))),
+                          sink.shared_file(s, out / "colormaps" / f"{sid}.png", lambda p, c=cache[s]["colormap"]: synth.save_png(p, c)),
+                          sink.file(out / "annotations" / f"{sid}.png", lambda p, a=samples[s].annotation: synth.link_or_copy(a, p))]
                 record = synth.sample_record("imgsyn", sid, s, k, caps[s], settings, recorded, batch)
                 if samples[s].segments is not None:
                     record["segments_info"] = samples[s].segments
-                writer.append(record)
+                records.append(record)
                 summary["written"] += 1
                 if len(rows) < o.preview and state.is_main_process:
-                    rows.append({"id": sid, "caption": caps[s], "colormap": cache[s]["colormap"], "image": image,
-                                 "overlay": synth.overlay(image, cache[s]["label"], data)})
+                    final = to_label_size(image, shape)
+                    rows.append({"id": sid, "caption": caps[s], "colormap": cache[s]["colormap"], "image": final,
+                                 "overlay": synth.overlay(final, cache[s]["label"], data)})
+            sink.put(files, records)  # the lines follow once the files are complete (one fsync per batch)
             progress.update(task, advance=len(batch), rate=summary["written"] / (time.perf_counter() - start))
 
     summary["seconds"] = time.perf_counter() - start

@@ -228,7 +228,8 @@ def _masksyn(held: ExitStack, **options) -> dict:
     gens, rows, total, start = None, [], 0, time.perf_counter()
     planned = dict.fromkeys(sources, 0)  # attempts planned so far per caption: attempts 0..planned-1
     progress = synth.progress("masksyn", state, TextColumn("{task.fields[rejected]} rejected"))
-    with writer, rejects, progress:
+    sink = synth.SampleSink(writer, workers=o.write_threads)  # files encoded and saved beside the next batch
+    with writer, rejects, sink, progress:
         task = progress.add_task("", total=0, rate=0.0, rejected=0)
         while items := next_round(planned, done, per_sample, max_attempts):
             todo, skipped = synth.process_items(items, batch_size, state, done | set(rejected))
@@ -240,6 +241,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
                     gens = load_models(models, settings, state.device)
                     if state.is_main_process:
                         synth.caption_note(gens[0], {s: caps[s] for s in sources}, captions)
+                files, records, lines = [], [], []  # written by the sink's threads beside the next batch
                 for (s, k), item in zip(batch, generate(*gens, batch, caps, settings, palettes)):
                     sid = synth.sample_id(s, k)
                     if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
@@ -247,26 +249,31 @@ def _masksyn(held: ExitStack, **options) -> dict:
                         continue
                     summary["attempts"] += 1
                     if "rejected" in item:
-                        rejects.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
+                        lines.append(rejects)
+                        records.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
                                         "off_palette": item["off_palette"], "classes": item["classes"],
                                         "settings": settings.record(), "models": recorded, "batch": [[b, kk] for b, kk in batch]})
                         summary["rejected"] += 1
                         summary["rejections"][item["rule"]] = summary["rejections"].get(item["rule"], 0) + 1
                         continue
                     annotation = id_to_rgb(item["panoptic"]) if data == "coco" else item["label"]  # COCO panoptic / ADE20K encoding
-                    synth.save_sample(out, sid, item["image"], item["colormap"], lambda p: synth.save_png(p, annotation))
+                    files += [sink.file(out / "images" / f"{sid}.jpg", lambda p, x=item["image"]: synth.save_jpeg(p, x)),
+                              sink.file(out / "colormaps" / f"{sid}.png", lambda p, x=item["colormap"]: synth.save_png(p, x)),
+                              sink.file(out / "annotations" / f"{sid}.png", lambda p, x=annotation: synth.save_png(p, x))]
                     record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, recorded, batch),
                               "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]}
                     if data == "coco":
                         record["segments_info"] = item["segments_info"]
-                    writer.append(record)
+                    lines.append(writer), records.append(record)
                     summary["written"] += 1
                     if len(rows) < o.preview and state.is_main_process:
                         rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
                                      "overlay": synth.overlay(item["image"], item["label"], data)})
+                sink.put(files, records, lines)  # files, then the lines in order, one fsync per manifest
                 progress.update(task, advance=len(batch), rejected=summary["rejected"],
                                 rate=summary["written"] / (time.perf_counter() - start))
             # The round is complete in every process: its outcomes decide the next round.
+            sink.drain()
             state.wait_for_everyone()
             done, rejected = read_ids(out) if out.is_dir() else set(), read_ids(rejected_path)
 

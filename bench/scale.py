@@ -6,7 +6,8 @@ segments per image, empty image/PNG files), then measures each reader in a fresh
 VmHWM) and prints the new path against the code it replaces, measured in the same run:
 
 - resume: manifest.read_ids (streaming ids)        vs done_ids (every record parsed and kept)
-- index:  index.synthetic_index, build and cached  vs read_synthetic's record list
+- index:  index.synthetic_index, build and cached  vs read_synthetic's record list; and train_seg's
+          --synthetic FOLDER:k on it (index.first_per_source: SyntheticIndex.provenance, then a view)
 - worker: a forked DataLoader worker touching its quarter of the samples, then gc.collect();
           private memory (Private_* in /proc/self/smaps_rollup)
 - coco:   datasets.coco_panoptic_index, first and cached, vs the JSON parsed on every call
@@ -159,6 +160,10 @@ def measure(name: str, path: Path) -> dict:
         if name == "index_build":
             (path / ".index.npz").unlink(missing_ok=True)
         extra["n"] = len(idx.synthetic_index(path))
+    elif name == "index_firstk":  # train_seg --synthetic FOLDER:k on the index: one provenance pass, a view
+        index = idx.synthetic_index(path)
+        start, cpu = time.perf_counter(), time.process_time()
+        extra["n"] = len(idx.first_per_source(index, 1))
     elif name == "index_old":
         extra["n"] = len(old_synthetic(path))
     elif name == "worker_new":
@@ -244,6 +249,7 @@ def main() -> None:
         rows["resume_old"] = show("resume: done_ids (old)", "resume_old", work / "synth_base", base_lines)
         rows["index_build"] = show("index: build", "index_build", work / "synth", a.lines)
         rows["index_cached"] = show("index: cached load", "index_cached", work / "synth", a.lines)
+        rows["index_firstk"] = show("index: FOLDER:k view", "index_firstk", work / "synth", a.lines)
         rows["index_old"] = show("read_synthetic (old)", "index_old", work / "synth_base", base_lines)
         rows["worker_new"] = show("worker: index share", "worker_new", work / "synth", a.lines)
         rows["worker_old"] = show("worker: list share (old)", "worker_old", work / "synth_base", base_lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,119 @@ class SyntheticIndex:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def id(self, i: int) -> str:
+        """Sample i's id, from the index alone (no manifest read)."""
+        return self.ids[i]
+
+    def provenance(self) -> dict:
+        """Every record's {"source_id": [str], "k": (N,) int64 (-1: none recorded), "method": [str],
+        "annotation": [str]} in index order: one pass over the manifests (a regex on ManifestWriter's
+        line form, json for any other line), for start-up decisions (FOLDER:k, hardness groups, the
+        filtered annotations). Transient: nothing of it is kept on the index."""
+        intern: dict[str, str] = {}
+        source, method, annotation = [], [], []
+        k = np.full(len(self), -1, np.int64)
+        for no, name in enumerate(self.files):
+            positions = np.flatnonzero(self.file_no == no)  # this file's lines, in line order
+            with open(self.folder / name, "rb") as f:
+                for i, off in zip(positions.tolist(), self.line_off[positions].tolist()):
+                    f.seek(off)
+                    line = f.readline()
+                    m = _PROVENANCE.match(line)
+                    if m is not None and b"\\" not in m.group(0):
+                        src, kk, meth, ann = (m.group(1).decode(), int(m.group(2)), m.group(3).decode(), m.group(4).decode())
+                    else:
+                        rec = parse_line(line, self.where(i))
+                        src, meth, ann = str(rec.get("source_id", "")), str(rec.get("method", "")), str(rec.get("annotation", ""))
+                        kk = int(rec["k"]) if "k" in rec else -1
+                    source.append(intern.setdefault(src, src)), method.append(intern.setdefault(meth, meth))
+                    annotation.append(ann)
+                    k[i] = kk
+        return {"source_id": source, "k": k, "method": method, "annotation": annotation}
+
+    def take(self, positions) -> IndexView:
+        """The samples at `positions` (a view: the index's arrays are shared, not copied)."""
+        return IndexView(self, np.asarray(positions, np.int64))
+
+    def with_annotations_in(self, folder: Path) -> IndexView:
+        """The same samples with each annotation read from `folder` under its own file name."""
+        return self.take(np.arange(len(self))).with_annotations_in(folder)
+
+
+# A line as ManifestWriter writes masksyn / imgsyn records (synth.sample_record's key order): provenance by regex.
+_PROVENANCE = re.compile(rb'\{"id": "(?:[^"\\\n]|\\.)*", "source_id": "([^"\\\n]*)", "k": (\d+), '
+                         rb'"method": "([^"\\\n]*)", "image": "[^"\\\n]*", "annotation": "([^"\\\n]*)"')
+
+
+class IndexView:
+    """Some samples of a SyntheticIndex, by position (numpy), optionally with their annotations read
+    from another folder (quality.py --filter's annotations_filtered/). Shares the index's arrays."""
+
+    def __init__(self, index: SyntheticIndex, positions: np.ndarray, annotations: Path | None = None):
+        self.index, self.positions, self.annotations = index, positions, annotations
+        self.folder = index.folder
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        from dataclasses import replace
+
+        sample = self.index[int(self.positions[i])]  # IndexError past the end, as a list
+        return sample if self.annotations is None else replace(sample, annotation=self.annotations / sample.annotation.name)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def id(self, i: int) -> str:
+        return self.index.id(int(self.positions[i]))
+
+    def provenance(self) -> dict:
+        cols = self.index.provenance()
+        pos = self.positions.tolist()
+        return {key: col[self.positions] if isinstance(col, np.ndarray) else [col[j] for j in pos] for key, col in cols.items()}
+
+    def take(self, positions) -> IndexView:
+        return IndexView(self.index, self.positions[np.asarray(positions, np.int64)], self.annotations)
+
+    def with_annotations_in(self, folder: Path) -> IndexView:
+        return IndexView(self.index, self.positions, Path(folder))
+
+
+def sample_ids(samples) -> list[str]:
+    """The ids of a sample list or of a SyntheticIndex / IndexView (from the index: no record read)."""
+    if hasattr(samples, "id"):
+        return [samples.id(i) for i in range(len(samples))]
+    return [s.id for s in samples]
+
+
+def provenance(samples) -> dict:
+    """`SyntheticIndex.provenance` for a sample list too (from each Sample's meta)."""
+    if hasattr(samples, "provenance"):
+        return samples.provenance()
+    return {"source_id": [str(s.meta.get("source_id", "")) for s in samples],
+            "k": np.array([int(s.meta["k"]) if "k" in s.meta else -1 for s in samples], np.int64),
+            "method": [str(s.meta.get("method", "")) for s in samples],
+            "annotation": [str(s.meta.get("annotation", "")) for s in samples]}
+
+
+def first_per_source(samples, k: int):
+    """The first k samples made from each source (real) sample: ordered by source id, then by the sample
+    index `k` that masksyn / imgsyn record (manifest order where a record has none). A SyntheticIndex /
+    IndexView gives a view of itself (its arrays shared, nothing copied); a list gives a list. Sorted with
+    numpy: one int per sample, not a Python tuple (1.2 M samples at paper scale)."""
+    cols = provenance(samples)
+    src, n = cols["source_id"], len(cols["source_id"])
+    rank = {s: r for r, s in enumerate(sorted(set(src)))}
+    codes = np.fromiter((rank[s] for s in src), np.int64, n)
+    position = np.arange(n)
+    order = np.lexsort((position, np.where(cols["k"] >= 0, cols["k"], position), codes))  # source, then k, then position
+    ranked = codes[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if n else np.zeros(0, np.int64)
+    within = position - np.repeat(starts, np.diff(np.r_[starts, n]))  # each sample's place among its source's
+    keep = order[within < k]
+    return samples.take(keep) if hasattr(samples, "take") else [samples[i] for i in keep]
 
 
 def build_synthetic_arrays(folder: Path, files: list[Path]) -> dict:

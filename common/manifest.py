@@ -69,19 +69,28 @@ class ManifestWriter:
         except OSError as e:  # a read-only place, a file where the folder should be, a full disk
             raise _write_error(self.path, e) from e
 
-    def append(self, record: dict) -> None:
-        self.append_many([record])
+    def append(self, record: dict, sync: bool = True) -> None:
+        """One line; sync=False leaves it to the next `sync()` (a batch's lines, one fsync)."""
+        self.append_many([record], sync)
 
-    def append_many(self, records: list[dict]) -> None:
+    def append_many(self, records: list[dict], sync: bool = True) -> None:
         """Several lines with one fsync (about 1 ms each): what a batch of generated samples writes."""
         for record in records:
             for key in self.path_fields:
                 check_relative(record[key], f"{self.path} id {record.get('id')!r} field {key!r}")
         try:
             self._f.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+            if sync:
+                self.sync()
+        except OSError as e:  # disk full: the lines written before stay; a part of this one is dropped on reopening
+            raise _write_error(self.path, e) from e
+
+    def sync(self) -> None:
+        """Flush and fsync the lines written so far."""
+        try:
             self._f.flush()
             os.fsync(self._f.fileno())
-        except OSError as e:  # disk full: the lines written before stay; a part of this one is dropped on reopening
+        except OSError as e:
             raise _write_error(self.path, e) from e
 
     def close(self) -> None:

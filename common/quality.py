@@ -27,6 +27,7 @@ from PIL import Image
 from common import SegGenError
 from common.colormap import IGNORE, coco_categories, semantic_classes
 from common.datasets import Sample, load_label
+from common.index import provenance, sample_ids
 from common.manifest import atomic_save, read_manifest
 
 # ---------------------------------------------------------------- defaults and their source
@@ -180,7 +181,8 @@ def resample_probabilities(hard: list[float], groups: list[str] | None = None, m
 
 def sample_groups(samples: list[Sample]) -> list[str]:
     """The mask each sample was drawn for: an ImgSyn sample shares its source's human label."""
-    return [str(s.meta.get("source_id")) if s.meta.get("method") == "imgsyn" else s.id for s in samples]
+    cols, ids = provenance(samples), sample_ids(samples)
+    return [src if method == "imgsyn" else sid for src, method, sid in zip(cols["source_id"], cols["method"], ids)]
 
 
 # ---------------------------------------------------------------- the folder summary
@@ -259,20 +261,26 @@ def sampling_probabilities(folder: str | Path, samples: list[Sample], num_classe
     """FreeMask's hardness resampling for a synthetic folder: probabilities aligned with `samples`
     (read_synthetic's order), from FOLDER/quality.jsonl and the recorded class means."""
     by_id = {str(r["id"]): r for r in read_quality(folder)}
-    missing = [s.id for s in samples if s.id not in by_id]
+    ids = sample_ids(samples)
+    missing = [i for i in ids if i not in by_id]
     if missing:
         raise SegGenError(f"--synthetic {folder}: {len(missing)} sample(s) are not in {QUALITY_FILE} (e.g. {missing[0]!r}); "
                           f"rerun quality.py --synthetic {folder} to finish it")
     means = reference_means(folder, num_classes)
-    return resample_probabilities([hardness(by_id[s.id]["loss"], means) for s in samples], sample_groups(samples), max_repeat)
+    return resample_probabilities([hardness(by_id[i]["loss"], means) for i in ids], sample_groups(samples), max_repeat)
 
 
 def filtered_samples(folder: str | Path, samples: list[Sample]) -> list[Sample]:
     """The samples with their annotation replaced by the filtered one quality.py --filter wrote."""
     from dataclasses import replace
 
-    out = [replace(s, annotation=filtered_path(folder, s)) for s in samples]
-    missing = [s.id for s in out if not s.annotation.is_file()]
+    if hasattr(samples, "with_annotations_in"):  # a SyntheticIndex / IndexView: a view, checked from the manifests' paths
+        names = [Path(a).name for a in provenance(samples)["annotation"]]
+        missing = [sid for sid, name in zip(sample_ids(samples), names) if not (Path(folder) / FILTERED_DIR / name).is_file()]
+        out = samples.with_annotations_in(Path(folder) / FILTERED_DIR)
+    else:
+        out = [replace(s, annotation=filtered_path(folder, s)) for s in samples]
+        missing = [s.id for s in out if not s.annotation.is_file()]
     if missing:
         raise SegGenError(f"--synthetic {folder}: {len(missing)} sample(s) have no filtered annotation in {FILTERED_DIR}/ "
                           f"(e.g. {missing[0]!r}); run quality.py --synthetic {folder} --filter")

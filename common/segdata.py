@@ -17,7 +17,8 @@ from PIL import Image
 
 from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
-from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, read_synthetic
+from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, synthetic_index
+from common.index import first_per_source
 from common import quality, subset
 from common.manifest import manifest_files
 from common.paths import synth_dir
@@ -292,24 +293,10 @@ def split_count(spec: Path) -> tuple[Path, int | None]:
     return Path(head), int(tail)
 
 
-def first_per_source(samples: list[Sample], k: int) -> list[Sample]:
-    """The first k samples made from each source (real) sample: ordered by source id, then by the sample
-    index `k` that masksyn / imgsyn record (manifest order where a record has none)."""
-    order = sorted(range(len(samples)), key=lambda i: (str(samples[i].meta.get("source_id", "")), int(samples[i].meta.get("k", i)), i))
-    seen: dict[str, int] = {}
-    keep = []
-    for i in order:
-        src = str(samples[i].meta.get("source_id", ""))
-        if seen.get(src, 0) < k:
-            seen[src] = seen.get(src, 0) + 1
-            keep.append(samples[i])
-    return keep
-
-
 def default_folders(data: str, say) -> list[Path]:
     """Whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist; one without any manifest line (a run
     that stopped before its first sample) is skipped with a warning (issue 17 item 2). An empty folder
-    given with --synthetic still fails (read_synthetic)."""
+    given with --synthetic still fails (synthetic_index)."""
     found = []
     for p in (synth_dir(m, data) for m in ("masksyn", "imgsyn")):
         if not p.is_dir():
@@ -341,7 +328,7 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
         folders, counts = zip(*(split_count(f) for f in folders))
         folders = list(folders)
         for folder, k in zip(folders, counts):
-            samples = read_synthetic(folder)
+            samples = synthetic_index(folder)  # numpy arrays: records read when loaded, workers share it (issue 18)
             if k is not None:  # Fig. 8 / Table 8 / A.6 count ablations without regenerating
                 samples = first_per_source(samples, k)
             if getattr(a, "synthetic_filtered", False):  # FreeMask's noisy-region filter (quality.py --filter)

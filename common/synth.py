@@ -111,6 +111,7 @@ class Job:
     precision: str = "auto"
     preview: int = 0
     reproduce: str | None = None
+    write_threads: int = 2  # threads encoding and saving a batch's files beside the next batch (0: in the loop; not a flag)
 
     def settings(self, cls, dtype, **own):
         """The run's recorded settings (cls: the script's Settings) from these options and the script's own fields."""
@@ -363,14 +364,23 @@ def sample_images(gen: Generator, cond: Cond, uncond: Cond, generators: list[tor
     x = edm.sample(gen.denoiser, latents, steps, cond, uncond, settings=sampling, generators=generators)
     vae = gen.pipe.vae
     image = vae.decode((x / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+    return to_uint8(image)
 
 
-def control_tensor(colormaps: list[np.ndarray]) -> torch.Tensor:
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) VAE output in [-1, 1] -> (B, H, W, 3) uint8 pictures: converted on the device in one
+    step, then one copy to the host (a quarter of float32's bytes). The same float32 ops, so the same
+    bytes, as diffusers' numpy_to_pil: (x / 2 + 0.5).clamp(0, 1) * 255, rounded."""
+    x = image.float() / 2  # a new tensor: the steps after it work in place (no more full-size temporaries)
+    x.add_(0.5).clamp_(0, 1).mul_(255).round_()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H, W, 3)
+
+
+def control_tensor(colormaps: list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] from (H, W, 3) uint8 colour maps, as diffusers' ControlNet
-    trainers feed the conditioning image (ToTensor)."""
-    return torch.from_numpy(np.stack(colormaps)).permute(0, 3, 1, 2).float() / 255
+    trainers feed the conditioning image (ToTensor); moved to `device` as uint8 (a quarter of the
+    bytes) and converted there."""
+    return torch.from_numpy(np.stack(colormaps)).to(device).permute(0, 3, 1, 2).float() / 255
 
 
 # ---------------------------------------------------------------- the output folder
@@ -414,6 +424,108 @@ def save_sample(out: Path, sid: str, image: np.ndarray, colormap: np.ndarray, sa
     atomic_save(out / "images" / f"{sid}.jpg", lambda p: save_jpeg(p, image))
     atomic_save(out / "colormaps" / f"{sid}.png", lambda p: save_png(p, colormap))
     atomic_save(out / "annotations" / f"{sid}.png", save_annotation)
+
+
+class SampleSink:
+    """Writes a batch's sample files in a small thread pool while the loop draws the next batch, then its
+    manifest lines in batch order with one fsync (issue 18 item 3: encoding off the loop's path).
+
+    Each file is written atomically (`atomic_save`), and a batch's lines are appended only once all its
+    files are complete (docs/design.md "Data contract"), by one committing thread, so the manifest keeps
+    its order and a killed run keeps complete files and whole lines only. Pillow releases the GIL while
+    it resizes and encodes, so the pool's threads run beside the loop. At most `depth` batches wait; an
+    error in a write is raised in the loop at the next `put` or at `close`. workers=0: all inline."""
+
+    def __init__(self, writer, workers: int = 2, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer, self.depth, self.pending, self.failed = writer, depth, [], False
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="seggen-write") if workers else None
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="seggen-commit") if workers else None
+        self.shared: dict = {}  # key -> (future, path) of a file written once and linked (a source's colour map)
+
+    def _run(self, fn, *args):
+        from concurrent.futures import Future
+
+        if self.pool is None:
+            done = Future()
+            done.set_result(fn(*args))  # inline: an error is raised here, at once
+            return done
+        return self.pool.submit(fn, *args)
+
+    def file(self, path: Path, write) -> object:
+        """Write path atomically (write(tmp_path) makes the file) in the pool; a future."""
+        return self._run(atomic_save, path, write)
+
+    def shared_file(self, key, path: Path, write) -> object:
+        """Like `file`, but the first file made for `key` is written once and every later one is a hard
+        link to it (same bytes; a copy where links fail): a source's colour map, shared by its K samples."""
+        if key not in self.shared:
+            self.shared[key] = (self.file(path, write), path)
+            return self.shared[key][0]
+        first, first_path = self.shared[key]
+
+        def link(tmp):
+            first.result()  # submitted earlier, so already running or done: no deadlock in a FIFO pool
+            link_or_copy(first_path, tmp)
+        return self.file(path, link)
+
+    def forget(self, keep) -> None:
+        """Drop the shared files of keys not in `keep` (sources no longer drawn)."""
+        for key in set(self.shared) - set(keep):
+            del self.shared[key]
+
+    def put(self, files: list, records: list[dict], to: list | None = None) -> None:
+        """Commit `records` (one fsync per manifest) once the futures `files` are done; blocks while
+        `depth` batches wait. to: each record's ManifestWriter, in order (default: the sink's own)."""
+        to = to or [self.writer] * len(records)
+
+        def commit():
+            if self.failed:  # a batch before this one failed (its error is raised in the loop): none after it is committed
+                return
+            try:
+                for f in files:
+                    f.result()  # a line never points at an incomplete file
+                for writer, r in zip(to, records):
+                    writer.append(r, sync=False)
+                for writer in {id(w): w for w in to}.values():
+                    writer.sync()
+            except BaseException:
+                self.failed = True
+                raise
+        if self.committer is None:
+            return commit()
+        self.pending.append(self.committer.submit(commit))
+        self._reap(self.depth)
+
+    def _reap(self, depth: int) -> None:
+        while self.pending and (len(self.pending) > depth or self.pending[0].done()):
+            self.pending.pop(0).result()  # re-raises a write's error (or a KeyboardInterrupt) in the loop
+
+    def drain(self) -> None:
+        """Wait until everything put so far is on disk."""
+        self._reap(0)
+
+    def close(self, error: bool = False) -> None:
+        """Drain, then stop the threads. After an error (error=True: the loop is already raising one),
+        wait for the writes in flight (their temporary files removed) and commit no more."""
+        try:
+            if error:
+                self.failed = True
+            else:
+                self.drain()
+        finally:
+            for f in self.pending:
+                f.cancel()
+            for ex in (self.pool, self.committer):
+                if ex is not None:
+                    ex.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        self.close(error=kind is not None)
 
 
 def save_jpeg(path: Path, image: np.ndarray) -> None:

@@ -115,11 +115,11 @@ def killed_at_sample(monkeypatch, n):
     """The run inside is killed after the n-th sample's files are written, before its manifest line."""
     real_append, calls = ManifestWriter.append, []
 
-    def dying_append(self, record):
+    def dying_append(self, record, **kw):
         calls.append(record["id"])
         if len(calls) == n:
             raise KeyboardInterrupt
-        real_append(self, record)
+        real_append(self, record, **kw)
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(ManifestWriter, "append", dying_append)
@@ -157,6 +157,40 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, a
     assert summary["written"] == 3 and summary["skipped"] == 3  # the batch holding samples 3 and 4 was redone
     assert_same_samples(out, full, 6)
     assert not list(out.rglob(".*tmp*"))
+
+
+def test_files_written_in_the_loop_or_by_the_pool_are_byte_identical(tmp_path, ade_run, models, ade_captions):
+    """The writing threads change when files are written, not what: a run that writes in its loop
+    (write_threads=0) gives the same bytes; a source's colour map is written once, its other samples link it."""
+    full, _ = ade_run
+    inline = tmp_path / "inline"
+    assert run_ade(inline, models, ade_captions, write_threads=0)["written"] == 6
+    assert_same_samples(inline, full, 6)
+    assert [json.loads(x)["id"] for x in (inline / "manifest.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["id"] for x in (full / "manifest.jsonl").read_text().splitlines()]  # lines in the plan's order
+    for folder in (full, inline):
+        inodes = {(folder / f"colormaps/ADE_val_00000001_{k:03d}.png").stat().st_ino for k in range(3)}
+        assert len(inodes) == 1  # one file, three names (hard links)
+    assert not list(full.rglob(".*tmp*"))
+
+
+def test_a_failed_write_stops_the_run_with_complete_files_and_whole_lines(tmp_path, monkeypatch, models, ade_captions):
+    """An error in a writing thread (a full disk) reaches the loop: the lines written are those of the
+    batches whose files all exist, no temporary file is left, and a rerun finishes the folder."""
+    out, real_save, calls = tmp_path / "full", synth.save_jpeg, []
+
+    def disk_full(path, image):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_save(path, image)
+
+    with monkeypatch.context() as m, pytest.raises(OSError, match="No space left"):
+        m.setattr(synth, "save_jpeg", disk_full)
+        run_ade(out, models, ade_captions)
+    ids = [s.id for s in read_synthetic(out)]
+    assert ids == ["ADE_val_00000001_000", "ADE_val_00000001_001"] and not list(out.rglob(".*tmp*"))
+    assert run_ade(out, models, ade_captions)["written"] == 4 and len(read_synthetic(out)) == 6
 
 
 def test_reproduce_one_sample_bit_for_bit(tmp_path, ade_run, models, ade_captions):

@@ -157,3 +157,37 @@ def test_coco_index_of_a_read_only_dataset_goes_to_the_cache_folder(tmp_path, mo
     assert [s.id for s in coco_panoptic_index(root, "val")] == ["000000142238", "000000439180"]
     assert len(list((tmp_path / "cache/seggen").glob("panoptic_val2017-*.index.npz"))) == 1
     assert list(coco_panoptic_index(root, "val")) == _read_coco_panoptic_json(root, "val")  # read from there
+
+
+def test_provenance_views_and_filtered_annotations_match_the_record_list(tmp_path):
+    """What train_seg decides at start-up from an index (FOLDER:k, hardness groups, filtered annotations)
+    is what it decided from read_synthetic's records: lines in ManifestWriter's form (read by regex) and
+    hand-written ones (another key order, an escaped id, no k: read by json) alike."""
+    from common.index import first_per_source, provenance, sample_ids
+
+    real = read_dataset("ade20k", ADE_ROOT, "val")
+    folder = _write(tmp_path / "synth", real)
+    with open(folder / "manifest.jsonl", "a") as f:
+        for sid, rec in [('h"q', {"k": 3, "source_id": "S", "method": "masksyn"}), ("noK", {"source_id": "S", "method": "imgsyn"})]:
+            name = sid.replace('"', "_")
+            shutil.copy(real[0].image, folder / f"images/{name}.jpg")
+            shutil.copy(real[0].annotation, folder / f"annotations/{name}.png")
+            f.write(json.dumps({"caption": "a", "image": f"images/{name}.jpg", "annotation": f"annotations/{name}.png",
+                                "colormap": f"images/{name}.jpg", "id": sid, "seed": 0, "models": {}, **rec}) + "\n")
+    index, records = synthetic_index(folder), read_synthetic(folder)
+    got, want = provenance(index), provenance(records)
+    assert got["k"].tolist() == want["k"].tolist() == [0, 0, 3, -1]
+    assert {k: got[k] for k in ("source_id", "method", "annotation")} == {k: want[k] for k in ("source_id", "method", "annotation")}
+    assert got["source_id"] == ["ADE_val_00000001", "ADE_val_00000002", "S", "S"]
+    for k in (1, 2):  # FOLDER:k: the same samples from the index (a view) as from the records (a list)
+        picked = first_per_source(index, k)
+        assert not isinstance(picked, list) and list(picked) == first_per_source(records, k)
+    assert [s.id for s in first_per_source(index, 1)] == ["ADE_val_00000001_r0", "ADE_val_00000002_r0", 'h"q']  # S: k=3 before none
+    view = index.take([3, 0])
+    assert list(view) == [records[3], records[0]] and sample_ids(view) == ["noK", "ADE_val_00000001_r0"]
+    assert provenance(view)["k"].tolist() == [-1, 0] and view.take([1])[0] == records[0]
+    moved = view.with_annotations_in(folder / "elsewhere")
+    assert [s.annotation for s in moved] == [folder / "elsewhere/noK.png", folder / "elsewhere/ADE_val_00000001_r0.png"]
+    assert isinstance(view.positions, np.ndarray) and view.index is index  # the arrays are shared, not copied
+    with pytest.raises(IndexError):
+        view[2]

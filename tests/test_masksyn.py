@@ -123,6 +123,14 @@ def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeyp
         run(out, models, captions, **ACCEPT_ALL)
 
 
+def test_files_written_in_the_loop_or_by_the_pool_are_byte_identical(tmp_path, accepted_run, models, captions):
+    full, _ = accepted_run
+    inline = tmp_path / "inline"
+    assert run(inline, models, captions, write_threads=0, **ACCEPT_ALL)["written"] == 6
+    assert_same_samples(inline, full, 6)
+    assert (inline / "manifest.jsonl").read_text().count("\n") == 6 and not list(full.rglob(".*tmp*"))
+
+
 def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, accepted_run, models, captions):
     full, _ = accepted_run
     out = tmp_path / "killed"

@@ -568,6 +568,7 @@ def test_synthetic_folder_count_takes_the_first_k_per_source(tmp_path):
     args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "syn:1"], data="ade20k")
     _, synthetic, folders = segdata.read_sources(args, print)
     assert folders == [folder] and [s.id for s in synthetic[0]] == [f"syn_{r.id}_s0" for r in real]
+    assert not isinstance(synthetic[0], list) and list(synthetic[0]) == segdata.first_per_source(read_synthetic(folder), 1)  # a lazy index view
 
 
 # ---------------------------------------------------------------- FreeMask: filtered annotations, hardness resampling (issue 13)
@@ -596,7 +597,7 @@ def test_hardness_sampling_draws_by_the_given_probabilities_and_resumes_exactly(
 
 def test_synthetic_weights_keep_each_folders_share_and_follow_freemask(tmp_path):
     from common import quality
-    from common.datasets import read_synthetic
+    from common.datasets import read_synthetic, synthetic_index
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
     a = _write_synthetic(tmp_path / "a", real, n=2)  # 4 samples
@@ -605,6 +606,7 @@ def test_synthetic_weights_keep_each_folders_share_and_follow_freemask(tmp_path)
     _write_quality(b)
     samples = [read_synthetic(a), read_synthetic(b)]
     w = segdata.synthetic_weights([a, b], samples, "ade20k", "hardness")
+    assert segdata.synthetic_weights([a, b], [synthetic_index(a), synthetic_index(b)], "ade20k", "hardness").tolist() == w.tolist()
     assert w.shape == (6,) and w.sum() == pytest.approx(1.0)
     assert w[:4].sum() == pytest.approx(4 / 6) and w[4:].sum() == pytest.approx(2 / 6)  # the uniform draw's shares
     assert w[:4] == pytest.approx(quality.sampling_probabilities(a, samples[0], 150) * 4 / 6)
@@ -613,6 +615,7 @@ def test_synthetic_weights_keep_each_folders_share_and_follow_freemask(tmp_path)
 
 
 def test_synthetic_filtered_trains_on_annotations_filtered(tiny, tmp_path):
+    from common import quality
     from common.datasets import read_synthetic
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
@@ -623,6 +626,7 @@ def test_synthetic_filtered_trains_on_annotations_filtered(tiny, tmp_path):
     args = SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[folder], data="ade20k", synthetic_filtered=True)
     _, synthetic, _ = segdata.read_sources(args, print)
     assert [s.annotation.parent.name for s in synthetic[0]] == ["annotations_filtered"] * 2
+    assert list(synthetic[0]) == quality.filtered_samples(folder, read_synthetic(folder))  # the index's view, as the list's
     base = ["--data-root", ADE_ROOT, "--synthetic", folder, "--strategy", "synthetic", "--max-steps", "2", "--eval-size", "32", *FAST]
     _ok(_cli([*base, "--synthetic-filtered", "--output-dir", tmp_path / "f"], tiny))
     got = json.loads((tmp_path / "f/metrics.json").read_text())
