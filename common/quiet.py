@@ -11,7 +11,10 @@ do nothing about, by their text, so that any other warning of the same libraries
 - Mask2Former's LOAD REPORT when the only mismatched weights are the class head that re-heading replaces
   (`ignore_mismatched_sizes=True`), and its "num_labels=N which is incompatible to the id2label map";
   any other key in the report (missing, unexpected weights) still shows the whole table;
-- bitsandbytes' "Failed to load CPU gemm_4bit_forward ... kernels" (logger lowered to ERROR);
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward ... kernels" (logger lowered to ERROR when this module
+  is imported: the warning comes while bitsandbytes is imported, before a stage calls `quiet()`);
+- diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []" on `.to(dtype)`
+  (the list is empty: nothing to keep; a non-empty list still shows);
 - torch's "This DataLoader will create N worker processes in total" (common/threads.py picks a count
   that fits; `Plan.workers_note()` is our line when a user asks for more workers than cores);
 - the per-file progress bars of transformers / diffusers / huggingface_hub (a stage has its own).
@@ -36,7 +39,12 @@ EXPECTED = [
     ("transformers", re.compile(r"Token indices sequence length is longer than the specified maximum sequence length")),
     ("transformers", re.compile(r"You passed `num_labels=\d+` which is incompatible to the `id2label` map")),
     ("diffusers", re.compile(r"The following part of your input was truncated because CLIP can only handle")),
+    # `.to(dtype)` on a model whose list of modules to keep in float32 is empty: nothing is kept, nothing is wrong
+    ("diffusers", re.compile(r"There are modules in \w+ that should be kept in float32: \[\]\.")),
 ]
+# bitsandbytes warns while it is imported (by diffusers/transformers, before a stage calls quiet()): lower its
+# logger now, as stage scripts import this module first.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 # Weights a re-headed Mask2Former re-initialises: the class predictor and the loss's empty-class weight.
 HEAD_KEYS = re.compile(r"^(class_predictor\.(weight|bias)|criterion\.empty_weight)$")
 _ROW = re.compile(r"^\s*([\w.]+)\s*\|\s*(\w+)\s*\|")
