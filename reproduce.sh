@@ -17,8 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 REPO=$(pwd)
 
-PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT=""
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --experiment {NAME[,NAME...],all,list} (paper preset)"; }
+PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT="" BUILD_BASE=0
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     --work) WORK=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --coco-masksyn) COCO_MASKSYN=1; shift ;;
+    --build-base) BUILD_BASE=1; shift ;;
     --experiment) EXPERIMENT=$2; shift 2 ;;
     --max-steps) MAX_STEPS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -68,19 +69,23 @@ elif [ "$PRESET" = toy ]; then
   WORK=${WORK:-runs/toy}
   export HF_HUB_OFFLINE=1
   DATA_ROOT=$WORK/world
-  BASE=$WORK/base
+  # The base (SDXL-base's stand-in) ships in the repo, built by the command in common/data/toybase/README.md
+  # (python -m common.toybase, ~10 min on 2 cores); --build-base builds it again here, --size smoke always
+  # builds a quick one (the build's code path, in seconds).
+  BASE=common/data/toybase
+  if [ "$BUILD_BASE" = 1 ] || [ "$SIZE" = smoke ]; then BASE=$WORK/base; fi
   #         world: train val | base build      | generators: steps | masksyn: captions per-sample | imgsyn: labels per-sample | sampler steps | eval images | segmenter: steps, Table 4 steps, N, seeds
   case "$SIZE" in
     full)  WORLD=(--train 2000 --val 200); BASE_ARGS=(); GEN_STEPS=1500; MS=(--limit 200 --per-sample 2); IS=(--limit 200 --per-sample 2)
            SAMPLE_STEPS=20; EVAL_N=100; SEG_STEPS=400; TABLE_STEPS=150; TABLE_N=(50 500); SEEDS=(0 1 2) ;;
-    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(--vae-steps 400 --unet-steps 600); GEN_STEPS=300; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
+    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(); GEN_STEPS=400; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
            SAMPLE_STEPS=15; EVAL_N=48; SEG_STEPS=150; TABLE_STEPS=50; TABLE_N=(50); SEEDS=(0) ;;
     smoke) WORLD=(--train 24 --val 8); BASE_ARGS=(--quick); GEN_STEPS=2; MS=(--limit 2 --per-sample 1 --max-off-palette 1.0); IS=(--limit 2 --per-sample 1)
            SAMPLE_STEPS=2; EVAL_N=4; SEG_STEPS=2; TABLE_STEPS=2; TABLE_N=(8); SEEDS=(0) ;;
   esac
   if [ -n "$MAX_STEPS" ]; then GEN_STEPS=$MAX_STEPS; SEG_STEPS=$MAX_STEPS; TABLE_STEPS=$MAX_STEPS; fi
   CAPTION_ARGS=()
-  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --max-steps "$GEN_STEPS" --lr 1e-4 --batch-size 16 --num-workers 0
+  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --max-steps "$GEN_STEPS" --lr 1e-3 --batch-size 16 --num-workers 0
                   --caption-dropout 0.1 --checkpointing-steps 500 --validation-steps 0 --report-to none)
   MASKSYN_ARGS=("${MS[@]}" --text2mask-steps "$SAMPLE_STEPS" --mask2img-steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
   IMGSYN_ARGS=("${IS[@]}" --steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
@@ -135,6 +140,18 @@ has_samples() {  # has_samples ARGS...: every --synthetic DIR among ARGS holds a
     if [ "$1" = --synthetic ]; then grep -qs . "$2"/manifest*.jsonl || return 1; shift; fi  # (no cat | grep -q: pipefail + SIGPIPE)
     shift
   done
+}
+PAR=${SEGGEN_JOBS:-2} PIDS=()
+spawn() {  # spawn NAME COMMAND...: a stage beside others, at most $PAR at once (SEGGEN_JOBS), one torch thread each
+  if [ "$DRY" = 1 ] || [ "$PAR" -le 1 ]; then stage "$@"; return; fi
+  ( export SEGGEN_THREADS=${SEGGEN_THREADS:-1}; stage "$@" ) &
+  PIDS+=($!)
+  if [ "${#PIDS[@]}" -ge "$PAR" ]; then wait "${PIDS[0]}"; PIDS=("${PIDS[@]:1}"); fi
+}
+join() {  # wait for every spawned stage; a failed one stops the script (set -e)
+  local p
+  for p in "${PIDS[@]}"; do wait "$p"; done
+  PIDS=()
 }
 resume_if_checkpoint() {  # --resume latest when the run folder holds a checkpoint
   if compgen -G "$1/checkpoint-*" >/dev/null || compgen -G "$1/checkpoints/*" >/dev/null; then echo --resume latest; fi
@@ -333,23 +350,28 @@ if [ "$PRESET" = toy ]; then
   EVAL=$WORK/eval
   SEG_ALL=$WORK/runs/seg-toy-all
   stage world "$PY" -m common.toyworld "$DATA_ROOT" "${WORLD[@]}" --seed 0
-  stage base "$PY" -m common.toybase "$BASE" --world "$DATA_ROOT" "${BASE_ARGS[@]}"
+  if [ "$BASE" = "$WORK/base" ]; then stage base "$PY" -m common.toybase "$BASE" --world "$DATA_ROOT" "${BASE_ARGS[@]}"; fi
+  # Independent stages run side by side, one torch thread each (spawn ... join): on 2 cores two
+  # one-thread processes finish sooner than one two-thread process after the other.
   # shellcheck disable=SC2046
-  stage train-text2mask "$PY" train_text2mask.py --data toy --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
+  spawn train-text2mask "$PY" train_text2mask.py --data toy --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
     --output-dir "$T2M" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$T2M")
   # shellcheck disable=SC2046
-  stage train-mask2img "$PY" train_mask2img.py --data toy --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
+  spawn train-mask2img "$PY" train_mask2img.py --data toy --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
     --output-dir "$M2I" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
-  stage masksyn "$PY" masksyn.py --data toy --captions "$CAPTIONS" --text2mask "$T2M" --mask2img "$M2I" --out "$MASKSYN" "${MASKSYN_ARGS[@]}"
-  stage imgsyn "$PY" imgsyn.py --data toy --data-root "$DATA_ROOT" --split train --captions "$CAPTIONS" --mask2img "$M2I" \
+  # the segmenter for the alignment measure (all real data) and the floor's images need no generator
+  spawn seg-all "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" --strategy real --max-steps "$SEG_STEPS" \
+    --output-dir "$SEG_ALL" "${SEG_ARGS[@]}"
+  spawn eval-floor "${TOY[@]}" floor --base "$BASE" --world "$DATA_ROOT" --out "$EVAL/floor" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
+  join
+  spawn masksyn "$PY" masksyn.py --data toy --captions "$CAPTIONS" --text2mask "$T2M" --mask2img "$M2I" --out "$MASKSYN" "${MASKSYN_ARGS[@]}"
+  spawn imgsyn "$PY" imgsyn.py --data toy --data-root "$DATA_ROOT" --split train --captions "$CAPTIONS" --mask2img "$M2I" \
     --out "$IMGSYN" "${IMGSYN_ARGS[@]}"
   # Text2Mask quality: the fine-tuned model and the untrained base, same captions and sampler
-  stage eval-text2mask "${TOY[@]}" text2mask --model "$T2M" --world "$DATA_ROOT" --out "$EVAL/t2m-finetuned.json" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
-  stage eval-text2mask-base "${TOY[@]}" text2mask --model "$BASE" --world "$DATA_ROOT" --out "$EVAL/t2m-base.json" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
-  # Mask2Img alignment: one segmenter on all real data; ImgSyn vs real val (ceiling) vs base, caption only (floor)
-  stage seg-all "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" --strategy real --max-steps "$SEG_STEPS" \
-    --output-dir "$SEG_ALL" "${SEG_ARGS[@]}"
-  stage eval-floor "${TOY[@]}" floor --base "$BASE" --world "$DATA_ROOT" --out "$EVAL/floor" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
+  spawn eval-text2mask "${TOY[@]}" text2mask --model "$T2M" --world "$DATA_ROOT" --out "$EVAL/t2m-finetuned.json" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
+  spawn eval-text2mask-base "${TOY[@]}" text2mask --model "$BASE" --world "$DATA_ROOT" --out "$EVAL/t2m-base.json" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
+  join
+  # Mask2Img alignment: the segmenter on ImgSyn images vs on real val (ceiling) vs on base images, caption only (floor)
   stage eval-alignment "${TOY[@]}" align --segmenter "$SEG_ALL/model" --world "$DATA_ROOT" --imgsyn "$IMGSYN" --floor "$EVAL/floor" \
     --out "$EVAL/alignment.json"
   # Table 4 at toy scale: N real samples x {real, +ImgSyn, +MaskSyn, +both}, --strategy aug --p-aug 0.6, seeds
@@ -361,11 +383,12 @@ if [ "$PRESET" = toy ]; then
         echo "== table4 $syn: skipped, a synthetic folder has no samples (see its tally.json)"; continue
       fi
       for seed in "${SEEDS[@]}"; do
-        stage "table4-n$n-$syn-s$seed" "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" "${S[@]}" --max-real-samples "$n" \
+        spawn "table4-n$n-$syn-s$seed" "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" "${S[@]}" --max-real-samples "$n" \
           --seed "$seed" --max-steps "$TABLE_STEPS" --output-dir "$WORK/runs/table4/n$n-$syn-s$seed" "${SEG_ARGS[@]}"
       done
     done
   done
+  join
   if [ "$DRY" = 0 ]; then "$PY" -m common.report "$WORK" --data toy --preset toy; fi
   exit 0
 fi

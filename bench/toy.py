@@ -26,12 +26,14 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
-import torch
-import typer
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import quiet, threads  # noqa: E402  first: OMP_WAIT_POLICY before torch starts its threads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import typer  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from common import synth  # noqa: E402
 from common.colormap import IGNORE, label_to_color, palette_for, semantic_classes  # noqa: E402
@@ -148,5 +150,7 @@ def colormap(label: np.ndarray) -> np.ndarray:
 
 
 if __name__ == "__main__":
+    quiet.quiet()
+    threads.configure()  # SEGGEN_THREADS=1 when reproduce.sh runs it beside another stage
     torch.set_grad_enabled(False)
     app()

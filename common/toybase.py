@@ -1,28 +1,31 @@
 """A pretrained base for the toy world, standing in for SDXL-base (issue 12).
 
     python -m common.toyworld WORLD --train 2000 --val 200 --seed 0
-    python -m common.toybase OUT --world WORLD                 # ~10 min on 2 cores
+    python -m common.toybase OUT --world WORLD --threads 2     # ~11 min on 2 cores
     python -m common.toybase OUT --world WORLD --quick         # seconds: a smoke build for tests
-    python -m common.toybase OUT --world WORLD --vae-factor 4  # 16x16 latents (default 8, SDXL's factor)
 
-The paper fine-tunes a pretrained SDXL; on 2 CPU cores there is none, so this builds one: the tiny
-SDXL-architecture pipeline of common/tiny.py (two CLIP text encoders, "text_time" conditioning, a VAE
-with 4 latent channels, SDXL's scheduler), then
-1. trains its VAE as an autoencoder on the world's training images and, half of each batch, their
+The paper fine-tunes a pretrained SDXL; on 2 CPU cores there is none, so this builds one, and
+common/data/toybase/ ships the result (7 MB, made by the commands above on the 2000-image world; its
+toybase.json records the command, settings, losses and timings), so the toy preset starts from it as the
+paper starts from SDXL. It is the tiny SDXL-architecture pipeline of common/tiny.py (two CLIP text
+encoders, "text_time" conditioning, a VAE with 4 latent channels downsampling by 8, SDXL's scheduler):
+1. word-level tokenizers (`word_tokenizer`: each caption word one token, as in CLIP's vocabulary) and
+   random text encoders sized to them, frozen, as the paper keeps SDXL's text encoders frozen;
+2. its VAE trained as an autoencoder on the world's training images and, half of each batch, their
    colour maps in the generation palette (a Text2Mask map comes out through this decoder), with L1 +
-   a small KL term, as the Stable Diffusion autoencoders without their perceptual/GAN terms, and sets
-   `scaling_factor` to 1 / std of the latents, the rule by which SD's 0.18215 was chosen;
-2. trains its UNet text-to-image on the same images with the world's captions: ε-prediction at a
+   a small KL term, as the Stable Diffusion autoencoders without their perceptual/GAN terms, and
+   `scaling_factor` set to 1 / std of the latents, the rule by which SD's 0.18215 was chosen;
+3. its UNet trained text-to-image on the same images with the world's captions: ε-prediction at a
    uniform timestep of SDXL's DDPM schedule, 10% of captions dropped to SDXL's zeroed unconditional
    embedding, so classifier-free guidance works as with the real base.
-The VAE downsamples by 8 as SDXL's; `--vae-factor 4` gives 16x16 latents at the same VAE cost per step.
-Measured on the demo world (docs/toy-results.md): the factor-4 VAE (8, 16, 32) reads back more map
-pixels as their class but leaves as many off the palette (34% after 400 steps vs ~31% at factor 8), so
-it is not the default. The text encoders stay random and frozen. The result is written with save_pretrained, so
-`--pretrained OUT` loads it like any pipeline folder. Rebuilt on demand: same world, same seed, same
+Measured (docs/toy-results.md): GroupNorm with one channel per group (8 groups on 8 channels) left 31% of
+colour-map pixels off the palette after 300 VAE steps, 4 channels per group 17%; the shipped VAE leaves
+5.6%. `--vae-factor 4` gives 16x16 latents (a UNet step then costs ~3x more). The result is written with
+save_pretrained, so `--pretrained OUT` loads it like any pipeline folder. Same world, same seed, same
 settings give the same weights (on one machine; float reductions may differ across CPUs).
 OUT/toybase.json records the settings, losses, timings (wall and CPU), the VAE's held-out
-reconstruction error and its colour-map round trip (PSNR, pixels read back as their class, off-palette);
+reconstruction error and its colour-map round trip (PSNR, pixels read back as their class, off-palette),
+and whether the UNet reads its captions (held-out ε-MSE with its own captions vs shuffled ones);
 OUT/samples.png shows the base sampled for validation captions beside the real images.
 """
 
@@ -50,7 +53,7 @@ class BaseConfig:
     """Defaults sized to ≤ 10 min on 2 cores: measured 0.32 CPU-s per VAE step and 0.16 per UNet step
     (one thread), about 500 CPU-s in all (see toybase.json for the timings of a run)."""
 
-    vae_steps: int = 600  # AdamW steps on batches of vae_batch images
+    vae_steps: int = 1500  # AdamW steps on batches of vae_batch images
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_map_share: float = 0.5  # share of each VAE batch that is colour maps (generation palette), not images:
@@ -60,10 +63,14 @@ class BaseConfig:
     # takes far longer than a few hundred steps to shrink a unit-std posterior, whose noise then caps
     # what the latents carry (measured: L1 0.426 vs 0.453 after 100 steps, same seed and batches)
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)  # 4 blocks: downsampling by 8, as SDXL's VAE (FACTORS)
-    unet_steps: int = 2000
+    unet_steps: int = 2500
     unet_batch: int = 32
     unet_lr: float = 1e-3
+    vae_groups: int = 2  # GroupNorm groups in every VAE block: 4+ channels per group. With 8 groups on 8 channels
+    # (one channel per group: instance norm) a flat colour map loses its colour in the first block (measured
+    # at 300 steps: 31% of map pixels off the palette with 8 groups, 17% with 2)
     unet_channels: tuple[int, ...] = (32, 64)  # common/tiny.py's SDXL-layout UNet
+    unet_groups: int = 8  # GroupNorm groups in the UNet: 4+ channels per group, as above
     caption_dropout: float = 0.1  # share of captions replaced by the zeroed unconditional embedding
     sample_steps: int = 20  # Heun steps of the samples.png check
     seed: int = 0
@@ -76,16 +83,16 @@ class BaseConfig:
 
 # --vae-factor -> (VAE block channels, UNet block channels). Measured one-thread CPU-s per training step
 # (VAE batch 16, UNet batch 32, under load): factor 8 VAE 0.32, UNet (32, 64) on 8x8 0.21; factor 4 VAE 0.30,
-# UNet (16, 32) on 16x16 0.36 (the UNet (32, 64) on 16x16 would cost 0.56).
-FACTORS = {8: ((8, 16, 32, 32), (32, 64)), 4: ((8, 16, 32), (16, 32))}
+# UNet (32, 64) on 16x16 0.56-1.26 (a (16, 32) UNet, 0.36-0.67, drew no scenes after 600 steps).
+FACTORS = {8: ((8, 16, 32, 32), (32, 64)), 4: ((8, 16, 32), (32, 64))}
 
 
-def _vae(channels, logvar_init: float = 0.0):
+def _vae(channels, logvar_init: float = 0.0, groups: int = 2):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels), layers_per_block=1,
-        norm_num_groups=8, sample_size=64, scaling_factor=1.0,
+        norm_num_groups=groups, sample_size=64, scaling_factor=1.0,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
     )
     with torch.no_grad():  # quant_conv's output is (mean, logvar) along channels (DiagonalGaussianDistribution)
@@ -93,20 +100,57 @@ def _vae(channels, logvar_init: float = 0.0):
     return vae
 
 
+def word_tokenizer(texts: list[str], pad_token: str = "<|endoftext|>"):
+    """A CLIP BPE tokenizer that reads each word of `texts` as one token, as CLIP's 49k-entry vocabulary
+    reads common words; the byte-level one of common/tiny.py reads one token per character, and a UNet
+    cross-attending to random frozen encodings of characters barely learns to read them (measured:
+    held-out ε-MSE 0.13541 with its own captions, 0.13546 shuffled).
+
+    It is common/tiny.py's tokenizer plus, per word, the merges that join its characters left to right,
+    each appended after all earlier merges, so adding a word never changes how an earlier one splits."""
+    import json
+    import re
+
+    from transformers import CLIPTokenizer
+
+    from common.tiny import _clip_tokenizer
+
+    base = _clip_tokenizer(pad_token)
+    vocab = dict(base.get_vocab())
+    merges = json.loads(base.backend_tokenizer.to_str())["model"]["merges"]  # [[left, right], ...] by rank
+    ranks = {tuple(m): r for r, m in enumerate(merges)}  # the lowest present pair merges first
+
+    def bpe(word: str) -> list[str]:  # CLIP's merge loop on one lowercase word
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = [(ranks.get(p, len(ranks) + 1), i) for i, p in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs)
+            if rank > len(ranks):
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    for word in sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())}):
+        while len(parts := bpe(word)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    merges = sorted(ranks, key=ranks.get)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
+
+
 def vae_factor(channels) -> int:
     """How much a VAE with these blocks downsamples (each block but the last halves the side)."""
     return 2 ** (len(channels) - 1)
 
 
-def _unet(channels, latent_size: int):
+def _unet(channels, latent_size: int, groups: int = 8):
     from diffusers import UNet2DConditionModel
 
     from common.tiny import sdxl_unet
 
     unet = sdxl_unet()
-    if tuple(channels) != tuple(unet.config.block_out_channels) or unet.config.sample_size != latent_size:
-        unet = UNet2DConditionModel.from_config(unet.config, block_out_channels=tuple(channels), sample_size=latent_size)
-    return unet
+    return UNet2DConditionModel.from_config(unet.config, block_out_channels=tuple(channels), sample_size=latent_size,
+                                            norm_num_groups=groups)
 
 
 def load_world(world: Path, split: str) -> tuple[torch.Tensor, list[str]]:
@@ -276,8 +320,10 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
     """Train the toy base on `world` and save it to `out`; returns what toybase.json records."""
     from diffusers import DDPMScheduler
 
-    from common.tiny import tiny_sdxl
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     from common.sdxl import encode_prompts
+    from common.tiny import _clip_text_config, tiny_sdxl
 
     world, out = Path(world), Path(out)
     if not (world / "captions_train.jsonl").is_file():
@@ -289,9 +335,16 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
     maps, _ = load_maps(world, "train")
     val_maps, val_labels = load_maps(world, "val")
     torch.manual_seed(cfg.seed)
-    pipe = tiny_sdxl()  # text encoders, tokenizers, scheduler; the VAE and UNet are replaced and trained
+    pipe = tiny_sdxl()  # the scheduler and the text encoders' layout; the rest is replaced
     torch.manual_seed(cfg.seed)
-    pipe.vae, pipe.unet = _vae(cfg.vae_channels, cfg.vae_logvar_init), _unet(cfg.unet_channels, 64 // vae_factor(cfg.vae_channels))
+    # The text side: word-level tokenizers (SDXL's second pads with "!") and random text encoders sized to
+    # them, frozen as the paper keeps SDXL's
+    tok, tok_2 = word_tokenizer(texts), word_tokenizer(texts, pad_token="!")
+    pipe.text_encoder = CLIPTextModel(_clip_text_config(tok, 32, 32))
+    pipe.text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tok_2, 32, 32))
+    pipe.register_modules(tokenizer=tok, tokenizer_2=tok_2, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    pipe.vae = _vae(cfg.vae_channels, cfg.vae_logvar_init, cfg.vae_groups)
+    pipe.unet = _unet(cfg.unet_channels, 64 // vae_factor(cfg.vae_channels), cfg.unet_groups)
     pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
     record = {"world": str(world), "train_images": len(images), "config": asdict(cfg), "torch_threads": torch.get_num_threads()}
     cpu0 = time.process_time()
@@ -350,6 +403,9 @@ def main(
                                                      "2-core machine (measured under load).")] = 1,
 ):
     """Train a tiny SDXL-architecture base (VAE + UNet, text-to-image) on a toy world."""
+    from common import quiet
+
+    quiet.quiet()
     torch.set_num_threads(threads)
     cfg = BaseConfig.quick() if quick else BaseConfig()
     cfg.seed = seed

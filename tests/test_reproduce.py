@@ -120,10 +120,13 @@ def test_toy_preset_dry_run_prints_the_chain_and_table4():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()[1:]
     assert "common.toyworld" in lines[0] and "--train 2000 --val 200 --seed 0" in lines[0]
-    assert "common.toybase" in lines[1]
+    assert not any("common.toybase" in x for x in lines)  # the shipped base, not a build
     for script in ("train_text2mask.py", "train_mask2img.py"):
         line = next(x for x in lines if script in x)
-        assert "--data toy" in line and "--pretrained runs/toy/base" in line and "--resolution 64" in line
+        assert "--data toy" in line and "--pretrained common/data/toybase" in line and "--resolution 64" in line
+    rebuilt = run("--preset", "toy", "--dry-run", "--build-base").stdout.splitlines()[1:]
+    assert "common.toybase runs/toy/base --world runs/toy/world" in rebuilt[1]
+    assert all("--pretrained runs/toy/base" in x for x in rebuilt if "train_text2mask.py" in x or "train_mask2img.py" in x)
     table = [x for x in lines if "runs/table4/" in x]
     assert len(table) == 2 * 4 * 3  # two N x {real, +ImgSyn, +MaskSyn, +both} x three seeds
     assert all("--backbone hrnet-small" in x and "--max-real-samples" in x for x in table)

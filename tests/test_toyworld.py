@@ -135,7 +135,7 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from common.toybase import BaseConfig, build, sample
+    from common.toybase import BaseConfig, build, load_world, sample
     from common.sdxl import inspect_base
 
     out = tmp_path / "base"
@@ -152,10 +152,28 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     assert Image.open(out / "samples.png").size == (64 * 4, 128)  # 4 val images over 4 samples
     images = sample(pipe, ["a red ball on grass under a sky"], steps=2)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
-    # The text encoders are the frozen random ones of common/tiny.py: same seed, same weights.
-    from common.tiny import tiny_sdxl
+    # The saved tokenizers read each caption word as one token; the text encoders are random and frozen,
+    # sized to them, and the same seed gives the same weights.
+    _, texts = load_world(world, "train")
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        assert all(len(tok.tokenize(w)) == 1 for t in texts for w in t.replace(",", " ").split())
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    again = build(tmp_path / "again", world, BaseConfig.quick())
+    assert again["vae_scaling_factor"] == record["vae_scaling_factor"]
+    torch.testing.assert_close(StableDiffusionXLPipeline.from_pretrained(tmp_path / "again").text_encoder.state_dict(),
+                               pipe.text_encoder.state_dict())
 
-    torch.testing.assert_close(pipe.text_encoder.state_dict(), tiny_sdxl().text_encoder.state_dict())
+
+def test_word_tokenizer_one_token_per_word_and_words_added_later_change_nothing_before():
+    from common.toybase import word_tokenizer
+
+    first = word_tokenizer(["a red ball on grass"])
+    more = word_tokenizer(["a red ball on grass", "two balls, a box and a road under a sky"])
+    assert first.tokenize("a red ball on grass") == ["a</w>", "red</w>", "ball</w>", "on</w>", "grass</w>"]
+    assert more.tokenize("two balls, a box") == ["two</w>", "balls</w>", ",</w>", "a</w>", "box</w>"]
+    assert more.tokenize("a red ball on grass") == first.tokenize("a red ball on grass")
+    assert len(more.tokenize("zebra")) > 1  # an unknown word still tokenizes, in pieces
+    assert more("ball").input_ids[0] == more.bos_token_id and more("ball").input_ids[-1] == more.eos_token_id
 
 
 def test_toybase_without_a_world_names_the_command(tmp_path):
