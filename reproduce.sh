@@ -63,9 +63,7 @@ if [ "$PRESET" = paper ]; then
   IMGSYN_ARGS=(--per-sample "$IMGSYN_PER_SAMPLE" --steps 40 --resolution 768)
   SEG_ARGS=(--backbone r50 --max-steps 160000 --batch-size 16 --crop 512 --mixed-precision bf16)  # A.3, Table 1
 elif [ "$PRESET" = toy ]; then
-  # The toy world (common/toyworld.py) and its base (common/toybase.py), every model learned here from
-  # scratch. Step counts are sized by wall time on 2 shared CPU cores (docs/toy-results.md has the
-  # measured stage times), not by the results.
+  # The toy world (common/toyworld.py) and its base (common/toybase.py), every model learned on 2 CPU cores.
   WORK=${WORK:-runs/toy}
   export HF_HUB_OFFLINE=1
   DATA_ROOT=$WORK/world
@@ -74,18 +72,21 @@ elif [ "$PRESET" = toy ]; then
   # builds a quick one (the build's code path, in seconds).
   BASE=common/data/toybase
   if [ "$BUILD_BASE" = 1 ] || [ "$SIZE" = smoke ]; then BASE=$WORK/base; fi
-  #         world: train val | base build      | generators: steps | masksyn: captions per-sample | imgsyn: labels per-sample | sampler steps | eval images | segmenter: steps, Table 4 steps, N, seeds
+  # Step counts are sized by wall time (a Text2Mask step costs about half a Mask2Img step; the two train side by
+  # side), not by the results; docs/toy-results.md has the measurements. lr 1e-3, not the paper's 1e-5: these
+  # models are ~1000x smaller than SDXL (measured on the demo: Mask2Img at 1e-4 did not leave the floor).
+  #         world: train val | base build | steps: Text2Mask Mask2Img | masksyn: captions per-sample | imgsyn: labels per-sample | sampler steps | eval images | segmenter: steps, Table 4 steps, N, seeds
   case "$SIZE" in
-    full)  WORLD=(--train 2000 --val 200); BASE_ARGS=(); GEN_STEPS=1500; MS=(--limit 200 --per-sample 2); IS=(--limit 200 --per-sample 2)
-           SAMPLE_STEPS=20; EVAL_N=100; SEG_STEPS=400; TABLE_STEPS=150; TABLE_N=(50 500); SEEDS=(0 1 2) ;;
-    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(); GEN_STEPS=400; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
-           SAMPLE_STEPS=15; EVAL_N=48; SEG_STEPS=150; TABLE_STEPS=50; TABLE_N=(50); SEEDS=(0) ;;
-    smoke) WORLD=(--train 24 --val 8); BASE_ARGS=(--quick); GEN_STEPS=2; MS=(--limit 2 --per-sample 1 --max-off-palette 1.0); IS=(--limit 2 --per-sample 1)
+    full)  WORLD=(--train 2000 --val 200); BASE_ARGS=(); T2M_STEPS=4000; M2I_STEPS=3000; MS=(--limit 200 --per-sample 2); IS=(--limit 200 --per-sample 2)
+           SAMPLE_STEPS=20; EVAL_N=100; SEG_STEPS=1500; TABLE_STEPS=400; TABLE_N=(50 500); SEEDS=(0 1 2) ;;
+    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(); T2M_STEPS=2000; M2I_STEPS=1200; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
+           SAMPLE_STEPS=15; EVAL_N=48; SEG_STEPS=600; TABLE_STEPS=200; TABLE_N=(50); SEEDS=(0) ;;
+    smoke) WORLD=(--train 24 --val 8); BASE_ARGS=(--quick); T2M_STEPS=2; M2I_STEPS=2; MS=(--limit 2 --per-sample 1 --max-off-palette 1.0); IS=(--limit 2 --per-sample 1)
            SAMPLE_STEPS=2; EVAL_N=4; SEG_STEPS=2; TABLE_STEPS=2; TABLE_N=(8); SEEDS=(0) ;;
   esac
-  if [ -n "$MAX_STEPS" ]; then GEN_STEPS=$MAX_STEPS; SEG_STEPS=$MAX_STEPS; TABLE_STEPS=$MAX_STEPS; fi
+  if [ -n "$MAX_STEPS" ]; then T2M_STEPS=$MAX_STEPS; M2I_STEPS=$MAX_STEPS; SEG_STEPS=$MAX_STEPS; TABLE_STEPS=$MAX_STEPS; fi
   CAPTION_ARGS=()
-  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --max-steps "$GEN_STEPS" --lr 1e-3 --batch-size 16 --num-workers 0
+  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --lr 1e-3 --batch-size 16 --num-workers 0
                   --caption-dropout 0.1 --checkpointing-steps 500 --validation-steps 0 --report-to none)
   MASKSYN_ARGS=("${MS[@]}" --text2mask-steps "$SAMPLE_STEPS" --mask2img-steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
   IMGSYN_ARGS=("${IS[@]}" --steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
@@ -355,10 +356,10 @@ if [ "$PRESET" = toy ]; then
   # one-thread processes finish sooner than one two-thread process after the other.
   # shellcheck disable=SC2046
   spawn train-text2mask "$PY" train_text2mask.py --data toy --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
-    --output-dir "$T2M" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$T2M")
+    --output-dir "$T2M" --max-steps "$T2M_STEPS" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$T2M")
   # shellcheck disable=SC2046
   spawn train-mask2img "$PY" train_mask2img.py --data toy --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
-    --output-dir "$M2I" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
+    --output-dir "$M2I" --max-steps "$M2I_STEPS" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
   # the segmenter for the alignment measure (all real data) and the floor's images need no generator
   spawn seg-all "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" --strategy real --max-steps "$SEG_STEPS" \
     --output-dir "$SEG_ALL" "${SEG_ARGS[@]}"
