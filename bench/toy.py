@@ -43,6 +43,9 @@ from common.training import read_captions  # noqa: E402
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 SAMPLING = synth.edm.Settings.from_dict({"sampler": "euler", "schedule": "legacy", "guidance": 5.0, "S_churn": 0.0,
                                          "S_tmin": 0.0, "S_tmax": None, "S_noise": 1.0})  # masksyn's defaults
+# --sampler: "euler" masksyn's default (the SDXL reference code's: Euler on the legacy DDPM schedule), "heun"
+# the EDM paper's Heun on the Karras schedule (issue 12 item 5 compares them)
+SAMPLERS = {"euler": SAMPLING, "heun": synth.edm.Settings.from_dict({**SAMPLING.to_dict(), "sampler": "heun", "schedule": "karras"})}
 C = len(semantic_classes("toy"))
 
 
@@ -51,14 +54,14 @@ def _captions(world: Path, split: str, n: int):
     return samples[:n], texts[:n]
 
 
-def _draw(gen, texts: list[str], steps: int, seed: int, batch: int = 16, control=None) -> np.ndarray:
+def _draw(gen, texts: list[str], steps: int, seed: int, batch: int = 16, control=None, sampling=SAMPLING) -> np.ndarray:
     """(N, 64, 64, 3) uint8 pictures, sample i seeded by (seed, i)."""
     out = []
     for i in range(0, len(texts), batch):
         t = texts[i:i + batch]
         cond, uncond = synth.encode(gen, t, (64, 64))
         gens = [torch.Generator().manual_seed(seed * 100003 + i + j) for j in range(len(t))]
-        out.append(synth.sample_images(gen, cond, uncond, gens, (64, 64), steps, SAMPLING))
+        out.append(synth.sample_images(gen, cond, uncond, gens, (64, 64), steps, sampling))
     return np.concatenate(out)
 
 
@@ -70,18 +73,18 @@ def _histogram(labels) -> np.ndarray:
 
 @app.command()
 def text2mask(model: Annotated[str, typer.Option()], world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()],
-              n: int = 64, steps: int = 20, seed: int = 0) -> None:
+              n: int = 64, steps: int = 20, seed: int = 0, sampler: str = "euler") -> None:
     from masksyn import decode_mask
 
     palette = synth.model_palette(model, "toy")  # a fine-tuned model's palette.json, else the toy generation palette
     gen = synth.load_text2mask(model, "sdxl", torch.device("cpu"), torch.float32)
     samples, texts = _captions(world, "val", n)
-    cmaps = _draw(gen, texts, steps, seed)
+    cmaps = _draw(gen, texts, steps, seed, sampling=SAMPLERS[sampler])
     distance = palette.min_distance() / 2  # masksyn's off-palette rule
     decoded = [decode_mask(c, palette, distance) for c in cmaps]
     real = _histogram(load_label(s, "toy") for s in samples)
     fake = _histogram(d[0] for d in decoded)
-    res = {"model": model, "captions": len(texts), "steps": steps, "off_palette": float(np.mean([d[1] for d in decoded])),
+    res = {"model": model, "captions": len(texts), "steps": steps, "sampler": sampler, "off_palette": float(np.mean([d[1] for d in decoded])),
            "histogram_tv": float(0.5 * np.abs(real - fake).sum()), "histogram_real": real.round(4).tolist(),
            "histogram_generated": fake.round(4).tolist()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -303,3 +303,11 @@ def test_all_experiments_share_each_chain_and_max_steps_caps_every_run():
     seg = [flags(x) for x in lines if "train_seg.py" in x]
     assert len(seg) == sum(len(v) for v in PAPER.values())
     assert all(f["--max-steps"] == "7" and f.get("--pretrain-steps", "7") == "7" for f in seg)
+
+
+def test_toy_defaults_bench_names_what_is_missing(tmp_path):
+    r = subprocess.run([str(ROOT / "bench/toy_defaults.sh"), str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"{tmp_path / 'run'}/world is missing: run ./reproduce.sh --preset toy --work {tmp_path / 'run'} first" in r.stderr
+    usage = subprocess.run([str(ROOT / "bench/toy_defaults.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "caption dropout" in usage.stdout and "set -euo" not in usage.stdout
