@@ -73,18 +73,19 @@ def _histogram(labels) -> np.ndarray:
 
 @app.command()
 def text2mask(model: Annotated[str, typer.Option()], world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option()],
-              n: int = 64, steps: int = 20, seed: int = 0, sampler: str = "euler") -> None:
+              n: int = 64, steps: int = 20, seed: int = 0, sampler: str = "euler", guidance: float = 5.0) -> None:
     from masksyn import decode_mask
 
     palette = synth.model_palette(model, "toy")  # a fine-tuned model's palette.json, else the toy generation palette
     gen = synth.load_text2mask(model, "sdxl", torch.device("cpu"), torch.float32)
     samples, texts = _captions(world, "val", n)
-    cmaps = _draw(gen, texts, steps, seed, sampling=SAMPLERS[sampler])
+    sampling = synth.edm.Settings.from_dict({**SAMPLERS[sampler].to_dict(), "guidance": guidance})
+    cmaps = _draw(gen, texts, steps, seed, sampling=sampling)
     distance = palette.min_distance() / 2  # masksyn's off-palette rule
     decoded = [decode_mask(c, palette, distance) for c in cmaps]
     real = _histogram(load_label(s, "toy") for s in samples)
     fake = _histogram(d[0] for d in decoded)
-    res = {"model": model, "captions": len(texts), "steps": steps, "sampler": sampler, "off_palette": float(np.mean([d[1] for d in decoded])),
+    res = {"model": model, "captions": len(texts), "steps": steps, "sampler": sampler, "guidance": guidance, "off_palette": float(np.mean([d[1] for d in decoded])),
            "histogram_tv": float(0.5 * np.abs(real - fake).sum()), "histogram_real": real.round(4).tolist(),
            "histogram_generated": fake.round(4).tolist()}
     out.parent.mkdir(parents=True, exist_ok=True)
