@@ -45,6 +45,17 @@ def table4(work: Path) -> list[dict]:
     return rows
 
 
+def base_record(work: Path) -> dict:
+    """toybase.json of the base the run fine-tuned: the Text2Mask trainer's --pretrained (the shipped
+    common/data/toybase, relative to the repository, or WORK/base built by --build-base)."""
+    opts = _json(work / "runs/text2mask-toy/options.json") or {}
+    base = Path(opts.get("pretrained") or work / "base")
+    for folder in (base, Path(__file__).resolve().parents[1] / base):
+        if (folder / "toybase.json").is_file():
+            return _json(folder / "toybase.json")
+    return {}
+
+
 def results(work: Path) -> dict:
     ft, base = _json(work / "eval/t2m-finetuned.json"), _json(work / "eval/t2m-base.json")
     align = _json(work / "eval/alignment.json")
@@ -53,8 +64,7 @@ def results(work: Path) -> dict:
         "text2mask_histogram_tv": {"finetuned": ft and ft["histogram_tv"], "base": base and base["histogram_tv"]},
         "alignment_miou": {k: align and round(align[k], 2) for k in ("imgsyn", "ceiling", "floor")},
         "table4": table4(work),
-        "base_vae": {k: v for k, v in (_json(work / "base/toybase.json") or {}).items()
-                     if k in ("vae_reconstruction_val", "vae_colormaps_val")},
+        "base_vae": {k: v for k, v in base_record(work).items() if k in ("vae_reconstruction_val", "vae_colormaps_val")},
         "masksyn_tally": {k: v for k, v in (_json(work / "synth/masksyn-toy/tally.json") or {}).items()
                           if k in ("attempts", "accepted", "rejected")},
         "stage_seconds": {k: round(v, 1) for k, v in stage_times(work).items()},
@@ -76,9 +86,10 @@ def write_toy_report(work: Path) -> Path:
     fmt = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")  # noqa: E731
     off, tv, a = res["text2mask_off_palette"], res["text2mask_histogram_tv"], res["alignment_miou"]
     lines = ["# SegGen on the toy world (`reproduce.sh --preset toy`)", "",
-             "Every model here was trained from scratch in this run on the procedural toy world (common/toyworld.py):",
-             "the base (common/toybase.py), Text2Mask, Mask2Img and the HRNet-small segmenters. The figures show",
-             "whether the chain learns; the paper's own numbers need SDXL and ADE20K/COCO at the paper's scale.", "",
+             "Every model here was trained on 2 CPU cores on the procedural toy world (common/toyworld.py): the base",
+             "(common/toybase.py; the one shipped in common/data/toybase unless --build-base built it in this run),",
+             "then, in this run, Text2Mask, Mask2Img and the HRNet-small segmenters. The figures show whether the",
+             "chain learns; the paper's own numbers need SDXL and ADE20K/COCO at the paper's scale.", "",
              "## Text2Mask quality (validation captions, masksyn's sampler)", "",
              "| model | off-palette pixels | class histogram distance (TV, 0..1) |", "| --- | --- | --- |",
              f"| fine-tuned Text2Mask | {fmt(off['finetuned'], True)} | {fmt(tv['finetuned'])} |",
