@@ -571,7 +571,7 @@ def report(s: dict, compared: str) -> int:
         console.print(f"reproduced {s['reproduced'] or s.get('id')}: {verdict}")
         return 0 if s["identical"] else 1
     rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
-    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']} (degenerate masks), "
+    console.print(f"written {s['written']}, skipped {s['skipped']} (already done), rejected {s['rejected']}, "
                   f"failed {s['failed']}  [{s['seconds']:.1f} s, {rate:.2f} samples/s] -> {s['out']}")
     if s.get("preview"):
         console.print(f"preview: {s['preview']}")
