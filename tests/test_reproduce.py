@@ -313,3 +313,11 @@ def test_toy_defaults_bench_names_what_is_missing(tmp_path):
     assert f"{tmp_path / 'run'}/world is missing: run ./reproduce.sh --preset toy --work {tmp_path / 'run'} first" in r.stderr
     usage = subprocess.run([str(ROOT / "bench/toy_defaults.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "caption dropout" in usage.stdout and "set -euo" not in usage.stdout
+
+
+def test_toy_quality_bench_names_what_is_missing(tmp_path):
+    r = subprocess.run([str(ROOT / "bench/toy_quality.sh"), str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"{tmp_path / 'run'}/world is missing: run ./reproduce.sh --preset toy --work {tmp_path / 'run'} first" in r.stderr
+    usage = subprocess.run([str(ROOT / "bench/toy_quality.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "bench/toy_quality.sh RUN [OUT]" in usage.stdout and "set -euo" not in usage.stdout
