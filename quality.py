@@ -66,6 +66,15 @@ class Segmenter:
     std: torch.Tensor
 
 
+def eval_size(segmenter: Path, data: str) -> int:
+    """The short side the segmenter was evaluated at: its train_seg run's --eval-size (RUN/options.json beside
+    RUN/model), else train_seg's size for the dataset (toy 64; ADE20K/COCO 512)."""
+    opts = Path(segmenter).parent / "options.json"
+    if opts.is_file() and json.loads(opts.read_text()).get("eval_size"):
+        return int(json.loads(opts.read_text())["eval_size"])
+    return 64 if data == "toy" else SIZE
+
+
 def load_segmenter(path: Path, num_classes: int, device) -> Segmenter:
     """A train_seg run's model/ folder: Mask2Former (save_pretrained + processor) or HRNet (hrnet.save)."""
     path = Path(path)
@@ -258,7 +267,7 @@ def main(
     data: Annotated[Data, typer.Option(help="Dataset of the folder's labels.", rich_help_panel="Data")] = Data.ade20k,
     data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
     split: Annotated[Split, typer.Option(help="Real split of the reference class losses and histogram.", rich_help_panel="Data")] = Split.train,
-    size: Annotated[int, typer.Option(min=16, max=4096, help="Short side the segmenter sees (train_seg's eval size).", rich_help_panel="Model")] = SIZE,
+    size: Annotated[int | None, typer.Option(min=16, max=4096, show_default="the segmenter run's eval size", help="Short side the segmenter sees (default: the --eval-size recorded in the segmenter run's options.json, else 512; 64 for --data toy).", rich_help_panel="Model")] = None,
     reference: Annotated[Reference, typer.Option(help="Class-wise mean losses from the real split (FreeMask) or from the folder itself.", rich_help_panel="Filtering")] = Reference.real,
     filter: Annotated[bool, typer.Option("--filter", help="Write FOLDER/annotations_filtered/: noisy pixels set to ignore (FreeMask).", rich_help_panel="Filtering")] = False,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Ignore pixels whose loss exceeds this × their class's mean loss (FreeMask: 1.25).", rich_help_panel="Filtering")] = q.TOLERANCE,
@@ -266,6 +275,7 @@ def main(
 ):
     """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
     try:
+        size = size or eval_size(segmenter, data.value)
         s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst)
     except SegGenError as e:
         console.print(f"[red]error:[/] {e}")

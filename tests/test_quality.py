@@ -262,3 +262,13 @@ def test_a_mask2former_model_folder_is_judged_too(setup, tmp_path, tiny_models):
     assert r.exit_code == 0, r.output
     lines = read_manifest(folder / "quality.jsonl")
     assert len(lines) == 2 and all(0 <= x["accuracy"] <= 1 and x["settings"]["segmenter"] == str(m2f) for x in lines)
+
+
+def test_default_size_is_the_segmenter_runs_eval_size(tmp_path):
+    from quality import SIZE, eval_size
+
+    run = tmp_path / "seg-run"
+    (run / "model").mkdir(parents=True)
+    assert eval_size(run / "model", "ade20k") == SIZE == 512 and eval_size(run / "model", "toy") == 64
+    (run / "options.json").write_text(json.dumps({"data": "toy", "eval_size": 96}))
+    assert eval_size(run / "model", "toy") == 96  # what train_seg recorded wins
