@@ -261,7 +261,7 @@ def main(
     lr_warmup_steps: LrWarmupStepsOpt = 0,
     weight_decay: WeightDecayOpt = 1e-2,
     max_grad_norm: MaxGradNormOpt = 1.0,
-    caption_dropout: CaptionDropoutOpt = 0.0,
+    caption_dropout: CaptionDropoutOpt = 0.1,
     ema: Annotated[bool, typer.Option(help="Keep an EMA of the weights; it is what gets saved and sampled.", rich_help_panel="Training")] = False,
     ema_decay: EmaDecayOpt = 0.9999,
     seed: SeedOpt = 0,

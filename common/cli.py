@@ -102,7 +102,7 @@ LrScheduleOpt = Annotated[Schedule, typer.Option(help="LR schedule after warm-up
 LrWarmupStepsOpt = Annotated[int, typer.Option(min=0, help="Linear LR warm-up steps.", rich_help_panel="Training")]
 WeightDecayOpt = Annotated[float, typer.Option(min=0, help="AdamW weight decay.", rich_help_panel="Training")]
 MaxGradNormOpt = Annotated[float, typer.Option(min=0, help="Gradient clipping norm (0: off).", rich_help_panel="Training")]
-CaptionDropoutOpt = Annotated[float, typer.Option(min=0, max=1, help="Share of captions dropped (zero embeddings, as SDXL's CFG) for classifier-free guidance.", rich_help_panel="Training")]
+CaptionDropoutOpt = Annotated[float, typer.Option(min=0, max=1, help="Share of captions dropped (zero embeddings, as SDXL's CFG) for classifier-free guidance. The paper gives none; 0.1 because sampling guides at 5 against those zero embeddings (toy world, docs/toy-results.md: Text2Mask off-palette 22.1% at 0, 17.6% at 0.05, 15.8% at 0.1).", rich_help_panel="Training")]
 EmaDecayOpt = Annotated[float, typer.Option(min=0, max=1, help="EMA decay.", rich_help_panel="Training")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the data order, augmentation and noise.", rich_help_panel="Training")]
 MixedPrecisionOpt = Annotated[MixedPrecision | None, typer.Option(help="Mixed precision (default: what accelerate launch / config selects).", rich_help_panel="Performance")]
