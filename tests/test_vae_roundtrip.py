@@ -49,7 +49,7 @@ def test_command_on_tiny_vae_matches_a_direct_round_trip(vae_folder, tmp_path):
     for sample in read_dataset("ade20k", ADE_ROOT, "val"):
         truth, maps = vr.colour_maps(sample, "ade20k", 64)
         assert min(truth.shape) == 64 and truth.shape[0] % 8 == 0 and truth.shape[1] % 8 == 0
-        x = torch.from_numpy(maps["usual"]).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = torch.from_numpy(maps["usual"].copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
         cmap = ((y / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
