@@ -70,9 +70,8 @@ def eval_size(segmenter: Path, data: str) -> int:
     """The short side the segmenter was evaluated at: its train_seg run's --eval-size (RUN/options.json beside
     RUN/model), else train_seg's size for the dataset (toy 64; ADE20K/COCO 512)."""
     opts = Path(segmenter).parent / "options.json"
-    if opts.is_file() and json.loads(opts.read_text()).get("eval_size"):
-        return int(json.loads(opts.read_text())["eval_size"])
-    return 64 if data == "toy" else SIZE
+    recorded = json.loads(opts.read_text()).get("eval_size") if opts.is_file() else None
+    return int(recorded) if recorded else (64 if data == "toy" else SIZE)
 
 
 def load_segmenter(path: Path, num_classes: int, device) -> Segmenter:

@@ -111,12 +111,11 @@ def floor(base: Annotated[str, typer.Option()], world: Annotated[Path, typer.Opt
 
 def _miou(seg, pairs) -> float:
     """Dataset-level mIoU (%) over the classes present in labels or predictions."""
+    from common.segdata import ade20k_train_ids
     from quality import predict
 
     inter, union = np.zeros(C), np.zeros(C)
-    lut = np.full(256, IGNORE, np.int64)
-    for c in semantic_classes("toy"):
-        lut[c["png_value"]] = c["train_id"]
+    lut = ade20k_train_ids("toy")  # label value -> train id, 0 (other) -> IGNORE
     for image, label in pairs:
         gt = lut[label]
         pred = predict(seg, image, 64)[0].argmax(0).numpy()

@@ -40,16 +40,11 @@ FILTERED_DIR = "annotations_filtered"  # beside annotations/, never over it
 
 
 def train_ids(data: str) -> np.ndarray:
-    """(256,) uint8 lookup: label value (ADE20K PNG value / COCO category id) -> train id, 255 = ignore.
-    TODO(lead): the same lookup as train_seg's ade20k_train_ids / coco_train_ids (common.segdata)."""
-    lut = np.full(256, IGNORE, np.uint8)
-    if data in ("ade20k", "toy"):
-        for c in semantic_classes(data):
-            lut[c["png_value"]] = c["train_id"]
-    else:
-        for i, c in enumerate(sorted(coco_categories(), key=lambda c: c["id"])):
-            lut[c["id"]] = i
-    return lut
+    """(256,) uint8 lookup: label value (ADE20K-layout PNG value / COCO category id) -> train id, 255 = ignore:
+    train_seg's own tables (common.segdata, imported here because segdata imports this module)."""
+    from common.segdata import ade20k_train_ids, coco_train_ids
+
+    return ade20k_train_ids(data) if data in ("ade20k", "toy") else coco_train_ids()
 
 
 def class_names(data: str) -> list[str]:

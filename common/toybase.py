@@ -50,8 +50,8 @@ console = Console(stderr=True, soft_wrap=True)
 
 @dataclass
 class BaseConfig:
-    """Defaults sized to ≤ 10 min on 2 cores: measured 0.32 CPU-s per VAE step and 0.16 per UNet step
-    (one thread), about 500 CPU-s in all (see toybase.json for the timings of a run)."""
+    """Defaults sized to about 10 min on 2 cores: the shipped base took 285 s for the VAE and 367 s for the
+    UNet with 2 threads, 1235 CPU-s in all, beside a test run (common/data/toybase/toybase.json)."""
 
     vae_steps: int = 1500  # AdamW steps on batches of vae_batch images
     vae_batch: int = 16
