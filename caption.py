@@ -113,6 +113,26 @@ def load_blip2(model: str, quantize: Quantize, precision: Precision, device):
     return net.eval(), processor, dtype
 
 
+def generation_config(net, max_new_tokens: int, num_beams: int):
+    """The checkpoint's generation config with our length and beams."""
+    gen = copy.deepcopy(net.generation_config)
+    gen.max_new_tokens, gen.num_beams = max_new_tokens, num_beams
+    return gen
+
+
+def caption_images(net, processor, images: list, prompt: str, gen, device, dtype) -> list[str]:
+    """One batch of decoded images -> their captions: processor, generate, decode, the prompt left out
+    (what the job runs per batch; bench/real_size.py times it at real size)."""
+    import torch
+
+    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    with torch.inference_mode():
+        ids = net.generate(**inputs, generation_config=gen)
+    texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    return [t[len(prompt):].strip() if t.startswith(prompt) else t for t in texts]  # decoder-only LMs echo the prompt
+
+
 # ---------------------------------------------------------------- the job
 
 def caption(*args, **kwargs) -> dict:
@@ -183,13 +203,11 @@ def _caption(
                     write([(sample, text)])
                 advance(1)
         elif todo:
-            import torch
             from torch.utils.data import DataLoader
 
             net, processor, dtype = load_blip2(model, Quantize(quantize), Precision(precision), state.device)
             start = time.perf_counter()  # the rate counts captioning, not loading the model
-            gen = copy.deepcopy(net.generation_config)  # the checkpoint's, with our length and beams
-            gen.max_new_tokens, gen.num_beams = max_new_tokens, num_beams
+            gen = generation_config(net, max_new_tokens, num_beams)
             loader = DataLoader(ImageFolder(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
             for batch in loader:
                 good = [(i, im) for i, im, err in batch if err is None]
@@ -197,12 +215,7 @@ def _caption(
                     if err is not None:
                         fail(todo[i], err)
                 if good:
-                    inputs = processor(images=[im for _, im in good], text=[prompt] * len(good), return_tensors="pt", padding=True)
-                    inputs = {k: v.to(state.device, dtype) if v.is_floating_point() else v.to(state.device) for k, v in inputs.items()}
-                    with torch.inference_mode():
-                        ids = net.generate(**inputs, generation_config=gen)
-                    texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
-                    texts = [t[len(prompt):].strip() if t.startswith(prompt) else t for t in texts]  # decoder-only LMs echo the prompt
+                    texts = caption_images(net, processor, [im for _, im in good], prompt, gen, state.device, dtype)
                     write([(todo[i], text) for (i, _), text in zip(good, texts)])
                 advance(len(batch))
 

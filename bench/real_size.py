@@ -14,17 +14,33 @@ published configs shipped in common/data/configs/, no download), timed in one ru
   clip, step), at --resolution with bf16, gradient checkpointing and 8-bit AdamW; captions as cached
   embeddings in both (as both trainers do).
 
+- captioning (caption.py): images/s and peak memory of caption.py's per-batch path (caption_images:
+  processor, generate, decode) at its defaults (batch 16, max-new-tokens 30, greedy, bf16 on a GPU) with
+  BLIP-2 FlanT5-xxl at real size, against a bare `processor + model.generate` at the same batch; both on
+  real ADE20K images (tests/data) decoded beforehand. Random weights would stop each caption at an
+  arbitrary token, so every caption is made max-new-tokens long in both: an upper bound on the cost.
+- segmentation (train_seg.py): seconds per step and peak memory of train_seg's step (common/segloop.py
+  Loop.step: the batch to the device, normalise, targets, loss, clip 0.01, AdamW with Mask2Former's
+  groups, poly schedule, under accelerate) of Mask2Former Swin-L at its recipe (ADE20K crop 640, global
+  batch 16), against a bare forward / backward / clip / AdamW loop of the same model on targets built
+  beforehand; one batch of real ADE20K samples through train_seg's augmentation. train_seg splits the
+  global batch over the GPUs; here one GPU takes the largest per-GPU batch that fits, from 16 halving on
+  out-of-memory (printed).
+
 Peak memory is torch.cuda.max_memory_allocated during the timed calls (weights included); on a CPU it is
 not measured ("-"). Times: median of --repeat after one warm-up.
 
     python bench/real_size.py --smoke          # CPU, tiny models, seconds: the plumbing (CI runs it)
     python bench/real_size.py                  # GPU: 768 px, 40 steps, guidance 5, batch 4; bf16
+    python bench/real_size.py --parts caption segmentation   # only some parts
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import inspect
 import os
 import statistics
 import sys
@@ -40,13 +56,22 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import caption  # noqa: E402
+import train_seg  # noqa: E402
 from common import realsize, synth  # noqa: E402
 from common import sampler as edm  # noqa: E402
 
 # ---------------------------------------------------------------- defaults (paper appendix A.4 where it says)
-GPU = dict(resolution=768, steps=40, guidance=5.0, batch=4, repeat=2, train_batch=1, train_steps=3)  # A.4: 768 px, 40 Mask2Img steps
-SMOKE = dict(resolution=64, steps=2, guidance=5.0, batch=1, repeat=1, train_batch=1, train_steps=2)  # tiny models on a CPU
+CAPTION_DEFAULTS = inspect.signature(caption._caption).parameters  # caption.py's --batch-size, --max-new-tokens
+SEG = train_seg.RECIPES[("ade20k", "swin-l")]  # train_seg's paper recipe (A.3): crop 640, global batch 16
+GPU = dict(resolution=768, steps=40, guidance=5.0, batch=4, repeat=2, train_batch=1, train_steps=3,  # A.4: 768 px, 40 Mask2Img steps
+           caption_batch=CAPTION_DEFAULTS["batch_size"].default, max_new_tokens=CAPTION_DEFAULTS["max_new_tokens"].default,
+           seg_batch=SEG.batch, crop=SEG.crop)
+SMOKE = dict(resolution=64, steps=2, guidance=5.0, batch=1, repeat=1, train_batch=1, train_steps=2,  # tiny models on a CPU
+             caption_batch=2, max_new_tokens=3, seg_batch=2, crop=64)
+PARTS = ("sampling", "training", "caption", "segmentation")
 CAPTION = "a living room with a sofa, a lamp and a window"
+ADE = ROOT / "tests" / "data" / "ade20k"  # real ADE20K samples: the images captioned, the segmenter's batch
 
 
 def sync(device) -> None:
@@ -181,7 +206,123 @@ def training(models: dict, a, device, dtype) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- captioning (caption.py) and segmentation (train_seg.py)
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def ade_samples() -> list:
+    from common.datasets import read_dataset
+
+    return read_dataset("ade20k", ADE, "train") + read_dataset("ade20k", ADE, "val")
+
+
+def captioning(a, device) -> dict:
+    """{path: (seconds per batch, peak GiB)}: caption.py's caption_images and a bare processor + generate."""
+    from common import tiny
+    from common.cli import precision_dtype
+    from common.datasets import load_image
+
+    dtype = precision_dtype("auto", device)  # caption.py's default --precision
+    net, processor = tiny.tiny_blip2() if a.smoke else realsize.blip2(device, dtype)
+    net = net.to(device, dtype).eval()
+    net.generation_config.min_new_tokens = a.max_new_tokens  # random weights: every caption max_new_tokens long
+    samples = ade_samples()
+    images = [load_image(samples[i % len(samples)].image) for i in range(a.caption_batch)]
+    gen = caption.generation_config(net, a.max_new_tokens, 1)  # caption.py's --num-beams 1
+
+    def ours():
+        return caption.caption_images(net, processor, images, caption.PAPER_PROMPT, gen, device, dtype)
+
+    def bare():
+        inputs = processor(images=images, text=[caption.PAPER_PROMPT] * len(images), return_tensors="pt", padding=True).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            ids = net.generate(**inputs, max_new_tokens=a.max_new_tokens)
+        return processor.batch_decode(ids, skip_special_tokens=True)
+
+    a.caption_dtype = str(dtype).removeprefix("torch.")
+    return {"caption ours": measure(ours, a.repeat, device), "caption bare": measure(bare, a.repeat, device)}
+
+
+def segmentation_at(a, device, dtype, b: int) -> dict:
+    """{path: (seconds per step, peak GiB)} of train_seg's step and the bare step at per-GPU batch b."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from common import segdata, segmodel, tiny
+    from common.segloop import Loop
+
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    net, processor = tiny.tiny_mask2former() if a.smoke else realsize.mask2former()
+    segmodel.freeze_unused(net)  # as train_seg does
+    samples = ade_samples()
+    data = segdata.SegData([samples], "ade20k", a.crop, augment=segdata.AUGMENTS[SEG.augment])
+    items = [data[(0, i % len(samples), i)] for i in range(b)]  # (source, index, augmentation seed)
+    batch = {k: torch.stack([x[k] for x in items]) for k in ("image", "label", "valid")}  # uint8 (B, 3, C, C), int32 / bool (B, C, C)
+    batch["source"] = torch.zeros(b, dtype=torch.long)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:  # Loop's stats.jsonl
+        model = copy.deepcopy(net)
+        optimizer = segmodel.build_optimizer(model, SEG.optimizer, SEG.lr, SEG.weight_decay, SEG.backbone_lr, SEG.momentum)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: segmodel.lr_factor(s, SEG.max_steps, SEG.schedule))
+        model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+        loop = Loop(SimpleNamespace(recipe="ade20k/swin-l", grad_clip=SEG.grad_clip), accelerator, model, processor, None,
+                    ["real"], Path(tmp), [], None)
+        model.train()
+        out["segmentation ours"] = measure(lambda: loop.step(model, optimizer, schedule, batch), a.train_steps, device)
+        loop.close()
+        del model, optimizer, schedule, loop
+        accelerator.free_memory()
+        free(device)
+
+    model = net.to(device).train()
+    optimizer = torch.optim.AdamW(segmodel.param_groups(model, SEG.lr, SEG.weight_decay, SEG.backbone_lr), lr=SEG.lr)
+    mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1) * 255
+    images = (batch["image"].to(device).float() - mean) / std
+    valid = batch["valid"].to(device).long()
+    masks, classes, _ = segdata.mask_targets(batch["label"].to(device))
+
+    def bare():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(pixel_values=images, pixel_mask=valid, mask_labels=masks, class_labels=classes).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), SEG.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    out["segmentation bare"] = measure(bare, a.train_steps, device)
+    return out
+
+
+def segmentation(a, device, dtype) -> dict:
+    """segmentation_at the largest per-GPU batch from --seg-batch down (halved on out-of-memory); sets a.seg_batch."""
+    while True:
+        try:
+            return segmentation_at(a, device, dtype, a.seg_batch)
+        except torch.cuda.OutOfMemoryError:
+            if a.seg_batch == 1:
+                raise
+        a.seg_batch //= 2
+        free(device)
+
+
 # ---------------------------------------------------------------- main
+
+def table(rows: dict, unit: str, per: int | None, base: str) -> None:
+    """rows {"name who": (seconds, peak GiB)}, with images/s when `per` (images per call) and the ratio ours/`base`."""
+    print(f"{'':24}{unit:>10}{'images/s' if per else '':>10}{'peak GiB':>10}{'ours/' + base:>16}")
+    for key, (sec, peak) in rows.items():
+        name, who = key.split()
+        ratio = f"{sec / rows[f'{name} {base}'][0]:.2f}x" if who == "ours" else ""
+        print(f"{key:<24}{sec:>10.3f}{f'{per / sec:.2f}' if per else '':>10}{'-' if peak is None else f'{peak:.1f}':>10}{ratio:>16}")
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -191,45 +332,54 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     ap.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None, help="default: on a GPU")
-    ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to time (default: all)")
+    ap.add_argument("--skip-training", action="store_true", help="--parts without training")
     a = ap.parse_args(argv)
     for key, value in (SMOKE if a.smoke else GPU).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    parts = [p for p in a.parts if not (a.skip_training and p == "training")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     if a.use_8bit_adam is None:
         a.use_8bit_adam = device.type == "cuda"  # bitsandbytes' 8-bit AdamW needs its GPU kernels
-    t = time.perf_counter()
-    models = realsize.tiny_models() if a.smoke else realsize.sdxl_models(device, dtype)
-    if a.smoke:
-        for m in models.values():
-            m.to(device, dtype).eval().requires_grad_(False)
-    built = time.perf_counter() - t
-    size = sum(p.numel() for m in models.values() for p in m.parameters())
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{'tiny (smoke)' if a.smoke else 'real-size'} SDXL-base + ControlNet, {size / 1e9:.3f} B parameters, random weights "
-          f"(built in {built:.0f} s), {where}, {precision}")
-    results = {"sampling": sampling(models, a, device, dtype)}
-    print(f"\nsampling: {a.resolution}x{a.resolution}, {a.steps} steps, guidance {a.guidance}, batch {a.batch}, median of {a.repeat}")
-    print(f"{'':24}{'s/batch':>10}{'images/s':>10}{'peak GiB':>10}{'ours/diffusers':>16}")
-    rows = results["sampling"]
-    for key, (sec, peak) in rows.items():
-        name, who = key.split()
-        ratio = f"{sec / rows[f'{name} diffusers'][0]:.2f}x" if who == "ours" else ""
-        print(f"{key:<24}{sec:>10.3f}{a.batch / sec:>10.2f}{'-' if peak is None else f'{peak:.1f}':>10}{ratio:>16}")
-    if not a.skip_training:
+    kind = "tiny (smoke)" if a.smoke else "real-size"
+    results = {}
+    if "sampling" in parts or "training" in parts:
+        t = time.perf_counter()
+        models = realsize.tiny_models() if a.smoke else realsize.sdxl_models(device, dtype)
+        if a.smoke:
+            for m in models.values():
+                m.to(device, dtype).eval().requires_grad_(False)
+        built = time.perf_counter() - t
+        size = sum(p.numel() for m in models.values() for p in m.parameters())
+        print(f"{kind} SDXL-base + ControlNet, {size / 1e9:.3f} B parameters, random weights "
+              f"(built in {built:.0f} s), {where}, {precision}")
+    if "sampling" in parts:
+        results["sampling"] = sampling(models, a, device, dtype)
+        print(f"\nsampling: {a.resolution}x{a.resolution}, {a.steps} steps, guidance {a.guidance}, batch {a.batch}, median of {a.repeat}")
+        table(results["sampling"], "s/batch", a.batch, "diffusers")
+    if "training" in parts:
         results["training"] = training(models, a, device, dtype)
         opt = "8-bit AdamW" if a.use_8bit_adam else "AdamW"
         print(f"\ntraining step: {a.resolution}x{a.resolution}, batch {a.train_batch}, {precision}, "
               f"{'gradient checkpointing, ' if a.gradient_checkpointing else ''}{opt}, median of {a.train_steps}")
-        print(f"{'':24}{'s/step':>10}{'peak GiB':>10}{'ours/diffusers':>16}")
-        rows = results["training"]
-        for key, (sec, peak) in rows.items():
-            name, who = key.split()
-            ratio = f"{sec / rows[f'{name} diffusers'][0]:.2f}x" if who == "ours" else ""
-            print(f"{key:<24}{sec:>10.3f}{'-' if peak is None else f'{peak:.1f}':>10}{ratio:>16}")
+        table(results["training"], "s/step", None, "diffusers")
+    models = None
+    free(device)
+    if "caption" in parts:
+        results["caption"] = captioning(a, device)
+        print(f"\ncaptioning ({kind} BLIP-2{'' if a.smoke else ' FlanT5-xxl'}, {where}, {a.caption_dtype}): caption.py's caption_images vs bare "
+              f"processor + generate, batch {a.caption_batch}, {a.max_new_tokens} new tokens each, greedy, median of {a.repeat}")
+        table(results["caption"], "s/batch", a.caption_batch, "bare")
+        free(device)
+    if "segmentation" in parts:
+        results["segmentation"] = segmentation(a, device, dtype)
+        print(f"\nsegmentation step ({kind} Mask2Former{'' if a.smoke else ' Swin-L'}, {where}, {precision}): train_seg's step vs bare "
+              f"forward/backward/AdamW, crop {a.crop}, per-GPU batch {a.seg_batch} (recipe: global {SEG.batch}), median of {a.train_steps}")
+        table(results["segmentation"], "s/step", None, "bare")
     return results
 
 

@@ -6,6 +6,11 @@ parameters), VAE (83,653,863), CLIP ViT-L and OpenCLIP bigG text encoders (123,0
 and diffusers/controlnet-canny-sdxl-1.0's ControlNet (1,251,014,160), whose conditioning embedding is the
 one train_mask2img.py makes (16, 32, 96, 256). The tokenizers are common/tiny.py's byte-level CLIP BPE
 (token ids are all a text encoder sees; their values do not change the cost), so no vocabulary is shipped.
+
+Also caption.py's BLIP-2 (Salesforce/blip2-flan-t5-xxl, 12,229,541,760 parameters: ViT-g, Q-Former,
+FlanT5-xxl with its own output head) and train_seg.py's paper segmenter (Mask2Former Swin-L, ADE20K
+semantic, 215,491,851 parameters), the latter as train_seg builds it (common/segmodel.build_model, from
+the config in common/data/SOURCES_mask2former.md).
 """
 
 from __future__ import annotations
@@ -80,3 +85,52 @@ def pipelines(models: dict) -> tuple:
 def scheduler_config() -> dict:
     """SDXL-base's scheduler config (shipped verbatim): what the trainers' DDPMScheduler is made from."""
     return json.loads((CONFIGS.parent / "sdxl_scheduler_config.json").read_text())
+
+
+# ---------------------------------------------------------------- BLIP-2 (caption.py) and Mask2Former (train_seg.py)
+
+def blip2(device="cpu", dtype: torch.dtype = torch.float32, empty: bool = False):
+    """(Blip2ForConditionalGeneration, Blip2Processor) at Salesforce/blip2-flan-t5-xxl's real size, random
+    weights made directly on `device` in `dtype` (24 GB in bf16; empty=True: on the meta device).
+
+    The encoder's and decoder's token embeddings are the shared one and the output head is separate, as
+    in the published checkpoint (transformers 5 builds T5 with three separate embeddings, or with
+    tie_weights() ties the head too). The processor is BLIP-2's: 224 px input, CLIP's mean / std, 32
+    query tokens, and a T5 tokenizer of FlanT5's size (32,000 pieces + 100 sentinels, "<image>" = 32,100 as
+    the config says) whose pieces are characters and the words of caption.py's prompt (no vocabulary is
+    shipped; the prompt is 12 tokens either way)."""
+    import string
+
+    from accelerate import init_empty_weights
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, T5Tokenizer
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    cfg = Blip2Config.from_dict(config("blip2_flan_t5_xxl"))
+    torch.manual_seed(0)
+    with init_empty_weights() if empty else torch.device(device):
+        net = Blip2ForConditionalGeneration._from_config(cfg, dtype=dtype)
+    lm = net.language_model
+    lm.set_input_embeddings(lm.shared)  # encoder / decoder embed_tokens = shared (the checkpoint's layout)
+    pieces = ["<pad>", "</s>", "<unk>"] + [f"▁{w}" for w in "Question What are shown in the photo Answer a of".split()]
+    pieces += ["▁"] + list(string.ascii_letters + string.digits + string.punctuation)
+    pieces += [f"▁w{i}" for i in range(32_000 - len(pieces))]  # fillers up to FlanT5's SentencePiece size
+    tokenizer = T5Tokenizer(vocab=[(p, -float(i)) for i, p in enumerate(pieces)], extra_ids=100)
+    images = BlipImageProcessor(size={"height": 224, "width": 224}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+                                resample=3)  # bicubic
+    processor = Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=cfg.num_query_tokens)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == cfg.image_token_index
+    return (net if empty else net.eval().requires_grad_(False)), processor
+
+
+def mask2former(empty: bool = False):
+    """(Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor): train_seg.py's paper model
+    (--data ade20k --backbone swin-l: Swin-L IN21k-384, 150 classes, 100 queries), random weights, on the
+    CPU in fp32 as train_seg builds it (empty=True: on the meta device)."""
+    from contextlib import nullcontext
+
+    from accelerate import init_empty_weights
+
+    from common.segmodel import Backbone, build_model
+
+    with init_empty_weights() if empty else nullcontext():
+        return build_model(None, Backbone.swin_l, "ade20k")
