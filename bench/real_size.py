@@ -56,10 +56,23 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import caption  # noqa: E402
-import train_seg  # noqa: E402
 from common import realsize, synth  # noqa: E402
 from common import sampler as edm  # noqa: E402
+
+
+def stage(name: str):
+    """The stage script ROOT/{name}.py as a module of its own name (bench/ has benchmarks called caption.py and
+    train_seg.py, which a plain import finds first when bench/ leads sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"seggen_stage_{name}", ROOT / f"{name}.py")
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    if not hasattr(module, "main"):
+        spec.loader.exec_module(module)
+    return module
+
+
+caption, train_seg = stage("caption"), stage("train_seg")
 
 # ---------------------------------------------------------------- defaults (paper appendix A.4 where it says)
 CAPTION_DEFAULTS = inspect.signature(caption._caption).parameters  # caption.py's --batch-size, --max-new-tokens

@@ -7,9 +7,9 @@ and diffusers/controlnet-canny-sdxl-1.0's ControlNet (1,251,014,160), whose cond
 one train_mask2img.py makes (16, 32, 96, 256). The tokenizers are common/tiny.py's byte-level CLIP BPE
 (token ids are all a text encoder sees; their values do not change the cost), so no vocabulary is shipped.
 
-Also caption.py's BLIP-2 (Salesforce/blip2-flan-t5-xxl, 12,229,541,760 parameters: ViT-g, Q-Former,
+Also caption.py's BLIP-2 (Salesforce/blip2-flan-t5-xxl, 12,229,596,672 parameters: ViT-g, Q-Former,
 FlanT5-xxl with its own output head) and train_seg.py's paper segmenter (Mask2Former Swin-L, ADE20K
-semantic, 215,491,851 parameters), the latter as train_seg builds it (common/segmodel.build_model, from
+semantic, 215,491,851 parameters), the latter as train_seg builds it (build_model in common/segmodel.py, from
 the config in common/data/SOURCES_mask2former.md).
 """
 
