@@ -16,7 +16,8 @@ floor / align: the alignment measure of FreestyleNet (Xue et al. 2023, §4.1), w
 quality.py (its `predict`): one segmenter trained on all real data, dataset-level mIoU (intersections and
 unions summed over images, as train_seg's evaluator) on (a) ImgSyn images against the labels they were
 drawn for, (b) real validation images (the ceiling), (c) images the base draws from the same caption with
-no map (the floor, written by `floor` as PNGs beside their source ids).
+no map (the floor, written by `floor` as PNGs beside their source ids); with --vae BASE also (d) the real
+validation images through the base's VAE and back: what a perfect generator behind that decoder could reach.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def _miou(seg, pairs) -> float:
 
 @app.command()
 def align(segmenter: Annotated[Path, typer.Option()], world: Annotated[Path, typer.Option()], imgsyn: Annotated[Path, typer.Option()],
-          floor_dir: Annotated[Path, typer.Option("--floor")], out: Annotated[Path, typer.Option()]) -> None:
+          floor_dir: Annotated[Path, typer.Option("--floor")], out: Annotated[Path, typer.Option()],
+          vae: Annotated[str, typer.Option(help="the base: adds its VAE's ceiling")] = "") -> None:
     from quality import load_segmenter
 
     seg = load_segmenter(segmenter, C, torch.device("cpu"))
@@ -142,9 +144,23 @@ def align(segmenter: Annotated[Path, typer.Option()], world: Annotated[Path, typ
            "ceiling": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in val]),
            "floor": _miou(seg, floor_pairs),
            "images": {"imgsyn": len(syn), "ceiling": len(val), "floor": len(floor_pairs)}, "segmenter": str(segmenter)}
+    if vae:  # the ceiling of any generator behind this VAE: real val images encoded and decoded once
+        res["vae_ceiling"] = _miou(seg, zip(_vae_roundtrip(vae, [rgb(s.image) for s in val]), [load_label(s, "toy") for s in val]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print(f"alignment mIoU: ImgSyn {res['imgsyn']:.1f}%, ceiling {res['ceiling']:.1f}%, floor {res['floor']:.1f}% -> {out}")
+    vc = f", the base VAE's round trip of real images {res['vae_ceiling']:.1f}%" if vae else ""
+    print(f"alignment mIoU: ImgSyn {res['imgsyn']:.1f}%, ceiling {res['ceiling']:.1f}%{vc}, floor {res['floor']:.1f}% -> {out}")
+
+
+def _vae_roundtrip(base: str, images: list[np.ndarray]) -> np.ndarray:
+    """(N, 64, 64, 3) uint8: each image through the base's VAE (posterior mode) and back, as a generator's
+    pictures pass through its decoder."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True).eval()
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 64, 64) in [-1, 1]
+    y = torch.cat([vae.decode(vae.encode(b).latent_dist.mode()).sample for b in x.split(32)])
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def colormap(label: np.ndarray) -> np.ndarray:

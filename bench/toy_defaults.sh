@@ -30,8 +30,10 @@ BASE=$(opt "$T2M_OPTS" pretrained) SAMPLE_STEPS=$(opt "$RUN/eval/t2m-finetuned.j
 N_EVAL=$(opt "$RUN/eval/t2m-finetuned.json" captions)
 train_args() {  # train_args OPTIONS.JSON: the trainer settings RUN used
   echo --pretrained "$BASE" --resolution "$(opt "$1" resolution)" --max-steps "$(opt "$1" max_steps)" --lr "$(opt "$1" lr)" \
-    --batch-size "$(opt "$1" batch_size)" --num-workers 0 --checkpointing-steps 100000 --validation-steps 0 --report-to none
+    --batch-size "$(opt "$1" batch_size)" --num-workers 0 --checkpointing-steps 100000 --validation-steps 0 --report-to none \
+    $(flag "$1" ema) $(flag "$1" cache_latents) $(flag "$1" center_crop)
 }
+flag() { if [ "$(opt "$1" "$2")" = True ]; then echo "--${2//_/-}"; fi; }  # flag OPTIONS.JSON KEY: --key if RUN set it
 mkdir -p "$OUT"
 PIDS=()
 bg() {  # bg DONE_FILE COMMAND...: run beside one other job unless DONE_FILE exists

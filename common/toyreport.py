@@ -63,6 +63,8 @@ def results(work: Path) -> dict:
         "text2mask_off_palette": {"finetuned": ft and ft["off_palette"], "base": base and base["off_palette"]},
         "text2mask_histogram_tv": {"finetuned": ft and ft["histogram_tv"], "base": base and base["histogram_tv"]},
         "alignment_miou": {k: align and round(align[k], 2) for k in ("imgsyn", "ceiling", "floor")},
+        # the segmenter on real val images through the base's VAE and back: a perfect generator's ceiling
+        "alignment_vae_ceiling": align and align.get("vae_ceiling") and round(align["vae_ceiling"], 2),
         "table4": table4(work),
         "base_vae": {k: v for k, v in base_record(work).items() if k in ("vae_reconstruction_val", "vae_colormaps_val")},
         "masksyn_tally": {k: v for k, v in (_json(work / "synth/masksyn-toy/tally.json") or {}).items()
@@ -109,8 +111,13 @@ def write_toy_report(work: Path) -> Path:
              f"| real validation images (ceiling) | {fmt(a['ceiling'] and a['ceiling'] / 100, True)} |",
              f"| ImgSyn images vs the labels they were drawn for | {fmt(a['imgsyn'] and a['imgsyn'] / 100, True)} |",
              f"| base images for the caption alone (floor) | {fmt(a['floor'] and a['floor'] / 100, True)} |"]
+    vc = res["alignment_vae_ceiling"]
+    if vc is not None:
+        lines.insert(len(lines) - 2, f"| real validation images through the base's VAE and back (a perfect generator's ceiling) | {fmt(vc / 100, True)} |")
     if "alignment_progress" in res:
-        lines += ["", f"ImgSyn sits {100 * res['alignment_progress']:.0f}% of the way from the floor to the ceiling."]
+        lines += ["", f"ImgSyn sits {100 * res['alignment_progress']:.0f}% of the way from the floor to the ceiling"
+                  + (f" ({100 * (a['imgsyn'] - a['floor']) / (vc - a['floor']):.0f}% of the way to the VAE's ceiling)."
+                     if vc is not None and vc != a["floor"] else ".")]
     rows = res["table4"]
     if rows:
         lines += ["", "## Table 4 at toy scale (HRNet-small, `--strategy aug --p-aug 0.6`, mIoU % on the toy val split, mean ± std over seeds)", "",

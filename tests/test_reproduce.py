@@ -149,12 +149,14 @@ def test_toy_smoke_chain_writes_report_and_results(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in res["text2mask_off_palette"].values())
     assert set(res["alignment_miou"]) == {"imgsyn", "ceiling", "floor"}
     assert all(0.0 <= v <= 100.0 for v in res["alignment_miou"].values())
+    assert 0.0 <= res["alignment_vae_ceiling"] <= 100.0  # the segmenter on val images through the base's VAE
     assert sorted(r["synthetic"] for r in res["table4"]) == ["both", "imgsyn", "masksyn", "real"]
     assert all(set(r) == {"real_samples", "synthetic", "seed", "miou"} and r["real_samples"] == 8 for r in res["table4"])
     built = json.loads((work / "base/toybase.json").read_text())  # smoke builds its base: the report reads that one
     assert res["base_vae"]["vae_colormaps_val"] == built["vae_colormaps_val"]
     report = (work / "report.md").read_text()
     assert "## Text2Mask quality" in report and "+ MaskSyn" in report and "## Mask2Img alignment" in report
+    assert "through the base's VAE and back" in report
     assert Image.open(work / "contact_sheet.png").size[1] >= 6 * 96  # six rows: real, MaskSyn, ImgSyn, two Text2Mask, floor
 
 
