@@ -83,7 +83,7 @@ elif [ "$PRESET" = toy ]; then
   case "$SIZE" in
     full)  WORLD=(--train 2000 --val 200); BASE_ARGS=(); T2M_STEPS=4000; M2I_STEPS=3000; MS=(--limit 200 --per-sample 2); IS=(--limit 200 --per-sample 2)
            SAMPLE_STEPS=20; EVAL_N=100; SEG_STEPS=1500; TABLE_STEPS=400; TABLE_N=(50 500); SEEDS=(0 1 2) ;;
-    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(); T2M_STEPS=3000; M2I_STEPS=1500; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
+    demo)  WORLD=(--train 400 --val 100); BASE_ARGS=(); T2M_STEPS=2500; M2I_STEPS=1500; MS=(--limit 48 --per-sample 2); IS=(--limit 48 --per-sample 2)
            SAMPLE_STEPS=15; EVAL_N=48; SEG_STEPS=600; TABLE_STEPS=200; TABLE_N=(50); SEEDS=(0) ;;
     smoke) WORLD=(--train 24 --val 8); BASE_ARGS=(--quick); T2M_STEPS=2; M2I_STEPS=2; MS=(--limit 2 --per-sample 1 --max-off-palette 1.0); IS=(--limit 2 --per-sample 1)
            SAMPLE_STEPS=2; EVAL_N=4; SEG_STEPS=2; TABLE_STEPS=2; TABLE_N=(8); SEEDS=(0) ;;
@@ -376,9 +376,9 @@ if [ "$PRESET" = toy ]; then
   spawn eval-text2mask "${TOY[@]}" text2mask --model "$T2M" --world "$DATA_ROOT" --out "$EVAL/t2m-finetuned.json" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
   spawn eval-text2mask-base "${TOY[@]}" text2mask --model "$BASE" --world "$DATA_ROOT" --out "$EVAL/t2m-base.json" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
   join
-  # Mask2Img alignment: the segmenter on ImgSyn images vs on real val (ceiling; and through the base's VAE) vs on
+  # Mask2Img alignment (beside the first Table 4 runs): the segmenter on ImgSyn images vs on real val (ceiling; and through the base's VAE) vs on
   # base images, caption only (floor)
-  stage eval-alignment "${TOY[@]}" align --segmenter "$SEG_ALL/model" --world "$DATA_ROOT" --imgsyn "$IMGSYN" --floor "$EVAL/floor" \
+  spawn eval-alignment "${TOY[@]}" align --segmenter "$SEG_ALL/model" --world "$DATA_ROOT" --imgsyn "$IMGSYN" --floor "$EVAL/floor" \
     --vae "$BASE" --out "$EVAL/alignment.json"
   # Table 4 at toy scale: N real samples x {real, +ImgSyn, +MaskSyn, +both}, --strategy aug --p-aug 0.6, seeds
   for n in "${TABLE_N[@]}"; do
