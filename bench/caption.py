@@ -2,7 +2,12 @@
 writing the manifest) against a bare loop of `processor + model.generate` over the same images,
 already decoded, at the same batch size, with the same tiny BLIP-2. Goal: ratio >= 0.9.
 
-    python bench/caption.py [--images 256] [--batch-size 16] [--model FOLDER]
+On a CPU both run with one torch thread and caption.py decodes in one DataLoader worker (--threads 1
+--num-workers 1): the worker has a core of its own, as the data path has beside a GPU. With more threads
+than the cores left over, decoding and generate compete for the same cores, and the ratio then measures
+the machine's size rather than caption.py.
+
+    python bench/caption.py [--images 256] [--batch-size 16] [--num-workers 1] [--threads 1] [--model FOLDER]
 
 Without --model a tiny BLIP-2 is built (common.tiny). The images are the real ADE20K samples of
 tests/data, repeated under new names in a temporary ADE20K layout.
@@ -61,9 +66,15 @@ def main():
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=30)
-    ap.add_argument("--num-workers", type=int, default=2, help="caption.py's DataLoader workers")
+    ap.add_argument("--num-workers", type=int, default=1, help="caption.py's DataLoader workers")
+    ap.add_argument("--threads", type=int, default=None if torch.cuda.is_available() else 1,
+                    help="torch threads of generate (CPU default 1: the worker decodes on a core of its own, as beside a "
+                         "GPU; with more, decoding and generate compete for a small machine's cores)")
     ap.add_argument("--model", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        os.environ["SEGGEN_THREADS"] = str(args.threads)  # caption.py's threads.configure() reads it
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model or tiny.save("blip2", tmp / "blip2")
@@ -74,7 +85,8 @@ def main():
         s = caption("ade20k", tmp / "data", "train", tmp / "captions.jsonl", model=str(model), batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)
         ours = s["captioned"] / s["seconds"]
-    print(f"{args.images} images, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, model {model}")
+    print(f"{args.images} images, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, {args.num_workers} worker(s), "
+          f"torch threads {torch.get_num_threads()}, model {model}")
     print(f"  bare processor+generate loop (images pre-decoded): {bare:8.2f} img/s")
     print(f"  caption.py (decode, batch, generate, write):       {ours:8.2f} img/s")
     print(f"  ratio caption.py / bare loop: {ours / bare:.2f}  (goal >= 0.9)")

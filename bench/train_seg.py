@@ -11,7 +11,11 @@ samples (tests/data) with a synthetic folder made of copies of them; the model i
 (common/tiny.py) unless --model / --backbone names another (on a GPU: --backbone r50 or swin-l,
 --crop 512 / 640, --batch-size 16, --mixed-precision bf16). Prints it/s of both and the ratio.
 
-    python bench/train_seg.py [--steps 60] [--crop 128] [--batch-size 2] [--num-workers 1]
+On a CPU both loops run with one torch thread (--threads 1), so that train_seg's one DataLoader worker has
+a core of its own, as the data path has beside a GPU; with 2 threads on a 2-core machine the worker's
+decoding and augmentation take cores from the step, and the ratio measures that instead.
+
+    python bench/train_seg.py [--steps 60] [--crop 128] [--batch-size 2] [--num-workers 1] [--threads 1]
 """
 
 import argparse
@@ -124,7 +128,13 @@ def main():
     p.add_argument("--model", help="Mask2Former folder / hub id (default: the tiny model)")
     p.add_argument("--backbone", choices=[b.value for b in train_seg.Backbone], help="a paper configuration, random weights")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else None,
+                   help="torch threads of the step (CPU default 1: the worker gets a core of its own, as the data path "
+                        "has beside a GPU; with more, the two compete on a small machine and the ratio measures that)")
     args = p.parse_args()
+    if args.threads:
+        os.environ["SEGGEN_THREADS"] = str(args.threads)  # train_seg's threads.configure() reads it
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
