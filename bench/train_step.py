@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--num-workers", type=int, default=1, help="the scripts' DataLoader workers (1: the data is prepared beside the step, "
                     "as the trainers do by default on more than 2 cores; 0: in the main process, timed in the step)")
     args = ap.parse_args()
+    os.environ["SEGGEN_THREADS"] = str(args.threads)  # the scripts' threads.configure() would pick its own count
     torch.set_num_threads(args.threads)
     quiet_loading()
     sys.path.insert(0, str(ROOT))
