@@ -69,24 +69,26 @@ def labels_caption(sample: Sample, data: str, names: dict[int, str]) -> str:
 
 
 class ImageFolder:
-    """Decodes images in DataLoader workers so that reading overlaps generation. A file that fails to
-    decode comes back as its error message instead of an image."""
+    """Decodes images and runs BLIP-2's image processor (resize to 224, normalise) in DataLoader workers, so
+    that reading overlaps generation and only a (3, 224, 224) tensor per image reaches the main process. A
+    file that fails to decode comes back as its error message instead."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], image_processor):
+        self.samples, self.image_processor = samples, image_processor
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         try:
-            return i, load_image(self.samples[i].image), None
+            image = load_image(self.samples[i].image)
         except SegGenError as e:
             return i, None, str(e)
+        return i, self.image_processor(images=image, return_tensors="pt")["pixel_values"][0], None  # (3, 224, 224)
 
 
 def _collate(batch):
-    return batch  # a list of (index, image or None, error or None)
+    return batch  # a list of (index, pixel values or None, error or None)
 
 
 def load_blip2(model: str, quantize: Quantize, precision: Precision, device):
@@ -120,17 +122,34 @@ def generation_config(net, max_new_tokens: int, num_beams: int):
     return gen
 
 
-def caption_images(net, processor, images: list, prompt: str, gen, device, dtype) -> list[str]:
-    """One batch of decoded images -> their captions: processor, generate, decode, the prompt left out
-    (what the job runs per batch; bench/real_size.py times it at real size)."""
+def prompt_inputs(processor, prompt: str) -> dict:
+    """input_ids and attention_mask, (1, L), of the prompt as the processor writes them beside an image (BLIP-2's
+    processor puts the query's image tokens first only when it is given images; a blank one stands in)."""
+    from PIL import Image
+
+    inputs = processor(images=Image.new("RGB", (8, 8)), text=[prompt], return_tensors="pt")
+    return {k: v for k, v in inputs.items() if k != "pixel_values"}
+
+
+def caption_pixels(net, processor, pixel_values, text: dict, prompt: str, gen, device, dtype) -> list[str]:
+    """One batch of processed images (B, 3, 224, 224) -> their captions: generate with the prompt's tokens
+    (`prompt_inputs`, one row repeated), decode, the prompt left out (what the job runs per batch)."""
     import torch
 
-    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
-    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    n = len(pixel_values)
+    inputs = {k: v.expand(n, -1).to(device) for k, v in text.items()}
+    inputs["pixel_values"] = pixel_values.to(device, dtype)
     with torch.inference_mode():
         ids = net.generate(**inputs, generation_config=gen)
     texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return [t[len(prompt):].strip() if t.startswith(prompt) else t for t in texts]  # decoder-only LMs echo the prompt
+
+
+def caption_images(net, processor, images: list, prompt: str, gen, device, dtype) -> list[str]:
+    """One batch of decoded PIL images -> their captions: the image processor here, then `caption_pixels`
+    (bench/real_size.py times this at real size)."""
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return caption_pixels(net, processor, pixels, prompt_inputs(processor, prompt), prompt, gen, device, dtype)
 
 
 # ---------------------------------------------------------------- the job
@@ -203,19 +222,23 @@ def _caption(
                     write([(sample, text)])
                 advance(1)
         elif todo:
+            import torch
             from torch.utils.data import DataLoader
 
             net, processor, dtype = load_blip2(model, Quantize(quantize), Precision(precision), state.device)
             start = time.perf_counter()  # the rate counts captioning, not loading the model
             gen = generation_config(net, max_new_tokens, num_beams)
-            loader = DataLoader(ImageFolder(todo), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+            text = prompt_inputs(processor, prompt)  # the same prompt for every image: tokenised once
+            loader = DataLoader(ImageFolder(todo, processor.image_processor), batch_size=batch_size, num_workers=num_workers,
+                                collate_fn=_collate)
             for batch in loader:
-                good = [(i, im) for i, im, err in batch if err is None]
+                good = [(i, px) for i, px, err in batch if err is None]
                 for i, _, err in batch:
                     if err is not None:
                         fail(todo[i], err)
                 if good:
-                    texts = caption_images(net, processor, [im for _, im in good], prompt, gen, state.device, dtype)
+                    pixels = torch.stack([px for _, px in good])  # (B, 3, 224, 224)
+                    texts = caption_pixels(net, processor, pixels, text, prompt, gen, state.device, dtype)
                     write([(todo[i], text) for (i, _), text in zip(good, texts)])
                 advance(len(batch))
 

@@ -36,6 +36,35 @@ def test_captions_real_images_into_a_valid_manifest(tiny_models, tmp_path):
         assert r["prompt"] == "Question: What are shown in the photo? Answer:"
 
 
+def test_worker_inputs_equal_the_processors_and_give_the_same_captions(tiny_models):
+    """The job runs the image processor in its DataLoader workers and tokenises the prompt once: what reaches
+    generate must be what BLIP-2's processor makes for the same batch, on the real images (COCO and ADE20K
+    sizes differ, so the resize is exercised), and the captions must be the ones the processor's inputs give."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from caption import PAPER_PROMPT, ImageFolder, caption_pixels, generation_config, prompt_inputs
+    from common.datasets import load_image
+
+    model = str(tiny_models("blip2"))
+    processor, net = Blip2Processor.from_pretrained(model), Blip2ForConditionalGeneration.from_pretrained(model).eval()
+    samples = read_dataset("ade20k", ADE_ROOT, "val") + read_dataset("coco", COCO_ROOT, "val")
+    ref = processor(images=[load_image(s.image) for s in samples], text=[PAPER_PROMPT] * len(samples), return_tensors="pt",
+                    padding=True)
+    folder = ImageFolder(samples, processor.image_processor)
+    pixels = torch.stack([folder[i][1] for i in range(len(samples))])
+    text = prompt_inputs(processor, PAPER_PROMPT)
+    assert torch.equal(pixels, ref["pixel_values"])
+    for k in ("input_ids", "attention_mask"):
+        assert torch.equal(text[k].expand(len(samples), -1), ref[k])
+    gen = generation_config(net, 5, 1)
+    with torch.inference_mode():
+        ids = net.generate(**ref, generation_config=gen)
+    want = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    want = [t[len(PAPER_PROMPT):].strip() if t.startswith(PAPER_PROMPT) else t for t in want]
+    assert caption_pixels(net, processor, pixels, text, PAPER_PROMPT, gen, "cpu", torch.float32) == want
+
+
 def test_stopped_run_resumes_without_duplicates(tiny_models, tmp_path):
     out = tmp_path / "c.jsonl"
     model = str(tiny_models("blip2"))
