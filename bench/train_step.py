@@ -8,9 +8,9 @@
   data (decode, colour map, crop/flip, collate), text (a cached embedding row vs encoding the captions
   with both text encoders), VAE encode, UNet (+ControlNet) forward+backward, optimizer.
 - bare: UNet (+ControlNet) forward+backward, gradient clipping at 1.0 and AdamW on random tensors of the
-  same shapes, as diffusers' example trainers step (train_text_to_image_sdxl.py, train_controlnet_sdxl.py
-  clip at --max_grad_norm 1.0): the floor any trainer pays. "bare+VAE" adds the VAE encode, which a trainer
-  without cached latents pays too.
+  same shapes, as diffusers' example trainers step (examples/text_to_image/train_text_to_image_sdxl.py and
+  examples/controlnet/train_controlnet_sdxl.py clip at --max_grad_norm 1.0): the floor any trainer pays.
+  "bare+VAE" adds the VAE encode, which a trainer without cached latents pays too.
 
 The goal: the script's step within 1.1× of bare+VAE once embeddings are cached, with the data prepared in
 a worker (--num-workers 0 puts it in the step: compare with bare + VAE + data then). Prints milliseconds and
