@@ -140,27 +140,21 @@ def align(segmenter: Annotated[Path, typer.Option()], world: Annotated[Path, typ
     val = read_dataset("toy", world, "val")
     by_id = {s.id: s for s in read_dataset("toy", world, "train")}
     floor_pairs = [(rgb(p), load_label(by_id[p.stem], "toy")) for p in sorted(floor_dir.glob("*.png"))]
+    val_images, val_labels = [rgb(s.image) for s in val], [load_label(s, "toy") for s in val]
     res = {"imgsyn": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in syn]),
-           "ceiling": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in val]),
+           "ceiling": _miou(seg, zip(val_images, val_labels)),
            "floor": _miou(seg, floor_pairs),
            "images": {"imgsyn": len(syn), "ceiling": len(val), "floor": len(floor_pairs)}, "segmenter": str(segmenter)}
     if vae:  # the ceiling of any generator behind this VAE: real val images encoded and decoded once
-        res["vae_ceiling"] = _miou(seg, zip(_vae_roundtrip(vae, [rgb(s.image) for s in val]), [load_label(s, "toy") for s in val]))
+        from common.vae_roundtrip import load_vae, vae_roundtrip
+
+        roundtrip = vae_roundtrip(load_vae(vae, "cpu"), "cpu")
+        res["vae_ceiling"] = _miou(seg, zip([y for i in range(0, len(val_images), 32) for y in roundtrip(val_images[i:i + 32])],
+                                            val_labels))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     vc = f", the base VAE's round trip of real images {res['vae_ceiling']:.1f}%" if vae else ""
     print(f"alignment mIoU: ImgSyn {res['imgsyn']:.1f}%, ceiling {res['ceiling']:.1f}%{vc}, floor {res['floor']:.1f}% -> {out}")
-
-
-def _vae_roundtrip(base: str, images: list[np.ndarray]) -> np.ndarray:
-    """(N, 64, 64, 3) uint8: each image through the base's VAE (posterior mode) and back, as a generator's
-    pictures pass through its decoder."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True).eval()
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 64, 64) in [-1, 1]
-    y = torch.cat([vae.decode(vae.encode(b).latent_dist.mode()).sample for b in x.split(32)])
-    return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def colormap(label: np.ndarray) -> np.ndarray:

@@ -108,12 +108,12 @@ def write_toy_report(work: Path) -> Path:
     lines += [
              "## Mask2Img alignment (FreestyleNet's measure: a segmenter trained on all real data, mIoU %)", "",
              "| images | mIoU (%) |", "| --- | --- |",
-             f"| real validation images (ceiling) | {fmt(a['ceiling'] and a['ceiling'] / 100, True)} |",
-             f"| ImgSyn images vs the labels they were drawn for | {fmt(a['imgsyn'] and a['imgsyn'] / 100, True)} |",
-             f"| base images for the caption alone (floor) | {fmt(a['floor'] and a['floor'] / 100, True)} |"]
+             f"| real validation images (ceiling) | {fmt(a['ceiling'] and a['ceiling'] / 100, True)} |"]
     vc = res["alignment_vae_ceiling"]
     if vc is not None:
-        lines.insert(len(lines) - 2, f"| real validation images through the base's VAE and back (a perfect generator's ceiling) | {fmt(vc / 100, True)} |")
+        lines += [f"| real validation images through the base's VAE and back (a perfect generator's ceiling) | {fmt(vc / 100, True)} |"]
+    lines += [f"| ImgSyn images vs the labels they were drawn for | {fmt(a['imgsyn'] and a['imgsyn'] / 100, True)} |",
+              f"| base images for the caption alone (floor) | {fmt(a['floor'] and a['floor'] / 100, True)} |"]
     if "alignment_progress" in res:
         lines += ["", f"ImgSyn sits {100 * res['alignment_progress']:.0f}% of the way from the floor to the ceiling"
                   + (f" ({100 * (a['imgsyn'] - a['floor']) / (vc - a['floor']):.0f}% of the way to the VAE's ceiling)."
