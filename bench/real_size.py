@@ -277,8 +277,7 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
     samples = ade_samples()
     data = segdata.SegData([samples], "ade20k", a.crop, augment=segdata.AUGMENTS[SEG.augment])
     items = [data[(0, i % len(samples), i)] for i in range(b)]  # (source, index, augmentation seed)
-    batch = {k: torch.stack([x[k] for x in items]) for k in ("image", "label", "valid")}  # uint8 (B, 3, C, C), int32 / bool (B, C, C)
-    batch["source"] = torch.zeros(b, dtype=torch.long)
+    batch = segdata.collate(items)  # as train_seg's DataLoader hands it over, Mask2Former's targets built
     out = {}
     with tempfile.TemporaryDirectory() as tmp:  # Loop's stats.jsonl
         model = copy.deepcopy(net)

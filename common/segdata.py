@@ -227,13 +227,18 @@ class SegData(torch.utils.data.Dataset):
     """Decodes and augments one (source, index, seed) from MixedBatches.
 
     Returns image (3, crop, crop) uint8, label (crop, crop) int32 targets (see load_target; -1 = ignore
-    and padding), valid (crop, crop) bool (False on padding), source. `augment`: an Augment, or True for
-    the dataset's Mask2Former recipe (COCO: large-scale jitter, ADE20K-layout data: ADE20K's), False for none."""
+    and padding), valid (crop, crop) bool (False on padding), source, keep (bool: any labelled pixel), and
+    with `masks` Mask2Former's targets (mask_target: masks (N, crop, crop) bool, classes (N,) long), built
+    here in the DataLoader workers as detectron2's dataset mapper builds them, not in the training step.
+    Batch them with `collate`. `augment`: an Augment, or True for the dataset's Mask2Former recipe (COCO:
+    large-scale jitter, ADE20K-layout data: ADE20K's), False for none."""
 
-    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: Augment | bool = True, task: str = "semantic"):
+    def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: Augment | bool = True, task: str = "semantic",
+                 masks: bool = True):
         if isinstance(augment, bool):
             augment = AUGMENTS[("lsj" if data == "coco" else "ade20k") if augment else "none"]
         self.sources, self.data, self.crop, self.augment, self.task = sources, data, crop, augment, task
+        self.masks = masks  # False for HRNet, whose loss takes the label map itself
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)
@@ -254,28 +259,44 @@ class SegData(torch.utils.data.Dataset):
             img = photometric_distortion(img, rng)
         if aug.flip and rng.random() < 0.5:
             img, lab, valid = img[:, ::-1], lab[:, ::-1], valid[:, ::-1]
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
             "label": torch.from_numpy(np.ascontiguousarray(lab)),
             "valid": torch.from_numpy(np.ascontiguousarray(valid)),
             "source": source,
+            "keep": bool((lab >= 0).any()),
         }
+        if self.masks:
+            item["masks"], item["classes"] = mask_target(item["label"])
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """SegData items -> a batch: image (B, 3, C, C), label / valid (B, C, C), source / keep (B,) stacked;
+    Mask2Former's masks and classes (a different count N_i per image) as lists."""
+    batch = {k: torch.utils.data.default_collate([x[k] for x in items]) for k in ("image", "label", "valid", "source", "keep")}
+    if "masks" in items[0]:
+        batch["masks"], batch["classes"] = [x["masks"] for x in items], [x["classes"] for x in items]
+    return batch
+
+
+def mask_target(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) int32 targets (load_target) -> Mask2Former's: one binary mask per segment (per class for
+    semantic) present, masks (N, H, W) bool, and its class, classes (N,) long. N = 0 for an image
+    without a labelled pixel."""
+    present = torch.unique(label)
+    present = present[present >= 0]
+    return label[None] == present[:, None, None], (present // SEG).long()
 
 
 def mask_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """(B, H, W) int32 targets (load_target) -> Mask2Former targets: per image one binary mask per
-    segment (per class for semantic) present (mask_labels (N_i, H, W) float, class_labels (N_i,) long),
-    and keep (B,) bool: images with any labelled pixel. Images without one must not reach the loss (it
-    crashes on empty targets)."""
-    masks, classes, keep = [], [], []
-    for lab in labels:
-        present = torch.unique(lab)
-        present = present[present >= 0]
-        keep.append(len(present) > 0)
-        if len(present):
-            classes.append((present // SEG).long())
-            masks.append((lab[None] == present[:, None, None]).float())
-    return masks, classes, torch.tensor(keep, device=labels.device)
+    """(B, H, W) int32 targets -> mask_target of each image with any labelled pixel (mask_labels (N_i, H, W)
+    float, class_labels (N_i,) long), and keep (B,) bool: which images those are. Images without one must
+    not reach the loss (it crashes on empty targets)."""
+    targets = [mask_target(lab) for lab in labels]
+    keep = [len(c) > 0 for _, c in targets]
+    return ([m.float() for (m, _), k in zip(targets, keep) if k], [c for (_, c), k in zip(targets, keep) if k],
+            torch.tensor(keep, device=labels.device))
 
 
 def semantic_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from common.checkpoint import save_seg_checkpoint
 from common.hrnet import loss as hrnet_loss
 from common.progress import console, progress_bar
-from common.segdata import mask_targets, semantic_labels
+from common.segdata import collate, semantic_labels
 from common.segmodel import build_optimizer, is_hrnet, lr_factor
 from common.training import step_seed
 
@@ -63,7 +63,7 @@ class Loop:
             acc.load_state(str(resume_from))
         sampler = self.batches(len(self.dataset.sources[0]), [len(s) for s in self.dataset.sources[1:]], a.batch_size // acc.num_processes,
                                p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes, self.weights)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers,
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers, collate_fn=collate,
                                              pin_memory=acc.device.type == "cuda", persistent_workers=False,
                                              prefetch_factor=4 if a.num_workers else None)
         say(f"phase {k + 1}/{len(self.phases)} [bold]{name}[/]: steps {first}..{steps}, p_aug {p_aug}, global batch {a.batch_size}, crop {a.crop}")
@@ -92,24 +92,27 @@ class Loop:
         return model
 
     def step(self, model, optimizer, scheduler, batch):
-        """One iteration: normalise, the targets (Mask2Former's masks, or HRNet's per-pixel classes), loss, clip,
-        step. Returns the loss (None: skipped)."""
+        """One iteration on a segdata.collate batch: normalise, the targets to the device (Mask2Former's masks,
+        built in the DataLoader workers, or HRNet's per-pixel classes), loss, clip, step. Returns the loss
+        (None: skipped)."""
         acc, a = self.accelerator, self.a
-        images = (batch["image"].to(acc.device, non_blocking=True).float() - self.mean) / self.std
-        labels = batch["label"].to(acc.device, non_blocking=True)
-        valid = batch["valid"].to(acc.device, non_blocking=True).long()
+        keep = batch["keep"]  # (B,) bool on the host: images with any labelled pixel (the others must not reach the loss)
         self.counts[:-1] += torch.bincount(batch["source"], minlength=len(self.source_names))
-        mask_labels, class_labels, keep = mask_targets(labels)
         self.counts[-1] += int((~keep).sum())
         # Every process takes the same branch (the loss itself synchronises its mask count).
-        if bool(acc.gather(keep.any()[None].long()).min() == 0):
+        if bool(acc.gather(keep.any()[None].long().to(acc.device)).min() == 0):
             self.skipped_steps += 1
             scheduler.step()
             return None
+        rows = keep.nonzero()[:, 0].to(acc.device)  # the kept images (indexing after the copy keeps it from pinned memory)
+        images = (batch["image"].to(acc.device, non_blocking=True)[rows].float() - self.mean) / self.std
         if self.hrnet:  # per-pixel cross-entropy, 255 (ignore, padding) left out
-            loss = hrnet_loss(model(images[keep]), semantic_labels(labels[keep]))
+            loss = hrnet_loss(model(images), semantic_labels(batch["label"].to(acc.device, non_blocking=True)[rows]))
         else:
-            loss = model(pixel_values=images[keep], pixel_mask=valid[keep], mask_labels=mask_labels, class_labels=class_labels).loss
+            valid = batch["valid"].to(acc.device, non_blocking=True)[rows].long()
+            mask_labels = [m.to(acc.device, non_blocking=True).float() for m, k in zip(batch["masks"], keep) if k]  # (N_i, H, W)
+            class_labels = [c.to(acc.device, non_blocking=True) for c, k in zip(batch["classes"], keep) if k]  # (N_i,)
+            loss = model(pixel_values=images, pixel_mask=valid, mask_labels=mask_labels, class_labels=class_labels).loss
         acc.backward(loss)
         if a.grad_clip > 0:
             acc.clip_grad_norm_(model.parameters(), a.grad_clip)

@@ -351,6 +351,26 @@ def test_coco_targets_leave_out_crowd_and_keep_things_for_instance():
     assert (segdata.load_target(sample, "coco", "panoptic")[ids == crowd["id"]] == -1).all()
 
 
+def test_dataloader_workers_build_mask2former_targets_that_partition_the_labelled_pixels():
+    # train_seg's DataLoader (one worker process, segdata.collate) hands over each image's masks and classes.
+    ade = read_dataset("ade20k", ADE_ROOT, "train") + read_dataset("ade20k", ADE_ROOT, "val")
+    coco = read_dataset("coco", COCO_ROOT, "val")
+    for data, samples, task in (("ade20k", ade, "semantic"), ("coco", coco, "panoptic")):
+        dataset = segdata.SegData([samples], data, 96, task=task)
+        keys = [[(0, i, 7 * i), (0, (i + 1) % len(samples), 7 * i + 1)] for i in range(len(samples))]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=1, collate_fn=segdata.collate)
+        for batch in loader:
+            assert batch["image"].shape == (2, 3, 96, 96) and len(batch["masks"]) == len(batch["classes"]) == 2
+            for lab, masks, classes, keep in zip(batch["label"], batch["masks"], batch["classes"], batch["keep"]):
+                assert masks.dtype == torch.bool and masks.shape[1:] == (96, 96) and len(masks) == len(classes)
+                assert torch.equal(masks.sum(0), (lab >= 0).long())  # each labelled pixel in exactly one mask
+                for m, c in zip(masks, classes):  # one segment per mask, of that class
+                    assert len(torch.unique(lab[m])) == 1 and int(lab[m][0]) // segdata.SEG == int(c)
+                assert bool(keep) == bool((lab >= 0).any())
+    hrnet = segdata.SegData([ade], "ade20k", 96, masks=False)[(0, 0, 0)]  # HRNet's loss takes the label map
+    assert "masks" not in hrnet and hrnet["keep"]
+
+
 class _Oracle(torch.nn.Module):
     """Answers each image with its ground-truth segments as queries (logits +-20), at the input size."""
 
