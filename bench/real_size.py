@@ -299,7 +299,8 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
     std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1) * 255
     images = (batch["image"].to(device).float() - mean) / std
     valid = batch["valid"].to(device).long()
-    masks, classes, _ = segdata.mask_targets(batch["label"].to(device))
+    masks = batch["masks"].to(device).float().split(batch["counts"])  # the targets made beforehand, per image
+    classes = batch["classes"].to(device).split(batch["counts"])
 
     def bare():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -9,19 +9,21 @@
 Goal: ours / bare >= 0.9, i.e. the data path does not starve the model. Both on the real ADE20K
 samples (tests/data) with a synthetic folder made of copies of them; the model is the tiny one
 (common/tiny.py) unless --model / --backbone names another (on a GPU: --backbone r50 or swin-l,
---crop 512 / 640, --batch-size 16, --mixed-precision bf16). Prints it/s of both and the ratio.
+--crop 512 / 640, --batch-size 16, --mixed-precision bf16). Prints it/s of both and the ratio: the median of
+--rounds runs of train_seg.py, each against the mean of the bare runs just before and after it.
 
 On a CPU both loops run with one torch thread (--threads 1), so that train_seg's one DataLoader worker has
 a core of its own, as the data path has beside a GPU; with 2 threads on a 2-core machine the worker's
 decoding and augmentation take cores from the step, and the ratio measures that instead.
 
-    python bench/train_seg.py [--steps 60] [--crop 128] [--batch-size 2] [--num-workers 1] [--threads 1]
+    python bench/train_seg.py [--steps 60] [--rounds 3] [--crop 128] [--batch-size 2] [--num-workers 1] [--threads 1]
 """
 
 import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -122,6 +124,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="timed steps of each loop")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="runs of train_seg.py, each between two bare runs")
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=1)
@@ -142,16 +145,20 @@ def main():
         model_dir = args.model or (None if backbone else str(tiny.save("mask2former", work / "tiny")))
         print(f"device {device}, torch threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, "
               f"{args.num_workers} worker(s), model {model_dir if args.model else backbone.value if backbone else 'tiny'}")
-        # bare, ours, bare again: the mean of the two bare runs cancels a slow drift of a shared machine.
-        bare_before = bare_loop(model_dir, backbone, args, device)
+        # Rounds of bare, ours, ..., bare: each run of ours is compared with the mean of the bare runs on either side
+        # of it, which cancels a slow drift of a shared machine; the median round is the result.
+        bare = [bare_loop(model_dir, backbone, args, device)]
         if device.type == "cuda":
             print(f"peak GPU memory (bare loop): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        full = ours(model_dir, backbone, args, work)
-        bare_after = bare_loop(model_dir, backbone, args, device)
-    bare = (bare_before + bare_after) / 2
-    print(f"bare forward/backward/step: {bare:.2f} it/s (before {bare_before:.2f}, after {bare_after:.2f})")
-    print(f"train_seg.py (p_aug 0.6, augmentation, {args.num_workers} worker(s)): {full:.2f} it/s")
-    print(f"ratio ours / bare: {full / bare:.2f} (goal >= 0.9)")
+        full = []
+        for r in range(args.rounds):
+            full.append(ours(model_dir, backbone, args, work / f"round{r}"))
+            bare.append(bare_loop(model_dir, backbone, args, device))
+    ratios = [f / ((b0 + b1) / 2) for f, b0, b1 in zip(full, bare, bare[1:])]
+    print(f"bare forward/backward/step, it/s: {', '.join(f'{b:.2f}' for b in bare)}")
+    print(f"train_seg.py (p_aug 0.6, augmentation, {args.num_workers} worker(s)), it/s: {', '.join(f'{f:.2f}' for f in full)}")
+    print(f"ratio ours / bare by round: {', '.join(f'{x:.2f}' for x in ratios)}")
+    print(f"ratio ours / bare: {statistics.median(ratios):.2f} (median of {len(ratios)} rounds; goal >= 0.9)")
 
 
 if __name__ == "__main__":

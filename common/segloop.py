@@ -96,8 +96,8 @@ class Loop:
         built in the DataLoader workers, or HRNet's per-pixel classes), loss, clip, step. Returns the loss
         (None: skipped)."""
         acc, a = self.accelerator, self.a
-        keep = batch["keep"]  # (B,) bool on the host: images with any labelled pixel (the others must not reach the loss)
-        self.counts[:-1] += torch.bincount(batch["source"], minlength=len(self.source_names))
+        keep = torch.tensor(batch["keep"])  # (B,) bool: images with any labelled pixel (the others must not reach the loss)
+        self.counts[:-1] += torch.bincount(torch.tensor(batch["source"]), minlength=len(self.source_names))
         self.counts[-1] += int((~keep).sum())
         # Every process takes the same branch (the loss itself synchronises its mask count).
         if bool(acc.gather(keep.any()[None].long().to(acc.device)).min() == 0):
@@ -110,8 +110,10 @@ class Loop:
             loss = hrnet_loss(model(images), semantic_labels(batch["label"].to(acc.device, non_blocking=True)[rows]))
         else:
             valid = batch["valid"].to(acc.device, non_blocking=True)[rows].long()
-            mask_labels = [m.to(acc.device, non_blocking=True).float() for m, k in zip(batch["masks"], keep) if k]  # (N_i, H, W)
-            class_labels = [c.to(acc.device, non_blocking=True) for c, k in zip(batch["classes"], keep) if k]  # (N_i,)
+            masks = batch["masks"].to(acc.device, non_blocking=True).float().split(batch["counts"])  # per image (N_i, H, W)
+            classes = batch["classes"].to(acc.device, non_blocking=True).split(batch["counts"])  # per image (N_i,)
+            mask_labels = [m for m, k in zip(masks, batch["keep"]) if k]
+            class_labels = [c for c, k in zip(classes, batch["keep"]) if k]
             loss = model(pixel_values=images, pixel_mask=valid, mask_labels=mask_labels, class_labels=class_labels).loss
         acc.backward(loss)
         if a.grad_clip > 0:
