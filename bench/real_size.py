@@ -269,6 +269,7 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
     from accelerate import Accelerator
 
     from common import segdata, segmodel, tiny
+    from common.loader import as_tensors
     from common.segloop import Loop
 
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
@@ -277,7 +278,7 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
     samples = ade_samples()
     data = segdata.SegData([samples], "ade20k", a.crop, augment=segdata.AUGMENTS[SEG.augment])
     items = [data[(0, i % len(samples), i)] for i in range(b)]  # (source, index, augmentation seed)
-    batch = segdata.collate(items)  # as train_seg's DataLoader hands it over, Mask2Former's targets built
+    batch = as_tensors(segdata.collate(items))  # as train_seg's DataLoader hands it over, Mask2Former's targets built
     out = {}
     with tempfile.TemporaryDirectory() as tmp:  # Loop's stats.jsonl
         model = copy.deepcopy(net)

@@ -19,6 +19,7 @@ from common import SegGenError
 from common.colormap import IGNORE, ade20k_classes, coco_categories
 from common.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, synthetic_index
 from common.index import first_per_source
+from common.loader import by_value
 from common import quality, subset
 from common.manifest import manifest_files
 from common.paths import synth_dir
@@ -272,21 +273,17 @@ class SegData(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """SegData items -> a batch: image (B, 3, C, C) uint8, valid (B, C, C) bool; source, keep: lists; and
-    Mask2Former's targets, all images' masks in one tensor (sum N_i, C, C) bool with classes (sum N_i,) long
-    and counts [N_i] (split them with .split(counts)), or without masks (HRNet) label (B, C, C) int32.
-
-    As few tensors as that: a DataLoader worker hands each one over as a shared-memory file descriptor sent
-    over a socket (torch.multiprocessing's default strategy, ~0.5 ms apiece on a CPU here), plain values
-    travel in the pickle."""
-    batch = {"image": torch.stack([x["image"] for x in items]), "valid": torch.stack([x["valid"] for x in items]),
-             "source": [x["source"] for x in items], "keep": [x["keep"] for x in items]}
+    """SegData items -> a batch: image (B, 3, C, C) uint8, valid (B, C, C) bool, source (B,), keep (B,) bool;
+    Mask2Former's targets of all images in one tensor, masks (sum N_i, C, C) bool, with classes (sum N_i,)
+    long and counts [N_i] (split them with .split(counts)); or without masks (HRNet) label (B, C, C) int32.
+    Few tensors, the small ones sent by value (common/loader.py: each tensor a worker sends costs a
+    shared-memory descriptor); as_tensors in the step undoes by_value."""
+    keys = ("image", "valid", "source", "keep") + (() if "masks" in items[0] else ("label",))
+    batch = torch.utils.data.default_collate([{k: x[k] for k in keys} for x in items])
     if "masks" in items[0]:
         batch["masks"], batch["classes"] = torch.cat([x["masks"] for x in items]), torch.cat([x["classes"] for x in items])
         batch["counts"] = [len(x["classes"]) for x in items]
-    else:
-        batch["label"] = torch.stack([x["label"] for x in items])
-    return batch
+    return by_value(batch)
 
 
 def mask_target(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

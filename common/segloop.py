@@ -12,6 +12,7 @@ import torch
 
 from common.checkpoint import save_seg_checkpoint
 from common.hrnet import loss as hrnet_loss
+from common.loader import as_tensors
 from common.progress import console, progress_bar
 from common.segdata import collate, semantic_labels
 from common.segmodel import build_optimizer, is_hrnet, lr_factor
@@ -96,8 +97,9 @@ class Loop:
         built in the DataLoader workers, or HRNet's per-pixel classes), loss, clip, step. Returns the loss
         (None: skipped)."""
         acc, a = self.accelerator, self.a
-        keep = torch.tensor(batch["keep"])  # (B,) bool: images with any labelled pixel (the others must not reach the loss)
-        self.counts[:-1] += torch.bincount(torch.tensor(batch["source"]), minlength=len(self.source_names))
+        batch = as_tensors(batch)  # segdata.collate sent the small tensors by value
+        keep = batch["keep"]  # (B,) bool on the host: images with any labelled pixel (the others must not reach the loss)
+        self.counts[:-1] += torch.bincount(batch["source"], minlength=len(self.source_names))
         self.counts[-1] += int((~keep).sum())
         # Every process takes the same branch (the loss itself synchronises its mask count).
         if bool(acc.gather(keep.any()[None].long().to(acc.device)).min() == 0):
@@ -112,8 +114,8 @@ class Loop:
             valid = batch["valid"].to(acc.device, non_blocking=True)[rows].long()
             masks = batch["masks"].to(acc.device, non_blocking=True).float().split(batch["counts"])  # per image (N_i, H, W)
             classes = batch["classes"].to(acc.device, non_blocking=True).split(batch["counts"])  # per image (N_i,)
-            mask_labels = [m for m, k in zip(masks, batch["keep"]) if k]
-            class_labels = [c for c, k in zip(classes, batch["keep"]) if k]
+            mask_labels = [m for m, k in zip(masks, keep.tolist()) if k]
+            class_labels = [c for c, k in zip(classes, keep.tolist()) if k]
             loss = model(pixel_values=images, pixel_mask=valid, mask_labels=mask_labels, class_labels=class_labels).loss
         acc.backward(loss)
         if a.grad_clip > 0:

@@ -31,6 +31,7 @@ from PIL import Image
 from common import SegGenError
 from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.datasets import Sample, load_image, load_label, load_panoptic
+from common.loader import as_tensors, collate
 from common.manifest import CAPTION_FIELDS, read_manifest
 from common.progress import progress_bar
 from common.sdxl import TextEmbeddings, time_ids
@@ -100,8 +101,8 @@ def step_loader(dataset, a, accelerator, global_step: int):
     (seed, micro-step), so the loader starts where a checkpoint stopped (StepBatches)."""
     batches = StepBatches(len(dataset), a.batch_size, a.seed, accelerator.process_index, accelerator.num_processes,
                           global_step * a.gradient_accumulation)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=a.num_workers,
-                                       pin_memory=accelerator.device.type == "cuda")
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=a.num_workers, collate_fn=collate,
+                                       pin_memory=accelerator.device.type == "cuda")  # small tensors by value: to_device takes them back
 
 
 # ---------------------------------------------------------------- captions
@@ -308,15 +309,16 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
 
 
 def to_device(batch: dict, device, dtype) -> dict:
-    """Moves a batch. The cached embeddings and time ids take the training dtype (as the pipelines pass
-    them at sampling time); the image stays fp32 for the VAE, the colour map uint8 (exact colours)."""
+    """Moves a batch (step_loader's, its small tensors sent by value: common/loader.py). The cached embeddings
+    and time ids take the training dtype (as the pipelines pass them at sampling time); the image stays fp32
+    for the VAE, the colour map uint8 (exact colours)."""
     def move(key, v):
         if not torch.is_tensor(v):
             return v
         keep = key in ("pixel_values", "latent_params")
         return v.to(device, dtype if v.is_floating_point() and not keep else None, non_blocking=True)
 
-    return {k: move(k, v) for k, v in batch.items()}
+    return {k: move(k, v) for k, v in as_tensors(batch).items()}
 
 
 def noisy_latents(latents: torch.Tensor, scheduler, generator: torch.Generator):
