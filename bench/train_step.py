@@ -12,11 +12,14 @@
   examples/controlnet/train_controlnet_sdxl.py clip at --max_grad_norm 1.0): the floor any trainer pays.
   "bare+VAE" adds the VAE encode, which a trainer without cached latents pays too.
 
+Rounds: bare, then --rounds times (script, bare); each script run is compared with the bare runs just
+before and after it, and the median round is the ratio printed.
+
 The goal: the script's step within 1.1× of bare+VAE once embeddings are cached, with the data prepared in
 a worker (--num-workers 0 puts it in the step: compare with bare + VAE + data then). Prints milliseconds and
 ratios. On a CPU the tiny models' numbers are dominated by per-call overheads; the ratios are what to read.
 
-    python bench/train_step.py [--resolution 64] [--batch-size 2] [--steps 20] [--threads 1] [--num-workers 1]
+    python bench/train_step.py [--resolution 64] [--batch-size 2] [--steps 20] [--rounds 3] [--threads 1] [--num-workers 1]
 """
 
 from __future__ import annotations
@@ -64,11 +67,11 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def script_step(module, work: Path, base: Path, captions: Path, args, steps: int) -> float:
-    """Seconds per step of the real script: the median step in stats.jsonl after a few warm-up steps."""
+def script_step(module, work: Path, base: Path, captions: Path, args, steps: int, run: int) -> float:
+    """Seconds per step of the real script (its `run`-th run): the median step in stats.jsonl after a few warm-up steps."""
     from typer.testing import CliRunner
 
-    out, warm = work / f"run-{module.__name__}", 3
+    out, warm = work / f"run-{module.__name__}-{run}", 3
     cli = ["--data-root", str(ADE), "--split", "val", "--captions", str(captions), "--pretrained", str(base),
            "--output-dir", str(out), "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
            "--max-steps", str(steps + warm), "--num-workers", str(args.num_workers), "--validation-steps", "0", "--checkpointing-steps", "0",
@@ -85,6 +88,7 @@ def main():
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each script, each between two bare runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable numbers on a shared machine)")
     ap.add_argument("--num-workers", type=int, default=1, help="the scripts' DataLoader workers (1: the data is prepared beside the step, "
                     "as the trainers do by default on more than 2 cores; 0: in the main process, timed in the step)")
@@ -104,10 +108,6 @@ def main():
     captions.write_text("".join(json.dumps({"id": i, "image": f"ADEChallengeData2016/images/validation/{i}.jpg", "caption": c}) + "\n"
                                 for i, c in CAPTIONS.items()))
     r, b, n = args.resolution, args.batch_size, args.steps
-
-    # ------------------------------------------------ the scripts, whole
-    script = {"text2mask": script_step(train_text2mask, work, base, captions, args, n),
-              "mask2img": script_step(train_mask2img, work, base, captions, args, n)}
 
     # ------------------------------------------------ the step taken apart
     info, accelerator = inspect_base(str(base)), Accelerator()
@@ -135,7 +135,7 @@ def main():
     embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
     cond = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
 
-    rows = {}
+    rows, bare = {}, {}
     for name in ("text2mask", "mask2img"):
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         controlnet = ControlNetModel.from_unet(unet) if name == "mask2img" else None
@@ -145,7 +145,7 @@ def main():
         opt = torch.optim.AdamW(trained.parameters(), lr=1e-5)
         control = batch["colormap"].float() / 255
 
-        def forward_backward():
+        def forward_backward(unet=unet, controlnet=controlnet, control=control):
             kw = {}
             if controlnet is not None:
                 down, mid = controlnet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, controlnet_cond=control,
@@ -154,20 +154,22 @@ def main():
             pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, **kw).sample
             F.mse_loss(pred, target).backward()
 
-        def optimizer_step():
+        def optimizer_step(opt=opt):
             opt.step()
             opt.zero_grad(set_to_none=False)  # keep the grads: the next call times the step alone
 
         forward_backward()
         t_fb, t_opt = timed(forward_backward, n), timed(optimizer_step, n)
         t_clip = timed(lambda: torch.nn.utils.clip_grad_norm_(trained.parameters(), 1e9), n)  # --max-grad-norm
+        rows[name] = dict(data=t_data[name], text_cached=t_text_cached, text_encode=t_text_encode, vae=t_vae,
+                          fwd_bwd=t_fb, clip=t_clip, optimizer=t_opt)
 
         # bare: random tensors of the same shapes, nothing else
         x, e, p, ids = torch.randn_like(noisy), torch.randn_like(embeds), torch.randn_like(pooled), batch["time_ids"].clone()
         c = torch.rand_like(control)
         ts = torch.randint(0, 1000, (b,))
 
-        def bare():
+        def bare_step(unet=unet, controlnet=controlnet, trained=trained, opt=opt, x=x, e=e, p=p, ids=ids, c=c, ts=ts):
             kw = {}
             bare_cond = {"text_embeds": p, "time_ids": ids}
             if controlnet is not None:
@@ -178,9 +180,26 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        t_bare = timed(bare, n)
-        rows[name] = dict(script=script[name], data=t_data[name], text_cached=t_text_cached, text_encode=t_text_encode, vae=t_vae,
-                          fwd_bwd=t_fb, clip=t_clip, optimizer=t_opt, bare=t_bare, bare_vae=t_bare + t_vae)
+        bare[name] = bare_step
+
+    # ------------------------------------------------ rounds: bare, then (script, bare) x --rounds
+    # Each script run is compared with the bare runs on either side of it (each bare run times the VAE encode
+    # beside it), which cancels a slow drift of a shared machine; the median round is the result.
+    def bare_round():
+        return {name: (timed(fn, n), timed(lambda: sample_latents(batch, "pixel_values", vae, g), n)) for name, fn in bare.items()}
+
+    bares, scripts = [bare_round()], []
+    for _ in range(args.rounds):
+        scripts.append({"text2mask": script_step(train_text2mask, work, base, captions, args, n, len(scripts)),
+                        "mask2img": script_step(train_mask2img, work, base, captions, args, n, len(scripts))})
+        bares.append(bare_round())
+    for name, row in rows.items():
+        floors = [(b0[name][0] + b1[name][0]) / 2 for b0, b1 in zip(bares, bares[1:])]  # bare around each script run
+        vaes = [(b0[name][1] + b1[name][1]) / 2 for b0, b1 in zip(bares, bares[1:])]
+        row["script"] = statistics.median(sc[name] for sc in scripts)
+        row["bare"], row["bare_vae"] = statistics.median(floors), statistics.median(f + v for f, v in zip(floors, vaes))
+        row["rounds_bare"] = [sc[name] / f for sc, f in zip(scripts, floors)]
+        row["rounds_bare_vae"] = [sc[name] / (f + v) for sc, f, v in zip(scripts, floors, vaes)]
 
     print(f"one training step, tiny SDXL, {r}x{r}, batch {b}, {args.threads} thread(s), {args.num_workers} DataLoader worker(s), median of {n} "
           f"({'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")
@@ -199,9 +218,11 @@ def main():
           f"{rows['text2mask']['parts'] * 1e3:>12.2f}{rows['mask2img']['parts'] * 1e3:>12.2f}")
     floor = "bare + VAE + data" if in_step else "bare + VAE"
     for name, row in rows.items():
+        by_round = row["rounds_bare_vae"] if not in_step else [x * row["bare_vae"] / row["floor"] for x in row["rounds_bare_vae"]]
         print(f"{name}: script / sum of its parts = {row['script'] / row['parts']:.2f}x (accelerate, logging, progress)")
-        print(f"{name}: script / bare = {row['script'] / row['bare']:.2f}x; script / ({floor}) = {row['script'] / row['floor']:.2f}x "
-              f"(goal: <= 1.1x once embeddings are cached); encoding captions every step would add "
+        print(f"{name}: script / ({floor}) by round: {', '.join(f'{x:.2f}' for x in by_round)}")
+        print(f"{name}: script / bare = {statistics.median(row['rounds_bare']):.2f}x; script / ({floor}) = {statistics.median(by_round):.2f}x "
+              f"(median of {len(by_round)} rounds; goal: <= 1.1x once embeddings are cached); encoding captions every step would add "
               f"{row['text_encode'] / row['script']:.0%}")
 
 if __name__ == "__main__":
