@@ -315,7 +315,7 @@ def train(a, accelerator, output_dir: Path) -> dict:
         (output_dir / "options.json").write_text(json.dumps(vars(a), indent=1, default=str))
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
-    loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task, masks=not is_hrnet(key)),
+    loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task, segments=not is_hrnet(key)),
                 ["real", *[str(f) for f in folders]], output_dir, phases, MixedBatches, weights)
     start_phase, start_step = loop.resume(resume_from, say)
     for k in range(start_phase, len(phases)):

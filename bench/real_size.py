@@ -278,7 +278,7 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
     samples = ade_samples()
     data = segdata.SegData([samples], "ade20k", a.crop, augment=segdata.AUGMENTS[SEG.augment])
     items = [data[(0, i % len(samples), i)] for i in range(b)]  # (source, index, augmentation seed)
-    batch = as_tensors(segdata.collate(items))  # as train_seg's DataLoader hands it over, Mask2Former's targets built
+    batch = as_tensors(segdata.collate(items))  # as train_seg's DataLoader hands it over, segment ids found
     out = {}
     with tempfile.TemporaryDirectory() as tmp:  # Loop's stats.jsonl
         model = copy.deepcopy(net)
@@ -300,8 +300,7 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
     std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1) * 255
     images = (batch["image"].to(device).float() - mean) / std
     valid = batch["valid"].to(device).long()
-    masks = batch["masks"].to(device).float().split(batch["counts"])  # the targets made beforehand, per image
-    classes = batch["classes"].to(device).split(batch["counts"])
+    masks, classes, _ = segdata.mask_targets(batch["label"].to(device))  # the targets made beforehand
 
     def bare():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -3,7 +3,7 @@
 - bare: forward / backward / clip / AdamW step of the same Mask2Former on batches made beforehand
   (images normalised, targets built), nothing else;
 - ours: `train_seg.py --strategy aug --p-aug 0.6` end to end: MixedBatches' p_aug draws, decoding,
-  random resize / crop / photometric distortion / flip and Mask2Former's targets in DataLoader workers,
+  random resize / crop / photometric distortion / flip and the segment ids of Mask2Former's targets in DataLoader workers,
   stats and the progress bar.
 
 Goal: ours / bare >= 0.9, i.e. the data path does not starve the model. Both on the real ADE20K

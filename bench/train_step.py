@@ -198,8 +198,7 @@ def main():
         vaes = [(b0[name][1] + b1[name][1]) / 2 for b0, b1 in zip(bares, bares[1:])]
         row["script"] = statistics.median(sc[name] for sc in scripts)
         row["bare"], row["bare_vae"] = statistics.median(floors), statistics.median(f + v for f, v in zip(floors, vaes))
-        row["rounds_bare"] = [sc[name] / f for sc, f in zip(scripts, floors)]
-        row["rounds_bare_vae"] = [sc[name] / (f + v) for sc, f, v in zip(scripts, floors, vaes)]
+        row["rounds"] = [(sc[name], f, f + v) for sc, f, v in zip(scripts, floors, vaes)]  # (script, bare, bare + VAE) per round
 
     print(f"one training step, tiny SDXL, {r}x{r}, batch {b}, {args.threads} thread(s), {args.num_workers} DataLoader worker(s), median of {n} "
           f"({'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")
@@ -218,10 +217,10 @@ def main():
           f"{rows['text2mask']['parts'] * 1e3:>12.2f}{rows['mask2img']['parts'] * 1e3:>12.2f}")
     floor = "bare + VAE + data" if in_step else "bare + VAE"
     for name, row in rows.items():
-        by_round = row["rounds_bare_vae"] if not in_step else [x * row["bare_vae"] / row["floor"] for x in row["rounds_bare_vae"]]
+        by_round = [sc / (bare_vae + in_step * row["data"]) for sc, _, bare_vae in row["rounds"]]
         print(f"{name}: script / sum of its parts = {row['script'] / row['parts']:.2f}x (accelerate, logging, progress)")
         print(f"{name}: script / ({floor}) by round: {', '.join(f'{x:.2f}' for x in by_round)}")
-        print(f"{name}: script / bare = {statistics.median(row['rounds_bare']):.2f}x; script / ({floor}) = {statistics.median(by_round):.2f}x "
+        print(f"{name}: script / bare = {statistics.median(sc / bare for sc, bare, _ in row['rounds']):.2f}x; script / ({floor}) = {statistics.median(by_round):.2f}x "
               f"(median of {len(by_round)} rounds; goal: <= 1.1x once embeddings are cached); encoding captions every step would add "
               f"{row['text_encode'] / row['script']:.0%}")
 

@@ -18,12 +18,16 @@ import numpy as np
 import torch
 
 BY_VALUE = 256 * 1024  # bytes: tensors up to this size travel inside the pickle (measured above)
+NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                torch.float64}  # the dtypes .numpy() keeps exactly (not bfloat16, fp8, complex)
 
 
 def by_value(batch: dict) -> dict:
-    """A collated batch with its small tensors as NumPy arrays (bfloat16, which NumPy lacks, stays a tensor)."""
-    return {k: v.numpy() if torch.is_tensor(v) and v.nbytes <= BY_VALUE and v.dtype != torch.bfloat16 else v
-            for k, v in batch.items()}
+    """A collated batch with its small dense tensors as NumPy arrays; any other value stays as it is."""
+    def small(v):
+        return torch.is_tensor(v) and v.layout == torch.strided and v.dtype in NUMPY_DTYPES and v.nbytes <= BY_VALUE
+
+    return {k: v.detach().numpy() if small(v) else v for k, v in batch.items()}
 
 
 def as_tensors(batch: dict) -> dict:

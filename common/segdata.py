@@ -157,7 +157,7 @@ def crop_window(image: np.ndarray, label: np.ndarray, y: int, x: int, crop: int)
 
 def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int = 10):
     """A random crop_window; among up to `tries` windows the first with a labelled pixel, so that few
-    crops arrive empty (an image without targets is left out of the loss: see mask_targets)."""
+    crops arrive empty (an image without targets is left out of the loss: SegData's keep)."""
     h, w = label.shape
     for _ in range(tries):
         y, x = rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
@@ -229,17 +229,18 @@ class SegData(torch.utils.data.Dataset):
 
     Returns image (3, crop, crop) uint8, label (crop, crop) int32 targets (see load_target; -1 = ignore
     and padding), valid (crop, crop) bool (False on padding), source, keep (bool: any labelled pixel), and
-    with `masks` Mask2Former's targets (mask_target: masks (N, crop, crop) bool, classes (N,) long), built
-    here in the DataLoader workers as detectron2's dataset mapper builds them, not in the training step.
-    Batch them with `collate`. `augment`: an Augment, or True for the dataset's Mask2Former recipe (COCO:
-    large-scale jitter, ADE20K-layout data: ADE20K's), False for none."""
+    with `segments` the ids of the segments present (segment_ids, (N,) int32), found here in the DataLoader
+    workers: the step then builds Mask2Former's masks on the device from the label map and the ids
+    (mask_target) without torch.unique there, a host sync on a GPU, and without sending N masks of
+    crop x crop over. Batch them with `collate`. `augment`: an Augment, or True for the dataset's
+    Mask2Former recipe (COCO: large-scale jitter, ADE20K-layout data: ADE20K's), False for none."""
 
     def __init__(self, sources: list[list[Sample]], data: str, crop: int, augment: Augment | bool = True, task: str = "semantic",
-                 masks: bool = True):
+                 segments: bool = True):
         if isinstance(augment, bool):
             augment = AUGMENTS[("lsj" if data == "coco" else "ade20k") if augment else "none"]
         self.sources, self.data, self.crop, self.augment, self.task = sources, data, crop, augment, task
-        self.masks = masks  # False for HRNet, whose loss takes the label map itself
+        self.segments = segments  # False for HRNet, whose loss takes the label map itself
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)
@@ -267,32 +268,34 @@ class SegData(torch.utils.data.Dataset):
             "source": source,
             "keep": bool((lab >= 0).any()),
         }
-        if self.masks:
-            item["masks"], item["classes"] = mask_target(item["label"])
+        if self.segments:
+            item["segments"] = segment_ids(item["label"])
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    """SegData items -> a batch: image (B, 3, C, C) uint8, valid (B, C, C) bool, source (B,), keep (B,) bool;
-    Mask2Former's targets of all images in one tensor, masks (sum N_i, C, C) bool, with classes (sum N_i,)
-    long and counts [N_i] (split them with .split(counts)); or without masks (HRNet) label (B, C, C) int32.
-    Few tensors, the small ones sent by value (common/loader.py: each tensor a worker sends costs a
-    shared-memory descriptor); as_tensors in the step undoes by_value."""
-    keys = ("image", "valid", "source", "keep") + (() if "masks" in items[0] else ("label",))
-    batch = torch.utils.data.default_collate([{k: x[k] for k in keys} for x in items])
-    if "masks" in items[0]:
-        batch["masks"], batch["classes"] = torch.cat([x["masks"] for x in items]), torch.cat([x["classes"] for x in items])
-        batch["counts"] = [len(x["classes"]) for x in items]
+    """SegData items -> a batch: image (B, 3, C, C) uint8, label (B, C, C) int32, valid (B, C, C) bool,
+    source (B,), keep (B,) bool; with segments, all images' segment ids in one tensor (sum N_i,) int32 and
+    counts [N_i] (split them with .split(counts)). Few tensors, the small ones sent by value
+    (common/loader.py: each tensor a worker sends costs a shared-memory descriptor); as_tensors undoes it."""
+    batch = torch.utils.data.default_collate([{k: x[k] for k in ("image", "label", "valid", "source", "keep")} for x in items])
+    if "segments" in items[0]:
+        batch["segments"], batch["counts"] = torch.cat([x["segments"] for x in items]), [len(x["segments"]) for x in items]
     return by_value(batch)
 
 
-def mask_target(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, W) int32 targets (load_target) -> Mask2Former's: one binary mask per segment (per class for
-    semantic) present, masks (N, H, W) bool, and its class, classes (N,) long. N = 0 for an image
-    without a labelled pixel."""
+def segment_ids(label: torch.Tensor) -> torch.Tensor:
+    """(H, W) int32 targets (load_target) -> the ids of the segments present (N,), ignore (-1) left out.
+    N = 0 for an image without a labelled pixel."""
     present = torch.unique(label)
-    present = present[present >= 0]
-    return label[None] == present[:, None, None], (present // SEG).long()
+    return present[present >= 0]
+
+
+def mask_target(label: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) int32 targets -> Mask2Former's: one binary mask per segment (per class for semantic) present,
+    masks (N, H, W) bool, and its class, classes (N,) long. ids: segment_ids(label) when already known."""
+    ids = segment_ids(label) if ids is None else ids
+    return label[None] == ids[:, None, None], (ids // SEG).long()
 
 
 def mask_targets(labels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:

@@ -14,7 +14,7 @@ from common.checkpoint import save_seg_checkpoint
 from common.hrnet import loss as hrnet_loss
 from common.loader import as_tensors
 from common.progress import console, progress_bar
-from common.segdata import collate, semantic_labels
+from common.segdata import collate, mask_target, semantic_labels
 from common.segmodel import build_optimizer, is_hrnet, lr_factor
 from common.training import step_seed
 
@@ -93,9 +93,9 @@ class Loop:
         return model
 
     def step(self, model, optimizer, scheduler, batch):
-        """One iteration on a segdata.collate batch: normalise, the targets to the device (Mask2Former's masks,
-        built in the DataLoader workers, or HRNet's per-pixel classes), loss, clip, step. Returns the loss
-        (None: skipped)."""
+        """One iteration on a segdata.collate batch: normalise, the targets on the device (Mask2Former's masks
+        from the label map and the segment ids the DataLoader workers found, or HRNet's per-pixel classes),
+        loss, clip, step. Returns the loss (None: skipped)."""
         acc, a = self.accelerator, self.a
         batch = as_tensors(batch)  # segdata.collate sent the small tensors by value
         keep = batch["keep"]  # (B,) bool on the host: images with any labelled pixel (the others must not reach the loss)
@@ -108,14 +108,14 @@ class Loop:
             return None
         rows = keep.nonzero()[:, 0].to(acc.device)  # the kept images (indexing after the copy keeps it from pinned memory)
         images = (batch["image"].to(acc.device, non_blocking=True)[rows].float() - self.mean) / self.std
+        labels = batch["label"].to(acc.device, non_blocking=True)  # (B, H, W) int32
         if self.hrnet:  # per-pixel cross-entropy, 255 (ignore, padding) left out
-            loss = hrnet_loss(model(images), semantic_labels(batch["label"].to(acc.device, non_blocking=True)[rows]))
+            loss = hrnet_loss(model(images), semantic_labels(labels[rows]))
         else:
             valid = batch["valid"].to(acc.device, non_blocking=True)[rows].long()
-            masks = batch["masks"].to(acc.device, non_blocking=True).float().split(batch["counts"])  # per image (N_i, H, W)
-            classes = batch["classes"].to(acc.device, non_blocking=True).split(batch["counts"])  # per image (N_i,)
-            mask_labels = [m for m, k in zip(masks, keep.tolist()) if k]
-            class_labels = [c for c, k in zip(classes, keep.tolist()) if k]
+            ids = batch["segments"].to(acc.device, non_blocking=True).split(batch["counts"])  # per image (N_i,), found in the workers
+            targets = [mask_target(lab, i) for lab, i, k in zip(labels, ids, keep.tolist()) if k]  # (N_i, H, W) bool, (N_i,)
+            mask_labels, class_labels = [m.float() for m, _ in targets], [c for _, c in targets]
             loss = model(pixel_values=images, pixel_mask=valid, mask_labels=mask_labels, class_labels=class_labels).loss
         acc.backward(loss)
         if a.grad_clip > 0:

@@ -352,8 +352,9 @@ def test_coco_targets_leave_out_crowd_and_keep_things_for_instance():
     assert (segdata.load_target(sample, "coco", "panoptic")[ids == crowd["id"]] == -1).all()
 
 
-def test_dataloader_workers_build_mask2former_targets_that_partition_the_labelled_pixels():
-    # train_seg's DataLoader (one worker process, segdata.collate) hands over each image's masks and classes.
+def test_dataloader_workers_find_the_segments_whose_masks_partition_the_labelled_pixels():
+    # train_seg's DataLoader (one worker process, segdata.collate) hands over each image's segment ids; the step's
+    # masks (mask_target on the label map and those ids) cover each labelled pixel once, one segment and class each.
     ade = read_dataset("ade20k", ADE_ROOT, "train") + read_dataset("ade20k", ADE_ROOT, "val")
     coco = read_dataset("coco", COCO_ROOT, "val")
     for data, samples, task in (("ade20k", ade, "semantic"), ("coco", coco, "panoptic")):
@@ -361,17 +362,17 @@ def test_dataloader_workers_build_mask2former_targets_that_partition_the_labelle
         keys = [[(0, i, 7 * i), (0, (i + 1) % len(samples), 7 * i + 1)] for i in range(len(samples))]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=1, collate_fn=segdata.collate)
         for batch, batch_keys in zip(map(as_tensors, loader), keys):
-            assert batch["image"].shape == (2, 3, 96, 96) and batch["masks"].dtype == torch.bool
-            for key, masks, classes, keep in zip(batch_keys, batch["masks"].split(batch["counts"]),
-                                                 batch["classes"].split(batch["counts"]), batch["keep"]):
-                lab = dataset[key]["label"]  # the same augmentation, drawn again from the key's seed
-                assert masks.shape[1:] == (96, 96) and len(masks) == len(classes) > 0
+            assert batch["image"].shape == (2, 3, 96, 96) and batch["label"].shape == (2, 96, 96)
+            for key, lab, ids, keep in zip(batch_keys, batch["label"], batch["segments"].split(batch["counts"]), batch["keep"]):
+                assert torch.equal(lab, dataset[key]["label"])  # the same augmentation, drawn again from the key's seed
+                masks, classes = segdata.mask_target(lab, ids)
+                assert masks.dtype == torch.bool and masks.shape[1:] == (96, 96) and len(masks) == len(classes) > 0
                 assert torch.equal(masks.sum(0), (lab >= 0).long())  # each labelled pixel in exactly one mask
                 for m, c in zip(masks, classes):  # one segment per mask, of that class
                     assert len(torch.unique(lab[m])) == 1 and int(lab[m][0]) // segdata.SEG == int(c)
                 assert bool(keep)
-    hrnet = as_tensors(segdata.collate([segdata.SegData([ade], "ade20k", 96, masks=False)[(0, 0, 0)]]))  # HRNet's loss takes the label map
-    assert "masks" not in hrnet and hrnet["label"].shape == (1, 96, 96) and hrnet["keep"].tolist() == [True]
+    hrnet = as_tensors(segdata.collate([segdata.SegData([ade], "ade20k", 96, segments=False)[(0, 0, 0)]]))  # HRNet: the label map
+    assert "segments" not in hrnet and hrnet["label"].shape == (1, 96, 96) and hrnet["keep"].tolist() == [True]
 
 
 class _Oracle(torch.nn.Module):
