@@ -40,6 +40,7 @@ bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 	$(PY) bench/train_seg.py
+	$(PY) bench/loader.py
 	$(PY) bench/imgsyn_plumbing.py
 
 clean:

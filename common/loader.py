@@ -1,15 +1,16 @@
 """How a batch travels from a DataLoader worker to the training step.
 
 torch.multiprocessing hands each tensor a worker returns over as a shared-memory file descriptor, sent
-over a fresh Unix-socket connection: a fixed ~0.6 ms per tensor on a CPU here, however small the
+over a fresh Unix-socket connection: a fixed ~0.5 ms per tensor on a CPU here, however small the
 tensor. A NumPy array travels inside the pickle instead, which is cheaper up to a few hundred KiB. So a
 worker's batch sends its small tensors as arrays (`by_value`, the end of a collate_fn) and the main
 process turns them back (`as_tensors`, no copy).
 
-Measured with one worker, batches of two, `python bench/train_seg.py`'s machine (2 cores): per batch of
-one tensor, 0.85 ms in shared memory vs 0.2 ms by value at 1 and 64 KiB, 0.37 ms at 256 KiB; from 1 MiB
-on, shared memory wins (1.5 vs 3.4 ms). torch's other strategy, set_sharing_strategy("file_system"),
-costs ~0.2 ms per tensor, but is process-wide and can leave files in /dev/shm behind a killed job.
+`python bench/loader.py` (one worker, batches of two, 2 cores), ms per batch: 1 / 5 / 9 small tensors
+0.90 / 3.03 / 4.79 in shared memory, 0.30 / 0.77 / 0.86 by value; one tensor of 256 KiB 0.74 vs 0.51, of
+1 MiB 1.26 vs 3.57 (from there on shared memory wins). torch's other strategy,
+set_sharing_strategy("file_system"), gave 0.62 / 1.28 / 2.25, but it is process-wide and can leave files
+in /dev/shm behind a killed job.
 """
 
 from __future__ import annotations

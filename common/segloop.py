@@ -106,7 +106,7 @@ class Loop:
             self.skipped_steps += 1
             scheduler.step()
             return None
-        rows = keep.nonzero()[:, 0].to(acc.device)  # the kept images (indexing after the copy keeps it from pinned memory)
+        rows = keep.nonzero()[:, 0].to(acc.device)  # the kept images, indexed after the copy (which then reads the pinned batch)
         images = (batch["image"].to(acc.device, non_blocking=True)[rows].float() - self.mean) / self.std
         labels = batch["label"].to(acc.device, non_blocking=True)  # (B, H, W) int32
         if self.hrnet:  # per-pixel cross-entropy, 255 (ignore, padding) left out
