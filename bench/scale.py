@@ -11,11 +11,14 @@ VmHWM) and prints the new path against the code it replaces, measured in the sam
 - worker: a forked DataLoader worker touching its quarter of the samples, then gc.collect();
           private memory (Private_* in /proc/self/smaps_rollup)
 - coco:   datasets.coco_panoptic_index, first and cached, vs the JSON parsed on every call
+- json:   synth.write_coco_panoptic_json (the end of a COCO imgsyn/masksyn run), written sample by sample
+          through the index, vs the whole document built from read_synthetic and dumped at once (every
+          line's image and panoptic PNG are hard links to one 640 x 480 pair)
 
 The old paths keep every record as Python objects (~6 GB per million lines), so they run on at most
 --baseline-lines lines (default 100k) and are scaled per million; the new ones run on all N lines.
 
-    python bench/scale.py                       # ~1 minute: 50k lines, 10k COCO images
+    python bench/scale.py                       # ~2 minutes: 50k lines, 10k COCO images
     nice -n 10 python bench/scale.py --lines 1200000 --coco-images 118000   # the paper-scale target
 Targets at 1.2 M lines: resume <= 10 s and <= 300 MB; index <= 20 s and <= 1 GB, <= 100 MB private per
 worker; COCO 118k <= 5 s and <= 300 MB once cached.
@@ -77,6 +80,40 @@ def write_folder(folder: Path, lines: int, ranks: int = 2) -> None:
         files[i % ranks].write(imgsyn_line(f"{source}_{i % 10:03d}", source, i % 10, segments(SEGMENTS_PER_LINE, i)) + "\n")
     for f in files:
         f.close()
+
+
+def link_files(folder: Path, lines: int) -> None:
+    """images/ID.jpg and annotations/ID.png for every line of write_folder: hard links to one real pair."""
+    from PIL import Image
+
+    for sub in ("images", "annotations"):
+        (folder / sub).mkdir()
+    Image.new("RGB", (640, 480), (40, 80, 120)).save(folder / "pair.jpg")
+    Image.new("RGB", (640, 480), (1, 0, 0)).save(folder / "pair.png")
+    for i in range(lines):
+        sid = f"{i // 10:012d}_{i % 10:03d}"
+        os.link(folder / "pair.jpg", folder / f"images/{sid}.jpg")
+        os.link(folder / "pair.png", folder / f"annotations/{sid}.png")
+
+
+def old_coco_json(out: Path) -> Path:
+    """synth.write_coco_panoptic_json as it was: every sample from read_synthetic, one document, one dump."""
+    from PIL import Image
+
+    from common.colormap import coco_categories
+    from common.datasets import read_synthetic
+
+    images, annotations = [], []
+    for image_id, sample in enumerate(sorted(read_synthetic(out), key=lambda x: x.id), start=1):
+        with Image.open(sample.annotation) as im:
+            width, height = im.size
+        images.append({"id": image_id, "file_name": sample.image.name, "width": width, "height": height})
+        annotations.append({"image_id": image_id, "file_name": sample.annotation.name, "segments_info": sample.segments})
+    doc = {"images": images, "annotations": annotations,
+           "categories": [{k: c[k] for k in ("id", "name", "isthing", "color") if k in c} for c in coco_categories()]}
+    path = out / "panoptic_old.json"
+    path.write_text(json.dumps(doc))
+    return path
 
 
 def write_coco(root: Path, images: int) -> None:
@@ -190,6 +227,17 @@ def measure(name: str, path: Path) -> dict:
         extra["n"] = len(coco_panoptic_index(path, "val"))
     elif name == "coco_old":
         extra["n"] = len(_read_coco_panoptic_json(path, "val"))
+    elif name == "json_new":
+        from common import synth
+
+        idx.synthetic_index(path)  # as train_seg or a resume left it: the index is cached (its build is the index row)
+        start, cpu = time.perf_counter(), time.process_time()
+        extra["mb_written"] = synth.write_coco_panoptic_json(path).stat().st_size / 1e6
+    elif name == "json_old":
+        from common import synth  # noqa: F401  (the old function lived there: the same imports as json_new)
+
+        start, cpu = time.perf_counter(), time.process_time()
+        extra["mb_written"] = old_coco_json(path).stat().st_size / 1e6
     else:
         raise SystemExit(f"unknown measurement {name}")
     return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "peak_mb": _status("VmHWM:"),
@@ -221,8 +269,10 @@ def main() -> None:
         base_lines, base_coco = min(a.lines, a.baseline_lines), min(a.coco_images, a.baseline_lines)
         t = time.perf_counter()
         write_folder(work / "synth", a.lines)
+        link_files(work / "synth", a.lines)
         if base_lines < a.lines:
             write_folder(work / "synth_base", base_lines)
+            link_files(work / "synth_base", base_lines)
         else:
             (work / "synth_base").symlink_to(work / "synth")
         write_coco(work / "coco", a.coco_images)
@@ -259,10 +309,13 @@ def main() -> None:
             shutil.rmtree(work / "coco")
             write_coco(work / "coco", base_coco)
         rows["coco_old"] = show("coco: JSON (old)", "coco_old", work / "coco", base_coco)
+        rows["json_new"] = show("json: streamed", "json_new", work / "synth", a.lines)
+        rows["json_old"] = show("json: one document (old)", "json_old", work / "synth_base", base_lines)
 
         print("\nold / new, per million lines (seconds; memory above a bare process):")
         for what, new, old in (("resume", "resume_new", "resume_old"), ("index (cached)", "index_cached", "index_old"),
-                               ("index (build)", "index_build", "index_old"), ("coco (cached)", "coco_cached", "coco_old")):
+                               ("index (build)", "index_build", "index_old"), ("coco (cached)", "coco_cached", "coco_old"),
+                               ("coco json", "json_new", "json_old")):
             n, o = rows[new], rows[old]
             print(f"  {what:<16} time {o['s_per_M'] / max(n['s_per_M'], 1e-9):7.1f}x   memory "
                   f"{o['mb_per_M'] / max(n['mb_per_M'], 1e-9):7.1f}x")
@@ -277,6 +330,8 @@ def main() -> None:
         print(f"  worker  {rows['worker_new']['private_mb']:6.0f} MB private at {a.lines} lines (<= 100; mostly the "
               f"interpreter's own pages, not per sample)")
         print(f"  coco    {rows['coco_cached']['s_per_M'] * 0.118:6.1f} s cached, {empty + rows['coco_cached']['mb_per_M'] * 0.118:6.0f} MB (<= 5 s, 300 MB)")
+        print(f"  json    {rows['json_new']['s_per_M'] * 1.2:6.1f} s, {empty + rows['json_new']['mb_per_M'] * 1.2:6.0f} MB streamed; "
+              f"{rows['json_old']['s_per_M'] * 1.2:.0f} s, {empty + rows['json_old']['mb_per_M'] * 1.2:.0f} MB as one document (no target)")
         print(f"load average at the end: {_load()}")
     finally:
         if a.keep is None:

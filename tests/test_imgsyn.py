@@ -108,6 +108,13 @@ def test_coco_panoptic_folder(tmp_path, models):
         ids = rgb_to_id(np.asarray(Image.open(out / "annotations" / ann["file_name"])))
         assert ids.shape == (img["height"], img["width"])
         assert {x["id"] for x in ann["segments_info"]} == set(np.unique(ids[ids > 0]).tolist())
+    # Written sample by sample, it is byte for byte the whole document dumped at once (ids 1..N in sample-id order).
+    ordered = sorted(read_synthetic(out), key=lambda x: x.id)
+    whole = {"images": [{"id": i, "file_name": x.image.name, "width": Image.open(x.annotation).size[0], "height": Image.open(x.annotation).size[1]}
+                        for i, x in enumerate(ordered, start=1)],
+             "annotations": [{"image_id": i, "file_name": x.annotation.name, "segments_info": x.segments} for i, x in enumerate(ordered, start=1)],
+             "categories": [{k: c[k] for k in ("id", "name", "isthing", "color") if k in c} for c in coco_categories()]}
+    assert (out / "panoptic_coco.json").read_text() == json.dumps(whole) and len(whole["images"]) == 2
 
 
 @contextmanager
