@@ -399,6 +399,15 @@ if [ "$PRESET" = toy ]; then
   exit 0
 fi
 
+# The chain's stage markers carry no dataset: one WORK holds one --data's chain (WORK/.data names it).
+if [ "$DRY" = 0 ]; then
+  if [ -s "$WORK/.data" ] && [ "$(cat "$WORK/.data")" != "$DATA" ]; then
+    echo "reproduce.sh: --work $WORK already holds the --data $(cat "$WORK/.data") chain (its finished stages, marked in $DONE," \
+         "would be skipped for --data $DATA); give --data $DATA its own --work" >&2
+    exit 2
+  fi
+  echo "$DATA" > "$WORK/.data"
+fi
 if [ "$PRESET" = tiny ]; then
   for kind in sdxl mask2former; do stage "tiny-$kind" "$PY" -m common.tiny "$kind" "$TINY/$kind"; done
 fi

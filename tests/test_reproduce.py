@@ -102,6 +102,18 @@ def test_tiny_chain_killed_midway_resumes_and_validates(tmp_path):
     assert Image.open(work / "contact_sheet.png").size[0] > 0
 
 
+def test_a_work_folder_holding_another_datasets_chain_is_refused(tmp_path):
+    # The chain's stage markers (WORK/.done/caption, ...) carry no dataset: --data coco must not skip ADE20K's stages.
+    work = tmp_path / "w"
+    (work / ".done").mkdir(parents=True)
+    (work / ".done/caption").touch()
+    (work / ".data").write_text("ade20k\n")
+    r = run("--preset", "tiny", "--data", "coco", "--work", work)
+    assert r.returncode == 2 and f"--work {work} already holds the --data ade20k chain" in r.stderr
+    assert "give --data coco its own --work" in r.stderr and "== caption" not in r.stdout
+    assert (work / ".data").read_text() == "ade20k\n"
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_the_options(flag):
     r = run(flag)
