@@ -82,18 +82,21 @@ def write_folder(folder: Path, lines: int, ranks: int = 2) -> None:
         f.close()
 
 
-def link_files(folder: Path, lines: int) -> None:
-    """images/ID.jpg and annotations/ID.png for every line of write_folder: hard links to one real pair."""
+def link_files(folder: Path, lines: int, per_file: int = 60_000) -> None:
+    """images/ID.jpg and annotations/ID.png for every line of write_folder: hard links to a real pair, a new
+    copy of it every `per_file` lines (ext4 allows 65,000 links to a file)."""
     from PIL import Image
 
     for sub in ("images", "annotations"):
         (folder / sub).mkdir()
-    Image.new("RGB", (640, 480), (40, 80, 120)).save(folder / "pair.jpg")
-    Image.new("RGB", (640, 480), (1, 0, 0)).save(folder / "pair.png")
     for i in range(lines):
+        jpg, png = folder / f"pair{i // per_file}.jpg", folder / f"pair{i // per_file}.png"
+        if i % per_file == 0:
+            Image.new("RGB", (640, 480), (40, 80, 120)).save(jpg)
+            Image.new("RGB", (640, 480), (1, 0, 0)).save(png)
         sid = f"{i // 10:012d}_{i % 10:03d}"
-        os.link(folder / "pair.jpg", folder / f"images/{sid}.jpg")
-        os.link(folder / "pair.png", folder / f"annotations/{sid}.png")
+        os.link(jpg, folder / f"images/{sid}.jpg")
+        os.link(png, folder / f"annotations/{sid}.png")
 
 
 def old_coco_json(out: Path) -> Path:
