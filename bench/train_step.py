@@ -42,7 +42,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import tiny  # noqa: E402
+from common import loader, tiny  # noqa: E402
 from common.colormap import palette_for  # noqa: E402
 from common.datasets import read_dataset  # noqa: E402
 from common.sdxl import cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders  # noqa: E402
@@ -117,7 +117,7 @@ def main():
     dataset = ColorMapDataset(samples, "ade20k", palette_for("ade20k"), r, emb)
     colormaps_only = ColorMapDataset(samples, "ade20k", palette_for("ade20k"), r, emb, need_image=False)  # Text2Mask's
     batches = iter(StepBatches(len(dataset), b, 0))
-    collate = torch.utils.data.default_collate
+    collate = loader.collate  # the trainers' collate_fn (common/loader.py: small tensors by value; to_device takes them back)
     t_data = {"text2mask": timed(lambda: collate([colormaps_only[k] for k in next(batches)]), n),
               "mask2img": timed(lambda: collate([dataset[k] for k in next(batches)]), n)}
     t_text_cached = timed(lambda: [emb.row(i) for i in range(b)], n)
