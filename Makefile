@@ -11,7 +11,7 @@ export TRANSFORMERS_VERBOSITY := error
 export DIFFUSERS_VERBOSITY := error
 export PYTHONPATH := $(CURDIR)
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning made a tiny step 20-100x slower
-# (bench/threads.py, common/threads.py). A value already in the environment wins.
+# (bench/threads.py, common/runtime/threads.py). A value already in the environment wins.
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo smoke bench clean

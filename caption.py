@@ -14,7 +14,8 @@ its own `NAME.rank{N}.jsonl`; readers take the family as one file.
 
 from __future__ import annotations
 
-from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import quiet  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import threads
 
 import copy
 import json
@@ -28,15 +29,17 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from common import SegGenError, cli, subset
-from common.cli import Data, Precision, RealSubsetOpt, Split, precision_dtype, user_errors
-from common.colormap import class_names
-from common.datasets import Sample, default_data_root, load_image, load_label, read_dataset
-from common.lock import output_lock
-from common.manifest import ManifestWriter, rank_path, read_ids
-from common.paths import captions_path
-from common.progress import progress_bar
-from common.shard import process_state, shard
+from common import SegGenError
+from common.runtime import cli
+from common.data import subset
+from common.runtime.cli import Data, Precision, RealSubsetOpt, Split, precision_dtype, user_errors
+from common.masks.colormap import class_names
+from common.data.datasets import Sample, default_data_root, load_image, load_label, read_dataset
+from common.runtime.lock import output_lock
+from common.data.manifest import ManifestWriter, rank_path, read_ids
+from common.data.paths import captions_path
+from common.runtime.progress import progress_bar
+from common.runtime.shard import process_state, shard
 
 PAPER_MODEL = "Salesforce/blip2-flan-t5-xxl"
 PAPER_PROMPT = "Question: What are shown in the photo? Answer:"
@@ -178,7 +181,7 @@ def _caption(
     samples = read_dataset(data, data_root, split)  # bad --data / --data-root fail here, before any model
     root = Path(data_root) if data_root is not None else default_data_root()
     out = Path(out) if out is not None else captions_path(data, split)
-    if real_subset is not None:  # the one subset every stage uses (common/subset.py)
+    if real_subset is not None:  # the one subset every stage uses (common/data/subset.py)
         samples = subset.apply(samples, real_subset)
     samples = samples[:limit] if limit else samples
     mine = shard(samples, state)
@@ -267,7 +270,7 @@ def main(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=512, help="Longest caption, in tokens.", rich_help_panel="Generation")] = 30,
     num_beams: Annotated[int, typer.Option(min=1, max=16, help="Beam search width (1 = greedy).", rich_help_panel="Generation")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generate() call.", rich_help_panel="Generation")] = 16,
-    num_workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: cores−1, at most 4; 0 on ≤ 2 cores; common/threads.py).", rich_help_panel="Generation")] = None,
+    num_workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: cores−1, at most 4; 0 on ≤ 2 cores; common/runtime/threads.py).", rich_help_panel="Generation")] = None,
 ):
     """Caption a dataset with BLIP-2 (paper §3.2) or with its class names; resumable, shardable."""
     with user_errors(console):

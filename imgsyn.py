@@ -7,18 +7,19 @@
 For every captioned real sample: its label -> colour map (generation palette; COCO panoptic: category
 colours with every segment outlined in the edge colour, appendix A.2) -> Mask2Img (a ControlNet on
 SDXL, 40 steps, appendix A.4; by default SDXL's reference Euler sampler on the legacy DDPM schedule, guidance 5,
-common/sampler.py; `--sampler heun --schedule karras` is the earlier default) conditioned on the colour map and the caption -> K new
+common/diffusion/sampler.py; `--sampler heun --schedule karras` is the earlier default) conditioned on the colour map and the caption -> K new
 images. The annotation beside each image is the human one (a hard link), with `segments_info` for
 COCO. The paper makes 50 per sample on ADE20K (1,010,500 images) and 10 on COCO (1,182,870).
 
 Output: the synthetic folder of docs/design.md (images/, annotations/, colormaps/, manifest*.jsonl). A
 killed run resumes; under `accelerate launch` process N takes every N-th batch and writes its own
-manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID` (see common/synth.py).
+manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID` (see common/synthesis/synth.py).
 """
 
 from __future__ import annotations
 
-from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import quiet  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import threads
 
 import time
 from contextlib import ExitStack
@@ -32,15 +33,18 @@ import torch
 import typer
 from PIL import Image
 
-from common import SegGenError, cli, subset, synth
-from common.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
-from common.datasets import Sample, load_label, load_panoptic, read_dataset
-from common.lock import output_lock
-from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
-from common.paths import captions_path, mask2img_dir, require, synth_dir
-from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, Split, precision_dtype, user_errors
-from common.synth import console
+from common import SegGenError
+from common.runtime import cli
+from common.data import subset
+from common.synthesis import synth
+from common.masks.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
+from common.data.datasets import Sample, load_label, load_panoptic, read_dataset
+from common.runtime.lock import output_lock
+from common.data.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
+from common.data.paths import captions_path, mask2img_dir, require, synth_dir
+from common.runtime.shard import process_state
+from common.runtime.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, Split, precision_dtype, user_errors
+from common.synthesis.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
 
@@ -63,7 +67,7 @@ class Job(synth.Job):
     split: str = "train"
     per_sample: int | None = None  # paper §4.1: 50 ADE20K, 10 COCO
     steps: int = 40
-    real_subset: Path | None = None  # only these sources (common/subset.py)
+    real_subset: Path | None = None  # only these sources (common/data/subset.py)
 
 
 # ---------------------------------------------------------------- one source sample's inputs
@@ -177,7 +181,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
     dtype = precision_dtype(o.precision, state.device)
     settings = o.settings(Settings, dtype, steps=o.steps, palette=palette.name)
     models = {"mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
-    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/lock.py)
+    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/runtime/lock.py)
     done = synth.check_output(out, settings, models)
     recorded = synth.record_models(models, out)  # relative to out: the folder moves with its models (issue 17 item 4)
 

@@ -6,7 +6,7 @@
 
 For every caption: Text2Mask (SDXL fine-tuned on colour maps, 200 steps, appendix A.4)
 draws a colour map -> label map by the nearest colour of the palette it was trained with, with a 3×3
-majority vote (appendix A.2, common/colormap.py) -> the clean colour map re-rendered from that label ->
+majority vote (appendix A.2, common/masks/colormap.py) -> the clean colour map re-rendered from that label ->
 Mask2Img (ControlNet, 40 steps) -> image. The image is conditioned on the re-rendered map, so the
 stored label and the image agree. Degenerate masks are counted, not written, and redrawn with new seeds
 (derived from caption id and attempt index) until --per-sample are accepted or --max-attempts drawn. The rules: fewer than
@@ -18,16 +18,17 @@ the generated edge-coloured map -> `color_to_panoptic` -> panoptic PNG (id = R +
 annotation re-rendered by `panoptic_to_color`. Extra COCO rule: "no_instance" (no thing segment recovered).
 
 Sampling (both models): by default SDXL's reference sampler (Stability-AI/generative-models
-`scripts/demo/streamlit_helpers.py`): Euler over the legacy DDPM schedule, guidance 5 (common/sampler.py),
+`scripts/demo/streamlit_helpers.py`): Euler over the legacy DDPM schedule, guidance 5 (common/diffusion/sampler.py),
 so 200 + 40 UNet calls per sample; `--sampler heun --schedule karras` is the earlier default (399 + 79).
 
 Output: the synthetic folder of docs/design.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
-common/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
+common/synthesis/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
 """
 
 from __future__ import annotations
 
-from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import quiet  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import threads
 
 import time
 from contextlib import ExitStack
@@ -41,16 +42,19 @@ import torch
 import typer
 from rich.progress import TextColumn
 
-from common import SegGenError, cli, subset, synth
-from common.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
+from common import SegGenError
+from common.runtime import cli
+from common.data import subset
+from common.synthesis import synth
+from common.masks.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
-from common.datasets import id_to_rgb
-from common.lock import output_lock
-from common.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_ids, read_manifest
-from common.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
-from common.shard import process_state
-from common.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, precision_dtype, user_errors
-from common.synth import console
+from common.data.datasets import id_to_rgb
+from common.runtime.lock import output_lock
+from common.data.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_ids, read_manifest
+from common.data.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
+from common.runtime.shard import process_state
+from common.runtime.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, precision_dtype, user_errors
+from common.synthesis.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
 
@@ -78,7 +82,7 @@ class Job(synth.Job):
     text2mask_steps: int = 200
     mask2img_steps: int = 40
     max_off_palette: float = 0.1
-    real_subset: Path | None = None  # only these captions' ids (common/subset.py)
+    real_subset: Path | None = None  # only these captions' ids (common/data/subset.py)
 
 
 # ---------------------------------------------------------------- one batch: caption -> mask -> image
@@ -204,7 +208,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
                           off_palette_distance=palettes[0].min_distance() / 2)
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     rejected_path = out / "rejected.jsonl"
-    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/lock.py)
+    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/runtime/lock.py)
     done = synth.check_output(out, settings, models)
     # Rejections carry their settings too: a rerun with e.g. a looser --max-off-palette must not skip them.
     rejected = synth.check_output(out, settings, models, rejected_path)  # ids only, streaming
@@ -386,7 +390,7 @@ def _reproduce(out, wanted, caps, state) -> dict:
 # ---------------------------------------------------------------- command line
 
 def main(
-    data: Annotated[Data, typer.Option(help="Dataset whose classes and palette the masks use. ade20k: semantic label PNGs (the paper); coco: panoptic PNGs + segments_info, instances recovered from the edge-coloured maps (common/colormap.py: color_to_panoptic, beyond the paper); toy: the toy world.", rich_help_panel="Data")] = Data.ade20k,
+    data: Annotated[Data, typer.Option(help="Dataset whose classes and palette the masks use. ade20k: semantic label PNGs (the paper); coco: panoptic PNGs + segments_info, instances recovered from the edge-coloured maps (common/masks/colormap.py: color_to_panoptic, beyond the paper); toy: the toy world.", rich_help_panel="Data")] = Data.ade20k,
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL, the prompts (default: captions/{data}_train.jsonl, from caption.py).", rich_help_panel="Data")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N captions (a quick look).", rich_help_panel="Data")] = None,
     real_subset: RealSubsetOpt = None,

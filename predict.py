@@ -9,7 +9,7 @@ same relative path:
   own values 1..150; COCO: 1..133 in category-id order), 0 = none (kept for unlabelled pixels; never predicted);
 - overlays/<name>.png: the image with the classes' usual colours blended in (--alpha).
 Semantic inference at the image's original resolution, short side resized to --size (train_seg's evaluation:
-common/segmodel.py semantic_scores). Resumable: an image whose two outputs exist is skipped.
+common/seg/model.py semantic_scores). Resumable: an image whose two outputs exist is skipped.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ import torch
 import typer
 from PIL import Image
 
-from common import SegGenError, segdata, segmodel
-from common.cli import Data, user_errors
-from common.cli import run as run_cli
-from common.colormap import coco_categories, label_to_color, palette_for
-from common.datasets import load_image
-from common.manifest import atomic_save
-from common.progress import console, progress_bar
+from common import SegGenError
+from common.seg import data as segdata
+from common.seg import model as segmodel
+from common.runtime.cli import Data, user_errors
+from common.runtime.cli import run as run_cli
+from common.masks.colormap import coco_categories, label_to_color, palette_for
+from common.data.datasets import load_image
+from common.data.manifest import atomic_save
+from common.runtime.progress import console, progress_bar
 
 SIZE = 512  # short side at test time: train_seg's ADE20K evaluation size (A.3)
 ALPHA = 0.5  # weight of the class colours in the overlay
@@ -43,7 +45,7 @@ def load_segmenter(folder: Path, data: str):
         raise SegGenError(f"--checkpoint {folder}: no config.json there; pass a train_seg run's model/ folder")
     names = segdata.class_names(data)
     if kind == "hrnetv2":
-        from common import hrnet
+        from common.seg import hrnet
 
         net, norm = hrnet.load(folder), segmodel.Normalize(**_processor_json(folder))
         classes = net.num_classes

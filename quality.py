@@ -17,7 +17,7 @@
 
 Resumable: ids already in quality.jsonl and filtered annotations already written are skipped. Under
 `accelerate launch` process N takes every N-th sample and writes quality.rank{N}.jsonl. The functions
-are in common/quality.py; train_seg reads the results through `filtered_samples` / `sampling_probabilities`.
+are in common/seg/quality.py; train_seg reads the results through `filtered_samples` / `sampling_probabilities`.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ import torch.nn.functional as F
 import typer
 from rich.console import Console
 
-from common import SegGenError, cli, synth
-from common import quality as q
-from common.cli import Data, Split
-from common.colormap import label_to_color, palette_for
-from common.datasets import Sample, load_image, read_dataset, read_synthetic
-from common.lock import output_lock
-from common.manifest import ManifestWriter, done_ids, rank_path, read_manifest
-from common.shard import process_state, shard
+from common import SegGenError
+from common.runtime import cli
+from common.synthesis import synth
+from common.seg import labels, quality as q
+from common.runtime.cli import Data, Split
+from common.masks.colormap import label_to_color, palette_for
+from common.data.datasets import Sample, load_image, read_dataset, read_synthetic
+from common.runtime.lock import output_lock
+from common.data.manifest import ManifestWriter, done_ids, rank_path, read_manifest
+from common.runtime.shard import process_state, shard
 
 # ---------------------------------------------------------------- defaults and their source
 SIZE = 512  # short side the segmenter sees: train_seg's ADE20K crop / eval size (A.3)
@@ -82,7 +84,7 @@ def load_segmenter(path: Path, num_classes: int, device) -> Segmenter:
                           f"model folder, e.g. runs/seg-ade20k-real/model")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type == "hrnetv2":
-        from common import hrnet
+        from common.seg import hrnet
 
         model, mean, std, kind = hrnet.load(path), IMAGENET_MEAN, IMAGENET_STD, "hrnet"
         classes = model.num_classes
@@ -105,7 +107,7 @@ def load_segmenter(path: Path, num_classes: int, device) -> Segmenter:
 
 def mask2former_scores(model, x: torch.Tensor) -> torch.Tensor:
     """(1, 3, h, w) -> (C, h, w): Mask2Former's semantic inference, softmax(class) without "no object" ·
-    sigmoid(mask), summed over queries. TODO(lead): use common.segmodel (train_seg's predict: padding to
+    sigmoid(mask), summed over queries. TODO(lead): use common.seg.model (train_seg's predict: padding to
     32, detectron2's upsampling)."""
     out = model(pixel_values=x)
     masks = F.interpolate(out.masks_queries_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -128,7 +130,7 @@ def predict(seg: Segmenter, image: np.ndarray, size: int) -> tuple[torch.Tensor,
 
 def figures_of(seg: Segmenter, sample: Sample, data: str, size: int) -> tuple[dict, torch.Tensor, np.ndarray, np.ndarray]:
     """(figures, loss (H, W), label train ids (H, W), prediction train ids (H, W)) of one sample."""
-    label = q.label_train_ids(sample, data)
+    label = labels.load_train_label(sample, data)
     scores, kind = predict(seg, np.asarray(load_image(sample.image)), size)
     figures, loss = q.sample_figures(scores, label, kind=kind)
     return figures, loss, label, scores.argmax(0).cpu().numpy()
@@ -179,9 +181,9 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
     state = process_state()
     folder = Path(synthetic)
     samples = read_synthetic(folder)  # a bad --synthetic fails here, before any lock or model
-    with output_lock(folder, state.process_index, "--synthetic"):  # one writer per folder (common/lock.py)
+    with output_lock(folder, state.process_index, "--synthetic"):  # one writer per folder (common/runtime/lock.py)
         real = read_dataset(data, data_root, split)
-        names = q.class_names(data)
+        names = labels.class_names(data)
         seg = load_segmenter(segmenter, len(names), state.device)
         a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
         out = folder / q.QUALITY_FILE
@@ -235,7 +237,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
         # step 4: the summary and the contact sheet of the worst samples (main process)
         if state.is_main_process:
             hist = np.array(ref["class_pixels"]) if ref else sum(  # --reference folder: the real labels, no model
-                np.bincount(q.label_train_ids(s, data).ravel(), minlength=256)[:len(names)] for s in real)
+                np.bincount(labels.load_train_label(s, data).ravel(), minlength=256)[:len(names)] for s in real)
             summ = {"segmenter": str(segmenter), "reference": reference_on, **q.summarize(records, names, hist, worst)}
             (folder / "quality_summary.json").write_text(json.dumps(summ, indent=1))
             summary.update(summary=summ, summary_path=str(folder / "quality_summary.json"))
@@ -247,7 +249,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
 def worst_sheet(seg: Segmenter, by_id: dict, worst: list[dict], data: str, size: int, path: Path) -> Path:
     """Contact sheet: per sample its synthetic label, image and prediction, in the people's palette."""
     palette = palette_for(data, "usual")
-    values = np.nonzero(q.train_ids(data) != 255)[0]  # train id -> label value
+    values = np.nonzero(labels.train_ids(data) != 255)[0]  # train id -> label value
     rows = []
     for w in worst:
         s = by_id[w["id"]]

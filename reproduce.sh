@@ -47,7 +47,7 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error} DIFFUSERS_VERBOSITY=${DIFFUSERS_VERBOSITY:-error}
-# Idle OpenMP threads sleep instead of spinning (a busy machine: bench/threads.py, common/threads.py).
+# Idle OpenMP threads sleep instead of spinning (a busy machine: bench/threads.py, common/runtime/threads.py).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # ---------------------------------------------------------------- settings of each preset
@@ -63,14 +63,14 @@ if [ "$PRESET" = paper ]; then
   IMGSYN_ARGS=(--per-sample "$IMGSYN_PER_SAMPLE" --steps 40 --resolution 768)
   SEG_ARGS=(--backbone r50 --max-steps 160000 --batch-size 16 --crop 512 --mixed-precision bf16)  # A.3, Table 1
 elif [ "$PRESET" = toy ]; then
-  # The toy world (common/toyworld.py) and its base (common/toybase.py), every model learned on 2 CPU cores.
+  # The toy world (common/toy/world.py) and its base (common/toy/base.py), every model learned on 2 CPU cores.
   WORK=${WORK:-runs/toy}
   export HF_HUB_OFFLINE=1
   DATA_ROOT=$WORK/world
-  # The base (SDXL-base's stand-in) ships in the repo, built by the command in common/data/toybase/README.md
-  # (python -m common.toybase, ~10 min on 2 cores); --build-base builds it again here, --size smoke always
+  # The base (SDXL-base's stand-in) ships in the repo, built by the command in common/assets/toybase/README.md
+  # (python -m common.toy.base, ~10 min on 2 cores); --build-base builds it again here, --size smoke always
   # builds a quick one (the build's code path, in seconds).
-  BASE=common/data/toybase
+  BASE=common/assets/toybase
   if [ "$BUILD_BASE" = 1 ] || [ "$SIZE" = smoke ]; then BASE=$WORK/base; fi
   # Step counts are sized by wall time (a Text2Mask step costs about half a Mask2Img step; the two train side by
   # side), not by the results; docs/toy-results.md has the measurements. lr 1e-3, not the paper's 1e-5: these
@@ -112,7 +112,7 @@ else
 fi
 if [ -n "$MAX_STEPS" ] && [ "$PRESET" != toy ]; then GEN_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); SEG_ARGS+=(--max-steps "$MAX_STEPS"); fi
 CAPTIONS=$WORK/captions/${DATA}_train.jsonl
-if [ "$PRESET" = toy ]; then CAPTIONS=$DATA_ROOT/captions_train.jsonl; fi  # the world's own captions (common/toyworld.py)
+if [ "$PRESET" = toy ]; then CAPTIONS=$DATA_ROOT/captions_train.jsonl; fi  # the world's own captions (common/toy/world.py)
 T2M=$WORK/runs/text2mask-$DATA
 M2I=$WORK/runs/mask2img-$DATA
 MASKSYN=$WORK/synth/masksyn-$DATA
@@ -169,7 +169,7 @@ echo "# SegGen reproduce.sh --preset $PRESET --data $DATA --data-root $DATA_ROOT
 # The paper's tables and figures, one row per segmentation run (§4, A.3, A.6, A.9–A.11). Every row runs
 # after the generation chain it names; a chain shared by several experiments runs once.
 #   chain      full: caption -> Text2Mask, Mask2Img -> MaskSyn (ADE20K) + ImgSyn on every training sample (§4.1)
-#              n1000: the same on 1,000 training samples (python -m common.subset; --real-subset in every stage; Table 4)
+#              n1000: the same on 1,000 training samples (python -m common.data.subset; --real-subset in every stage; Table 4)
 #              sd15: Text2Mask and Mask2Img on SD-1.5, 10 MaskSyn + 10 ImgSyn per sample (A.11: 200K + 200K; Table 9)
 #   strategy   train_seg.py --strategy: real, aug (p_aug), pretrain (synthetic then real), real-pretrain (real then
 #              real: the 50+50 baselines of Tables 2/3), synthetic (synthetic only)
@@ -287,7 +287,7 @@ chain() {  # chain KIND DATA: the generation stages of one chain (each once per 
   local t2m=$WORK/runs/text2mask-$tag m2i=$WORK/runs/mask2img-$tag
   CH_MASKSYN=$WORK/synth/masksyn-$tag CH_IMGSYN=$WORK/synth/imgsyn-$tag
   if [ -n "$CH_SUBSET" ]; then  # one seeded subset, then its own captions file
-    once "$tag-subset" "$PY" -m common.subset --data "$data" --data-root "$DATA_ROOT" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
+    once "$tag-subset" "$PY" -m common.data.subset --data "$data" --data-root "$DATA_ROOT" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
     once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
   else  # the full chain and SD-1.5 share the captions (§3.2: BLIP-2 captions, whatever the base)
     once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${CAPTION_ARGS[@]}"
@@ -354,8 +354,8 @@ if [ "$PRESET" = toy ]; then
   TOY=("$PY" bench/toy.py)
   EVAL=$WORK/eval
   SEG_ALL=$WORK/runs/seg-toy-all
-  stage world "$PY" -m common.toyworld "$DATA_ROOT" "${WORLD[@]}" --seed 0
-  if [ "$BASE" = "$WORK/base" ]; then stage base "$PY" -m common.toybase "$BASE" --world "$DATA_ROOT" "${BASE_ARGS[@]}"; fi
+  stage world "$PY" -m common.toy.world "$DATA_ROOT" "${WORLD[@]}" --seed 0
+  if [ "$BASE" = "$WORK/base" ]; then stage base "$PY" -m common.toy.base "$BASE" --world "$DATA_ROOT" "${BASE_ARGS[@]}"; fi
   # Independent stages run side by side, one torch thread each (spawn ... join): on 2 cores two
   # one-thread processes finish sooner than one two-thread process after the other.
   # shellcheck disable=SC2046
@@ -395,7 +395,7 @@ if [ "$PRESET" = toy ]; then
     done
   done
   join
-  if [ "$DRY" = 0 ]; then "$PY" -m common.report "$WORK" --data toy --preset toy; fi
+  if [ "$DRY" = 0 ]; then "$PY" -m common.report.run "$WORK" --data toy --preset toy; fi
   exit 0
 fi
 
@@ -409,7 +409,7 @@ if [ "$DRY" = 0 ]; then
   echo "$DATA" > "$WORK/.data"
 fi
 if [ "$PRESET" = tiny ]; then
-  for kind in sdxl mask2former; do stage "tiny-$kind" "$PY" -m common.tiny "$kind" "$TINY/$kind"; done
+  for kind in sdxl mask2former; do stage "tiny-$kind" "$PY" -m common.models.tiny "$kind" "$TINY/$kind"; done
 fi
 stage caption "${LAUNCH_MANY[@]}" caption.py --data "$DATA" --data-root "$DATA_ROOT" --split train --out "$CAPTIONS" "${CAPTION_ARGS[@]}"
 # shellcheck disable=SC2046
@@ -419,7 +419,7 @@ stage train-text2mask "${LAUNCH[@]}" train_text2mask.py --data "$DATA" --data-ro
 stage train-mask2img "${LAUNCH[@]}" train_mask2img.py --data "$DATA" --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
   --output-dir "$M2I" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
 # COCO: ImgSyn only in the paper (§4.1; A.2 leaves instance recovery open). --coco-masksyn adds MaskSyn,
-# its instances recovered from the edge-coloured maps (common/colormap.py: color_to_panoptic), beyond the paper.
+# its instances recovered from the edge-coloured maps (common/masks/colormap.py: color_to_panoptic), beyond the paper.
 if [ "$DATA" = ade20k ] || [ "$COCO_MASKSYN" = 1 ]; then
   stage masksyn "${LAUNCH_MANY[@]}" masksyn.py --data "$DATA" --captions "$CAPTIONS" --text2mask "$T2M" --mask2img "$M2I" \
     --out "$MASKSYN" "${MASKSYN_ARGS[@]}"
@@ -435,5 +435,5 @@ stage seg-real "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROO
 stage "seg-$SEG_STRATEGY" "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" --strategy "$SEG_STRATEGY" \
   --p-aug 0.6 "${SYNTH[@]}" --output-dir "$SEG_SYN" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$SEG_SYN")
 if [ "$DRY" = 0 ]; then
-  "$PY" -m common.report "$WORK" --data "$DATA" --preset "$PRESET"
+  "$PY" -m common.report.run "$WORK" --data "$DATA" --preset "$PRESET"
 fi

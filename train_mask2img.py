@@ -19,7 +19,8 @@ checkpoint-N/ folders and cache/ (the caption embeddings, reused on resume; dele
 
 from __future__ import annotations
 
-from common import quiet, threads  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import quiet  # first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import threads
 
 import json
 import time
@@ -36,15 +37,15 @@ from PIL import Image
 from rich.console import Console
 
 from common import SegGenError
-from common.colormap import palette_for
-from common import subset
-from common.datasets import default_data_root, read_dataset
-from common.lock import output_lock
-from common.weights import SAFE, check_safetensors
-from common.paths import captions_path, mask2img_dir, record_path
-from common.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
-from common.checkpoint import load as load_checkpoint
-from common.cli import (  # the command line both trainers share: choices and options, declared once
+from common.masks.colormap import palette_for
+from common.data import subset
+from common.data.datasets import default_data_root, read_dataset
+from common.runtime.lock import output_lock
+from common.runtime.weights import SAFE, check_safetensors
+from common.data.paths import captions_path, mask2img_dir, record_path
+from common.runtime.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
+from common.runtime.checkpoint import load as load_checkpoint
+from common.runtime.cli import (  # the command line both trainers share: choices and options, declared once
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
     CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GradientAccumulationOpt,
     GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
@@ -52,14 +53,15 @@ from common.cli import (  # the command line both trainers share: choices and op
     ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
     ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
 )
-from common.sdxl import (
+from common.diffusion.sdxl import (
     PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, drop_captions, inspect_base, validation_prompts,
 )
-from common.training import (
+from common.diffusion.training import (
     ColorMapDataset, RunLog, StepMeter, cache_latents, check_cache_latents, check_finite, ema_weights, image_grid,
     load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer, noisy_latents, optimizer_step,
-    caption_cut_note, read_captions, sample_latents, step_generator, step_loader, to_device,
+    caption_cut_note, read_captions, sample_latents, step_loader, to_device,
 )
+from common.runtime.seeds import step_generator
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -87,7 +89,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     resume_from = resolve_trainer_resume(a.resume, out, console.print)
     check_cache_latents(a.cache_latents, a.center_crop)
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
-    if a.real_subset is not None:  # the one subset every stage uses (common/subset.py)
+    if a.real_subset is not None:  # the one subset every stage uses (common/data/subset.py)
         keep = subset.captioned([s.id for s in samples], a.real_subset, captions)
         samples, texts = [s for s in samples if s.id in keep], [t for s, t in zip(samples, texts) if s.id in keep]
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
@@ -208,7 +210,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
             ema.copy_to(controlnet.parameters())
         controlnet.save_pretrained(out)
         palette.save(out / "palette.json")
-        notes = []  # local folders relative to the run folder, hub ids as they are: the run can move (common/paths.py)
+        notes = []  # local folders relative to the run folder, hub ids as they are: the run can move (common/data/paths.py)
         (out / "seggen.json").write_text(json.dumps({
             "stage": "mask2img", "base": record_path(a.pretrained, out, notes), "vae": a.vae and record_path(a.vae, out, notes), "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,

@@ -18,16 +18,16 @@ The paper's two ways of using synthetic data (§3.4):
 The model is transformers' Mask2FormerForUniversalSegmentation (detectron2 is not installable here),
 trained with the official Mask2Former recipes (A.3: "we keep the official training hyper-parameters"):
 the table RECIPES below, and everywhere AdamW, weight decay 0.05 (none on norms and embeddings), backbone
-lr x 0.1, full-model gradient clipping at 0.01. Data and augmentation: common/segdata.py (ADE20K:
+lr x 0.1, full-model gradient clipping at 0.01. Data and augmentation: common/seg/data.py (ADE20K:
 random short-side resize, crop, SSD colour jitter, flip; COCO: large-scale jitter, flip; crowd regions
-left out). Model, inference, evaluation: common/segmodel.py.
+left out). Model, inference, evaluation: common/seg/model.py.
 
-HRNetV2 (§4, A.3, Table 4b; common/hrnet.py) is the other segmenter: `--backbone hrnet-w48` (ImageNet
+HRNetV2 (§4, A.3, Table 4b; common/seg/hrnet.py) is the other segmenter: `--backbone hrnet-w48` (ImageNet
 weights) or `hrnet-small` (random, CPU-sized), with its own RECIPES row (SGD, poly, random flip only), the
 same loop, strategies and semantic evaluation; its model/ is hrnet.save's folder.
 
 Evaluation runs at each image's original resolution with Mask2Former's semantic / panoptic / instance
-inference -> mIoU, PQ, mask AP (common/segmodel.py, common/metrics.py).
+inference -> mIoU, PQ, mask AP (common/seg/model.py, common/seg/metrics.py).
 
 The run folder holds options.json, stats.jsonl (loss, lr, it/s, what was drawn from where),
 checkpoints/phase{k}-step{N}/ (accelerate state + config.json: loadable with from_pretrained),
@@ -36,7 +36,8 @@ model/ (the final model + image processor) and metrics.json.
 
 from __future__ import annotations
 
-from common import quiet, threads  # first: threads sets OMP_WAIT_POLICY before torch starts its OpenMP pool
+from common.runtime import quiet  # first: threads sets OMP_WAIT_POLICY before torch starts its OpenMP pool
+from common.runtime import threads
 
 import dataclasses
 import json
@@ -52,16 +53,16 @@ import torch
 import typer
 
 from common import SegGenError
-from common.checkpoint import resolve_seg_resume
-from common.cli import Data, MixedPrecision, Tracker, user_errors
-from common.cli import run as run_cli
-from common.datasets import default_data_root, read_dataset
-from common.lock import output_lock
-from common.paths import seg_run_dir
-from common.progress import console
-from common.segdata import AUGMENTS, SegData, read_sources, synthetic_weights, without_a9
-from common.segloop import Loop
-from common.segmodel import Backbone, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
+from common.runtime.checkpoint import resolve_seg_resume
+from common.runtime.cli import Data, MixedPrecision, Tracker, user_errors
+from common.runtime.cli import run as run_cli
+from common.data.datasets import default_data_root, read_dataset
+from common.runtime.lock import output_lock
+from common.data.paths import seg_run_dir
+from common.runtime.progress import console
+from common.seg.data import AUGMENTS, SegData, read_sources, synthetic_weights, without_a9
+from common.seg.loop import Loop
+from common.seg.model import Backbone, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, model_type, save_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -83,7 +84,7 @@ class Recipe:
     momentum: float  # SGD momentum (unused by AdamW)
     backbone_lr: float  # --backbone-lr-multiplier
     grad_clip: float  # --grad-clip: full-model gradient norm (0: none)
-    augment: str  # common/segdata.py AUGMENTS: ade20k (resize, crop, colour, flip), lsj, flip (flip only)
+    augment: str  # common/seg/data.py AUGMENTS: ade20k (resize, crop, colour, flip), lsj, flip (flip only)
     schedule: str  # lr schedule: poly (power 0.9) or multistep (x 0.1 at `milestones`)
     milestones: tuple[int, ...]  # multistep: decay iterations at max_steps (scaled with --max-steps)
     warmup: int  # linear lr warm-up iterations, from warmup_factor x lr
@@ -94,7 +95,7 @@ class Recipe:
 
 # Sources: Mask2Former's configs/ade20k/semantic-segmentation/{maskformer2_R50_bs16_160k, swin/maskformer2_swin_tiny_bs16_160k,
 # swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640}.yaml and configs/coco/panoptic-segmentation/{maskformer2_R50_bs16_50ep,
-# swin/maskformer2_swin_large_IN21k_384_bs16_100ep}.yaml (common/data/SOURCES_mask2former.md); paper A.3 and §4.2:
+# swin/maskformer2_swin_large_IN21k_384_bs16_100ep}.yaml (common/assets/SOURCES_mask2former.md); paper A.3 and §4.2:
 # AdamW lr 1e-4, weight decay 0.05, backbone lr x 0.1, full-model clip 0.01.
 # ADE20K: poly (LR_SCHEDULER_NAME WarmupPolyLR, WARMUP_FACTOR 1.0, WARMUP_ITERS 0). COCO (Base-COCO-PanopticSegmentation.yaml):
 # MAX_ITER 368,750 (50 epochs at batch 16), WarmupMultiStepLR STEPS (327778, 355092), GAMMA 0.1, WARMUP_ITERS 10 at
@@ -116,7 +117,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("coco", "r50"): COCO,
     ("coco", "swin-t"): COCO,
     ("coco", "swin-l"): dataclasses.replace(COCO, max_steps=737_500, milestones=(655_556, 710_184), queries=200),
-    # The toy world (common/toyworld.py, 64x64 images in the ADE20K layout): ADE20K's recipes at its size.
+    # The toy world (common/toy/world.py, 64x64 images in the ADE20K layout): ADE20K's recipes at its size.
     ("toy", "r50"): dataclasses.replace(ADE20K, crop=64, eval_size=64),
     ("toy", "hrnet-small"): dataclasses.replace(HRNET, crop=64, eval_size=64),
 }
@@ -345,9 +346,9 @@ def main(
     p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
     synthetic_filtered: Annotated[bool, typer.Option("--synthetic-filtered", help="Train on the FreeMask-filtered annotations quality.py --filter wrote (FOLDER/annotations_filtered/: noisy regions ignored).", rich_help_panel="Data")] = False,
     synthetic_sampling: Annotated[Sampling, typer.Option(help="How synthetic samples are drawn: uniform (§3.4) or hardness (FreeMask's resampling from FOLDER/quality.jsonl, each folder keeping its share).", rich_help_panel="Data")] = Sampling.uniform,
-    real_subset: Annotated[Path | None, typer.Option(help="Train only on the real samples listed in this file (python -m common.subset; Table 4's 1,000, the same in every stage). Validation is whole.", rich_help_panel="Data")] = None,
+    real_subset: Annotated[Path | None, typer.Option(help="Train only on the real samples listed in this file (python -m common.data.subset; Table 4's 1,000, the same in every stage). Validation is whole.", rich_help_panel="Data")] = None,
     max_real_samples: Annotated[int | None, typer.Option(min=1, help="Train on a fixed random subset of this many real samples (Table 4).", rich_help_panel="Data")] = None,
-    num_workers: Annotated[int | None, typer.Option(min=0, show_default="machine", help="DataLoader worker processes per process (default: cores - 1, at most 4; 0 on 1-2 cores: common/threads.py).", rich_help_panel="Data")] = None,
+    num_workers: Annotated[int | None, typer.Option(min=0, show_default="machine", help="DataLoader worker processes per process (default: cores - 1, at most 4; 0 on 1-2 cores: common/runtime/threads.py).", rich_help_panel="Data")] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Appendix A.9's ablation: no colour augmentation, random flipping or random cropping (the centre window); the random resize (scale jitter) stays, as A.9 does not name it.", rich_help_panel="Data")] = False,
     model: Annotated[str | None, typer.Option(help="Mask2Former checkpoint to fine-tune: hub id or folder (e.g. facebook/mask2former-swin-large-ade-semantic).", rich_help_panel="Model")] = None,
     backbone: Annotated[Backbone | None, typer.Option(help="Build a fresh model instead (default r50): Mask2Former on r50 / swin-t / swin-l, or HRNetV2 (hrnet-w48; hrnet-small: random, CPU-sized) as a semantic segmenter (A.3, Table 4b).", rich_help_panel="Model")] = None,

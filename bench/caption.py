@@ -10,7 +10,7 @@ the machine's size rather than caption.py.
 
     python bench/caption.py [--images 256] [--batch-size 16] [--rounds 3] [--num-workers 1] [--threads 1] [--model FOLDER]
 
-Without --model a tiny BLIP-2 is built (common.tiny). The images are the real ADE20K samples of
+Without --model a tiny BLIP-2 is built (common.models.tiny). The images are the real ADE20K samples of
 tests/data, repeated under new names in a temporary ADE20K layout.
 """
 
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from caption import PAPER_PROMPT, caption  # noqa: E402
-from common import tiny  # noqa: E402
-from common.datasets import load_image, read_dataset  # noqa: E402
+from common.models import tiny  # noqa: E402
+from common.data.datasets import load_image, read_dataset  # noqa: E402
 
 
 def make_dataset(root: Path, n: int) -> None:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
-from common.colormap import _nearest_lut, color_to_index, label_to_color, palette_for, resize_nearest  # noqa: E402
-from common.datasets import load_label, read_dataset  # noqa: E402
+from common.masks.colormap import _nearest_lut, color_to_index, label_to_color, palette_for, resize_nearest  # noqa: E402
+from common.data.datasets import load_label, read_dataset  # noqa: E402
 
 
 def naive_argmin(cmap, colors):

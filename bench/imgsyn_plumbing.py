@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imgsyn  # noqa: E402
-from common import synth  # noqa: E402
-from common.colormap import palette_for, resize_nearest  # noqa: E402
-from common.datasets import read_dataset  # noqa: E402
-from common.manifest import ManifestWriter, rank_path  # noqa: E402
+from common.synthesis import synth  # noqa: E402
+from common.masks.colormap import palette_for, resize_nearest  # noqa: E402
+from common.data.datasets import read_dataset  # noqa: E402
+from common.data.manifest import ManifestWriter, rank_path  # noqa: E402
 
 # ---------------------------------------------------------------- defaults
 SOURCES = 2  # human labels (copies of tests/data's 512 x 683 ADE20K sample)
@@ -53,6 +53,14 @@ RESOLUTION = 768  # paper A.4
 THREADS = 2  # imgsyn's write_threads default
 SAMPLE = ROOT / "tests/data/ade20k/ADEChallengeData2016"
 SAMPLE_ID = "ADE_val_00000001"
+
+
+def save_sample_inline(out: Path, sid: str, image: np.ndarray, colormap: np.ndarray, save_annotation) -> None:
+    """The old loop's way (before synth.SampleSink): the sample's files at the paths of `sample_record`, each complete before its manifest line
+    (docs/design.md "Data contract"). save_annotation(path) writes the annotation PNG."""
+    synth.atomic_save(out / "images" / f"{sid}.jpg", lambda p: synth.save_jpeg(p, image))
+    synth.atomic_save(out / "colormaps" / f"{sid}.png", lambda p: synth.save_png(p, colormap))
+    synth.atomic_save(out / "annotations" / f"{sid}.png", save_annotation)
 
 
 def make_dataset(root: Path, sources: int) -> tuple[Path, Path]:
@@ -127,7 +135,7 @@ def old_loop(out: Path, data: Path, captions: Path, stub: Stub, sources: int, pe
                     images[i] = im if (h, w) == size else np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
             for (s, k), image in zip(batch, images):
                 sid = synth.sample_id(s, k)
-                synth.save_sample(out, sid, image, cache[s]["colormap"], lambda p, a=samples[s].annotation: synth.link_or_copy(a, p))
+                save_sample_inline(out, sid, image, cache[s]["colormap"], lambda p, a=samples[s].annotation: synth.link_or_copy(a, p))
                 writer.append(synth.sample_record("imgsyn", sid, s, k, caps[s], settings, {}, batch))
                 written += 1
     return written

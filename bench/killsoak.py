@@ -139,7 +139,7 @@ class Stage:
 
 
 def stages(work: Path, units: int) -> dict[str, Stage]:
-    from common import tiny
+    from common.models import tiny
 
     models = work / "models"
     built = {}

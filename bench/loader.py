@@ -1,4 +1,4 @@
-"""What a DataLoader worker's batch costs to hand over, in shared memory vs by value (common/loader.py).
+"""What a DataLoader worker's batch costs to hand over, in shared memory vs by value (common/runtime/loader.py).
 
 One worker, batches of two, prefetch 4; per batch, the main process's wait in `next()` once the worker
 is ahead (the worker makes zeros, so its own work is negligible):
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import loader  # noqa: E402
+from common.runtime import loader  # noqa: E402
 
 
 class Zeros(torch.utils.data.Dataset):

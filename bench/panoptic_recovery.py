@@ -1,8 +1,8 @@
 """Instance recovery from edge-coloured panoptic maps (issue 14; the open question of the paper's A.2).
 
 On the real COCO panoptic samples in tests/data: render each annotation with panoptic_to_color, degrade
-it like a VAE round trip (common.demo.degrade: JPEG q75 4:4:4, then Gaussian noise σ = 8/255), recover
-it with color_to_panoptic and score PQ / SQ / RQ (common.metrics.PanopticQuality, panopticapi's rules:
+it like a VAE round trip (common.report.colormaps.degrade: JPEG q75 4:4:4, then Gaussian noise σ = 8/255), recover
+it with color_to_panoptic and score PQ / SQ / RQ (common.seg.metrics.PanopticQuality, panopticapi's rules:
 crowd regions absorb unmatched predictions) against the original annotation. Clean maps are the
 ceiling. Each variant (edge width of the map, decoding options) is one row; "probe" is the plain
 method of the issue (connected components, one segment per stuff category, edges to the nearest
@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common.colormap import (  # noqa: E402
+from common.masks.colormap import (  # noqa: E402
     RECOVERY_BARRIER, RECOVERY_MIN_AREA, RECOVERY_TRUST, RECOVERY_VOTE, coco_categories, color_to_panoptic, palette_for,
     panoptic_to_color, resize_nearest,
 )
-from common.datasets import load_panoptic, read_dataset  # noqa: E402
-from common.demo import degrade  # noqa: E402
-from common.metrics import PanopticQuality  # noqa: E402
+from common.data.datasets import load_panoptic, read_dataset  # noqa: E402
+from common.report.colormaps import degrade  # noqa: E402
+from common.seg.metrics import PanopticQuality  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = dict(vote=RECOVERY_VOTE, barrier=RECOVERY_BARRIER, min_area=RECOVERY_MIN_AREA, trust=RECOVERY_TRUST)

@@ -1,5 +1,5 @@
-"""Ready for the first GPU: real-size SDXL-base + ControlNet with random weights (common/realsize.py, the
-published configs shipped in common/data/configs/, no download), timed in one run (issue 18 item 5):
+"""Ready for the first GPU: real-size SDXL-base + ControlNet with random weights (common/models/realsize.py, the
+published configs shipped in common/assets/configs/, no download), timed in one run (issue 18 item 5):
 
 - sampling: images/s and peak memory of our sampling path (synth.encode + synth.sample_images: the
   EDM/Euler sampler on SDXL's legacy schedule, VAE decode, uint8 on the device) for Text2Mask (masksyn's
@@ -7,7 +7,7 @@ published configs shipped in common/data/configs/, no download), timed in one ru
   StableDiffusionXLControlNetPipeline (Euler, SDXL's scheduler config) at the same size, steps, guidance
   and batch; both encode the captions and decode with the VAE.
 - training: seconds per step and peak memory of one Text2Mask (UNet) and one Mask2Img (ControlNet,
-  frozen UNet) step as train_text2mask.py / train_mask2img.py compose it from common/training.py
+  frozen UNet) step as train_text2mask.py / train_mask2img.py compose it from common/diffusion/training.py
   (sample_latents, noisy_latents, make_optimizer, optimizer_step under accelerate), against the step of
   diffusers' example trainers (examples/text_to_image/train_text_to_image_sdxl.py,
   examples/controlnet/train_controlnet_sdxl.py: vae.encode().latent_dist.sample(), randn_like, randint,
@@ -19,7 +19,7 @@ published configs shipped in common/data/configs/, no download), timed in one ru
   BLIP-2 FlanT5-xxl at real size, against a bare `processor + model.generate` at the same batch; both on
   real ADE20K images (tests/data) decoded beforehand. Random weights would stop each caption at an
   arbitrary token, so every caption is made max-new-tokens long in both: an upper bound on the cost.
-- segmentation (train_seg.py): seconds per step and peak memory of train_seg's step (common/segloop.py
+- segmentation (train_seg.py): seconds per step and peak memory of train_seg's step (common/seg/loop.py
   Loop.step: the batch to the device, normalise, targets, loss, clip 0.01, AdamW with Mask2Former's
   groups, poly schedule, under accelerate) of Mask2Former Swin-L at its recipe (ADE20K crop 640, global
   batch 16), against a bare forward / backward / clip / AdamW loop of the same model on targets built
@@ -56,8 +56,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import realsize, synth  # noqa: E402
-from common import sampler as edm  # noqa: E402
+from common.models import realsize  # noqa: E402
+from common.synthesis import synth  # noqa: E402
+from common.diffusion import sampler as edm  # noqa: E402
 
 
 def stage(name: str):
@@ -145,7 +146,7 @@ def training(models: dict, a, device, dtype) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from common.training import make_optimizer, noisy_latents, optimizer_step, sample_latents, step_generator
+    from common.diffusion.training import make_optimizer, noisy_latents, optimizer_step, sample_latents, step_generator
 
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     scheduler = DDPMScheduler.from_config(realsize.scheduler_config())
@@ -228,16 +229,16 @@ def free(device) -> None:
 
 
 def ade_samples() -> list:
-    from common.datasets import read_dataset
+    from common.data.datasets import read_dataset
 
     return read_dataset("ade20k", ADE, "train") + read_dataset("ade20k", ADE, "val")
 
 
 def captioning(a, device) -> dict:
     """{path: (seconds per batch, peak GiB)}: caption.py's caption_images and a bare processor + generate."""
-    from common import tiny
-    from common.cli import precision_dtype
-    from common.datasets import load_image
+    from common.models import tiny
+    from common.runtime.cli import precision_dtype
+    from common.data.datasets import load_image
 
     dtype = precision_dtype("auto", device)  # caption.py's default --precision
     net, processor = tiny.tiny_blip2() if a.smoke else realsize.blip2(device, dtype)
@@ -268,9 +269,11 @@ def segmentation_at(a, device, dtype, b: int) -> dict:
 
     from accelerate import Accelerator
 
-    from common import segdata, segmodel, tiny
-    from common.loader import as_tensors
-    from common.segloop import Loop
+    from common.seg import data as segdata
+    from common.seg import model as segmodel
+    from common.models import tiny
+    from common.runtime.loader import as_tensors
+    from common.seg.loop import Loop
 
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     net, processor = tiny.tiny_mask2former() if a.smoke else realsize.mask2former()

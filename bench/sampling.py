@@ -1,4 +1,4 @@
-"""Our EDM sampler (common/sampler.py) against diffusers' own pipelines, in one run (paper appendix A.4):
+"""Our EDM sampler (common/diffusion/sampler.py) against diffusers' own pipelines, in one run (paper appendix A.4):
 
 - Text2Mask-like: `StableDiffusionXLPipeline` with `HeunDiscreteScheduler` / `EulerDiscreteScheduler`
   (Karras sigmas, "linspace" spacing: the same sampler family) against `edm_sampler` + `EpsDenoiser`;
@@ -28,8 +28,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from common import tiny  # noqa: E402
-from common.sampler import Cond, EpsDenoiser, edm_sampler  # noqa: E402
+from common.models import tiny  # noqa: E402
+from common.diffusion.sampler import Cond, EpsDenoiser, edm_sampler  # noqa: E402
 
 RES, GUIDANCE = 64, 5.0
 

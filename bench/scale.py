@@ -64,7 +64,7 @@ def imgsyn_line(sid: str, source: str, k: int, segments: list) -> str:
     return json.dumps(rec, ensure_ascii=False)
 
 
-CATEGORIES = [c["id"] for c in json.loads((ROOT / "common/data/coco_panoptic_categories.json").read_text())]
+CATEGORIES = [c["id"] for c in json.loads((ROOT / "common/assets/coco_panoptic_categories.json").read_text())]
 
 
 def segments(n: int, seed: int) -> list:
@@ -103,8 +103,8 @@ def old_coco_json(out: Path) -> Path:
     """synth.write_coco_panoptic_json as it was: every sample from read_synthetic, one document, one dump."""
     from PIL import Image
 
-    from common.colormap import coco_categories
-    from common.datasets import read_synthetic
+    from common.masks.colormap import coco_categories
+    from common.data.datasets import read_synthetic
 
     images, annotations = [], []
     for image_id, sample in enumerate(sorted(read_synthetic(out), key=lambda x: x.id), start=1):
@@ -122,7 +122,7 @@ def old_coco_json(out: Path) -> Path:
 def write_coco(root: Path, images: int) -> None:
     (root / "annotations/panoptic_val2017").mkdir(parents=True)
     (root / "val2017").mkdir()
-    meta = {"info": {}, "licenses": [], "categories": json.loads((ROOT / "common/data/coco_panoptic_categories.json").read_text()),
+    meta = {"info": {}, "licenses": [], "categories": json.loads((ROOT / "common/assets/coco_panoptic_categories.json").read_text()),
             "images": [], "annotations": []}
     for i in range(images):
         name = f"{i:012d}"
@@ -153,8 +153,8 @@ def _private_mb() -> float:
 
 def old_synthetic(folder: Path) -> list:
     """read_synthetic as it was before the index: every record validated and kept in a Sample."""
-    from common.datasets import Sample
-    from common.manifest import SYNTHETIC_FIELDS, read_manifest
+    from common.data.datasets import Sample
+    from common.data.manifest import SYNTHETIC_FIELDS, read_manifest
 
     records = read_manifest(folder, required=SYNTHETIC_FIELDS, path_fields=("image", "annotation", "colormap"))
     return [Sample(r["id"], folder / r["image"], folder / r["annotation"], segments=r.get("segments_info"), meta=r)
@@ -185,9 +185,9 @@ def _fork_worker(samples, materialise) -> tuple[float, float]:
 
 
 def measure(name: str, path: Path) -> dict:
-    from common import index as idx
-    from common.datasets import _read_coco_panoptic_json, coco_panoptic_index
-    from common.manifest import done_ids, read_ids
+    from common.data import index as idx
+    from common.data.datasets import _read_coco_panoptic_json, coco_panoptic_index
+    from common.data.manifest import done_ids, read_ids
 
     start, cpu, extra = time.perf_counter(), time.process_time(), {}
     if name == "empty":
@@ -231,13 +231,13 @@ def measure(name: str, path: Path) -> dict:
     elif name == "coco_old":
         extra["n"] = len(_read_coco_panoptic_json(path, "val"))
     elif name == "json_new":
-        from common import synth
+        from common.synthesis import synth
 
         idx.synthetic_index(path)  # as train_seg or a resume left it: the index is cached (its build is the index row)
         start, cpu = time.perf_counter(), time.process_time()
         extra["mb_written"] = synth.write_coco_panoptic_json(path).stat().st_size / 1e6
     elif name == "json_old":
-        from common import synth  # noqa: F401  (the old function lived there: the same imports as json_new)
+        from common.synthesis import synth  # noqa: F401  (the old function lived there: the same imports as json_new)
 
         start, cpu = time.perf_counter(), time.process_time()
         extra["mb_written"] = old_coco_json(path).stat().st_size / 1e6

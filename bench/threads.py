@@ -3,11 +3,11 @@
 Issue 17 item 9: under a load average of 5–7 on 2 cores the demo's trainers took ~13 s per tiny step
 against ~0.7 s alone. This bench finds which setting turns 3× contention into 20×.
 
-- step: the tiny SDXL UNet (common/tiny.py) forward+backward + AdamW on latents of the tiny VAE, 64×64
+- step: the tiny SDXL UNet (common/models/tiny.py) forward+backward + AdamW on latents of the tiny VAE, 64×64
   images, batch 2, read and cropped from the real ADE20K samples through a DataLoader; like
   bench/train_step.py's "bare+VAE" plus the data.
 - settings: torch threads = all cores (torch's default) or 1; OMP_WAIT_POLICY unset or PASSIVE;
-  DataLoader workers 0 or 4; and "auto", what common/threads.py picks. One process per OMP_WAIT_POLICY
+  DataLoader workers 0 or 4; and "auto", what common/runtime/threads.py picks. One process per OMP_WAIT_POLICY
   (OpenMP reads it when torch starts its pool) times each of its settings alone, then starts the load,
   times it again, and stops the load.
 - load: N extra processes, each busy (`spin`: a pure Python loop, one core each) or each a torch job
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = sorted((ROOT / "tests" / "data" / "ade20k").rglob("*.jpg"))
 
-# name: (OMP_WAIT_POLICY, torch threads: None = torch's default (one per core), "auto" = common.threads; workers)
+# name: (OMP_WAIT_POLICY, torch threads: None = torch's default (one per core), "auto" = common.runtime.threads; workers)
 SETTINGS = {
     "default (threads=cores, 0 workers)": (None, None, 0),
     "threads=1": (None, 1, 0),
@@ -42,7 +42,7 @@ SETTINGS = {
     "threads=1 + 4 workers": (None, 1, 4),
     "OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", None, 0),
     "threads=1 + PASSIVE": ("PASSIVE", 1, 0),
-    "auto (common.threads + PASSIVE)": ("PASSIVE", "auto", "auto"),
+    "auto (common.runtime.threads + PASSIVE)": ("PASSIVE", "auto", "auto"),
 }
 
 LOADS = {
@@ -73,9 +73,9 @@ def child(names: list[str], args) -> None:
     import torch.nn.functional as F
     from PIL import Image
 
-    from common import threads as seggen_threads
-    from common import tiny
-    from common.quiet import quiet
+    from common.runtime import threads as seggen_threads
+    from common.models import tiny
+    from common.runtime.quiet import quiet
 
     quiet()  # no bitsandbytes / DataLoader warnings between the rows
 

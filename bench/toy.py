@@ -29,17 +29,18 @@ from typing import Annotated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import quiet, threads  # noqa: E402  first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import quiet  # noqa: E402  first: OMP_WAIT_POLICY before torch starts its threads
+from common.runtime import threads  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import typer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import synth  # noqa: E402
-from common.colormap import IGNORE, label_to_color, palette_for, semantic_classes  # noqa: E402
-from common.datasets import load_label, read_dataset, read_synthetic  # noqa: E402
-from common.training import read_captions  # noqa: E402
+from common.synthesis import synth  # noqa: E402
+from common.masks.colormap import IGNORE, label_to_color, palette_for, semantic_classes  # noqa: E402
+from common.data.datasets import load_label, read_dataset, read_synthetic  # noqa: E402
+from common.diffusion.training import read_captions  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 SAMPLING = synth.edm.Settings.from_dict({"sampler": "euler", "schedule": "legacy", "guidance": 5.0, "S_churn": 0.0,
@@ -112,7 +113,7 @@ def floor(base: Annotated[str, typer.Option()], world: Annotated[Path, typer.Opt
 
 def _miou(seg, pairs) -> float:
     """Dataset-level mIoU (%) over the classes present in labels or predictions."""
-    from common.segdata import ade20k_train_ids
+    from common.seg.data import ade20k_train_ids
     from quality import predict
 
     inter, union = np.zeros(C), np.zeros(C)
@@ -146,7 +147,7 @@ def align(segmenter: Annotated[Path, typer.Option()], world: Annotated[Path, typ
            "floor": _miou(seg, floor_pairs),
            "images": {"imgsyn": len(syn), "ceiling": len(val), "floor": len(floor_pairs)}, "segmenter": str(segmenter)}
     if vae:  # the ceiling of any generator behind this VAE: real val images encoded and decoded once
-        from common.vae_roundtrip import load_vae, vae_roundtrip
+        from common.diffusion.vae_roundtrip import load_vae, vae_roundtrip
 
         roundtrip = vae_roundtrip(load_vae(vae, "cpu"), "cpu")
         res["vae_ceiling"] = _miou(seg, zip([y for i in range(0, len(val_images), 32) for y in roundtrip(val_images[i:i + 32])],

@@ -8,7 +8,7 @@
 
 Goal: ours / bare >= 0.9, i.e. the data path does not starve the model. Both on the real ADE20K
 samples (tests/data) with a synthetic folder made of copies of them; the model is the tiny one
-(common/tiny.py) unless --model / --backbone names another (on a GPU: --backbone r50 or swin-l,
+(common/models/tiny.py) unless --model / --backbone names another (on a GPU: --backbone r50 or swin-l,
 --crop 512 / 640, --batch-size 16, --mixed-precision bf16). Prints it/s of both and the ratio: the median of
 --rounds runs of train_seg.py, each against the mean of the bare runs just before and after it.
 
@@ -38,9 +38,11 @@ import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import train_seg  # noqa: E402
-from common import segdata, segmodel, tiny  # noqa: E402
-from common.datasets import read_dataset  # noqa: E402
-from common.manifest import ManifestWriter  # noqa: E402
+from common.seg import data as segdata  # noqa: E402
+from common.seg import model as segmodel  # noqa: E402
+from common.models import tiny  # noqa: E402
+from common.data.datasets import read_dataset  # noqa: E402
+from common.data.manifest import ManifestWriter  # noqa: E402
 
 ADE = ROOT / "tests" / "data" / "ade20k"
 

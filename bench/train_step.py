@@ -4,7 +4,7 @@
   no validation, no checkpoints, --num-workers 1 by default: the data is prepared in one DataLoader worker
   beside the step, as the trainers do by default on more than 2 cores); its step time is the median step
   of the "seconds" column of stats.jsonl after 3 warm-up steps.
-- split: the same step taken apart with the same helpers (common/training.py), each phase timed alone:
+- split: the same step taken apart with the same helpers (common/diffusion/training.py), each phase timed alone:
   data (decode, colour map, crop/flip, collate), text (a cached embedding row vs encoding the captions
   with both text encoders), VAE encode, UNet (+ControlNet) forward+backward, optimizer.
 - bare: UNet (+ControlNet) forward+backward, gradient clipping at 1.0 and AdamW on random tensors of the
@@ -42,13 +42,15 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import loader, tiny  # noqa: E402
-from common.colormap import palette_for  # noqa: E402
-from common.datasets import read_dataset  # noqa: E402
-from common.sdxl import cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders  # noqa: E402
-from common.training import (  # noqa: E402
-    ColorMapDataset, StepBatches, noisy_latents, quiet_loading, sample_latents, step_generator, to_device,
+from common.runtime import loader  # noqa: E402
+from common.models import tiny  # noqa: E402
+from common.masks.colormap import palette_for  # noqa: E402
+from common.data.datasets import read_dataset  # noqa: E402
+from common.diffusion.sdxl import cache_text_embeddings, encode_prompts, inspect_base, load_text_encoders  # noqa: E402
+from common.diffusion.training import (  # noqa: E402
+    ColorMapDataset, StepBatches, noisy_latents, sample_latents, to_device,
 )
+from common.runtime.seeds import step_generator  # noqa: E402
 
 ADE = ROOT / "tests" / "data" / "ade20k"
 CAPTIONS = {"ADE_val_00000001": "a living room with a sofa and a lamp", "ADE_val_00000002": "a street with cars, trees and sky"}
@@ -95,7 +97,7 @@ def main():
     args = ap.parse_args()
     os.environ["SEGGEN_THREADS"] = str(args.threads)  # the scripts' threads.configure() would pick its own count
     torch.set_num_threads(args.threads)
-    quiet_loading()
+    quiet.quiet()
     sys.path.insert(0, str(ROOT))
     import train_mask2img
     import train_text2mask
@@ -117,7 +119,7 @@ def main():
     dataset = ColorMapDataset(samples, "ade20k", palette_for("ade20k"), r, emb)
     colormaps_only = ColorMapDataset(samples, "ade20k", palette_for("ade20k"), r, emb, need_image=False)  # Text2Mask's
     batches = iter(StepBatches(len(dataset), b, 0))
-    collate = loader.collate  # the trainers' collate_fn (common/loader.py: small tensors by value; to_device takes them back)
+    collate = loader.collate  # the trainers' collate_fn (common/runtime/loader.py: small tensors by value; to_device takes them back)
     t_data = {"text2mask": timed(lambda: collate([colormaps_only[k] for k in next(batches)]), n),
               "mask2img": timed(lambda: collate([dataset[k] for k in next(batches)]), n)}
     t_text_cached = timed(lambda: [emb.row(i) for i in range(b)], n)

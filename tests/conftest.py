@@ -8,7 +8,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-# One torch thread in every stage a test runs in-process (threads.configure() in common/threads.py reads it): the tiny
+# One torch thread in every stage a test runs in-process (threads.configure() in common/runtime/threads.py reads it): the tiny
 # models gain nothing from a second, and results stay the same as in subprocesses run with OMP_NUM_THREADS=1.
 os.environ.setdefault("SEGGEN_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Build a tiny model of each kind on first use: tiny_models("sdxl") -> its folder."""
-    from common import tiny
+    from common.models import tiny
 
     built = {}
 

@@ -1,4 +1,4 @@
-"""common/backbones.py offline: tiny ResNet (torchvision names) and Swin weights saved to a folder load
+"""common/seg/backbones.py offline: tiny ResNet (torchvision names) and Swin weights saved to a folder load
 tensor for tensor into Mask2Former's backbone; the R50's frozen BatchNorm stays unchanged through training
 steps while the rest learns; a hub id without internet and wrong weights fail naming --backbone-weights."""
 
@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig, SwinForImageClassification
 
 from common import SegGenError
-from common.backbones import DEFAULT_WEIGHTS, init_backbone
-from common.tiny import tiny_mask2former
+from common.seg.backbones import DEFAULT_WEIGHTS, init_backbone
+from common.models.tiny import tiny_mask2former
 
 WIDTHS, DEPTHS, STEM = [16, 32, 64, 128], [2, 1, 1, 1], 8  # a bottleneck ResNet, 4 stages
 
@@ -152,7 +152,7 @@ def test_train_seg_loads_backbone_weights_from_a_folder_and_keeps_bn_frozen(tmp_
     from typer.testing import CliRunner
 
     import train_seg
-    from common import segmodel
+    from common.seg import model as segmodel
 
     saved = torchvision_resnet_tensors()
     save_file(saved, tmp_path / "model.safetensors")
@@ -174,7 +174,7 @@ def test_train_seg_loads_backbone_weights_from_a_folder_and_keeps_bn_frozen(tmp_
     trained = Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path / "run/model").model.pixel_level_module.encoder.state_dict()
     # BatchNorm (statistics and affine) exactly the folder's after training; the convolutions the folder's
     # plus at most the steps' AdamW updates at the backbone lr (0.1 x --lr), far from any random start.
-    from common.backbones import torchvision_to_transformers_resnet
+    from common.seg.backbones import torchvision_to_transformers_resnet
 
     expected = torchvision_to_transformers_resnet(saved)
     for k, v in expected.items():

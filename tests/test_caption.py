@@ -12,9 +12,9 @@ import pytest
 from conftest import ADE_ROOT, COCO_ROOT, ROOT
 
 from caption import caption, labels_caption
-from common.colormap import class_names
-from common.datasets import load_label, read_dataset
-from common.manifest import CAPTION_FIELDS, manifest_files, read_manifest
+from common.masks.colormap import class_names
+from common.data.datasets import load_label, read_dataset
+from common.data.manifest import CAPTION_FIELDS, manifest_files, read_manifest
 
 
 def run_cli(*args, env_extra=None, launcher=None):
@@ -44,7 +44,7 @@ def test_worker_inputs_equal_the_processors_and_give_the_same_captions(tiny_mode
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from caption import PAPER_PROMPT, ImageFolder, caption_pixels, generation_config, prompt_inputs
-    from common.datasets import load_image
+    from common.data.datasets import load_image
 
     model = str(tiny_models("blip2"))
     processor, net = Blip2Processor.from_pretrained(model), Blip2ForConditionalGeneration.from_pretrained(model).eval()

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints (common/checkpoint.py): a real tiny run killed inside its checkpoint save, at a
+"""Crash-safe checkpoints (common/runtime/checkpoint.py): a real tiny run killed inside its checkpoint save, at a
 chosen point, resumes with --resume latest from the newest complete checkpoint and ends with the weights
 of an uninterrupted run."""
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_seg
 import train_text2mask
-from common import checkpoint
+from common.runtime import checkpoint
 
 # Runs a stage script in a child process with one function wrapped so that its Nth call ends the process
 # with os._exit (as a kill -9 would: no cleanup, no flush) before or after the original runs.
@@ -41,7 +41,7 @@ POINTS = {
     # inside accelerate's save_state: the UNet is written, the optimizer / scheduler / RNG state are not
     "mid-state": "accelerate.accelerator:save_accelerator_state:2:before",
     # every file written and fsync'ed, the folder not yet renamed to checkpoint-4
-    "before-rename": "common.checkpoint:fsync_tree:2:after",
+    "before-rename": "common.runtime.checkpoint:fsync_tree:2:after",
     # checkpoint-4 complete; checkpoint-2 renamed away and being deleted
     "mid-delete": "shutil:rmtree:1:before",
 }

@@ -8,12 +8,12 @@ from conftest import ADE_ROOT, COCO_ROOT
 from PIL import Image
 
 from common import SegGenError
-from common.colormap import (
+from common.masks.colormap import (
     EDGE, IGNORE, color_to_index, color_to_label, label_to_color, majority_vote, off_palette_fraction,
     palette_for, panoptic_color_to_semantic, panoptic_to_color, panoptic_to_semantic, resize_nearest,
     segment_edges, separated_colors,
 )
-from common.datasets import load_label, load_panoptic, read_dataset
+from common.data.datasets import load_label, load_panoptic, read_dataset
 
 ADE_SAMPLES = read_dataset("ade20k", ADE_ROOT, "train") + read_dataset("ade20k", ADE_ROOT, "val")
 COCO_SAMPLES = read_dataset("coco", COCO_ROOT, "val")
@@ -189,7 +189,7 @@ def test_palette_file_needs_distinct_colours_and_the_datasets_count(tmp_path):
     import pytest
 
     from common import SegGenError
-    from common.colormap import Palette, palette_for
+    from common.masks.colormap import Palette, palette_for
 
     for data in ("ade20k", "coco"):
         for kind in ("generation", "usual"):

@@ -10,10 +10,10 @@ from conftest import ADE_ROOT, COCO_ROOT
 from PIL import Image
 
 from common import SegGenError
-from common.datasets import (
+from common.data.datasets import (
     default_data_root, id_to_rgb, load_image, load_label, load_panoptic, read_dataset, read_synthetic, rgb_to_id,
 )
-from common.manifest import ManifestWriter
+from common.data.manifest import ManifestWriter
 
 
 def test_ade20k_reads_parent_or_folder_itself():

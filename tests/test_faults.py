@@ -35,7 +35,7 @@ import quality
 import train_mask2img
 import train_seg
 import train_text2mask
-from common.lock import output_lock
+from common.runtime.lock import output_lock
 
 STAGES = {"caption": caption, "imgsyn": imgsyn, "masksyn": masksyn, "train_text2mask": train_text2mask,
           "train_mask2img": train_mask2img, "train_seg": train_seg, "quality": quality}
@@ -197,8 +197,8 @@ def seg_args(w, out, *extra, root=ADE_ROOT):
 
 def synthetic(folder: Path, n=1) -> Path:
     """A synthetic folder as imgsyn.py lays it out, from the real val samples."""
-    from common.datasets import read_dataset
-    from common.manifest import ManifestWriter
+    from common.data.datasets import read_dataset
+    from common.data.manifest import ManifestWriter
 
     for d in ("images", "annotations", "colormaps"):
         (folder / d).mkdir(parents=True)
@@ -251,7 +251,7 @@ def pickle_only(src: Path, dst: Path) -> Path:
 
 def bad_palette(src: Path, dst: Path, how: str) -> Path:
     shutil.copytree(src, dst)
-    from common.colormap import palette_for
+    from common.masks.colormap import palette_for
 
     d = palette_for("ade20k", "generation").to_dict()
     if how == "duplicate":
@@ -344,7 +344,7 @@ def case_caption_image_not_an_image(w, tmp):
 def caption_converted(w, tmp, mode):
     """An image in another mode (16-bit grey, CMYK, palette) is converted to RGB correctly: both captioned,
     and the converted picture is the original's, not white or black."""
-    from common.datasets import load_image
+    from common.data.datasets import load_image
 
     root = data_root(tmp)
     p = val_file(root, VAL[0], "images")
@@ -852,9 +852,9 @@ def holding(out, file):
     import sys
     import time
 
-    from common.lock import lock_path
+    from common.runtime.lock import lock_path
 
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common.lock import output_lock\n"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common.runtime.lock import output_lock\n"
             "with output_lock(sys.argv[2], file=sys.argv[3] == '1'):\n print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parents[1]), str(out), "1" if file else "0"],
                          stdout=subprocess.PIPE, text=True)
@@ -927,7 +927,7 @@ if __name__ == "__main__":  # the whole catalogue, pending cases included: count
     import sys
     import tempfile
 
-    from common import tiny
+    from common.models import tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
     built = {}

@@ -1,4 +1,4 @@
-"""common/hrnet.py: the small HRNetV2 learns 2 real ADE20K samples on CPU, shapes at odd sizes, weights
+"""common/seg/hrnet.py: the small HRNetV2 learns 2 real ADE20K samples on CPU, shapes at odd sizes, weights
 round-trip through a folder, timm-named backbone weights load, bad folders name the flag."""
 
 import numpy as np
@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from common import SegGenError
-from common import hrnet
+from common.seg import hrnet
 
 
 def ade_pair(size=64):

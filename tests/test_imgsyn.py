@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 import imgsyn
-from common import SegGenError, synth
-from common.colormap import coco_categories, color_to_label, palette_for, panoptic_to_color
-from common.datasets import load_label, load_panoptic, read_dataset, read_synthetic, rgb_to_id
-from common.manifest import ManifestWriter
+from common import SegGenError
+from common.synthesis import synth
+from common.masks.colormap import coco_categories, color_to_label, palette_for, panoptic_to_color
+from common.data.datasets import load_label, load_panoptic, read_dataset, read_synthetic, rgb_to_id
+from common.data.manifest import ManifestWriter
 from conftest import ADE_ROOT, COCO_ROOT
 
 FAST = dict(steps=2, resolution=64, guidance=3.0)
@@ -343,15 +344,15 @@ def test_generation_size_keeps_the_aspect_ratio_at_the_training_scale():
 
 
 def test_sampler_choices_are_the_samplers_own():
-    from common.cli import Sampler, SamplingSchedule
-    from common.sampler import SAMPLERS, SCHEDULES
+    from common.runtime.cli import Sampler, SamplingSchedule
+    from common.diffusion.sampler import SAMPLERS, SCHEDULES
 
     assert [s.value for s in Sampler] == list(SAMPLERS) and [s.value for s in SamplingSchedule] == list(SCHEDULES)
 
 
 SLOW_START = r"""
 import os, runpy, sys, time
-from common import synth
+from common.synthesis import synth
 real = synth.sample_images
 def waiting(*a, **k):  # the first batch waits until the test has seen the second job refused
     while not os.path.exists(os.environ["GO"]):

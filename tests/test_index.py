@@ -1,4 +1,4 @@
-"""Cached indexes of synthetic folders and COCO panoptic splits (common/index.py): the same Samples
+"""Cached indexes of synthetic folders and COCO panoptic splits (common/data/index.py): the same Samples
 as the validating readers, on real sample data, rebuilt when their source changes."""
 
 import json
@@ -10,10 +10,10 @@ import pytest
 from conftest import ADE_ROOT, COCO_ROOT
 
 from common import SegGenError
-from common.datasets import (
+from common.data.datasets import (
     _read_coco_panoptic_json, coco_panoptic_index, load_label, load_panoptic, read_dataset, read_synthetic, synthetic_index,
 )
-from common.manifest import ManifestWriter, rank_path
+from common.data.manifest import ManifestWriter, rank_path
 
 PATHS = ("image", "annotation", "colormap")
 
@@ -61,7 +61,7 @@ def test_index_over_many_chunks_and_odd_lines(tmp_path, monkeypatch):
     id, a hand-written line) give read_synthetic's samples; an id repeated in a later chunk is named."""
     import functools
 
-    from common import index as idx
+    from common.data import index as idx
     monkeypatch.setattr(idx, "iter_chunks", functools.partial(idx.iter_chunks, size=700))
     real = read_dataset("ade20k", ADE_ROOT, "val")
     folder = _write(tmp_path / "synth", real * 3, 0, 2)  # ids _r0 repeated: rewrite them unique below
@@ -163,7 +163,7 @@ def test_provenance_views_and_filtered_annotations_match_the_record_list(tmp_pat
     """What train_seg decides at start-up from an index (FOLDER:k, hardness groups, filtered annotations)
     is what it decided from read_synthetic's records: lines in ManifestWriter's form (read by regex) and
     hand-written ones (another key order, an escaped id, no k: read by json) alike."""
-    from common.index import first_per_source, provenance, sample_ids
+    from common.data.index import first_per_source, provenance, sample_ids
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
     folder = _write(tmp_path / "synth", real)

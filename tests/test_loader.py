@@ -1,9 +1,9 @@
-"""common/loader.py: a worker's batch reaches the step unchanged, its small tensors by value."""
+"""common/runtime/loader.py: a worker's batch reaches the step unchanged, its small tensors by value."""
 
 import numpy as np
 import torch
 
-from common import loader
+from common.runtime import loader
 
 
 class _Items(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""One writer per output (common/lock.py): a real second process is refused with the holder named, a
+"""One writer per output (common/runtime/lock.py): a real second process is refused with the holder named, a
 lock left by a killed process does not block, the ranks of one job do not block each other."""
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common import SegGenError
-from common.lock import lock_path, output_lock
+from common.runtime.lock import lock_path, output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from common.lock import output_lock
+from common.runtime.lock import output_lock
 with output_lock(sys.argv[2], rank=int(sys.argv[3])):
     print("locked", flush=True)
     sys.stdin.readline()
@@ -111,7 +111,7 @@ def test_file_outputs_lock_beside_the_file_and_one_process_cannot_lock_twice(tmp
 FORKER = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from common.lock import OutputLock
+from common.runtime.lock import OutputLock
 OutputLock(sys.argv[2]).acquire()
 child = os.fork()
 if child == 0:  # a forked worker: shares the lock, outlives its parent

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from common import SegGenError, manifest
-from common.manifest import (
+from common import SegGenError
+from common.data import manifest
+from common.data.manifest import (
     CAPTION_FIELDS, ManifestWriter, atomic_save, done_ids, first_record, manifest_files, rank_path, read_ids,
     read_manifest,
 )
@@ -169,7 +170,7 @@ def test_a_failed_write_is_one_message_naming_the_file_and_keeps_the_lines_befor
     import pytest
 
     from common import SegGenError
-    from common.manifest import ManifestWriter, read_manifest
+    from common.data.manifest import ManifestWriter, read_manifest
 
     path = tmp_path / "m.jsonl"
     with ManifestWriter(path) as w:

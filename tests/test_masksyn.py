@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 import masksyn
-from common import SegGenError, synth
-from common.colormap import Palette, label_to_color, palette_for, separated_colors
-from common.datasets import load_label, read_dataset, read_synthetic
-from common.manifest import read_manifest
+from common import SegGenError
+from common.synthesis import synth
+from common.masks.colormap import Palette, label_to_color, palette_for, separated_colors
+from common.data.datasets import load_label, read_dataset, read_synthetic
+from common.data.manifest import read_manifest
 from conftest import ADE_ROOT
 from test_imgsyn import assert_same_samples, killed_at_sample  # the kill and the comparison, as for imgsyn
 
@@ -106,7 +107,7 @@ def test_degenerate_masks_are_rejected_counted_and_not_redrawn(tmp_path, monkeyp
     assert tally["attempts"] == 18 and tally["accepted"] == 0 and tally["rejected"] == {"off_palette": 18} and len(tally["short"]) == 2
     assert not (out / "images").exists()
     # A folder left without any sample ends loudly, with exit 1, saying why and what to change.
-    from common.progress import console
+    from common.runtime.progress import console
 
     with console.capture() as cap:
         assert synth.report(s, compared="sample") == 1
@@ -306,8 +307,8 @@ def test_coco_panoptic_folder_from_recovered_instances(tmp_path, models, caption
     """--data coco: the generated edge-coloured map -> color_to_panoptic -> a COCO panoptic folder that
     read_synthetic reads with segments_info; the colour map stored (and drawn from) is the recovered
     annotation re-rendered, so label and image agree; --reproduce gives the same bytes."""
-    from common.colormap import panoptic_to_color
-    from common.datasets import load_panoptic
+    from common.masks.colormap import panoptic_to_color
+    from common.data.datasets import load_panoptic
 
     out = tmp_path / "coco"
     s = run(out, models, captions, data="coco", per_sample=2, **ACCEPT_ALL)

@@ -1,4 +1,4 @@
-"""common/metrics.py against torchmetrics: mIoU on random label maps, PQ on the real COCO panoptic samples."""
+"""common/seg/metrics.py against torchmetrics: mIoU on random label maps, PQ on the real COCO panoptic samples."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,9 @@ from scipy.ndimage import distance_transform_edt
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchmetrics.detection import PanopticQuality as TMPanopticQuality
 
-from common.colormap import coco_categories
-from common.datasets import load_panoptic, read_dataset
-from common.metrics import PanopticQuality, SemanticMetrics, confusion_matrix, semantic_scores
+from common.masks.colormap import coco_categories
+from common.data.datasets import load_panoptic, read_dataset
+from common.seg.metrics import PanopticQuality, SemanticMetrics, confusion_matrix, semantic_scores
 
 C = 12
 
@@ -186,7 +186,7 @@ def test_crowd_region_forgives_predictions_like_panopticapi():
 
 
 def test_mask_ap_on_real_coco_samples():
-    from common.metrics import MaskAP
+    from common.seg.metrics import MaskAP
 
     samples = read_dataset("coco", COCO_ROOT, "val")
     perfect, half = MaskAP(CATEGORIES), MaskAP(CATEGORIES)
@@ -210,7 +210,7 @@ def test_mask_ap_on_real_coco_samples():
 
 def test_merged_accumulators_equal_one_over_all_images():
     # What a multi-process evaluation does: each process accumulates its images, the parts are merged.
-    from common.metrics import MaskAP
+    from common.seg.metrics import MaskAP
 
     rng = np.random.default_rng(0)
     whole_pq, parts_pq = PanopticQuality(CATEGORIES), [PanopticQuality(CATEGORIES) for _ in range(2)]

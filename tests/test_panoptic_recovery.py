@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import COCO_ROOT
 
-from common.colormap import coco_categories, color_to_panoptic, palette_for, panoptic_to_color
-from common.datasets import load_panoptic, read_dataset
-from common.demo import degrade
-from common.metrics import PanopticQuality
+from common.masks.colormap import coco_categories, color_to_panoptic, palette_for, panoptic_to_color
+from common.data.datasets import load_panoptic, read_dataset
+from common.report.colormaps import degrade
+from common.seg.metrics import PanopticQuality
 
 COCO_SAMPLES = read_dataset("coco", COCO_ROOT, "val")
 CATEGORIES = {c["id"]: bool(c["isthing"]) for c in coco_categories()}

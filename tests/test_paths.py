@@ -1,10 +1,10 @@
-"""Paths recorded in a run or manifest folder (common/paths.py): relative to the folder, hub ids kept,
+"""Paths recorded in a run or manifest folder (common/data/paths.py): relative to the folder, hub ids kept,
 read back after the folders were moved."""
 
 import shutil
 from pathlib import Path
 
-from common.paths import is_hub_id, record_path, resolve_recorded
+from common.data.paths import is_hub_id, record_path, resolve_recorded
 
 
 def test_paths_are_recorded_relative_and_found_again_after_a_move(tmp_path, monkeypatch):

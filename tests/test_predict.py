@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 import predict
-from common import hrnet, segmodel
-from common.colormap import ade20k_classes
-from common.datasets import load_image
+from common.seg import hrnet
+from common.seg import model as segmodel
+from common.masks.colormap import ade20k_classes
+from common.data.datasets import load_image
 from conftest import ADE_ROOT, invoke
 
 IMAGES = ADE_ROOT / "ADEChallengeData2016" / "images"  # training/ and validation/: 3 images

@@ -1,4 +1,4 @@
-"""common/quality.py and quality.py: per-sample alignment figures, FreeMask's noisy-region filter and
+"""common/seg/quality.py and quality.py: per-sample alignment figures, FreeMask's noisy-region filter and
 hardness resampling, and the command end to end with a tiny HRNet on a synthetic folder made from the
 real ADE20K samples (downscaled, so that a CPU run takes seconds)."""
 
@@ -12,10 +12,11 @@ import typer
 from PIL import Image
 
 import quality
-from common import SegGenError, hrnet
-from common import quality as q
-from common.datasets import read_dataset, read_synthetic
-from common.manifest import ManifestWriter, read_manifest
+from common import SegGenError
+from common.seg import hrnet
+from common.seg import labels, quality as q
+from common.data.datasets import read_dataset, read_synthetic
+from common.data.manifest import ManifestWriter, read_manifest
 from conftest import ADE_ROOT, invoke
 
 
@@ -28,7 +29,7 @@ def one_hot_scores(label: np.ndarray, classes: int = 4) -> torch.Tensor:
 # ---------------------------------------------------------------- per-sample figures
 
 def test_perfect_prediction_on_a_real_label():
-    label = q.label_train_ids(read_dataset("ade20k", ADE_ROOT, "val")[0], "ade20k")
+    label = labels.load_train_label(read_dataset("ade20k", ADE_ROOT, "val")[0], "ade20k")
     figures, loss = q.sample_figures(one_hot_scores(label, 150), label)
     assert figures["miou"] == 1.0 and figures["accuracy"] == 1.0
     assert figures["pixels"] == int((label != 255).sum())
@@ -60,7 +61,7 @@ def test_mask2former_scores_are_normalised_over_classes():
 def test_filter_ignores_pixels_above_tolerance_times_class_mean(tmp_path):
     sample = read_dataset("ade20k", ADE_ROOT, "val")[0]
     original = sample.annotation.read_bytes()
-    label = q.label_train_ids(sample, "ade20k")
+    label = labels.load_train_label(sample, "ade20k")
     c = int(np.bincount(label[label != 255]).argmax())  # the largest class
     means = np.full(150, np.nan)
     means[c] = 1.0

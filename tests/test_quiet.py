@@ -1,4 +1,4 @@
-"""common/quiet.py: the library chatter a run expects is gone, our one line appears, other warnings stay.
+"""common/runtime/quiet.py: the library chatter a run expects is gone, our one line appears, other warnings stay.
 
 The chatter is produced in a fresh process (transformers warns some messages only once per process, and
 OpenMP / logging state is global), once without and once with quiet(); stderr is compared.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common import quiet as q
+from common.runtime import quiet as q
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = "a living room with a sofa, a lamp, a table, two chairs, a window, curtains, a rug and a painting on the wall"
@@ -20,7 +20,7 @@ LONG = "a living room with a sofa, a lamp, a table, two chairs, a window, curtai
 SCRIPT = r"""
 import os, sys, logging, warnings
 if sys.argv[1] == "quiet":
-    from common.quiet import quiet
+    from common.runtime.quiet import quiet
     quiet()
 import torch
 import bitsandbytes  # on CPUs with AVX512-BF16 it warns about the optional `kernels` package while importing
@@ -32,7 +32,7 @@ pipe.encode_prompt(sys.argv[4], device="cpu", do_classifier_free_guidance=False)
 Mask2FormerForUniversalSegmentation.from_pretrained(sys.argv[3], num_labels=133, ignore_mismatched_sizes=True)
 list(torch.utils.data.DataLoader(list(range(4)), num_workers=len(os.sched_getaffinity(0)) + 1))
 logging.getLogger("transformers.modeling_utils").warning("SOMETHING UNEXPECTED")  # must still show
-from common.quiet import caption_cut_note
+from common.runtime.quiet import caption_cut_note
 print(caption_cut_note(pipe.tokenizer, {"ADE_train_1": "a room", "ADE_train_2": sys.argv[4]}, source="captions.jsonl"),
       file=sys.stderr)
 """
@@ -60,7 +60,7 @@ def test_quiet_drops_the_expected_library_messages_and_keeps_ours_and_the_unexpe
     if "Failed to load CPU gemm_4bit_forward" in loud:  # only on CPUs with AVX512-BF16
         expected.append("Failed to load CPU gemm_4bit_forward")
     for text in expected:
-        assert text in loud, f"the library no longer says {text!r}: update common/quiet.py"
+        assert text in loud, f"the library no longer says {text!r}: update common/runtime/quiet.py"
         assert text not in calm, f"quiet() let through {text!r}:\n{calm}"
     for out in (loud, calm):
         assert "SOMETHING UNEXPECTED" in out

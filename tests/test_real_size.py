@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common import realsize
+from common.models import realsize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

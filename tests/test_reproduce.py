@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from common.datasets import read_synthetic
-from common.manifest import CAPTION_FIELDS, read_manifest
+from common.data.datasets import read_synthetic
+from common.data.manifest import CAPTION_FIELDS, read_manifest
 
 SCRIPT = str(ROOT / "reproduce.sh")
 
@@ -131,13 +131,13 @@ def test_toy_preset_dry_run_prints_the_chain_and_table4():
     r = run("--preset", "toy", "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()[1:]
-    assert "common.toyworld" in lines[0] and "--train 2000 --val 200 --seed 0" in lines[0]
-    assert not any("common.toybase" in x for x in lines)  # the shipped base, not a build
+    assert "common.toy.world" in lines[0] and "--train 2000 --val 200 --seed 0" in lines[0]
+    assert not any("common.toy.base" in x for x in lines)  # the shipped base, not a build
     for script in ("train_text2mask.py", "train_mask2img.py"):
         line = next(x for x in lines if script in x)
-        assert "--data toy" in line and "--pretrained common/data/toybase" in line and "--resolution 64" in line
+        assert "--data toy" in line and "--pretrained common/assets/toybase" in line and "--resolution 64" in line
     rebuilt = run("--preset", "toy", "--dry-run", "--build-base").stdout.splitlines()[1:]
-    assert "common.toybase runs/toy/base --world runs/toy/world" in rebuilt[1]
+    assert "common.toy.base runs/toy/base --world runs/toy/world" in rebuilt[1]
     assert all("--pretrained runs/toy/base" in x for x in rebuilt if "train_text2mask.py" in x or "train_mask2img.py" in x)
     table = [x for x in lines if "runs/table4/" in x]
     assert len(table) == 2 * 4 * 3  # two N x {real, +ImgSyn, +MaskSyn, +both} x three seeds
@@ -228,7 +228,7 @@ def flags(line: str) -> dict:
     import shlex
 
     words = shlex.split(line)
-    words = words[next(i for i, w in enumerate(words) if w.endswith(".py") or w == "common.subset") + 1:]
+    words = words[next(i for i, w in enumerate(words) if w.endswith(".py") or w == "common.data.subset") + 1:]
     out = {}
     for i, w in enumerate(words):
         if w.startswith("--"):
@@ -289,10 +289,10 @@ def test_table4_uses_one_subset_in_every_stage():
     r = run("--preset", "paper", "--experiment", "table4", "--data-root", "/data", "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    made = [flags(x) for x in lines if "common.subset" in x]
+    made = [flags(x) for x in lines if "common.data.subset" in x]
     assert len(made) == 1 and made[0]["--n"] == "1000" and made[0]["--data"] == "ade20k"  # Table 4: 1,000 real samples
     subset = made[0]["--out"]
-    first = lines.index(next(x for x in lines if "common.subset" in x))
+    first = lines.index(next(x for x in lines if "common.data.subset" in x))
     later = [x for x in lines[first + 1:] if ".py" in x and "-1000" in x]
     stages = {next(w for w in x.split() if w.endswith(".py")) for x in later}
     assert stages == {"caption.py", "train_text2mask.py", "train_mask2img.py", "masksyn.py", "imgsyn.py", "train_seg.py"}

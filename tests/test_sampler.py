@@ -1,4 +1,4 @@
-"""The EDM sampler (common/sampler.py) against references nobody here wrote: SDXL's reference code
+"""The EDM sampler (common/diffusion/sampler.py) against references nobody here wrote: SDXL's reference code
 (Stability-AI/generative-models, "sgm") transcribed below for the default (Euler, legacy DDPM
 schedule, guidance 5); diffusers' Heun / Euler schedulers with Karras sigmas on the tiny SDXL UNet;
 and a denoiser whose data distribution is a known Gaussian (its exact D(x; σ) and the ODE's exact
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.sampler import (Cond, EpsDenoiser, Settings, edm_sampler, karras_sigmas, legacy_ddpm_sigmas, model_sigmas,
+from common.diffusion.sampler import (Cond, EpsDenoiser, Settings, edm_sampler, karras_sigmas, legacy_ddpm_sigmas, model_sigmas,
                             sample, sigma_to_index, sigma_to_t)
 
-CONFIG = json.loads((Path(__file__).resolve().parents[1] / "common" / "data" / "sdxl_scheduler_config.json").read_text())
+CONFIG = json.loads((Path(__file__).resolve().parents[1] / "common" / "assets" / "sdxl_scheduler_config.json").read_text())
 
 
 def reference_scheduler(kind):
@@ -172,13 +172,13 @@ def test_churn_window_and_per_sample_noise():
 
 def test_controlnet_guided_sample_matches_sdxl_controlnet_pipeline(tiny_models):
     """Mask2Img's path: the ControlNet residuals under classifier-free guidance, the control image as
-    common/synth.py feeds it ([0, 1], both guidance halves) and SDXL's size conditioning (h, w) from
+    common/synthesis/synth.py feeds it ([0, 1], both guidance halves) and SDXL's size conditioning (h, w) from
     synth.encode, against StableDiffusionXLControlNetPipeline itself on a non-square image."""
     import numpy as np
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     from PIL import Image
 
-    from common import synth
+    from common.synthesis import synth
 
     controlnet = ControlNetModel.from_pretrained(tiny_models("controlnet"))
     # A fresh ControlNet's output convs are zero (no residuals at all): give them weights, so that the
@@ -213,7 +213,7 @@ def test_controlnet_guided_sample_matches_sdxl_controlnet_pipeline(tiny_models):
 
 # ---------------------------------------------------------------- SDXL's reference sampler (sgm), transcribed
 # From Stability-AI/generative-models, written out here in numpy / plain torch and independently of
-# common/sampler.py, so that the default is checked against the published formulas themselves.
+# common/diffusion/sampler.py, so that the default is checked against the published formulas themselves.
 
 def sgm_alphas_cumprod(cfg):
     """sgm/modules/diffusionmodules/util.py `make_beta_schedule("linear")` (float64): β = linspace(√β_start,

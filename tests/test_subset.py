@@ -1,4 +1,4 @@
-"""common/subset.py: one seeded subset of real training ids, written once and honoured by every stage (caption, both
+"""common/data/subset.py: one seeded subset of real training ids, written once and honoured by every stage (caption, both
 generator trainers, masksyn, imgsyn, train_seg)."""
 
 import json
@@ -7,8 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 import typer
-from common import SegGenError, subset
-from common.datasets import read_dataset
+from common import SegGenError
+from common.data import subset
+from common.data.datasets import read_dataset
 from conftest import ADE_ROOT, invoke
 
 
@@ -65,7 +66,7 @@ def test_read_sources_keeps_only_the_subset_of_the_training_split(tmp_path):
     import shutil
     from types import SimpleNamespace
 
-    from common import segdata
+    from common.seg import data as segdata
 
     src = ADE_ROOT / "ADEChallengeData2016"
     root = tmp_path / "ADEChallengeData2016"
@@ -103,7 +104,7 @@ def val_captions(path):
 
 def test_caption_writes_the_subset_only(tmp_path, one_id):
     from caption import caption
-    from common.manifest import CAPTION_FIELDS, read_manifest
+    from common.data.manifest import CAPTION_FIELDS, read_manifest
 
     s = caption("ade20k", ADE_ROOT, "val", tmp_path / "caps.jsonl", captioner="labels", real_subset=one_id)
     assert s["captioned"] == 1 and [r["id"] for r in read_manifest(tmp_path / "caps.jsonl", CAPTION_FIELDS)] == [VAL[1]]
@@ -140,7 +141,7 @@ def test_generator_trainers_build_their_dataset_from_the_subset(tmp_path, tiny_m
 
 def test_masksyn_draws_from_the_subset_captions_only(tmp_path, tiny_models, one_id):
     import masksyn
-    from common.datasets import read_synthetic
+    from common.data.datasets import read_synthetic
 
     s = masksyn.masksyn(captions=val_captions(tmp_path / "caps.jsonl"), real_subset=one_id, per_sample=1, batch_size=2,
                         out=tmp_path / "ms", text2mask=str(tiny_models("sdxl")), mask2img=str(tiny_models("controlnet")),
@@ -151,7 +152,7 @@ def test_masksyn_draws_from_the_subset_captions_only(tmp_path, tiny_models, one_
 
 def test_imgsyn_draws_from_the_subset_sources_only(tmp_path, tiny_models, one_id):
     import imgsyn
-    from common.datasets import read_synthetic
+    from common.data.datasets import read_synthetic
 
     caps = val_captions(tmp_path / "caps.jsonl")
     kw = dict(data="ade20k", data_root=ADE_ROOT, split="val", captions=caps, per_sample=1, batch_size=2, steps=1, resolution=64,
@@ -175,7 +176,7 @@ def test_every_stage_cli_names_a_missing_subset_file(tmp_path, script):
             "imgsyn": ["--data-root", ADE_ROOT, "--split", "val", "--captions", caps, "--out", tmp_path / "out"]}[script]
     r = cli_of(module.main, [*args, "--real-subset", tmp_path / "nope.txt"])
     out = " ".join(r.output.split())
-    assert r.exit_code == 2 and "--real-subset" in out and "nope.txt: no such file" in out and "common.subset" in out
+    assert r.exit_code == 2 and "--real-subset" in out and "nope.txt: no such file" in out and "common.data.subset" in out
 
 
 def cli_of(main, argv):

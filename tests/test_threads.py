@@ -1,8 +1,8 @@
-"""common/threads.py: thread and worker counts from the cores a process may use (no timing here: bench/threads.py)."""
+"""common/runtime/threads.py: thread and worker counts from the cores a process may use (no timing here: bench/threads.py)."""
 
 import pytest
 
-from common import threads
+from common.runtime import threads
 
 
 @pytest.mark.parametrize("cores, processes, load, want_threads, want_workers", [

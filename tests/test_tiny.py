@@ -9,18 +9,18 @@ import torch
 from conftest import ADE_ROOT, ROOT
 from PIL import Image
 
-from common.datasets import load_image, load_label, read_dataset
+from common.data.datasets import load_image, load_label, read_dataset
 
 SAMPLE = read_dataset("ade20k", ADE_ROOT, "val")[0]
 
 
 def test_command_line_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "sdxl"
-    run = subprocess.run([sys.executable, "-m", "common.tiny", "sdxl", str(out)], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "common.models.tiny", "sdxl", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
-    bad = subprocess.run([sys.executable, "-m", "common.tiny", "sdxxl", str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "usage: python -m common.tiny {sdxl,sd15,controlnet,blip2,mask2former}" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "common.models.tiny", "sdxxl", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "usage: python -m common.models.tiny {sdxl,sd15,controlnet,blip2,mask2former}" in bad.stderr
 
 
 def test_sdxl_pipeline_samples(tiny_models):
@@ -45,7 +45,7 @@ def test_sd15_pipeline_samples(tiny_models):
 def test_controlnet_conditions_the_sdxl_unet(tiny_models):
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-    from common.colormap import label_to_color, palette_for, resize_nearest
+    from common.masks.colormap import label_to_color, palette_for, resize_nearest
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_models("sdxl"))
     controlnet = ControlNetModel.from_pretrained(tiny_models("controlnet"))
@@ -85,7 +85,7 @@ def test_mask2former_trains_on_a_real_label(tiny_models):
 
 @pytest.mark.parametrize("kind", ["sdxl", "controlnet"])
 def test_same_seed_same_weights(tiny_models, tmp_path, kind):
-    from common import tiny
+    from common.models import tiny
 
     again = tiny.save(kind, tmp_path / kind, tiny_models("sdxl") if kind == "controlnet" else None)
     from safetensors.torch import load_file

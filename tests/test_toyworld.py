@@ -1,4 +1,4 @@
-"""The toy world (common/toyworld.py) and its pretrained base (common/toybase.py): determinism, the
+"""The toy world (common/toy/world.py) and its pretrained base (common/toy/base.py): determinism, the
 ADE20K layout that `--data toy` reads, captions, classes told by shape rather than colour, and a smoke
 build of the base that loads like any pipeline folder."""
 
@@ -13,10 +13,10 @@ from conftest import ROOT
 from PIL import Image
 
 from common import SegGenError
-from common.colormap import class_names, palette_for
-from common.datasets import load_image, load_label, read_dataset
-from common.manifest import CAPTION_FIELDS, read_manifest
-from common.toyworld import MAX_CAPTION, TOY_CLASSES, V, make_caption, render, write_world
+from common.masks.colormap import class_names, palette_for
+from common.data.datasets import load_image, load_label, read_dataset
+from common.data.manifest import CAPTION_FIELDS, read_manifest
+from common.toy.world import MAX_CAPTION, TOY_CLASSES, V, make_caption, render, write_world
 
 
 def digest(root):
@@ -27,7 +27,7 @@ def digest(root):
 def world(tmp_path_factory):
     """A small world written by the documented command line."""
     root = tmp_path_factory.mktemp("toy") / "world"
-    run = subprocess.run([sys.executable, "-m", "common.toyworld", str(root), "--train", "12", "--val", "4", "--seed", "0"],
+    run = subprocess.run([sys.executable, "-m", "common.toy.world", str(root), "--train", "12", "--val", "4", "--seed", "0"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "wrote 12 train + 4 val samples" in run.stderr
@@ -69,7 +69,7 @@ def test_layout_reads_as_data_toy(world):
 
 
 def test_captions_file_as_caption_py_writes_it(world):
-    from common.training import read_captions
+    from common.diffusion.training import read_captions
 
     for split in ("train", "val"):
         path = world / f"captions_{split}.jsonl"
@@ -127,7 +127,7 @@ def test_rerun_replaces_and_foreign_folder_is_refused(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(SegGenError, match="is not a toy world"):
         write_world(tmp_path / "mine", 2, 1, seed=0)
-    with pytest.raises(SegGenError, match=r"no toy world found; make one with `python -m common.toyworld"):
+    with pytest.raises(SegGenError, match=r"no toy world found; make one with `python -m common.toy.world"):
         read_dataset("toy", tmp_path / "nothing", "train")
 
 
@@ -135,8 +135,8 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from common.toybase import BaseConfig, build, load_world, sample
-    from common.sdxl import inspect_base
+    from common.toy.base import BaseConfig, build, load_world, sample
+    from common.diffusion.sdxl import inspect_base
 
     out = tmp_path / "base"
     record = build(out, world, BaseConfig.quick())
@@ -165,7 +165,7 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
 
 
 def test_word_tokenizer_one_token_per_word_and_words_added_later_change_nothing_before():
-    from common.toybase import word_tokenizer
+    from common.toy.base import word_tokenizer
 
     first = word_tokenizer(["a red ball on grass"])
     more = word_tokenizer(["a red ball on grass", "two balls, a box and a road under a sky"])
@@ -177,9 +177,9 @@ def test_word_tokenizer_one_token_per_word_and_words_added_later_change_nothing_
 
 
 def test_toybase_without_a_world_names_the_command(tmp_path):
-    from common.toybase import BaseConfig, build
+    from common.toy.base import BaseConfig, build
 
-    with pytest.raises(SegGenError, match=r"--world .*python -m common.toyworld"):
+    with pytest.raises(SegGenError, match=r"--world .*python -m common.toy.world"):
         build(tmp_path / "base", tmp_path / "missing", BaseConfig.quick())
 
 
@@ -190,7 +190,7 @@ def test_toybase_map_roundtrip_scores_what_comes_back(world):
 
     import torch
 
-    from common.toybase import load_maps, map_roundtrip
+    from common.toy.base import load_maps, map_roundtrip
 
     maps, labels = load_maps(world, "val")  # (N, 3, 64, 64) in [-1, 1], (N, 64, 64)
     assert maps.shape == (4, 3, 64, 64) and labels.shape == (4, 64, 64)

@@ -16,9 +16,9 @@ from conftest import ADE_ROOT, ROOT, invoke, trainer_args, write_captions
 from safetensors.torch import load_file
 
 import train_mask2img
-from common import synth
-from common.colormap import Palette, palette_for, resize_nearest, label_to_color
-from common.datasets import load_label, read_dataset
+from common.synthesis import synth
+from common.masks.colormap import Palette, palette_for, resize_nearest, label_to_color
+from common.data.datasets import load_label, read_dataset
 
 def run(args):
     return invoke(train_mask2img.app, args)
@@ -51,7 +51,7 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     assert (out / "checkpoint-2" / "controlnet" / "config.json").is_file()
     assert json.loads((out / "cache" / "latents.json").read_text())["rows"] == 4  # both processes' rows, both flips
     meta = json.loads((out / "seggen.json").read_text())
-    from common.paths import resolve_recorded
+    from common.data.paths import resolve_recorded
 
     assert meta["base"].startswith("../")  # relative to the run folder: it moves with the base (issue 17 item 4)
     assert resolve_recorded(meta["base"], out) == str(base) and meta["palette"] == "palette.json"
@@ -69,10 +69,10 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
 
 
 def test_a_base_whose_vae_downsamples_by_4_gets_a_controlnet_that_does_too(tmp_path, tiny_models):
-    # The toy base (common/toybase.py) has a factor-4 VAE: the map must be embedded to the latents' 16x16.
+    # The toy base (common/toy/base.py) has a factor-4 VAE: the map must be embedded to the latents' 16x16.
     from diffusers import ControlNetModel
 
-    from common.toybase import _vae
+    from common.toy.base import _vae
 
     base = Path(shutil.copytree(tiny_models("sdxl"), tmp_path / "base4"))
     shutil.rmtree(base / "vae")

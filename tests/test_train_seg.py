@@ -14,10 +14,11 @@ from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 import train_seg
-from common import segdata, segmodel
-from common.datasets import load_label, load_panoptic, read_dataset
-from common.loader import as_tensors
-from common.manifest import ManifestWriter
+from common.seg import data as segdata
+from common.seg import model as segmodel
+from common.data.datasets import load_label, load_panoptic, read_dataset
+from common.runtime.loader import as_tensors
+from common.data.manifest import ManifestWriter
 
 runner = CliRunner()
 FAST = ["--model", None, "--batch-size", "2", "--crop", "64", "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "2"]
@@ -216,7 +217,7 @@ def test_aug_draws_only_from_the_given_folders(tiny, tmp_path, monkeypatch):
     drawn = json.loads((tmp_path / "run/metrics.json").read_text())["drawn"]
     assert set(drawn) == {"real", str(a), str(b)} and sum(drawn.values()) == 12
     assert drawn[str(a)] + drawn[str(b)] > 0
-    # Without --synthetic, the default folders of common/paths.py are used.
+    # Without --synthetic, the default folders of common/data/paths.py are used.
     _ok(_cli(["--data-root", ADE_ROOT, "--max-steps", "2", "--output-dir", tmp_path / "run2", "--eval-size", "32", *FAST], tiny))
     assert set(json.loads((tmp_path / "run2/metrics.json").read_text())["drawn"]) == {"real", "synth/imgsyn-ade20k"}
 
@@ -322,7 +323,7 @@ def test_bad_inputs_get_one_clear_error(case, message, tiny, tmp_path, monkeypat
 
 # ---------------------------------------------------------------- COCO panoptic / instance
 
-from common.colormap import coco_categories  # noqa: E402
+from common.masks.colormap import coco_categories  # noqa: E402
 from conftest import COCO_ROOT  # noqa: E402
 
 
@@ -523,7 +524,7 @@ HRNET = ["--backbone", "hrnet-small", "--batch-size", "2", "--crop", "64", "--ev
 
 
 def test_hrnet_trains_with_its_recipe_resumes_and_evaluates_its_saved_model(ade_all, tmp_path):
-    from common import hrnet
+    from common.seg import hrnet
     from quality import load_segmenter
 
     args = ["--data-root", ade_all, "--strategy", "real", "--max-steps", "4", "--checkpoint-every", "2", *HRNET]
@@ -582,7 +583,7 @@ def test_no_augment_removes_exactly_what_a9_names():
 
 
 def test_synthetic_folder_count_takes_the_first_k_per_source(tmp_path):
-    from common.datasets import read_synthetic
+    from common.data.datasets import read_synthetic
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
     folder = _write_synthetic(tmp_path / "syn", real[::-1], n=3)  # sources written in reverse order
@@ -599,7 +600,7 @@ def test_synthetic_folder_count_takes_the_first_k_per_source(tmp_path):
 
 def _write_quality(folder, hard_ids=()):
     """quality.jsonl as quality.py writes it (id + per-class [mean loss, pixels]); `hard_ids` get a high-loss class."""
-    from common.datasets import read_synthetic
+    from common.data.datasets import read_synthetic
 
     with open(folder / "quality.jsonl", "w") as f:
         for s in read_synthetic(folder):
@@ -620,8 +621,8 @@ def test_hardness_sampling_draws_by_the_given_probabilities_and_resumes_exactly(
 
 
 def test_synthetic_weights_keep_each_folders_share_and_follow_freemask(tmp_path):
-    from common import quality
-    from common.datasets import read_synthetic, synthetic_index
+    from common.seg import quality
+    from common.data.datasets import read_synthetic, synthetic_index
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
     a = _write_synthetic(tmp_path / "a", real, n=2)  # 4 samples
@@ -639,8 +640,8 @@ def test_synthetic_weights_keep_each_folders_share_and_follow_freemask(tmp_path)
 
 
 def test_synthetic_filtered_trains_on_annotations_filtered(tiny, tmp_path):
-    from common import quality
-    from common.datasets import read_synthetic
+    from common.seg import quality
+    from common.data.datasets import read_synthetic
 
     real = read_dataset("ade20k", ADE_ROOT, "val")
     folder = _write_synthetic(tmp_path / "syn", real[:1])
@@ -724,7 +725,7 @@ def test_coco_instance_run_says_where_its_ap_came_from(tiny, coco_train, tmp_pat
 def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_holder(tiny, tmp_path):
     import os
 
-    from common.lock import output_lock
+    from common.runtime.lock import output_lock
 
     with output_lock(tmp_path / "run", rank=0, flag="--output-dir"):  # another job writing there
         r = _cli(["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "2", "--output-dir", tmp_path / "run", "--eval-size", "32", *FAST], tiny)

@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_text2mask
-from common.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
-from common.datasets import load_image, load_label, load_panoptic, read_dataset
-from common.checkpoint import load as load_checkpoint
-from common.sdxl import drop_captions, encode_prompts, load_text_encoders, time_ids
-from common.training import ColorMapDataset, make_optimizer, noisy_latents
+from common.masks.colormap import Palette, label_to_color, palette_for, panoptic_to_color, resize_nearest
+from common.data.datasets import load_image, load_label, load_panoptic, read_dataset
+from common.runtime.checkpoint import load as load_checkpoint
+from common.diffusion.sdxl import drop_captions, encode_prompts, load_text_encoders, time_ids
+from common.diffusion.training import ColorMapDataset, make_optimizer, noisy_latents
 
 def run(args):
     return invoke(train_text2mask.app, args)
@@ -50,7 +50,7 @@ def test_two_process_accelerate_run_leaves_a_pipeline_that_samples(tmp_path, tin
     assert len(validation) == 1 and 0 <= validation[0]["off_palette"] <= 1 and (out / validation[0]["grid"]).is_file()
     assert (out / "checkpoint-2" / "unet" / "config.json").is_file()  # diffusers-format checkpoints
     assert Palette.load(out / "palette.json").colors.tolist() == palette_for("ade20k").colors.tolist()
-    from common.paths import resolve_recorded
+    from common.data.paths import resolve_recorded
 
     assert resolve_recorded(json.loads((out / "seggen.json").read_text())["base"], out) == str(base)  # recorded relative
     trained, start = unet_weights(out), unet_weights(base)

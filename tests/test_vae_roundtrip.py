@@ -1,4 +1,4 @@
-"""The VAE round-trip command (common/vae_roundtrip.py) on the real ADE20K samples in tests/data, with
+"""The VAE round-trip command (common/diffusion/vae_roundtrip.py) on the real ADE20K samples in tests/data, with
 the tiny VAE saved to a folder and loaded the way a user's checkpoint is."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import ADE_ROOT
 
-from common import vae_roundtrip as vr
-from common.colormap import color_to_label, palette_for
-from common.datasets import read_dataset
+from common.diffusion import vae_roundtrip as vr
+from common.masks.colormap import color_to_label, palette_for
+from common.data.datasets import read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_pipeline_folder_is_read_through_its_vae_subfolder(tiny_models, vae_fold
 def test_perfect_and_stand_in_round_trips():
     """With a lossless round trip every pixel comes back; with the demo's JPEG + noise stand-in the
     generation palette keeps more than the usual one and the vote mends more (the README's claim)."""
-    from common.demo import degrade
+    from common.report.colormaps import degrade
 
     samples = read_dataset("ade20k", ADE_ROOT, "val")
     perfect = vr.study(samples, "ade20k", lambda maps: maps)
@@ -94,7 +94,7 @@ def test_toy_world_maps_are_semantic_not_panoptic(vae_folder, tmp_path):
     import sys
 
     world = tmp_path / "world"
-    subprocess.run([sys.executable, "-m", "common.toyworld", str(world), "--train", "2", "--val", "2", "--seed", "0"],
+    subprocess.run([sys.executable, "-m", "common.toy.world", str(world), "--train", "2", "--val", "2", "--seed", "0"],
                    check=True, capture_output=True)
     out = tmp_path / "rt.json"
     result = run(["--vae", vae_folder, "--data", "toy", "--data-root", world, "--n", 2, "--resolution", 64, "--device", "cpu", "--json", out])

@@ -1,0 +1,179 @@
+"""The report of `reproduce.sh --preset toy`: WORK/report.md, WORK/results.json, WORK/contact_sheet.png.
+
+Every figure comes from files the same run wrote: WORK/eval/*.json (bench/toy.py), the Table 4 runs'
+metrics.json (WORK/runs/table4/n{N}-{synthetic}-s{seed}/), and WORK/stage_times.tsv.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from common.masks.colormap import label_to_color, palette_for
+from common.data.datasets import load_label, read_dataset, read_synthetic
+
+SYNTHETIC = ("real", "imgsyn", "masksyn", "both")
+LABEL = {"real": "real only", "imgsyn": "+ ImgSyn", "masksyn": "+ MaskSyn", "both": "+ both"}
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_times(work: Path) -> dict[str, float]:
+    times: dict[str, float] = {}
+    if (work / "stage_times.tsv").is_file():
+        for line in (work / "stage_times.tsv").read_text().splitlines():
+            name, secs = line.split("\t")
+            times[name] = times.get(name, 0.0) + float(secs)
+    return times
+
+
+def table4(work: Path) -> list[dict]:
+    rows = []
+    for run in sorted((work / "runs/table4").glob("n*-*-s*")):
+        m = re.fullmatch(r"n(\d+)-(\w+)-s(\d+)", run.name)
+        metrics = _json(run / "metrics.json")
+        if m and metrics:
+            rows.append({"real_samples": int(m[1]), "synthetic": m[2], "seed": int(m[3]),
+                         "miou": round(100 * metrics["single_scale"]["mIoU"], 2)})
+    return rows
+
+
+def base_record(work: Path) -> dict:
+    """toybase.json of the base the run fine-tuned: the Text2Mask trainer's --pretrained (the shipped
+    common/assets/toybase, relative to the repository, or WORK/base built by --build-base)."""
+    opts = _json(work / "runs/text2mask-toy/options.json") or {}
+    base = Path(opts.get("pretrained") or work / "base")
+    for folder in (base, Path(__file__).resolve().parents[2] / base):
+        if (folder / "toybase.json").is_file():
+            return _json(folder / "toybase.json")
+    return {}
+
+
+def results(work: Path) -> dict:
+    ft, base = _json(work / "eval/t2m-finetuned.json"), _json(work / "eval/t2m-base.json")
+    align = _json(work / "eval/alignment.json")
+    res = {
+        "text2mask_off_palette": {"finetuned": ft and ft["off_palette"], "base": base and base["off_palette"]},
+        "text2mask_histogram_tv": {"finetuned": ft and ft["histogram_tv"], "base": base and base["histogram_tv"]},
+        "alignment_miou": {k: align and round(align[k], 2) for k in ("imgsyn", "ceiling", "floor")},
+        # the segmenter on real val images through the base's VAE and back: a perfect generator's ceiling
+        "alignment_vae_ceiling": align and align.get("vae_ceiling") and round(align["vae_ceiling"], 2),
+        "table4": table4(work),
+        "base_vae": {k: v for k, v in base_record(work).items() if k in ("vae_reconstruction_val", "vae_colormaps_val")},
+        "masksyn_tally": {k: v for k, v in (_json(work / "synth/masksyn-toy/tally.json") or {}).items()
+                          if k in ("attempts", "accepted", "rejected")},
+        "stage_seconds": {k: round(v, 1) for k, v in stage_times(work).items()},
+    }
+    a = res["alignment_miou"]
+    if None not in a.values() and a["ceiling"] != a["floor"]:  # share of the way from floor to ceiling
+        res["alignment_progress"] = round((a["imgsyn"] - a["floor"]) / (a["ceiling"] - a["floor"]), 3)
+    return res
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def write_toy_report(work: Path) -> Path:
+    work = Path(work)
+    res = results(work)
+    (work / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    fmt = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")  # noqa: E731
+    off, tv, a = res["text2mask_off_palette"], res["text2mask_histogram_tv"], res["alignment_miou"]
+    lines = ["# SegGen on the toy world (`reproduce.sh --preset toy`)", "",
+             "Every model here was trained on 2 CPU cores on the procedural toy world (common/toy/world.py): the base",
+             "(common/toy/base.py; the one shipped in common/assets/toybase unless --build-base built it in this run),",
+             "then, in this run, Text2Mask, Mask2Img and the HRNet-small segmenters. The figures show whether the",
+             "chain learns; the paper's own numbers need SDXL and ADE20K/COCO at the paper's scale.", "",
+             "## Text2Mask quality (validation captions, masksyn's sampler)", "",
+             "| model | off-palette pixels | class histogram distance (TV, 0..1) |", "| --- | --- | --- |",
+             f"| fine-tuned Text2Mask | {fmt(off['finetuned'], True)} | {fmt(tv['finetuned'])} |",
+             f"| untrained base | {fmt(off['base'], True)} | {fmt(tv['base'])} |", ""]
+    maps = res["base_vae"].get("vae_colormaps_val")
+    if maps:
+        lines += [f"The base's VAE alone, encoding and decoding real validation colour maps, leaves "
+                  f"{fmt(maps.get('off_palette'), True)} of pixels off the palette and reads back "
+                  f"{fmt(maps.get('class_right'), True)} as their class (toybase.json): Text2Mask cannot do better.", ""]
+    tally = res["masksyn_tally"]
+    if tally:
+        lines += [f"MaskSyn kept {tally.get('accepted')} of {tally.get('attempts')} drawn masks (rejected by rule: "
+                  f"{tally.get('rejected')}; masksyn's --max-off-palette rule).", ""]
+    lines += [
+             "## Mask2Img alignment (FreestyleNet's measure: a segmenter trained on all real data, mIoU %)", "",
+             "| images | mIoU (%) |", "| --- | --- |",
+             f"| real validation images (ceiling) | {fmt(a['ceiling'] and a['ceiling'] / 100, True)} |"]
+    vc = res["alignment_vae_ceiling"]
+    if vc is not None:
+        lines += [f"| real validation images through the base's VAE and back (a perfect generator's ceiling) | {fmt(vc / 100, True)} |"]
+    lines += [f"| ImgSyn images vs the labels they were drawn for | {fmt(a['imgsyn'] and a['imgsyn'] / 100, True)} |",
+              f"| base images for the caption alone (floor) | {fmt(a['floor'] and a['floor'] / 100, True)} |"]
+    if "alignment_progress" in res:
+        lines += ["", f"ImgSyn sits {100 * res['alignment_progress']:.0f}% of the way from the floor to the ceiling"
+                  + (f" ({100 * (a['imgsyn'] - a['floor']) / (vc - a['floor']):.0f}% of the way to the VAE's ceiling)."
+                     if vc is not None and vc != a["floor"] else ".")]
+    rows = res["table4"]
+    if rows:
+        lines += ["", "## Table 4 at toy scale (HRNet-small, `--strategy aug --p-aug 0.6`, mIoU % on the toy val split, mean ± std over seeds)", "",
+                  "| real samples | " + " | ".join(LABEL[s] for s in SYNTHETIC) + " |", "| --- |" + " --- |" * len(SYNTHETIC)]
+        for n in sorted({r["real_samples"] for r in rows}):
+            cells = []
+            for s in SYNTHETIC:
+                v = [r["miou"] for r in rows if r["real_samples"] == n and r["synthetic"] == s]
+                cells.append(f"{_mean_std(v)} (n={len(v)})" if v else "—")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    times = res["stage_seconds"]
+    if times:
+        lines += ["", "## Stage times (s)", "", "| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+        lines += [f"| **total** | {sum(times.values()):.1f} |"]
+    sheet = contact_sheet(work)
+    if sheet:
+        lines += ["", "## Contact sheet", "", f"![contact sheet]({sheet.name})", "",
+                  "Rows: real (image, map) · MaskSyn (learned map, image) · ImgSyn (real map, learned image) · "
+                  "Text2Mask of the fine-tuned model · of the untrained base · base images for the caption alone (floor)."]
+    out = work / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def contact_sheet(work: Path, k: int = 6, cell: int = 96) -> Path | None:
+    """Rows of k pairs/pictures, each labelled; missing rows are left out."""
+    usual = palette_for("toy", "usual")
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))  # noqa: E731
+    try:
+        val = read_dataset("toy", work / "world", "val")[:k // 2]
+        rows.append(("real: image | map", [x for s in val for x in (rgb(s.image), label_to_color(load_label(s, "toy"), usual))]))
+    except Exception:  # noqa: BLE001 - no world: no row
+        pass
+    for name, title in (("masksyn", "MaskSyn: learned map | image"), ("imgsyn", "ImgSyn: real map | learned image")):
+        folder = work / f"synth/{name}-toy"
+        if (folder / "manifest.jsonl").is_file() and (folder / "manifest.jsonl").stat().st_size:  # MaskSyn may keep none
+            syn = read_synthetic(folder)[:k // 2]
+            rows.append((title, [x for s in syn for x in (label_to_color(load_label(s, "toy"), usual), rgb(s.image))]))
+    for sub, title in (("t2m-finetuned", "Text2Mask maps (fine-tuned)"), ("t2m-base", "the same sampled from the base"),
+                       ("floor", "base images, caption only (floor)")):
+        pics = sorted((work / "eval" / sub).glob("*.png"))[:k]
+        if pics:
+            rows.append((title, [rgb(p) for p in pics]))
+    if not rows:
+        return None
+    head = 14
+    width = cell * max(len(r[1]) for r in rows)
+    sheet = Image.new("RGB", (width, len(rows) * (cell + head)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (title, pics) in enumerate(rows):
+        y = i * (cell + head)
+        draw.text((2, y + 1), title, fill="black")
+        for j, p in enumerate(pics):
+            sheet.paste(Image.fromarray(p).resize((cell, cell), Image.NEAREST), (j * cell, y + head))
+    path = work / "contact_sheet.png"
+    sheet.save(path)
+    return path
