@@ -41,15 +41,15 @@ def test_labels_are_the_segmenters_argmax_plus_one_with_overlays(kind, tiny_hrne
     r = cli(["--checkpoint", ckpt, "--images", IMAGES, "--out", tmp_path, "--size", "64"])
     assert r.exit_code == 0, r.output
     assert "predicted 3, skipped 0" in r.output
-    net, mean, std = predict.load_segmenter(ckpt, "ade20k")
+    seg = segmodel.load_segmenter(ckpt, 150)
     for f in sorted(IMAGES.rglob("*.jpg")):
         rel = f.relative_to(IMAGES).with_suffix(".png")
         label = Image.open(tmp_path / "labels" / rel)
         image = load_image(f)
         assert label.mode == "L" and label.size == image.size  # 8-bit, at the original resolution
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
-        x = (x - torch.tensor(mean).view(3, 1, 1) * 255) / (torch.tensor(std).view(3, 1, 1) * 255)
-        expect = segmodel.semantic_scores(net, x, 64).argmax(0).numpy() + 1  # train id + 1
+        x = (x - seg.mean) / seg.std
+        expect = segmodel.semantic_scores(seg.model, x, 64).argmax(0).numpy() + 1  # train id + 1
         got = np.asarray(label)
         assert (got == expect).mean() > 0.999 and got.min() >= 1 and got.max() <= 150
         over = np.asarray(Image.open(tmp_path / "overlays" / rel)).astype(int)
