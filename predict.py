@@ -37,13 +37,30 @@ ALPHA = 0.5  # weight of the class colours in the overlay
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-def find_images(folder: Path) -> list[Path]:
+def find_images(folder: Path, out: Path) -> list[Path]:
+    """The images under --images, each with an output name of its own; --out must be a folder outside them."""
     if not folder.is_dir():
         raise SegGenError(f"--images {folder}: no such folder")
+    check_out(folder, out)
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     if not images:
         raise SegGenError(f"--images {folder}: no images there ({', '.join(sorted(EXTENSIONS))}, searched recursively)")
+    by_output: dict[Path, Path] = {}
+    for image in images:
+        name = image.relative_to(folder).with_suffix(".png")
+        if name in by_output:
+            raise SegGenError(f"--images: {by_output[name]} and {image} would both write labels/{name}; rename one of them")
+        by_output[name] = image
     return images
+
+
+def check_out(images: Path, out: Path) -> None:
+    """--out is a folder (or does not exist yet) and not inside --images: a rerun would segment its own outputs."""
+    if out.exists() and not out.is_dir():
+        raise SegGenError(f"--out {out} is a file; pass a folder (it gets labels/ and overlays/)")
+    if out.resolve().is_relative_to(images.resolve()):
+        raise SegGenError(f"--out {out} is inside --images {images}: the next run would segment its own outputs; "
+                          f"put --out outside it")
 
 
 def predict_label(seg: segmodel.Segmenter, image: Image.Image, size: int) -> np.ndarray:
@@ -67,12 +84,12 @@ def main(
     images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Output folder: labels/ (8-bit PNG, train id + 1, 0 = none) and overlays/.")],
     data: Annotated[Data, typer.Option(help="The dataset the segmenter was trained on (its classes and colours).")] = Data.ade20k,
-    size: Annotated[int, typer.Option(min=32, help="Short side the segmenter sees (train_seg's eval size).")] = SIZE,
+    size: Annotated[int, typer.Option(min=64, help="Short side the segmenter sees (train_seg's eval size). At least 64: Mask2Former's coarsest features are 1/32 of the input, and a 1x1 map at 32 cannot be normalised.")] = SIZE,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the class colours in the overlays.")] = ALPHA,
 ):
     """Segment every image of --images with a trained segmenter: label PNGs and colour overlays."""
     with user_errors(console):
-        files = find_images(images)
+        files = find_images(images, out)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seg = segmodel.load_segmenter(checkpoint, len(segdata.class_names(data.value)), device, flag="--checkpoint", data=data.value)
         done = skipped = 0

@@ -61,7 +61,7 @@ def test_labels_are_the_segmenters_argmax_plus_one_with_overlays(kind, tiny_hrne
 def test_a_rerun_skips_finished_images_and_redoes_a_missing_one(tiny_hrnet, tmp_path):
     images = tmp_path / "imgs"
     shutil.copytree(IMAGES, images)
-    args = ["--checkpoint", tiny_hrnet, "--images", images, "--out", tmp_path / "out", "--size", "32"]
+    args = ["--checkpoint", tiny_hrnet, "--images", images, "--out", tmp_path / "out", "--size", "64"]
     assert cli(args).exit_code == 0
     labels = sorted((tmp_path / "out/labels").rglob("*.png"))
     before = {p: p.read_bytes() for p in labels}
@@ -75,6 +75,7 @@ def test_a_rerun_skips_finished_images_and_redoes_a_missing_one(tiny_hrnet, tmp_
     ("no_model", "--checkpoint .*nope: no config.json"),
     ("no_images", "--images .*empty: no images there"),
     ("classes", "--checkpoint .* predicts 150 classes, but --data coco has 133"),
+    ("small", "Invalid value for '--size': .*64"),
 ])
 def test_bad_inputs_name_the_flag(case, message, tiny_hrnet, tmp_path):
     import re
@@ -82,7 +83,31 @@ def test_bad_inputs_name_the_flag(case, message, tiny_hrnet, tmp_path):
     (tmp_path / "empty").mkdir()
     args = {"no_model": ["--checkpoint", tmp_path / "nope", "--images", IMAGES],
             "no_images": ["--checkpoint", tiny_hrnet, "--images", tmp_path / "empty"],
-            "classes": ["--checkpoint", tiny_hrnet, "--images", IMAGES, "--data", "coco"]}[case]
+            "classes": ["--checkpoint", tiny_hrnet, "--images", IMAGES, "--data", "coco"],
+            "small": ["--checkpoint", tiny_hrnet, "--images", IMAGES, "--size", "32"]}[case]
     r = cli([*args, "--out", tmp_path / "out"])
     assert r.exit_code == 2 and re.search(message, " ".join(r.output.split())), r.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("out_is_a_file", "--out .*taken is a file; pass a folder"),
+    ("out_inside_images", "--out .*imgs/preds is inside --images .*imgs: the next run would segment its own outputs"),
+    ("one_stem_twice", "ADE_val_00000001.jpg and .*ADE_val_00000001.png would both write labels/validation/ADE_val_00000001.png"),
+])
+def test_outputs_that_would_clobber_are_refused_before_any_work(case, message, tiny_hrnet, tmp_path):
+    """Nothing is written: --out a file, --out inside --images (a rerun would segment its own outputs), two
+    images whose outputs share a name (X.jpg and X.png)."""
+    import re
+
+    images = tmp_path / "imgs"
+    shutil.copytree(IMAGES, images)
+    out = {"out_is_a_file": tmp_path / "taken", "out_inside_images": images / "preds", "one_stem_twice": tmp_path / "out"}[case]
+    if case == "out_is_a_file":
+        out.write_text("not a folder")
+    if case == "one_stem_twice":
+        load_image(images / "validation/ADE_val_00000001.jpg").save(images / "validation/ADE_val_00000001.png")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    r = cli(["--checkpoint", tiny_hrnet, "--images", images, "--out", out, "--size", "64"])
+    assert r.exit_code == 2 and re.search(message, " ".join(r.output.split())), r.output
+    assert sorted(p for p in tmp_path.rglob("*")) == before
