@@ -124,7 +124,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
 
 
 def recipe_table() -> str:
-    """The recipes as --help and README show them."""
+    """The recipes as --help and docs/stages.md show them."""
     cols = [f.name for f in dataclasses.fields(Recipe)]
     rows = [" | ".join(["data", "backbone", *cols])] + [
         " | ".join([d, b, *("crop" if getattr(r, c) is None else f"{getattr(r, c):,}" if isinstance(getattr(r, c), int) else str(getattr(r, c))

@@ -226,7 +226,7 @@ def _copy(src, dst):
 
 
 def test_default_root_reads_detectron2s_layout(tmp_path, monkeypatch):
-    """datasets/coco/… and datasets/ADEChallengeData2016/ (detectron2's convention, cited by README)."""
+    """datasets/coco/… and datasets/ADEChallengeData2016/ (detectron2's convention, cited by docs/data-layouts.md)."""
     _copy(COCO_ROOT, tmp_path / "datasets/coco")
     _copy(ADE_ROOT / "ADEChallengeData2016", tmp_path / "datasets/ADEChallengeData2016")
     monkeypatch.delenv("SEGGEN_DATASETS", raising=False)
