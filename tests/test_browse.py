@@ -1,0 +1,184 @@
+"""browse.py: the static site of a synthetic folder, checked in a real headless browser (Debian's chromium).
+
+The folder is made from the real ADE20K samples of tests/data in masksyn's layout (manifest, colour maps
+in the generation palette, quality.jsonl figures, rejected.jsonl lines with and without a picture). Pages
+are opened with given URL states and the rendered DOM is read back (chromium --dump-dom)."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import SegGenError
+from common.data.datasets import read_dataset
+from common.data.manifest import ManifestWriter
+from common.masks.colormap import class_names, label_to_color, palette_for
+from common.report import browse
+from tests.conftest import ADE_ROOT, ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `apt-get install -y chromium` "
+                                    "(make test installs it where it can)")
+SETTINGS = {"data": "ade20k", "seed": 7, "palette": "ade20k-generation"}
+# miou of each sample (by source, k): the sort order the page must show
+MIOU = {("ADE_train_00000001", 0): 0.50, ("ADE_train_00000001", 1): 0.10, ("ADE_val_00000001", 0): 0.90,
+        ("ADE_val_00000001", 1): 0.30, ("ADE_val_00000002", 0): 0.70, ("ADE_val_00000002", 1): None}
+
+
+def masksyn_folder(folder: Path) -> Path:
+    """Six samples from the three real ADE20K samples (two each), their quality lines, three rejected masks."""
+    palette = palette_for("ade20k", "generation")
+    for d in ("images", "annotations", "colormaps", "rejected"):
+        (folder / d).mkdir(parents=True)
+    real = read_dataset("ade20k", ADE_ROOT, "train") + read_dataset("ade20k", ADE_ROOT, "val")
+    with ManifestWriter(folder / "manifest.jsonl") as w, ManifestWriter(folder / "quality.jsonl") as q:
+        for s in real:
+            label = np.asarray(Image.open(s.annotation).resize((96, 72), Image.NEAREST))
+            for k in range(2):
+                sid = f"{s.id}_{k:03d}"
+                Image.open(s.image).convert("RGB").resize((96, 72)).save(folder / f"images/{sid}.jpg")
+                Image.fromarray(label).save(folder / f"annotations/{sid}.png")
+                Image.fromarray(label_to_color(label, palette)).save(folder / f"colormaps/{sid}.png")
+                w.append({"id": sid, "source_id": s.id, "k": k, "method": "masksyn", "image": f"images/{sid}.jpg",
+                          "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
+                          "caption": f"a scene <b>{s.id}</b>", "seed": 1000 + k, "settings": SETTINGS, "models": {},
+                          "off_palette": 0.01 * (k + 1), "classes": len(np.unique(label))})
+                miou = MIOU[(s.id, k)]
+                if miou is not None:  # one sample not judged yet: it sorts last
+                    classes = [int(v) - 1 for v in np.unique(label) if v > 0]
+                    q.append({"id": sid, "miou": miou, "accuracy": miou + 0.05, "loss_mean": 1 - miou, "pixels": int(label.size),
+                              "loss": {str(t): [0.5, 10] for t in classes}, "iou": {str(t): [5, 10] for t in classes},
+                              "off_palette": 0.01 * (k + 1)})
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / "rejected/ADE_val_00000001_002.png")
+    with ManifestWriter(folder / "rejected.jsonl") as r:
+        r.append({"id": "ADE_val_00000001_002", "source_id": "ADE_val_00000001", "k": 2, "rule": "classes",
+                  "reason": "1 class(es), fewer than 2", "off_palette": 0.0, "classes": 1, "settings": SETTINGS,
+                  "colormap": "rejected/ADE_val_00000001_002.png"})
+        r.append({"id": "ADE_val_00000002_002", "source_id": "ADE_val_00000002", "k": 2, "rule": "off_palette",
+                  "reason": "off-palette 0.4 > 0.2", "off_palette": 0.4, "classes": 5, "settings": SETTINGS})
+        r.append({"id": "ADE_val_00000002_003", "source_id": "ADE_val_00000002", "k": 3, "rule": "classes",
+                  "reason": "0 class(es), fewer than 2", "off_palette": 0.0, "classes": 0, "settings": SETTINGS})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browse")
+    folder = masksyn_folder(tmp / "masksyn-ade20k")
+    summary = browse.build([folder], tmp / "site", data_root=ADE_ROOT, split="val", chunk=2, page=4)
+    return {"tmp": tmp, "folder": folder, "out": tmp / "site", "summary": summary}
+
+
+def label_classes(folder: Path, sid: str) -> set[str]:
+    names = class_names("ade20k")
+    return {names[int(v)] for v in np.unique(np.asarray(Image.open(folder / f"annotations/{sid}.png"))) if v > 0}
+
+
+def open_page(out: Path, fragment: str, screenshot: Path | None = None) -> str:
+    """The DOM of index.html#fragment after its scripts ran (virtual time lets the on-demand loads finish)."""
+    url = (out / "index.html").resolve().as_uri() + "#" + fragment
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
+    if screenshot is not None:
+        subprocess.run(args + ["--window-size=1400,1000", f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-state="ready"' in dom, re.search(r'<p id="message">(.*?)</p>', dom, re.S)
+    return dom
+
+
+def card_ids(dom: str) -> list[str]:
+    return re.findall(r'<article class="card[^"]*" data-id="([^"]+)"', dom)
+
+
+def count(dom: str) -> int:
+    return int(re.search(r'id="count" data-count="(\d+)"', dom).group(1))
+
+
+def test_site_files_are_chunked_scripts(site):
+    out, s = site["out"], site["summary"]
+    assert s["samples"] == 6 and s["rejected"] == 3 and "miou" in s["figures"] and s["real"]
+    meta = (out / "data/meta.js").read_text()
+    assert meta.startswith('SEGGEN.put("meta",')
+    assert sorted(p.name for p in (out / "data/s").glob("r*.js")) == ["r0.js", "r1.js", "r2.js"]  # 6 samples, chunk 2
+    assert (out / "index.html").is_file() and (out / "browse.js").is_file()
+
+
+@needs_chromium
+def test_sorting_by_a_figure_orders_the_cards_and_keeps_unjudged_last(site):
+    judged = sorted((m, f"{s}_{k:03d}") for (s, k), m in MIOU.items() if m is not None)
+    dom = open_page(site["out"], "sort=miou&size=10")
+    assert card_ids(dom) == [sid for _, sid in judged] + ["ADE_val_00000002_001"]
+    dom = open_page(site["out"], "sort=-miou&size=10")
+    assert card_ids(dom) == [sid for _, sid in reversed(judged)] + ["ADE_val_00000002_001"]
+    dom = open_page(site["out"], "sort=-miou&size=2&page=2")  # a page of a sorted, chunked view
+    assert card_ids(dom) == [judged[-3][1], judged[-4][1]]
+    assert count(dom) == 6
+
+
+@needs_chromium
+def test_filter_by_class_counts_only_samples_with_it(site):
+    folder = site["folder"]
+    ids = sorted(p.stem for p in (folder / "images").iterdir())
+    name = sorted(label_classes(folder, "ADE_val_00000002_000") - label_classes(folder, "ADE_train_00000001_000"))[0]
+    expect = [i for i in ids if name in label_classes(folder, i)]
+    dom = open_page(site["out"], f"class={name}&sort=-miou&size=10")
+    assert count(dom) == len(expect) and sorted(card_ids(dom)) == expect
+    assert f'data-class="{name}"' in dom  # the legend names the class
+
+
+@needs_chromium
+def test_filter_by_source_shows_the_real_image_beside(site):
+    dom = open_page(site["out"], "source=ADE_val_00000001&sort=miou")
+    assert card_ids(dom) == ["ADE_val_00000001_001", "ADE_val_00000001_000"] and count(dom) == 2
+    assert "ADE_val_00000001.jpg" in dom  # the real image, by a relative path
+    assert "&lt;b&gt;ADE_val_00000001&lt;/b&gt;" in dom  # a caption is text, never markup
+
+
+@needs_chromium
+def test_rejected_masks_by_rule_with_their_picture_when_kept(site, tmp_path):
+    dom = open_page(site["out"], "rule=classes", screenshot=tmp_path / "rejected.png")
+    assert card_ids(dom) == ["ADE_val_00000001_002", "ADE_val_00000002_003"] and count(dom) == 2
+    assert "rejected/ADE_val_00000001_002.png" in dom and "no picture kept" in dom
+    assert "fewer than 2" in dom
+    dom = open_page(site["out"], "rule=all&sort=-off_palette")
+    assert card_ids(dom)[0] == "ADE_val_00000002_002" and count(dom) == 3
+    assert (tmp_path / "rejected.png").stat().st_size > 1000
+
+
+@needs_chromium
+def test_screenshot_of_the_grid(site, tmp_path):
+    shot = tmp_path / "grid.png"
+    dom = open_page(site["out"], "sort=-miou", screenshot=shot)
+    assert count(dom) == 6 and Image.open(shot).size == (1400, 1000)
+
+
+@needs_chromium
+def test_unknown_sort_is_said_on_the_page(site):
+    url = (site["out"] / "index.html").resolve().as_uri() + "#sort=nosuch"
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-state="error"' in dom and "no figure" in dom
+
+
+def test_bad_inputs_are_named(site, tmp_path):
+    with pytest.raises(SegGenError, match="not a synthetic folder"):
+        browse.build([tmp_path], tmp_path / "out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("x")
+    with pytest.raises(SegGenError, match="--out .* not a site"):
+        browse.build([site["folder"]], tmp_path / "mine")
+
+
+def test_command_line_writes_the_site(site, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "browse.py"), str(site["folder"]), "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "6 samples, 3 rejected masks" in r.stderr and (tmp_path / "b/index.html").is_file()
+    r = subprocess.run([sys.executable, str(ROOT / "browse.py"), str(tmp_path / "nothing"), "--out", str(tmp_path / "c")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "not a synthetic folder" in r.stderr and "Traceback" not in r.stderr
