@@ -34,7 +34,7 @@ def main(
     data: Annotated[Optional[str], typer.Option(help="ade20k, coco or toy; default: what the folders' manifests record.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="The real dataset the samples came from, to show each source's real "
                                                       "image beside its synthetic ones (default: $SEGGEN_DATASETS or ./datasets, if it holds it).")] = None,
-    split: Annotated[str, typer.Option(help="The real split the sources are in (train or val).")] = "train",
+    split: Annotated[Optional[str], typer.Option(help="The real split the sources are in (train or val); default: both.")] = None,
     chunk: Annotated[int, typer.Option(min=1, help="Samples per data file (the unit the page loads on demand).")] = browse.CHUNK,
     page: Annotated[int, typer.Option(min=1, help="Cards per page (the URL's &size= overrides it).")] = browse.PAGE,
 ):

@@ -4,6 +4,7 @@ The folder is made from the real ADE20K samples of tests/data in masksyn's layou
 in the generation palette, quality.jsonl figures, rejected.jsonl lines with and without a picture). Pages
 are opened with given URL states and the rendered DOM is read back (chromium --dump-dom)."""
 
+import base64
 import json
 import re
 import shutil
@@ -20,11 +21,10 @@ from common.data.datasets import read_dataset
 from common.data.manifest import ManifestWriter
 from common.masks.colormap import class_names, label_to_color, palette_for
 from common.report import browse
-from tests.conftest import ADE_ROOT, ROOT
+from common.synthesis.synth import derive_seed
+from tests.conftest import ADE_ROOT, ROOT, invoke
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `apt-get install -y chromium` "
-                                    "(make test installs it where it can)")
 SETTINGS = {"data": "ade20k", "seed": 7, "palette": "ade20k-generation"}
 # miou of each sample (by source, k): the sort order the page must show
 MIOU = {("ADE_train_00000001", 0): 0.50, ("ADE_train_00000001", 1): 0.10, ("ADE_val_00000001", 0): 0.90,
@@ -71,7 +71,7 @@ def masksyn_folder(folder: Path) -> Path:
 def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browse")
     folder = masksyn_folder(tmp / "masksyn-ade20k")
-    summary = browse.build([folder], tmp / "site", data_root=ADE_ROOT, split="val", chunk=2, page=4)
+    summary = browse.build([folder], tmp / "site", data_root=ADE_ROOT, chunk=2, page=4)  # real images of both splits
     return {"tmp": tmp, "folder": folder, "out": tmp / "site", "summary": summary}
 
 
@@ -80,14 +80,89 @@ def label_classes(folder: Path, sid: str) -> set[str]:
     return {names[int(v)] for v in np.unique(np.asarray(Image.open(folder / f"annotations/{sid}.png"))) if v > 0}
 
 
-def open_page(out: Path, fragment: str, screenshot: Path | None = None) -> str:
-    """The DOM of index.html#fragment after its scripts ran (virtual time lets the on-demand loads finish)."""
-    url = (out / "index.html").resolve().as_uri() + "#" + fragment
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
+class Chromium:
+    """One headless chromium for the module, driven over the DevTools protocol on a pipe (--remote-debugging-pipe:
+    JSON messages ended by NUL on fds 3 and 4), so each page costs a navigation, not a browser start (~2 s)."""
+
+    def __init__(self):
+        import os
+
+        to_child, self._w = os.pipe()
+        self._r, from_child = os.pipe()
+
+        def fds():  # the child reads commands on fd 3 and writes replies on fd 4 (dup first: a pipe may be fd 3 already)
+            a, b = os.dup(to_child), os.dup(from_child)
+            os.dup2(a, 3), os.dup2(b, 4)
+
+        self.proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                      "--remote-debugging-pipe", "--window-size=1400,1000", "about:blank"],
+                                     preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_child), os.close(from_child)
+        self.n, self.buffer, self.session = 0, b"", None
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params) -> dict:
+        import os
+
+        self.n += 1
+        message = {"id": self.n, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._w, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                data = os.read(self._r, 1 << 16)
+                assert data, "chromium closed its DevTools pipe"
+                self.buffer += data
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.n:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str, timeout: float = 30) -> str:
+        """The DOM of `url` once the page says it is ready (or failed), and its images are in."""
+        import time
+
+        self.call("Page.navigate", url="about:blank")  # a new document each time: a hash-only change would keep the old one
+        self.call("Page.navigate", url=url)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.evaluate("document.body && ['ready', 'error'].includes(document.body.dataset.state) && "
+                             "Array.from(document.images).every(i => i.complete)"):
+                return self.evaluate("document.documentElement.outerHTML")
+            time.sleep(0.05)
+        raise AssertionError(f"{url} did not render in {timeout} s")
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: `apt-get install -y chromium` (make test installs it where it can)")
+    b = Chromium()
+    yield b
+    b.close()
+
+
+def open_page(browser, out: Path, fragment: str, screenshot: Path | None = None, state: str = "ready") -> str:
+    """The DOM of index.html#fragment after its scripts ran; a screenshot of it if asked."""
+    dom = browser.open((out / "index.html").resolve().as_uri() + "#" + fragment)
+    assert f'data-state="{state}"' in dom, re.search(r'<p id="message">(.*?)</p>', dom, re.S)
     if screenshot is not None:
-        subprocess.run(args + ["--window-size=1400,1000", f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-state="ready"' in dom, re.search(r'<p id="message">(.*?)</p>', dom, re.S)
+        browser.screenshot(screenshot)
     return dom
 
 
@@ -108,61 +183,57 @@ def test_site_files_are_chunked_scripts(site):
     assert (out / "index.html").is_file() and (out / "browse.js").is_file()
 
 
-@needs_chromium
-def test_sorting_by_a_figure_orders_the_cards_and_keeps_unjudged_last(site):
+def test_sorting_by_a_figure_orders_the_cards_and_keeps_unjudged_last(site, browser):
     judged = sorted((m, f"{s}_{k:03d}") for (s, k), m in MIOU.items() if m is not None)
-    dom = open_page(site["out"], "sort=miou&size=10")
+    dom = open_page(browser, site["out"], "sort=miou&size=10")
     assert card_ids(dom) == [sid for _, sid in judged] + ["ADE_val_00000002_001"]
-    dom = open_page(site["out"], "sort=-miou&size=10")
+    dom = open_page(browser, site["out"], "sort=-miou&size=10")
     assert card_ids(dom) == [sid for _, sid in reversed(judged)] + ["ADE_val_00000002_001"]
-    dom = open_page(site["out"], "sort=-miou&size=2&page=2")  # a page of a sorted, chunked view
+    dom = open_page(browser, site["out"], "sort=-miou&size=2&page=2")  # a page of a sorted, chunked view
     assert card_ids(dom) == [judged[-3][1], judged[-4][1]]
     assert count(dom) == 6
 
 
-@needs_chromium
-def test_filter_by_class_counts_only_samples_with_it(site):
+def test_filter_by_class_counts_only_samples_with_it(site, browser):
     folder = site["folder"]
     ids = sorted(p.stem for p in (folder / "images").iterdir())
     name = sorted(label_classes(folder, "ADE_val_00000002_000") - label_classes(folder, "ADE_train_00000001_000"))[0]
     expect = [i for i in ids if name in label_classes(folder, i)]
-    dom = open_page(site["out"], f"class={name}&sort=-miou&size=10")
+    dom = open_page(browser, site["out"], f"class={name}&sort=-miou&size=10")
     assert count(dom) == len(expect) and sorted(card_ids(dom)) == expect
     assert f'data-class="{name}"' in dom  # the legend names the class
 
 
-@needs_chromium
-def test_filter_by_source_shows_the_real_image_beside(site):
-    dom = open_page(site["out"], "source=ADE_val_00000001&sort=miou")
+def test_filter_by_source_shows_the_real_image_beside(site, browser):
+    dom = open_page(browser, site["out"], "source=ADE_val_00000001&sort=miou")
     assert card_ids(dom) == ["ADE_val_00000001_001", "ADE_val_00000001_000"] and count(dom) == 2
     assert "ADE_val_00000001.jpg" in dom  # the real image, by a relative path
     assert "&lt;b&gt;ADE_val_00000001&lt;/b&gt;" in dom  # a caption is text, never markup
+    dom = open_page(browser, site["out"], "source=ADE_train_00000001")
+    assert count(dom) == 2 and "images/training/ADE_train_00000001.jpg" in dom
 
 
-@needs_chromium
-def test_rejected_masks_by_rule_with_their_picture_when_kept(site, tmp_path):
-    dom = open_page(site["out"], "rule=classes", screenshot=tmp_path / "rejected.png")
+def test_rejected_masks_by_rule_with_their_picture_when_kept(site, browser, tmp_path):
+    dom = open_page(browser, site["out"], "rule=classes", screenshot=tmp_path / "rejected.png")
     assert card_ids(dom) == ["ADE_val_00000001_002", "ADE_val_00000002_003"] and count(dom) == 2
     assert "rejected/ADE_val_00000001_002.png" in dom and "no picture kept" in dom
     assert "fewer than 2" in dom
-    dom = open_page(site["out"], "rule=all&sort=-off_palette")
+    seed = derive_seed(SETTINGS["seed"], "ADE_val_00000001", 2)  # not recorded on the line: derived, every digit kept
+    assert f"<dd>{seed}</dd>" in dom
+    dom = open_page(browser, site["out"], "rule=all&sort=-off_palette")
     assert card_ids(dom)[0] == "ADE_val_00000002_002" and count(dom) == 3
     assert (tmp_path / "rejected.png").stat().st_size > 1000
 
 
-@needs_chromium
-def test_screenshot_of_the_grid(site, tmp_path):
+def test_screenshot_of_the_grid(site, browser, tmp_path):
     shot = tmp_path / "grid.png"
-    dom = open_page(site["out"], "sort=-miou", screenshot=shot)
+    dom = open_page(browser, site["out"], "sort=-miou", screenshot=shot)
     assert count(dom) == 6 and Image.open(shot).size == (1400, 1000)
 
 
-@needs_chromium
-def test_unknown_sort_is_said_on_the_page(site):
-    url = (site["out"] / "index.html").resolve().as_uri() + "#sort=nosuch"
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120).stdout
-    assert 'data-state="error"' in dom and "no figure" in dom
+def test_unknown_sort_is_said_on_the_page(site, browser):
+    dom = open_page(browser, site["out"], "sort=nosuch", state="error")
+    assert "no figure" in dom and card_ids(dom) == []
 
 
 def test_bad_inputs_are_named(site, tmp_path):
@@ -175,10 +246,19 @@ def test_bad_inputs_are_named(site, tmp_path):
 
 
 def test_command_line_writes_the_site(site, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "browse.py"), str(site["folder"]), "--out", str(tmp_path / "b")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert "6 samples, 3 rejected masks" in r.stderr and (tmp_path / "b/index.html").is_file()
+    import browse as script
+
+    r = invoke(typer_app(script.main), [str(site["folder"]), "--out", str(tmp_path / "b"), "--data-root", str(ADE_ROOT), "--split", "val"])
+    assert r.exit_code == 0, r.output
+    assert "6 samples, 3 rejected masks" in r.output and (tmp_path / "b/index.html").is_file()
     r = subprocess.run([sys.executable, str(ROOT / "browse.py"), str(tmp_path / "nothing"), "--out", str(tmp_path / "c")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "not a synthetic folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def typer_app(main):
+    import typer
+
+    app = typer.Typer()
+    app.command()(main)
+    return app

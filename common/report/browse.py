@@ -38,7 +38,6 @@ from PIL import Image
 from common import ASSETS, SegGenError
 from common.data.manifest import iter_lines, line_id, manifest_files, parse_line
 from common.masks.colormap import class_names, coco_categories, palette_for
-from common.synthesis.synth import derive_seed
 
 CHUNK = 500  # positions per data file (issue 27's suggestion; bench/scale.py --browse measures it)
 PAGE = 48  # cards per page in the grid (the page's default; ?size= in the URL overrides)
@@ -151,19 +150,25 @@ class Classes:
         return self.seen[key]
 
 
-def real_images(data: str, data_root: Path | None, split: str) -> tuple[dict[str, str], Path | None]:
-    """Real sample id -> image path relative to the dataset root, for the real image beside each synthetic
-    one. No --data-root: the default root if it holds the dataset, else none (said on the page)."""
-    from common.data.datasets import default_data_root, read_dataset
+def real_images(data: str, data_root: Path | None, split: str | None) -> tuple[dict[str, str], Path | None]:
+    """Real sample id -> image path relative to the dataset's images, for the real image beside each
+    synthetic one; from `split`, else from every split there is. No --data-root: the default root if it
+    holds the dataset, else none (the page says so)."""
+    from common.data.datasets import SPLITS, default_data_root, read_dataset
 
-    root = data_root or default_data_root()
-    try:
-        samples = read_dataset(data, root, split)
-    except SegGenError:
+    root, samples = data_root or default_data_root(), []
+    for s in [split] if split else SPLITS:
+        try:
+            samples += read_dataset(data, root, s)
+        except SegGenError:
+            if data_root is not None and split:
+                raise
+    if not samples:
         if data_root is not None:
-            raise
+            raise SegGenError(f"--data-root {data_root}: no {data} images found there; give the folder of the dataset "
+                              f"the samples came from, or leave --data-root out")
         return {}, None
-    base = Path(os.path.commonpath([str(s.image.parent) for s in samples])) if samples else root
+    base = Path(os.path.commonpath([str(s.image.parent) for s in samples]))
     return {s.id: os.path.relpath(s.image, base) for s in samples}, base
 
 
@@ -178,7 +183,7 @@ def sample_card(rec: dict, no: int, classes: list[int], quality: dict | None, re
             i, u = iou.get(t, (0, 0))
             per_class.append([int(t), round(loss, 4), pixels, round(i / u, 4) if u else None])
     card = {"id": str(rec["id"]), "f": no, "src": str(rec.get("source_id", "")), "k": rec.get("k"), "m": rec.get("method"),
-            "seed": rec.get("seed"), "cap": rec.get("caption"), "img": rec.get("image"), "cm": rec.get("colormap"),
+            "seed": text(rec.get("seed")), "cap": rec.get("caption"), "img": rec.get("image"), "cm": rec.get("colormap"),
             "ann": rec.get("annotation"), "cls": classes, "q": {k: clean(v) for k, v in figures.items()}}
     if per_class:
         card["pc"] = per_class
@@ -192,13 +197,15 @@ def rejected_card(folder: Path, rec: dict, no: int) -> tuple[dict, dict]:
     "colormap", FOLDER/rejected/ID.png); else the line alone."""
     settings = rec.get("settings") or {}
     seed = rec.get("seed")
-    if seed is None and "seed" in settings and "k" in rec:
+    if seed is None and "seed" in settings and "k" in rec:  # masksyn's rejected lines record the run's seed, not the sample's
+        from common.synthesis.synth import derive_seed  # (imports torch: only when a folder has rejected lines)
+
         seed = derive_seed(settings["seed"], str(rec.get("source_id", "")), int(rec["k"]))
     picture = rec.get("colormap")
     if not (isinstance(picture, str) and (folder / picture).is_file()):
         picture = None
     figures = {k: rec[k] for k in MANIFEST_FIGURES if isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)}
-    card = {"id": str(rec["id"]), "f": no, "src": str(rec.get("source_id", "")), "k": rec.get("k"), "seed": seed,
+    card = {"id": str(rec["id"]), "f": no, "src": str(rec.get("source_id", "")), "k": rec.get("k"), "seed": text(seed),
             "rule": rule_of(rec), "why": rec.get("reason", ""), "cm": picture, "q": {k: clean(v) for k, v in figures.items()}}
     return card, figures
 
@@ -206,6 +213,11 @@ def rejected_card(folder: Path, rec: dict, no: int) -> tuple[dict, dict]:
 def rule_of(rec: dict) -> str:
     """masksyn.rule_of: the rule of a rejected line (lines written before rules were recorded: from the reason)."""
     return rec.get("rule") or ("classes" if "class" in rec.get("reason", "") else "off_palette")
+
+
+def text(seed):
+    """A seed as text: 63-bit seeds lose digits as JavaScript numbers."""
+    return None if seed is None else str(seed)
 
 
 def clean(value):
@@ -245,7 +257,7 @@ def write_views(coll: Collection) -> dict:
 
 # ---------------------------------------------------------------- the site
 
-def build(folders: list[Path], out: Path, *, data: str | None = None, data_root: Path | None = None, split: str = "train",
+def build(folders: list[Path], out: Path, *, data: str | None = None, data_root: Path | None = None, split: str | None = None,
           chunk: int = CHUNK, page: int = PAGE) -> dict:
     """Write the site for `folders` into `out` (built beside it, then renamed: a killed build leaves the
     old site whole). Returns a summary: samples, rejected, classes, figures, real (images found or None)."""
