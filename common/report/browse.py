@@ -9,8 +9,8 @@ MaskSyn's rejected masks):
 
     index.html browse.js browse.css   the page (common/assets/browse/)
     data/meta.js                      folders, classes (name, colour, count), rules, figures, sizes
-    data/<coll>/r<n>.js               records of positions n*C .. n*C+C-1 (C = --chunk)
-    data/<coll>/o<k>-<n>.js           figure k's ascending order (missing values last), chunk n
+    data/<coll>/r<n>.js               records of positions n*R .. n*R+R-1 (R = RECORD_CHUNK)
+    data/<coll>/o<k>-<n>.js           figure k's ascending order (missing values last), chunk n of C (--chunk)
     data/<coll>/b<f>.js               filter f's members: a bitmap over positions (base64)
     data/<coll>/n<k>-<f>.js           members of f before each order chunk of k, and how many have figure k
     data/<coll>/g<n>.js               source id -> positions, for the sources of bucket n (sorted by id)
@@ -39,7 +39,8 @@ from common import ASSETS, SegGenError
 from common.data.manifest import iter_lines, line_id, manifest_files, parse_line
 from common.masks.colormap import class_names, coco_categories, palette_for
 
-CHUNK = 500  # positions per data file (issue 27's suggestion; bench/scale.py --browse measures it)
+CHUNK = 500  # positions per order / source file (issue 27's suggestion)
+RECORD_CHUNK = 50  # records per file: a sorted page's 48 cards fall in up to 48 files (at 500 a page parsed ~14 MB, 1.4 s)
 PAGE = 48  # cards per page in the grid (the page's default; ?size= in the URL overrides)
 MANIFEST_FIGURES = ("off_palette", "classes")  # masksyn's figures on the manifest line itself
 QUALITY = "quality"  # quality.py's quality.jsonl (and quality.rank*.jsonl)
@@ -54,7 +55,8 @@ class Collection:
 
     name: str
     out: Path
-    chunk: int
+    chunk: int  # positions per order / source file
+    record_chunk: int  # records per file
     records: list = field(default_factory=list)
     count: int = 0
     figures: dict = field(default_factory=dict)  # figure -> array('d'), NaN where missing
@@ -73,12 +75,12 @@ class Collection:
         self.sources.setdefault(record["src"], array("i")).append(pos)
         self.records.append(record)
         self.count += 1
-        if len(self.records) == self.chunk:
+        if len(self.records) == self.record_chunk:
             self.flush()
 
     def flush(self) -> None:
         if self.records:
-            put(self.out, f"{self.name}/r{(self.count - 1) // self.chunk}", self.records)
+            put(self.out, f"{self.name}/r{(self.count - 1) // self.record_chunk}", self.records)
             self.records = []
 
 
@@ -258,14 +260,14 @@ def write_views(coll: Collection) -> dict:
 # ---------------------------------------------------------------- the site
 
 def build(folders: list[Path], out: Path, *, data: str | None = None, data_root: Path | None = None, split: str | None = None,
-          chunk: int = CHUNK, page: int = PAGE) -> dict:
+          chunk: int = CHUNK, record_chunk: int = RECORD_CHUNK, page: int = PAGE) -> dict:
     """Write the site for `folders` into `out` (built beside it, then renamed: a killed build leaves the
     old site whole). Returns a summary: samples, rejected, classes, figures, real (images found or None)."""
     folders, out = [Path(f) for f in folders], Path(out)
     for folder in folders:
         if not folder.is_dir() or not manifest_files(folder):
             raise SegGenError(f"FOLDER {folder}: not a synthetic folder (no manifest*.jsonl); give a masksyn.py or imgsyn.py output")
-    if chunk < 1 or page < 1:
+    if min(chunk, record_chunk, page) < 1:
         raise SegGenError("--chunk and --page must be at least 1")
     found = {folder_data(f, data) for f in folders}
     if len(found) > 1:
@@ -275,7 +277,7 @@ def build(folders: list[Path], out: Path, *, data: str | None = None, data_root:
     real, real_root = real_images(data, data_root, split)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    samples, rejected = Collection("s", tmp, chunk), Collection("x", tmp, chunk)
+    samples, rejected = Collection("s", tmp, chunk, record_chunk), Collection("x", tmp, chunk, record_chunk)
     classes = Classes(data)
     for no, folder in enumerate(folders):
         quality = quality_lines(folder)
@@ -292,6 +294,7 @@ def build(folders: list[Path], out: Path, *, data: str | None = None, data_root:
                 rejected.add(card, figures, [f"r{card['rule']}"])
     samples.flush(), rejected.flush()
     meta = site_meta(folders, out, data, real_root, chunk, page)
+    meta["record_chunk"] = record_chunk
     meta["collections"] = {"s": write_views(samples), "x": write_views(rejected)}
     put(tmp, "meta", meta)
     for asset in sorted((ASSETS / "browse").iterdir()):

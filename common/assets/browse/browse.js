@@ -72,7 +72,7 @@ const SEGGEN = (() => {
   }
 
   async function record(coll, pos) {
-    const c = meta.chunk;
+    const c = meta.record_chunk;
     const rec = (await load(`${coll}/r${Math.floor(pos / c)}`))[pos % c];
     return Object.assign({pos}, rec);
   }
