@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 from common.report import browse
-from common.runtime.cli import run, user_errors
+from common.runtime.cli import Data, run, user_errors
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -31,17 +31,18 @@ console = Console(stderr=True, soft_wrap=True)
 def main(
     folders: Annotated[list[Path], typer.Argument(help="Synthetic folders (masksyn.py / imgsyn.py outputs) of one dataset.")],
     out: Annotated[Path, typer.Option(help="Where to write the site (index.html + data/); replaced if browse.py wrote it before.")],
-    data: Annotated[Optional[str], typer.Option(help="ade20k, coco or toy; default: what the folders' manifests record.")] = None,
+    data: Annotated[Optional[Data], typer.Option(help="The dataset of the folders; default: what their manifests record.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="The real dataset the samples came from, to show each source's real "
                                                       "image beside its synthetic ones (default: $SEGGEN_DATASETS or ./datasets, if it holds it).")] = None,
     split: Annotated[Optional[str], typer.Option(help="The real split the sources are in (train or val); default: both.")] = None,
-    chunk: Annotated[int, typer.Option(min=1, help="Samples per data file (the unit the page loads on demand).")] = browse.CHUNK,
+    chunk: Annotated[int, typer.Option(min=1, help="Positions per sort-order / source file, the unit the page loads on demand "
+                                                   "(records come 50 a file).")] = browse.CHUNK,
     page: Annotated[int, typer.Option(min=1, help="Cards per page (the URL's &size= overrides it).")] = browse.PAGE,
 ):
     """Write a static site to browse synthetic folders: sort by any figure, filter by class, source, rejection rule."""
     start = time.perf_counter()
     with user_errors(console):
-        summary = browse.build(folders, out, data=data, data_root=data_root, split=split, chunk=chunk, page=page)
+        summary = browse.build(folders, out, data=data.value if data else None, data_root=data_root, split=split, chunk=chunk, page=page)
     real = f"real images from {summary['real']}" if summary["real"] else "no real images (give --data-root)"
     console.print(f"{summary['samples']} samples, {summary['rejected']} rejected masks, {summary['classes']} classes, "
                   f"figures: {', '.join(summary['figures']) or 'none (run quality.py for alignment figures)'}; {real}; "

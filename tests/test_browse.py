@@ -31,8 +31,9 @@ MIOU = {("ADE_train_00000001", 0): 0.50, ("ADE_train_00000001", 1): 0.10, ("ADE_
         ("ADE_val_00000001", 1): 0.30, ("ADE_val_00000002", 0): 0.70, ("ADE_val_00000002", 1): None}
 
 
-def masksyn_folder(folder: Path) -> Path:
-    """Six samples from the three real ADE20K samples (two each), their quality lines, three rejected masks."""
+def masksyn_folder(folder: Path, captions: dict | None = None) -> Path:
+    """Six samples from the three real ADE20K samples (two each), their quality lines, three rejected masks.
+    Captions: by source id, else markup that the page must show as text."""
     palette = palette_for("ade20k", "generation")
     for d in ("images", "annotations", "colormaps", "rejected"):
         (folder / d).mkdir(parents=True)
@@ -47,7 +48,7 @@ def masksyn_folder(folder: Path) -> Path:
                 Image.fromarray(label_to_color(label, palette)).save(folder / f"colormaps/{sid}.png")
                 w.append({"id": sid, "source_id": s.id, "k": k, "method": "masksyn", "image": f"images/{sid}.jpg",
                           "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
-                          "caption": f"a scene <b>{s.id}</b>", "seed": 1000 + k, "settings": SETTINGS, "models": {},
+                          "caption": (captions or {}).get(s.id, f"a scene <b>{s.id}</b>"), "seed": 1000 + k, "settings": SETTINGS, "models": {},
                           "off_palette": 0.01 * (k + 1), "classes": len(np.unique(label))})
                 miou = MIOU[(s.id, k)]
                 if miou is not None:  # one sample not judged yet: it sorts last

@@ -186,7 +186,7 @@ def sample_card(rec: dict, no: int, classes: list[int], quality: dict | None, re
             per_class.append([int(t), round(loss, 4), pixels, round(i / u, 4) if u else None])
     card = {"id": str(rec["id"]), "f": no, "src": str(rec.get("source_id", "")), "k": rec.get("k"), "m": rec.get("method"),
             "seed": text(rec.get("seed")), "cap": rec.get("caption"), "img": rec.get("image"), "cm": rec.get("colormap"),
-            "ann": rec.get("annotation"), "cls": classes, "q": {k: clean(v) for k, v in figures.items()}}
+            "cls": classes, "q": {k: clean(v) for k, v in figures.items()}}
     if per_class:
         card["pc"] = per_class
     if card["src"] in real:
