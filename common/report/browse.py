@@ -134,15 +134,19 @@ class Classes:
             return sorted({int(s["category_id"]) for s in rec["segments_info"]})
         if quality and isinstance(quality.get("loss"), dict):
             return sorted(self.value(int(t)) for t in quality["loss"])
-        return self.from_png(folder / rec["annotation"])
+        # ImgSyn's annotation is its source's human label (a hard link, or a copy where links fail): read once a source
+        same = (str(folder), str(rec.get("source_id"))) if rec.get("method") == "imgsyn" else None
+        return self.from_png(folder / rec["annotation"], same)
 
     def value(self, train_id: int) -> int:
         return self.coco_ids[train_id] if self.data == "coco" else train_id + 1
 
-    def from_png(self, path: Path) -> list[int]:
+    def from_png(self, path: Path, same=None) -> list[int]:
+        if same in self.seen:
+            return self.seen[same]
         try:
             st = path.stat()
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key = same or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if key not in self.seen:
                 with Image.open(path) as im:
                     values = np.unique(np.asarray(im))
@@ -183,7 +187,7 @@ def sample_card(rec: dict, no: int, classes: list[int], quality: dict | None, re
         iou = quality.get("iou") or {}
         for t, (loss, pixels) in (quality.get("loss") or {}).items():
             i, u = iou.get(t, (0, 0))
-            per_class.append([int(t), round(loss, 4), pixels, round(i / u, 4) if u else None])
+            per_class.append([int(t), clean(round(loss, 4)), pixels, clean(round(i / u, 4)) if u else None])
     card = {"id": str(rec["id"]), "f": no, "src": str(rec.get("source_id", "")), "k": rec.get("k"), "m": rec.get("method"),
             "seed": text(rec.get("seed")), "cap": rec.get("caption"), "img": rec.get("image"), "cm": rec.get("colormap"),
             "cls": classes, "q": {k: clean(v) for k, v in figures.items()}}
