@@ -237,6 +237,16 @@ def test_unknown_sort_is_said_on_the_page(site, browser):
     assert "no figure" in dom and card_ids(dom) == []
 
 
+def test_two_folders_in_one_site(site, browser, tmp_path):
+    other = tmp_path / "imgsyn-ade20k"
+    shutil.copytree(site["folder"], other)
+    browse.build([site["folder"], other], tmp_path / "both", data_root=ADE_ROOT)
+    dom = open_page(browser, tmp_path / "both", "sort=-miou&size=20")
+    assert count(dom) == 12 and dom.count("<dd>imgsyn-ade20k</dd>") == 6 and dom.count("<dd>masksyn-ade20k</dd>") == 6
+    dom = open_page(browser, tmp_path / "both", "rule=all")
+    assert count(dom) == 6
+
+
 def test_bad_inputs_are_named(site, tmp_path):
     with pytest.raises(SegGenError, match="not a synthetic folder"):
         browse.build([tmp_path], tmp_path / "out")
