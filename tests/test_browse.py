@@ -7,6 +7,7 @@ are opened with given URL states and the rendered DOM is read back (chromium --d
 import base64
 import json
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,8 @@ class Chromium:
         os.write(self._w, json.dumps(message).encode() + b"\0")
         while True:
             while b"\0" not in self.buffer:
+                ready, _, _ = select.select([self._r], [], [], 60)
+                assert ready, f"chromium did not answer {method} in 60 s"
                 data = os.read(self._r, 1 << 16)
                 assert data, "chromium closed its DevTools pipe"
                 self.buffer += data
