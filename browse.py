@@ -42,7 +42,8 @@ def main(
     """Write a static site to browse synthetic folders: sort by any figure, filter by class, source, rejection rule."""
     start = time.perf_counter()
     with user_errors(console):
-        summary = browse.build(folders, out, data=data.value if data else None, data_root=data_root, split=split, chunk=chunk, page=page)
+        summary = browse.build(folders, out, data=data.value if data else None, data_root=data_root, split=split, chunk=chunk, page=page,
+                               progress=lambda n: console.print(f"{n} samples read", highlight=False))
     real = f"real images from {summary['real']}" if summary["real"] else "no real images (give --data-root)"
     console.print(f"{summary['samples']} samples, {summary['rejected']} rejected masks, {summary['classes']} classes, "
                   f"figures: {', '.join(summary['figures']) or 'none (run quality.py for alignment figures)'}; {real}; "

@@ -264,9 +264,10 @@ def write_views(coll: Collection) -> dict:
 # ---------------------------------------------------------------- the site
 
 def build(folders: list[Path], out: Path, *, data: str | None = None, data_root: Path | None = None, split: str | None = None,
-          chunk: int = CHUNK, record_chunk: int = RECORD_CHUNK, page: int = PAGE) -> dict:
+          chunk: int = CHUNK, record_chunk: int = RECORD_CHUNK, page: int = PAGE, progress=None) -> dict:
     """Write the site for `folders` into `out` (built beside it, then renamed: a killed build leaves the
-    old site whole). Returns a summary: samples, rejected, classes, figures, real (images found or None)."""
+    old site whole; the next build removes what a killed one left). progress(n) is called every 10,000 samples.
+    Returns a summary: samples, rejected, classes, figures, real (images found or None)."""
     folders, out = [Path(f) for f in folders], Path(out)
     for folder in folders:
         if not folder.is_dir() or not manifest_files(folder):
@@ -279,8 +280,9 @@ def build(folders: list[Path], out: Path, *, data: str | None = None, data_root:
     data = found.pop()
     check_out(out)
     real, real_root = real_images(data, data_root, split)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     samples, rejected = Collection("s", tmp, chunk, record_chunk), Collection("x", tmp, chunk, record_chunk)
     classes = Classes(data)
     for no, folder in enumerate(folders):
@@ -292,6 +294,8 @@ def build(folders: list[Path], out: Path, *, data: str | None = None, data_root:
                 cls = classes.of(folder, rec, q)
                 card, figures = sample_card(rec, no, cls, q, real)
                 samples.add(card, figures, [f"c{v}" for v in cls])
+                if progress and samples.count % 10_000 == 0:
+                    progress(samples.count)
         for file in manifest_files(folder / f"{REJECTED}.jsonl"):
             for n, _, line in iter_lines(file):
                 card, figures = rejected_card(folder, parse_line(line, f"{file}:{n}"), no)
