@@ -92,15 +92,16 @@ def test_loss_falls_on_two_real_samples(tmp_path, tiny_models):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_models):
-    """--gradient-accumulation 2: two micro-steps per logged step, one AdamW step and one LR-schedule step
-    per optimizer step (a linear schedule over 2 steps: lr/2, then 0), not per micro-step."""
+    """--global-batch-size 2 with a --batch-size cap of 1: two micro-steps per logged step, one AdamW step and
+    one LR-schedule step per optimizer step (a linear schedule over 2 steps: lr/2, then 0), not per micro-step."""
     out = tmp_path / "run"
-    extra = {"--max-steps": 2, "--batch-size": 1, "--gradient-accumulation": 2, "--lr-schedule": "linear",
+    extra = {"--max-steps": 2, "--global-batch-size": 2, "--batch-size": 1, "--lr-schedule": "linear",
              "--checkpointing-steps": 2}
     assert run(trainer_args(tmp_path, tiny_models("sdxl"), out, **extra)).exit_code == 0
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [1, 2] and [s["lr"] for s in stats] == pytest.approx([5e-6, 0.0])
-    assert json.loads((out / "options.json").read_text())["global_batch"] == 2
+    options = json.loads((out / "options.json").read_text())
+    assert (options["global_batch"], options["micro_batch"], options["gradient_accumulation"]) == (2, 1, 2)
     state = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
     assert {int(v["step"]) for v in state.values()} == {2}
 
