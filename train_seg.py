@@ -40,7 +40,6 @@ from common.runtime import quiet  # first: threads sets OMP_WAIT_POLICY before t
 from common.runtime import threads
 
 import dataclasses
-import json
 from functools import lru_cache
 from dataclasses import dataclass
 from enum import Enum
@@ -53,8 +52,10 @@ import torch
 import typer
 
 from common import SegGenError
+from common.runtime import record
 from common.runtime.checkpoint import resolve_seg_resume
-from common.runtime.cli import Data, MixedPrecision, Tracker, user_errors
+from common.runtime.cli import Data, MixedPrecision, ProcessGroupTimeoutOpt, Tracker, user_errors
+from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, check_seg_batch, on_sigterm, process_group_kwargs
 from common.runtime.cli import run as run_cli
 from common.data.datasets import default_data_root, read_dataset
 from common.runtime.lock import output_lock
@@ -267,10 +268,11 @@ def run(a) -> dict:
     a.data_root = a.data_root if a.data_root is not None else default_data_root()
     output_dir = a.output_dir or seg_run_dir(a.data, a.strategy.value)
     accelerator = Accelerator(mixed_precision=a.mixed_precision, step_scheduler_with_optimizer=False,
-                              log_with="tensorboard" if a.report_to == "tensorboard" else None, project_dir=str(output_dir))
+                              log_with="tensorboard" if a.report_to == "tensorboard" else None, project_dir=str(output_dir),
+                              kwargs_handlers=process_group_kwargs(a.process_group_timeout))
     if a.eval_only:
         return train(a, accelerator, output_dir)
-    with output_lock(output_dir, rank=accelerator.process_index, flag="--output-dir"):  # one job per run folder
+    with output_lock(output_dir, rank=accelerator.process_index, flag="--output-dir"), on_sigterm():  # one job per run folder
         return train(a, accelerator, output_dir)
 
 
@@ -285,8 +287,8 @@ def train(a, accelerator, output_dir: Path) -> dict:
     real, synthetic, folders = ([], [], []) if a.eval_only else read_sources(a, say)
     weights = synthetic_weights(folders, synthetic, a.data, a.synthetic_sampling.value) if synthetic else None
     phases = [] if a.eval_only else plan_phases(a)
-    if not a.eval_only and a.batch_size % accelerator.num_processes:
-        raise SegGenError(f"--batch-size {a.batch_size} (the global batch) must be a multiple of the {accelerator.num_processes} processes")
+    if not a.eval_only:
+        check_seg_batch(a.batch_size, accelerator.num_processes)
     for _, p, _ in phases:  # the sampler checks p and the sources before any model is built
         MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0, weights=weights)
     resume_from = None if a.eval_only else resolve_seg_resume(a.resume, output_dir, say)
@@ -310,10 +312,8 @@ def train(a, accelerator, output_dir: Path) -> dict:
         return finish(result, output_dir, main_proc, a.metrics_file)
 
     # ---- 4. the loop, phase by phase
-    if main_proc:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # Enums are str subclasses and encode as their values; paths as strings.
-        (output_dir / "options.json").write_text(json.dumps(vars(a), indent=1, default=str))
+    a.world_size = accelerator.num_processes  # the per-process draws depend on it: a resume keeps it
+    record.start_seg(output_dir, vars(a), resume_from, phases, main_proc, say)  # options.json compared, history, stats.jsonl trimmed
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
     loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task, segments=not is_hrnet(key)),
@@ -374,6 +374,7 @@ def main(
     checkpoint: Annotated[Path | None, typer.Option(help="Model to evaluate: a run's model/ or checkpoints/phase*-step* folder.", rich_help_panel="Evaluation")] = None,
     eval_size: Annotated[int | None, typer.Option(min=32, show_default="recipe", help="Short side at test time (default: ADE20K the crop size, COCO 800).", rich_help_panel="Evaluation")] = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Also evaluate with flip + scales 0.5..1.75.", rich_help_panel="Evaluation")] = False,
+    process_group_timeout: ProcessGroupTimeoutOpt = PROCESS_GROUP_TIMEOUT,
 ):
     """Train Mask2Former (or HRNet) on real + synthetic data (paper §3.4) and write metrics.json."""
     args = SimpleNamespace(**locals())

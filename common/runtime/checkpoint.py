@@ -204,7 +204,7 @@ def save_trainer_checkpoint(accelerator, output_dir: Path, step: int, total_limi
 
 # ---------------------------------------------------------------- train_seg.py: output_dir/checkpoints/phase{k}-step{N}
 
-def save_seg_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> None:
+def save_seg_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> Path:
     """train_seg.py: checkpoints/phase{k}-step{N}, crash-safe: accelerate state (model.safetensors, optimizer, scheduler,
     RNG) + config.json and the image processor, so from_pretrained (and --eval-only --checkpoint) loads it."""
     def extra(folder):
@@ -212,7 +212,7 @@ def save_seg_checkpoint(accelerator, net, processor, output_dir: Path, state: di
         processor.save_pretrained(folder)
 
     path = output_dir / "checkpoints" / f"phase{state['phase']}-step{state['step']:07d}"
-    save(accelerator, path, state, [state["phase"], state["step"]], keep, "phase*-step*", "state.json", extra)
+    return save(accelerator, path, state, [state["phase"], state["step"]], keep, "phase*-step*", "state.json", extra)
 
 
 def resolve_seg_resume(resume: str | None, output_dir: Path, say) -> Path | None:
@@ -232,7 +232,7 @@ def resolve_seg_resume(resume: str | None, output_dir: Path, say) -> Path | None
     return found
 
 
-def check_seg_position(path: Path, phases: list[tuple[str, float, int]]) -> None:
+def check_seg_position(path: Path, phases: list[tuple[str, float, int]]) -> tuple[int, int]:
     """A train_seg checkpoint's (phase, step) must lie inside this run's phases: a pretrain checkpoint resumed
     as `aug`, or a step past --max-steps, is refused."""
     state = read_marker(path, "state.json") or {}
@@ -245,6 +245,7 @@ def check_seg_position(path: Path, phases: list[tuple[str, float, int]]) -> None
     if step > steps:
         raise SegGenError(f"--resume {path}: step {step} of phase {name}, past its {steps} steps (--max-steps / "
                           f"--pretrain-steps); pass at least {step}, or start a new run in another --output-dir")
+    return phase, step
 
 
 # ---------------------------------------------------------------- diffusers models inside checkpoints

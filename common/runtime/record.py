@@ -156,3 +156,25 @@ def start(output_dir: Path, options: dict, *, resumed_run: Path | None, step: in
     if main:
         write_json(output_dir / OPTIONS, {**plain(options), "history": [*history, entry]})
     return changed
+
+
+# train_seg.py's options that may change when a run is resumed: how it is run, logged, checkpointed and evaluated,
+# not what it learns. The process count may not: its per-process draws (MixedBatches, the loss's point sampling)
+# depend on it, so a resume on another count is refused naming both.
+SEG_FREE = {"resume", "output_dir", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "report_to",
+            "metrics_file", "eval_size", "multiscale", "eval_every", "eval_samples", "process_group_timeout"}
+
+
+def start_seg(output_dir: Path, options: dict, resume_from: Path | None, phases: list, main: bool, say) -> tuple[int, int]:
+    """train_seg.py's start: the checkpoint's (phase, step) checked against this run's phases, the record compared
+    and written (`start`), stats.jsonl cut back to the checkpoint. Returns (phase, step)."""
+    from common.runtime.checkpoint import check_seg_position
+
+    position = check_seg_position(resume_from, phases) if resume_from is not None else (0, 0)
+    start(output_dir, options, resumed_run=None if resume_from is None else Path(resume_from).parent.parent,
+          step=sum(s for _, _, s in phases[:position[0]]) + position[1], free=SEG_FREE, main=main, say=say)
+    names = [n for n, _, _ in phases]
+    if main:  # the lines past the checkpoint are logged again by the resumed run; a new run starts an empty log
+        trim_jsonl(Path(output_dir) / "stats.jsonl",
+                   lambda r: (names.index(r["phase"]) if r.get("phase") in names else 0, r.get("step", 0)) <= position)
+    return position
