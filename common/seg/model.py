@@ -26,6 +26,7 @@ from common import ASSETS, SegGenError
 from common.masks.colormap import IGNORE, coco_categories
 from common.data.datasets import Sample, load_image, load_panoptic
 from common.seg.metrics import MaskAP, PanopticQuality, SemanticMetrics
+from common.runtime.record import write_json
 from common.runtime.progress import console, progress_bar
 from common.seg.data import class_names, load_train_label, thing_train_ids
 
@@ -541,8 +542,7 @@ def print_metrics(title: str, scores: dict) -> None:
 def finish(result: dict, output_dir: Path, main_proc: bool, metrics_file: Path | None) -> dict:
     if main_proc:
         path = metrics_file or output_dir / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result, indent=1)  # atomic: a kill never leaves half a metrics.json
         print_metrics("single-scale", result["single_scale"])
         if "multi_scale" in result:
             print_metrics("multi-scale + flip", result["multi_scale"])
