@@ -52,8 +52,7 @@ import torch
 import typer
 
 from common import SegGenError
-from common.runtime import record
-from common.runtime.checkpoint import resolve_seg_resume
+from common.runtime.checkpoint import resolve_seg_resume, start_seg
 from common.runtime.cli import Data, MixedPrecision, ProcessGroupTimeoutOpt, Tracker, user_errors
 from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, check_seg_batch, on_sigterm, process_group_kwargs
 from common.runtime.cli import run as run_cli
@@ -313,7 +312,7 @@ def train(a, accelerator, output_dir: Path) -> dict:
 
     # ---- 4. the loop, phase by phase
     a.world_size = accelerator.num_processes  # the per-process draws depend on it: a resume keeps it
-    record.start_seg(output_dir, vars(a), resume_from, phases, main_proc, say)  # options.json compared, history, stats.jsonl trimmed
+    start_seg(output_dir, vars(a), resume_from, phases, main_proc, say)  # options.json compared, history, stats.jsonl trimmed
     if a.report_to == "tensorboard":
         accelerator.init_trackers("train_seg")
     loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task, segments=not is_hrnet(key)),

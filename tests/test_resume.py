@@ -168,9 +168,9 @@ def test_another_stages_checkpoint_and_a_broken_record_are_refused(tmp_path, tin
     result = invoke(train_mask2img.app, m2i)
     assert result.exit_code == 2 and "a checkpoint of text2mask, not of mask2img" in said(result), result.output
 
-    (out / "options.json").write_text("")  # emptied by a crash of an older version
+    (out / "checkpoint-2" / "options.json").write_text("")  # the record the checkpoint carries, emptied
     result = invoke(train_text2mask.app, trainer_args(tmp_path, tiny_models("sdxl"), out, **{**args, "--resume": "latest"}))
-    assert result.exit_code == 2 and f"{out}/options.json is broken (empty or not JSON" in said(result), result.output
+    assert result.exit_code == 2 and f"{out}/checkpoint-2/options.json is broken (empty or not JSON" in said(result), result.output
 
 
 def test_read_jsonl_skips_a_torn_last_line_and_names_a_broken_one(tmp_path):

@@ -143,8 +143,8 @@ def start_run(a, out: Path, accelerator, resume_from: Path | None, stage: str, d
                "global_batch": split.global_batch, "micro_batch": split.micro, "gradient_accumulation": split.accumulation}
     free = FREE | ({"max_steps"} if a.lr_schedule in LENGTH_FREE_SCHEDULES else set())
     step = checkpoint_step(resume_from) or 0
-    record.start(out, options, resumed_run=None if resume_from is None else resume_from.parent, step=step, free=free,
-                 main=accelerator.is_main_process, say=say if accelerator.is_main_process else None)
+    record.start(out, options, resumed=resume_from, run_dir=None if resume_from is None else resume_from.parent, step=step,
+                 free=free, main=accelerator.is_main_process, say=say if accelerator.is_main_process else None)
     return split, options, RunLog(out, accelerator.is_main_process, step)
 
 

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from common import SegGenError
+from common.runtime import record
 
 PARTIAL = ".partial-"  # a checkpoint being written (or being deleted): never resumed from
 MARKER = "checkpoint.json"  # written last into the temporary folder: its presence means complete
@@ -199,7 +200,8 @@ def save_trainer_checkpoint(accelerator, output_dir: Path, step: int, total_limi
     """output_dir/checkpoint-{step}, crash-safe; at most total_limit complete ones remain afterwards. The marker
     records the step and the stage (text2mask, mask2img)."""
     info = {"step": step, **({"stage": stage} if stage else {})}
-    return save(accelerator, Path(output_dir) / f"checkpoint-{step}", info, [step], total_limit, "checkpoint-*")
+    return save(accelerator, Path(output_dir) / f"checkpoint-{step}", info, [step], total_limit, "checkpoint-*",
+                extra=lambda folder: record.copy_into(folder, output_dir))  # the record it was trained under
 
 
 # ---------------------------------------------------------------- train_seg.py: output_dir/checkpoints/phase{k}-step{N}
@@ -210,6 +212,7 @@ def save_seg_checkpoint(accelerator, net, processor, output_dir: Path, state: di
     def extra(folder):
         accelerator.unwrap_model(net).config.save_pretrained(folder)
         processor.save_pretrained(folder)
+        record.copy_into(folder, output_dir)  # the record it was trained under
 
     path = output_dir / "checkpoints" / f"phase{state['phase']}-step{state['step']:07d}"
     return save(accelerator, path, state, [state["phase"], state["step"]], keep, "phase*-step*", "state.json", extra)
@@ -246,6 +249,19 @@ def check_seg_position(path: Path, phases: list[tuple[str, float, int]]) -> tupl
         raise SegGenError(f"--resume {path}: step {step} of phase {name}, past its {steps} steps (--max-steps / "
                           f"--pretrain-steps); pass at least {step}, or start a new run in another --output-dir")
     return phase, step
+
+
+def start_seg(output_dir: Path, options: dict, resume_from: Path | None, phases: list, main: bool, say) -> tuple[int, int]:
+    """train_seg.py's start: the checkpoint's (phase, step) checked against this run's phases, the record compared
+    and written (`start`), stats.jsonl cut back to the checkpoint. Returns (phase, step)."""
+    position = check_seg_position(resume_from, phases) if resume_from is not None else (0, 0)
+    record.start(output_dir, options, resumed=resume_from, run_dir=None if resume_from is None else Path(resume_from).parent.parent,
+          step=sum(s for _, _, s in phases[:position[0]]) + position[1], free=record.SEG_FREE, main=main, say=say)
+    names = [n for n, _, _ in phases]
+    if main:  # the lines past the checkpoint are logged again by the resumed run; a new run starts an empty log
+        record.trim_jsonl(Path(output_dir) / "stats.jsonl",
+                   lambda r: (names.index(r["phase"]) if r.get("phase") in names else 0, r.get("step", 0)) <= position)
+    return position
 
 
 # ---------------------------------------------------------------- diffusers models inside checkpoints

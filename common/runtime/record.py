@@ -86,6 +86,15 @@ def trim_jsonl(path: Path, keep) -> None:
 
 # ---------------------------------------------------------------- the comparison of a resume
 
+
+def options_or(path: Path | None, fallback: dict) -> dict:
+    """The record at `path` when it reads as one, else `fallback` (the history of a broken record is lost, said nowhere else)."""
+    try:
+        value = json.loads(Path(path).read_text()) if path is not None else fallback
+    except (OSError, ValueError):
+        return fallback
+    return value if isinstance(value, dict) else fallback
+
 OPTIONS = "options.json"
 
 
@@ -123,32 +132,41 @@ def refusal(fixed: dict, where: Path, output_dir: Path) -> str:
             + f"Resume with the recorded values, or start a new run in another --output-dir than {output_dir}")
 
 
-def recorded_options(run_dir: Path) -> dict:
-    """The options.json of a run folder that is resumed: it must exist and be readable."""
-    path = Path(run_dir) / OPTIONS
-    if not path.is_file():
-        raise SegGenError(f"--resume: {path} is missing, so the resumed run's options cannot be compared with these; "
-                          "copy the run's options.json there, or start a new run in another --output-dir")
+def read_record(path: Path) -> dict:
+    """An options.json: a JSON object, or a SegGenError naming the file and the fix."""
     value = read_json(path, "restore it from a copy, or start a new run in another --output-dir")
     if not isinstance(value, dict):
         raise SegGenError(f"{path} is not an options record (a JSON object); start a new run in another --output-dir")
     return value
 
 
-def start(output_dir: Path, options: dict, *, resumed_run: Path | None, step: int, free: set[str], main: bool,
-          say=None) -> dict:
+def copy_into(checkpoint: Path, output_dir: Path) -> None:
+    """A checkpoint carries the record it was written under (checkpoint/options.json): it stays comparable
+    when the checkpoint is copied or its run folder's record is lost."""
+    if (Path(output_dir) / OPTIONS).is_file():
+        write_text(Path(checkpoint) / OPTIONS, (Path(output_dir) / OPTIONS).read_text())
+
+
+def start(output_dir: Path, options: dict, *, resumed: Path | None, run_dir: Path | None = None, step: int, free: set[str],
+          main: bool, say=None) -> dict:
     """Check a start against the record and write options.json (main process; every process checks).
 
-    resumed_run: the run folder whose checkpoint is resumed (None: a new run); step: the checkpoint's.
-    Returns the options that changed, {name: (old, new)}."""
+    resumed: the checkpoint folder resumed (None: a new run); its options.json is compared, else that of its run
+    folder `run_dir` (a checkpoint of an older version); with neither there is nothing to compare (said).
+    The history continues the run folder's. step: the checkpoint's. Returns the changed options {name: (old, new)}."""
     output_dir = Path(output_dir)
     changed, history = {}, []
-    if resumed_run is not None:
-        recorded = recorded_options(resumed_run)
+    if resumed is not None:
+        found = [p for p in (Path(resumed) / OPTIONS, Path(run_dir or resumed) / OPTIONS) if p.is_file()]
+        if not found and say is not None:
+            say(f"[yellow]note:[/] neither {resumed} nor its run folder holds {OPTIONS}: this resume is not compared with "
+                "the options it was trained with")
+        recorded = read_record(found[0]) if found else {}
         fixed, changed = differences(recorded, options, free)
         if fixed:
-            raise SegGenError(refusal(fixed, Path(resumed_run) / OPTIONS, output_dir))
-        history = list(recorded.get("history", []))
+            raise SegGenError(refusal(fixed, found[0], output_dir))
+        history_from = (Path(run_dir) / OPTIONS) if run_dir is not None and (Path(run_dir) / OPTIONS).is_file() else None
+        history = list(options_or(history_from, recorded).get("history", []))
         if changed and say is not None:
             say("resume: " + "; ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "world_size": options.get("world_size"),
@@ -163,18 +181,3 @@ def start(output_dir: Path, options: dict, *, resumed_run: Path | None, step: in
 # depend on it, so a resume on another count is refused naming both.
 SEG_FREE = {"resume", "output_dir", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "report_to",
             "metrics_file", "eval_size", "multiscale", "eval_every", "eval_samples", "process_group_timeout"}
-
-
-def start_seg(output_dir: Path, options: dict, resume_from: Path | None, phases: list, main: bool, say) -> tuple[int, int]:
-    """train_seg.py's start: the checkpoint's (phase, step) checked against this run's phases, the record compared
-    and written (`start`), stats.jsonl cut back to the checkpoint. Returns (phase, step)."""
-    from common.runtime.checkpoint import check_seg_position
-
-    position = check_seg_position(resume_from, phases) if resume_from is not None else (0, 0)
-    start(output_dir, options, resumed_run=None if resume_from is None else Path(resume_from).parent.parent,
-          step=sum(s for _, _, s in phases[:position[0]]) + position[1], free=SEG_FREE, main=main, say=say)
-    names = [n for n, _, _ in phases]
-    if main:  # the lines past the checkpoint are logged again by the resumed run; a new run starts an empty log
-        trim_jsonl(Path(output_dir) / "stats.jsonl",
-                   lambda r: (names.index(r["phase"]) if r.get("phase") in names else 0, r.get("step", 0)) <= position)
-    return position
