@@ -9,7 +9,11 @@ map drawn on the fly from the real annotation with the generation palette (NEARE
 cropped together with the image. The ControlNet starts as a copy of the UNet's encoder
 (ControlNetModel.from_unet, Zhang et al. 2023) or from --controlnet; the base UNet, VAE and text
 encoders stay frozen. Paper defaults: SDXL-base, resolution 768, 30,000 iterations, lr 1e-5, AdamW,
-random flip. An SD-1.5-style --pretrained pipeline works too (appendix A.11): told from its folder.
+random flip. The global batch (--global-batch-size, A.4 gives none: 32) is the same on any number of
+processes: --batch-size only caps the per-process micro-batch, gradient accumulation makes up the rest;
+a run resumed on another process count continues the same run. SIGTERM saves a checkpoint at the end of
+the step and exits 143 (docs/training-on-clusters.md). An SD-1.5-style --pretrained pipeline works too
+(appendix A.11): told from its folder.
 
 The run folder ends as a ControlNetModel folder (ControlNetModel.from_pretrained(folder)) with
 seggen.json ({"base": the --pretrained pipeline, ...}) and palette.json beside it, so imgsyn.py and

@@ -8,7 +8,11 @@ Each training pair is [caption, colour map]: the caption from caption.py's manif
 on the fly from the real annotation with the generation palette (NEAREST only). The colour map is the
 picture: the VAE encodes it and the UNet learns to denoise it, conditioned on the caption (and on SDXL's
 size/crop time ids). Paper defaults: SDXL-base, resolution 768, 30,000 iterations, lr 1e-5, AdamW,
-random flip. An SD-1.5-style --pretrained pipeline works too (appendix A.11): told from its folder.
+random flip. The global batch (--global-batch-size, A.4 gives none: 32) is the same on any number of
+processes: --batch-size only caps the per-process micro-batch, gradient accumulation makes up the rest;
+a run resumed on another process count continues the same run. SIGTERM saves a checkpoint at the end of
+the step and exits 143 (docs/training-on-clusters.md). An SD-1.5-style --pretrained pipeline works too
+(appendix A.11): told from its folder.
 
 The run folder ends as a complete diffusers pipeline (StableDiffusionXLPipeline.from_pretrained(folder))
 with palette.json and seggen.json beside model_index.json; it also holds options.json, stats.jsonl,

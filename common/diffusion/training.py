@@ -423,6 +423,8 @@ def sample_latents(batch: dict, key: str, vae, generators: list[torch.Generator]
         params = batch["latent_params"].float()
     else:
         params = vae.encode(vae_input(batch[key], key).to(vae.dtype)).latent_dist.parameters  # (B, 2·C, R/8, R/8)
+    if isinstance(generators, torch.Generator):  # one generator for the whole batch (bench/real_size.py's step)
+        return DiagonalGaussianDistribution(params).sample(generator=generators) * vae.config.scaling_factor
     z = [DiagonalGaussianDistribution(params[i:i + 1]).sample(generator=g) for i, g in enumerate(generators)]
     return torch.cat(z) * vae.config.scaling_factor
 
