@@ -231,3 +231,16 @@ def test_reproduce_of_a_line_without_its_batch_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps(line) + "\n")
     with pytest.raises(SegGenError, match=r"--reproduce s_000: its manifest line .*manifest.jsonl:1 has no usable batch"):
         synth.find_record(tmp_path, "s_000")
+
+
+def test_train_seg_refuses_a_resume_on_another_process_count_naming_both(tmp_path):
+    """train_seg's per-process draws depend on the process count: its record keeps it fixed."""
+    ckpt = tmp_path / "run" / "checkpoints" / "phase0-step0000002"
+    ckpt.mkdir(parents=True)
+    options = {"lr": 1e-4, "world_size": 1, "log_every": 50}
+    record.write_json(ckpt / "options.json", options)
+    record.start(tmp_path / "run", {**options, "log_every": 10}, resumed=ckpt, run_dir=tmp_path / "run", step=2,
+                 free=record.SEG_FREE, main=False)  # logging may change
+    with pytest.raises(SegGenError, match=r"the process count: recorded 1, now 2\. .*launch 1 processes \(now 2\)"):
+        record.start(tmp_path / "run", {**options, "world_size": 2}, resumed=ckpt, run_dir=tmp_path / "run", step=2,
+                     free=record.SEG_FREE, main=False)

@@ -113,8 +113,13 @@ def differences(recorded: dict, options: dict, free: set[str]) -> tuple[dict, di
     return fixed, changed
 
 
+DERIVED = {"world_size": "the process count", "global_batch": "the global batch", "stage": "the stage", "samples": "the training samples",
+           "is_sdxl": "the base's kind (SDXL)", "micro_batch": "the micro-batch", "gradient_accumulation": "the accumulation steps"}
+
+
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """How a recorded option is named to the user: its flag, or what a derived value is."""
+    return DERIVED.get(name, "--" + name.replace("_", "-"))
 
 
 def refusal(fixed: dict, where: Path, output_dir: Path) -> str:
