@@ -256,11 +256,11 @@ def start_seg(output_dir: Path, options: dict, resume_from: Path | None, phases:
     and written (`start`), stats.jsonl cut back to the checkpoint. Returns (phase, step)."""
     position = check_seg_position(resume_from, phases) if resume_from is not None else (0, 0)
     record.start(output_dir, options, resumed=resume_from, run_dir=None if resume_from is None else Path(resume_from).parent.parent,
-          step=sum(s for _, _, s in phases[:position[0]]) + position[1], free=record.SEG_FREE, main=main, say=say)
+                 step=sum(s for _, _, s in phases[:position[0]]) + position[1], free=record.SEG_FREE, main=main, say=say)
     names = [n for n, _, _ in phases]
     if main:  # the lines past the checkpoint are logged again by the resumed run; a new run starts an empty log
         record.trim_jsonl(Path(output_dir) / "stats.jsonl",
-                   lambda r: (names.index(r["phase"]) if r.get("phase") in names else 0, r.get("step", 0)) <= position)
+                          lambda r: (names.index(r["phase"]) if r.get("phase") in names else 0, r.get("step", 0)) <= position)
     return position
 
 
