@@ -92,7 +92,9 @@ def sigterm_at(monkeypatch, step):
 def test_sigterm_saves_the_step_and_a_two_process_resume_equals_an_uninterrupted_two_process_run(tmp_path, tiny_models, monkeypatch):
     base, stopped, whole = tiny_models("sdxl"), tmp_path / "stopped", tmp_path / "whole"
     (tmp_path / "w").mkdir()
-    uninterrupted = two_process(tmp_path / "w", base, whole)  # runs beside the one-process run below
+    # Runs beside the one-process run below; its checkpoints and validation grids change nothing in the training.
+    uninterrupted = two_process(tmp_path / "w", base, whole, **{"--checkpointing-steps": 2, "--validation-steps": 2,
+                                                                "--validation-inference-steps": 2})
 
     # One process, micro-batch 1 × 2 accumulation steps, no periodic checkpoint: SIGTERM after step 2.
     sigterm_at(monkeypatch, 2)
@@ -108,6 +110,7 @@ def test_sigterm_saves_the_step_and_a_two_process_resume_equals_an_uninterrupted
     # The same run continued on two processes (micro-batch 1 each, no accumulation).
     finished(two_process(tmp_path, base, stopped, **{"--resume": "latest"}))
     finished(uninterrupted)
+    leaves_a_pipeline_that_samples(whole, base)
     resumed, reference = unet_weights(stopped), unet_weights(whole)
     diff = max((resumed[k] - reference[k]).abs().max().item() for k in resumed)
     assert diff < 1e-6, diff
@@ -118,6 +121,34 @@ def test_sigterm_saves_the_step_and_a_two_process_resume_equals_an_uninterrupted
     assert losses(stopped) == pytest.approx(losses(whole), abs=1e-6)
     lrs = [s["lr"] for s in record.read_jsonl(stopped / "stats.jsonl")]  # one schedule step per optimizer step, on 1 or 2 processes
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+
+
+def leaves_a_pipeline_that_samples(out, base):
+    """A 2-process accelerate run leaves a loadable pipeline: the UNet trained, the rest copied, the options, stats,
+    validation grids and diffusers-format checkpoints recorded."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from common.data.paths import resolve_recorded
+    from common.masks.colormap import Palette, palette_for
+
+    options = json.loads((out / "options.json").read_text())
+    assert options["world_size"] == 2 and options["resolution"] == 64 and options["is_sdxl"]
+    stats = record.read_jsonl(out / "stats.jsonl")
+    assert [s["step"] for s in stats if "loss" in s] == [1, 2, 3, 4] and all(np.isfinite(s["loss"]) for s in stats if "loss" in s)
+    assert all(s["grad_norm"] > 0 for s in stats if "loss" in s)
+    validation = [s["validation"] for s in stats if "validation" in s]
+    assert len(validation) == 2 and all(0 <= v["off_palette"] <= 1 and (out / v["grid"]).is_file() for v in validation)
+    assert (out / "checkpoint-4" / "unet" / "config.json").is_file()  # diffusers-format checkpoints
+    assert Palette.load(out / "palette.json").colors.tolist() == palette_for("ade20k").colors.tolist()
+    assert resolve_recorded(json.loads((out / "seggen.json").read_text())["base"], out) == str(base)  # recorded relative
+    trained, start = unet_weights(out), unet_weights(base)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the UNet was trained, the rest copied
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    image = pipe("a street with cars", height=64, width=64, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
 # ---------------------------------------------------------------- resumes that would change the experiment
