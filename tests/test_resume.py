@@ -275,3 +275,20 @@ def test_train_seg_refuses_a_resume_on_another_process_count_naming_both(tmp_pat
     with pytest.raises(SegGenError, match=r"the process count: recorded 1, now 2\. .*launch 1 processes \(now 2\)"):
         record.start(tmp_path / "run", {**options, "world_size": 2}, resumed=ckpt, run_dir=tmp_path / "run", step=2,
                      free=record.SEG_FREE, main=False)
+
+
+def test_reproduce_sh_gives_the_trainers_one_global_batch_on_any_gpu_count_and_launches_them_over_nodes():
+    def trainer_lines(*extra):
+        r = subprocess.run([str(ROOT / "reproduce.sh"), "--preset", "paper", "--data-root", "/data", "--dry-run", *extra],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stdout.splitlines() if "train_text2mask.py" in line or "train_mask2img.py" in line]
+
+    for gpus in ("1", "8", "64"):
+        lines = trainer_lines("--gpus", gpus)
+        assert len(lines) == 2 and all("--global-batch-size 32 --batch-size 4" in line for line in lines)
+    lines = trainer_lines("--gpus", "8", "--nodes", "4", "--node-rank", "2", "--main-ip", "10.0.0.1")
+    assert all("--num_processes 32 --num_machines 4 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500"
+               in line for line in lines)
+    r = subprocess.run([str(ROOT / "reproduce.sh"), "--nodes", "2", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--nodes 2 needs --main-ip" in r.stderr
