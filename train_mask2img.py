@@ -49,6 +49,7 @@ from common.runtime.weights import SAFE, check_safetensors
 from common.data.paths import captions_path, mask2img_dir, record_path
 from common.runtime.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, on_sigterm
+from common.report.card import card_for_run
 from common.runtime.checkpoint import load as load_checkpoint
 from common.runtime.cli import (  # the command line both trainers share: choices and options, declared once
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
@@ -222,6 +223,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
             "stage": "mask2img", "base": record_path(a.pretrained, out, notes), "vae": a.vae and record_path(a.vae, out, notes), "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
+        card_for_run(out)  # README.md, as diffusers' trainers write: base, data, steps, options, last validation grid
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "

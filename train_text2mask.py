@@ -47,6 +47,7 @@ from common.runtime.weights import SAFE
 from common.data.paths import captions_path, record_path, text2mask_dir
 from common.runtime.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
 from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, on_sigterm
+from common.report.card import card_for_run
 from common.runtime.checkpoint import load as load_checkpoint
 from common.runtime.cli import (  # the command line both trainers share: choices and options, declared once
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
@@ -203,6 +204,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
             "stage": "text2mask", "base": record_path(a.pretrained, out), "data": a.data, "palette": "palette.json", "palette_kind": a.palette,
             "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
+        card_for_run(out)  # README.md, as diffusers' trainers write: base, data, steps, options, last validation grid
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "
                       f"pipeline + palette.json -> {out}")
     accelerator.end_training()
