@@ -748,3 +748,75 @@ def test_an_empty_default_synthetic_folder_is_skipped_with_a_warning(tmp_path, m
     assert any("skipping the default synthetic folder synth/masksyn-ade20k" in x for x in said)
     with pytest.raises(train_seg.SegGenError, match="has no samples"):  # given explicitly, it still fails
         segdata.read_sources(SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "synth/masksyn-ade20k"], data="ade20k"), print)
+
+
+# ---------------------------------------------------------------- HRNet's official ADE20K pipeline (issue 25 item 2)
+
+def test_hrnet_scales_the_long_side_as_hrnets_multi_scale_aug():
+    # HRNet-Semantic-Segmentation base_dataset.py: long side int(520 * s + 0.5), s = 0.5 + randint(0, 11) / 10.
+    rng = np.random.default_rng(0)
+    image, label = Image.new("RGB", (300, 200)), np.zeros((200, 300), np.uint8)
+    longs = {max(segdata.random_resize(image, label, 520, rng, kind="hrnet")[0].size) for _ in range(400)}
+    assert longs == {int(520 * (0.5 + k / 10) + 0.5) for k in range(12)}  # 260, 312, .., 832
+
+
+def test_hrnet_takes_random_crops_off_centre_with_flips(tmp_path):
+    """Today's complaint was a centre crop that never showed the sides of wide images: a horizontal gradient
+    (R = column) shows where each crop lies; HRNet's crops reach both ends and pad with 0 / ignore."""
+    from common.data.sample import Sample
+
+    w, h = 256, 96
+    ramp = np.broadcast_to(np.linspace(0, 255, w).round().astype(np.uint8)[None, :, None], (h, w, 3)).copy()
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((h, w), 5, np.uint8)).save(tmp_path / "wide_label.png")  # every pixel ADE20K class 5
+    data = segdata.SegData([[Sample("wide", tmp_path / "wide.png", tmp_path / "wide_label.png")]], "ade20k", 64,
+                           augment=segdata.AUGMENTS["hrnet"], segments=False)
+    ends, flips, padded = [], 0, 0
+    for seed in range(60):
+        item = data[(0, 0, seed)]
+        red = item["image"][0, 0][item["valid"][0]].float()  # the ramp along the first row's image pixels (padding: right, below)
+        flips += bool(red[0] > red[-1])
+        ends.append((float(red.min()), float(red.max())))
+        padded += int((~item["valid"]).any())
+        assert (item["image"][:, ~item["valid"]] == 0).all() and (item["label"][~item["valid"]] == -1).all()
+    centre = [(lo, hi) for lo, hi in ends if lo > 20 and hi < 235]
+    assert any(lo < 8 for lo, _ in ends) and any(hi > 247 for _, hi in ends)  # crops at the left and at the right end
+    assert len({round(lo) for lo, _ in ends}) > 10 and len(centre) < len(ends)  # many positions, not one centre window
+    assert 15 < flips < 45 and padded > 0  # flip with p 1/2; the 96-px-high image scaled below the crop is padded
+
+
+def test_recipe_rows_name_their_sources():
+    from common.seg.recipes import RECIPES
+
+    assert RECIPES[("ade20k", "hrnet-w48")].source.endswith("seg_hrnet_w48_520x520_ohem_sgd_lr2e-2_wd1e-4_bs_16_epoch120.yaml")
+    assert RECIPES[("ade20k", "hrnet-w48")].augment == "hrnet" and RECIPES[("ade20k", "hrnet-w48")].crop == 520
+    assert "maskformer2_swin_large_IN21k_384_bs16_100ep" in RECIPES[("coco", "swin-l")].source
+    assert all(r.source for r in RECIPES.values())
+    assert "source" in _cli(["--help"]).output
+
+
+# ---------------------------------------------------------------- --eval-every: Fig. 11's curves, trackers, best model (issue 25 item 5)
+
+def test_eval_every_writes_the_history_logs_the_tracker_and_keeps_the_best(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", "--eval-every", "2",
+            "--eval-samples", "1", "--report-to", "tensorboard", *FAST]
+    _ok(_cli([*args, "--output-dir", run], tiny))
+    history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"], r["global_step"], r["images"]) for r in history] == [("real", 2, 2, 1), ("real", 4, 4, 1)]
+    assert all(0 <= r["mIoU"] <= 1 and r["loss"] > 0 and r["lr"] >= 0 for r in history)
+    best = json.loads((run / "model-best/best.json").read_text())
+    assert best["mIoU"] == max(r["mIoU"] for r in history) and best["metric"] == "mIoU"
+    assert (run / "model-best/config.json").is_file() and (run / "model/config.json").is_file()  # best beside the last
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best"]["step"] == best["step"] and metrics["history"].endswith("metrics_history.jsonl")
+    events = EventAccumulator(str(next((run / "train_seg").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert {"loss", "lr", "val/mIoU"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4]
+
+
+def test_eval_samples_needs_eval_every(tmp_path):
+    result = _cli(["--eval-samples", "8", "--output-dir", tmp_path])
+    assert result.exit_code == 2 and "--eval-samples sets the size of the periodic evaluation: pass --eval-every N" in result.output
