@@ -314,7 +314,8 @@ chain() {  # chain KIND DATA NEEDS: the generation stages one row needs (each on
   #                               sets CH_MASKSYN, CH_IMGSYN, CH_SUBSET. Text2Mask and MaskSyn run only for a row that uses MaskSyn.
   local kind=$1 data=$2 needs=$3 tag=$2 caps=$WORK/captions/$2_train.jsonl
   local gen=("${GEN_TRAIN_ARGS[@]}") ms=("${MASKSYN_ARGS[@]}") is=("${IMGSYN_ARGS[@]}") sub=()
-  if [ "$data" = coco ]; then set_flag is --per-sample 10; else set_flag is --per-sample 50; fi  # §4.1
+  if [ "$PRESET" = tiny ]; then :  # the tiny preset's own small counts (its plumbing, not the paper's numbers)
+  elif [ "$data" = coco ]; then set_flag is --per-sample 10; else set_flag is --per-sample 50; fi  # §4.1
   CH_SUBSET=""
   case $kind in
     n1000) tag=$data-$SUBSET_N CH_SUBSET=$WORK/subsets/$data-$SUBSET_N.txt caps=$WORK/captions/${data}_train-$SUBSET_N.jsonl
@@ -362,9 +363,11 @@ row_args() {  # row_args BACKBONE STEPS EXTRA: ROW (train_seg.py flags of the mo
   set_flag ROW --max-steps "${steps#*+}"
   # shellcheck disable=SC2206
   [ "$extra" = - ] || ROW+=($extra)
-  # Runs cut short (--max-steps, tiny) still draw curves: 4 evaluations a phase where the row's period exceeds them.
+  # Runs cut short (--max-steps, tiny) still draw curves: 4 evaluations and loss points a phase.
   every=$(( ${steps#*+} / 4 > 0 ? ${steps#*+} / 4 : 1 ))
-  if [[ " ${ROW[*]} " == *" --eval-every "* ]] && { [ -n "$MAX_STEPS" ] || [ "$PRESET" = tiny ]; }; then set_flag ROW --eval-every "$every"; fi
+  if [[ " ${ROW[*]} " == *" --eval-every "* ]] && { [ -n "$MAX_STEPS" ] || [ "$PRESET" = tiny ]; }; then
+    set_flag ROW --eval-every "$every"; set_flag ROW --log-every "$every"
+  fi
 }
 
 experiment() {  # experiment NAME: the chains its rows need, then its segmentation runs (each under --seeds seeds)

@@ -448,3 +448,49 @@ def test_seeds_table_gives_mean_and_std_per_run(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "common.report.seeds", str(tmp_path / "table2"), "--out", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "table2: no such experiment folder" in missing.stderr
+
+
+# ---------------------------------------------------------------- --experiment fig11: Fig. 11's curves (issue 25 item 5)
+
+def test_fig11_tiny_run_writes_the_history_and_the_curves(tmp_path, tiny_models):
+    """The fig11 experiment's own part: its two segmentation runs with --eval-every, the curves, the table. The
+    generation stages before them are the tiny chain's (test_tiny_chain_killed_midway_resumes_and_validates runs
+    them): here they are marked done, with the session's tiny models and an ImgSyn folder of real pairs."""
+    from common.data.datasets import read_dataset
+    from common.data.manifest import ManifestWriter
+
+    work = tmp_path / "w"
+    (work / "tiny").mkdir(parents=True)
+    (work / ".done").mkdir()
+    for kind in ("sdxl", "mask2former"):
+        (work / "tiny" / kind).symlink_to(tiny_models(kind))
+    for stage in ("tiny-sdxl", "tiny-mask2former", "ade20k-caption", "ade20k-train-mask2img", "ade20k-imgsyn"):
+        (work / ".done" / stage).touch()
+    imgsyn = work / "synth/imgsyn-ade20k"
+    for sub in ("images", "annotations", "colormaps"):
+        (imgsyn / sub).mkdir(parents=True)
+    with ManifestWriter(imgsyn / "manifest.jsonl", path_fields=("image", "annotation", "colormap")) as w:
+        for sample in read_dataset("ade20k", ROOT / "tests/data/ade20k", "train"):
+            for k in range(2):
+                sid = f"{sample.id}_s{k}"
+                (imgsyn / f"images/{sid}.jpg").write_bytes(sample.image.read_bytes())
+                for sub in ("annotations", "colormaps"):  # the colour map's content is not read by train_seg
+                    (imgsyn / f"{sub}/{sid}.png").write_bytes(sample.annotation.read_bytes())
+                w.append({"id": sid, "source_id": sample.id, "method": "imgsyn", "image": f"images/{sid}.jpg", "annotation": f"annotations/{sid}.png",
+                          "colormap": f"colormaps/{sid}.png", "caption": "a room", "seed": k, "k": k, "models": {}})
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run([SCRIPT, "--preset", "tiny", "--experiment", "fig11", "--max-steps", "2", "--work", str(work)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "== ade20k-imgsyn: done before, skipped" in r.stdout and "text2mask" not in r.stdout  # fig11 uses ImgSyn only
+    for run_name in ("imgsyn-20k", "imgsyn-1m"):
+        run_dir = work / "runs/fig11" / run_name
+        history = [json.loads(x) for x in (run_dir / "metrics_history.jsonl").read_text().splitlines()]
+        assert [h["global_step"] for h in history] == [1, 2] and all(0 <= h["mIoU"] <= 1 and h["loss"] > 0 for h in history)
+        assert [s["step"] for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())] == [1, 2]
+        assert (run_dir / "model-best/best.json").is_file()
+    png = Image.open(work / "runs/fig11/fig11.png").convert("RGB")
+    colours = {c for _, c in png.getcolors(1 << 20)}
+    assert png.size[0] > 800 and {(31, 119, 180), (214, 39, 40)} <= colours  # both runs drawn, one colour each
+    table = (work / "results.md").read_text()
+    assert "| fig11 | imgsyn-20k | 1 |" in table and "| fig11 | imgsyn-1m | 1 |" in table

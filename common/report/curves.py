@@ -52,8 +52,9 @@ def metric_curve(run: Path) -> tuple[str, list[tuple[int, float]]]:
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About n round tick values covering lo..hi."""
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+    if hi - lo < 1e-9:  # one value: a band around it
+        pad = max(abs(lo) * 0.05, 0.5)
+        lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / n
     step = 10 ** math.floor(math.log10(raw))
     step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
@@ -61,10 +62,11 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
 
 
-def label(value: float) -> str:
-    if abs(value) >= 1000:
+def label(value: float, step: float) -> str:
+    """A tick's text: thousands as k, else as many decimals as the tick step needs."""
+    if abs(value) >= 1000 and step >= 100:
         return f"{value / 1000:g}k"
-    return f"{value:.3g}"
+    return f"{value:.{max(0, -math.floor(math.log10(step)))}f}"
 
 
 def panel(draw: ImageDraw.ImageDraw, x0: int, title: str, curves: list[tuple[str, list[tuple[int, float]]]], font) -> None:
@@ -84,12 +86,12 @@ def panel(draw: ImageDraw.ImageDraw, x0: int, title: str, curves: list[tuple[str
     for x in xs:
         px = at(x, ys[0])[0]
         draw.line([px, bottom, px, bottom + 4], fill="black")
-        draw.text((px - 10, bottom + 6), label(x), fill="black", font=font)
+        draw.text((px - 10, bottom + 6), label(x, xs[1] - xs[0]), fill="black", font=font)
     for y in ys:
         py = at(xs[0], y)[1]
         draw.line([left - 4, py, left, py], fill="black")
         draw.line([left + 1, py, right - 1, py], fill=(230, 230, 230))
-        draw.text((x0 + 4, py - 7), label(y), fill="black", font=font)
+        draw.text((x0 + 4, py - 7), label(y, ys[1] - ys[0]), fill="black", font=font)
     draw.text(((left + right) // 2 - 20, bottom + 24), "iteration", fill="black", font=font)
     for k, (_, curve) in enumerate(curves):
         colour = COLOURS[k % len(COLOURS)]
