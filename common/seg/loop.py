@@ -40,7 +40,7 @@ class Loop:
         self.std = torch.tensor(processor.image_std, device=dev).view(1, 3, 1, 1) * 255
         # --eval-every N: the validation split (or --eval-samples of it) every N steps (Fig. 11)
         self.validator = Validator(a, accelerator, val, processor, output_dir) if getattr(a, "eval_every", 0) and val else None
-        self.last = {"loss": None, "lr": a.lr}  # the last logged loss and lr, for the validation records
+        self.last = {"loss": None, "lr": getattr(a, "lr", None)}  # the last logged loss and lr, for the validation records
 
     def totals(self) -> dict:  # a collective: every process calls it
         c = self.accelerator.reduce(self.counts.to(self.accelerator.device), "sum").cpu().tolist()
@@ -49,6 +49,8 @@ class Loop:
     def resume(self, path: Path | None, say) -> tuple[int, int]:
         """(phase, step) to start from; the run's totals so far from the checkpoint (counted once, on the main process)."""
         if path is None:
+            if self.validator:  # a fresh start: what an earlier run in this folder measured goes
+                self.validator.resume(0)
             return 0, 0
         state = json.loads((path / "state.json").read_text())
         if self.accelerator.is_main_process:
