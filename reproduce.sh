@@ -325,9 +325,11 @@ chain() {  # chain KIND DATA NEEDS: the generation stages one row needs (each on
   esac
   local t2m=$WORK/runs/text2mask-$tag m2i=$WORK/runs/mask2img-$tag
   CH_MASKSYN=$WORK/synth/masksyn-$tag CH_IMGSYN=$WORK/synth/imgsyn-$tag
-  [ -n "$needs" ] || return 0  # a real-only row: no generator
-  if [ -n "$CH_SUBSET" ]; then  # one seeded subset, then its own captions file
+  if [ -n "$CH_SUBSET" ]; then  # one seeded subset (real-only rows train on it too)
     once "$tag-subset" "$PY" -m common.data.subset --data "$data" --data-root "$DATA_ROOT" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
+  fi
+  [ -n "$needs" ] || return 0  # a real-only row: no generator
+  if [ -n "$CH_SUBSET" ]; then  # the subset's own captions file
     once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
   else  # the full chain and SD-1.5 share the captions (§3.2: BLIP-2 captions, whatever the base)
     once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${CAPTION_ARGS[@]}"

@@ -299,6 +299,7 @@ def test_table4_uses_one_subset_in_every_stage():
     assert len(made) == 1 and made[0]["--n"] == "1000" and made[0]["--data"] == "ade20k"  # Table 4: 1,000 real samples
     subset = made[0]["--out"]
     first = lines.index(next(x for x in lines if "common.data.subset" in x))
+    assert first < min(i for i, x in enumerate(lines) if "--real-subset" in x)  # written before its first use
     later = [x for x in lines[first + 1:] if ".py" in x and "-1000" in x]
     stages = {next(w for w in x.split() if w.endswith(".py")) for x in later}
     assert stages == {"caption.py", "train_text2mask.py", "train_mask2img.py", "masksyn.py", "imgsyn.py", "train_seg.py"}

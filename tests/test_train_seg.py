@@ -473,7 +473,7 @@ def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_pat
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ADE_ROOT.parents[2] / "train_seg.py"),
            "--data-root", str(ADE_ROOT), "--strategy", "real", "--max-steps", "2", "--batch-size", "4", "--crop", "64",
-           "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "1", "--eval-size", "32",
+           "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "1", "--eval-size", "32", "--eval-every", "2",
            "--model", str(tiny), "--output-dir", str(tmp_path / "run")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -482,6 +482,10 @@ def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_pat
     assert got["drawn"] == {"real": 8}  # 2 steps x global batch 4, counted over both processes
     labels = [load_label(s, "ade20k") for s in read_dataset("ade20k", ADE_ROOT, "val")]
     assert got["single_scale"]["pixels"] == sum(int((lab > 0).sum()) for lab in labels)  # both halves of val
+    # --eval-every: one record of both processes' halves, the same figure as the final evaluation of that model
+    (rec,) = [json.loads(x) for x in (tmp_path / "run/metrics_history.jsonl").read_text().splitlines()]
+    assert rec["images"] == len(labels) and rec["mIoU"] == pytest.approx(got["single_scale"]["mIoU"])
+    assert got["best"]["step"] == 2 and (tmp_path / "run/model-best/config.json").is_file()
 
 
 def _write_coco_synthetic(folder, with_segments=True):
