@@ -537,7 +537,7 @@ def test_hrnet_trains_with_its_recipe_resumes_and_evaluates_its_saved_model(ade_
     options = json.loads((tmp_path / "full/options.json").read_text())
     assert got["recipe"] == "ade20k/hrnet-small" and got["weights"] == "random" and got["drawn"] == {"real": 8}
     assert 0 <= got["single_scale"]["mIoU"] <= 1 and got["single_scale"]["pixels"] > 0
-    # A.3: SGD lr 2e-2 (momentum 0.9), weight decay 1e-4, poly 0.9, flip only, no clipping.
+    # A.3: SGD lr 2e-2 (momentum 0.9), weight decay 1e-4, poly 0.9, no clipping; HRNet's ADE20K pipeline (test below).
     assert (options["optimizer"], options["lr"], options["momentum"], options["weight_decay"], options["grad_clip"]) == ("sgd", 2e-2, 0.9, 1e-4, 0.0)
     assert [r["lr"] for r in _stats(tmp_path / "full")] == pytest.approx([2e-2 * (1 - s / 4) ** 0.9 for s in (1, 2, 3, 4)])
     # RUN/model is hrnet.save's folder: hrnet.load and quality.py read it, --eval-only scores it the same.

@@ -88,7 +88,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("ade20k", "hrnet-w48"): HRNET,
     ("ade20k", "hrnet-small"): HRNET,  # random weights, for CPU runs: pass a small --crop / --batch-size
     ("coco", "r50"): COCO,
-    ("coco", "swin-t"): dataclasses.replace(COCO, source=M2F_COCO.replace("maskformer2_R50_bs16_50ep", "swin/maskformer2_swin_tiny_bs16_50ep")),
+    ("coco", "swin-t"): dataclasses.replace(COCO, source="Mask2Former configs/coco/instance-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml"),
     ("coco", "swin-l"): dataclasses.replace(COCO, max_steps=737_500, milestones=(655_556, 710_184), queries=200, source=M2F_COCO.replace(
         "{panoptic,instance}-segmentation/maskformer2_R50_bs16_50ep", "panoptic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_100ep")),
     # The toy world (common/toy/world.py, 64x64 images in the ADE20K layout): ADE20K's recipes at its size. Its HRNet
