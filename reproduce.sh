@@ -49,6 +49,7 @@ while [ $# -gt 0 ]; do
     *) echo "reproduce.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+GIVEN_ROOT=$DATA_ROOT
 case "$PRESET" in paper|tiny) ;; toy) DATA=toy ;; *) echo "reproduce.sh: --preset must be paper, toy or tiny (got $PRESET)" >&2; exit 2 ;; esac
 case "$SIZE" in full|demo|smoke) ;; *) echo "reproduce.sh: --size must be full, demo or smoke (got $SIZE)" >&2; exit 2 ;; esac
 [ "$PRESET" = toy ] || [ "$SIZE" = full ] || { echo "reproduce.sh: --size is for --preset toy" >&2; exit 2; }
@@ -310,9 +311,12 @@ once() {  # once NAME COMMAND...: stage, but only the first time this run asks f
   ONCE[$1]=1
   stage "$@"
 }
+data_root() {  # data_root DATA: where DATA's rows read it (the tiny preset: its own samples of each dataset)
+  if [ "$PRESET" = tiny ] && [ -z "$GIVEN_ROOT" ]; then echo "tests/data/$1"; else echo "$DATA_ROOT"; fi
+}
 chain() {  # chain KIND DATA NEEDS: the generation stages one row needs (each once per run; NEEDS: masksyn and/or imgsyn);
   #                               sets CH_MASKSYN, CH_IMGSYN, CH_SUBSET. Text2Mask and MaskSyn run only for a row that uses MaskSyn.
-  local kind=$1 data=$2 needs=$3 tag=$2 caps=$WORK/captions/$2_train.jsonl
+  local kind=$1 data=$2 needs=$3 tag=$2 caps=$WORK/captions/$2_train.jsonl root; root=$(data_root "$2")
   local gen=("${GEN_TRAIN_ARGS[@]}") ms=("${MASKSYN_ARGS[@]}") is=("${IMGSYN_ARGS[@]}") sub=()
   if [ "$PRESET" = tiny ]; then :  # the tiny preset's own small counts (its plumbing, not the paper's numbers)
   elif [ "$data" = coco ]; then set_flag is --per-sample 10; else set_flag is --per-sample 50; fi  # §4.1
@@ -326,28 +330,28 @@ chain() {  # chain KIND DATA NEEDS: the generation stages one row needs (each on
   local t2m=$WORK/runs/text2mask-$tag m2i=$WORK/runs/mask2img-$tag
   CH_MASKSYN=$WORK/synth/masksyn-$tag CH_IMGSYN=$WORK/synth/imgsyn-$tag
   if [ -n "$CH_SUBSET" ]; then  # one seeded subset (real-only rows train on it too)
-    once "$tag-subset" "$PY" -m common.data.subset --data "$data" --data-root "$DATA_ROOT" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
+    once "$tag-subset" "$PY" -m common.data.subset --data "$data" --data-root "$root" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
   fi
   [ -n "$needs" ] || return 0  # a real-only row: no generator
   if [ -n "$CH_SUBSET" ]; then  # the subset's own captions file
-    once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
+    once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$root" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
   else  # the full chain and SD-1.5 share the captions (§3.2: BLIP-2 captions, whatever the base)
-    once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${CAPTION_ARGS[@]}"
+    once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$root" --split train --out "$caps" "${CAPTION_ARGS[@]}"
   fi
   if [[ " $needs " == *" masksyn "* ]]; then
     # shellcheck disable=SC2046
-    once "$tag-train-text2mask" "${LAUNCH[@]}" train_text2mask.py --data "$data" --data-root "$DATA_ROOT" --captions "$caps" "${sub[@]}" \
+    once "$tag-train-text2mask" "${LAUNCH[@]}" train_text2mask.py --data "$data" --data-root "$root" --captions "$caps" "${sub[@]}" \
       --output-dir "$t2m" "${gen[@]}" $(resume_if_checkpoint "$t2m")
   fi
   # shellcheck disable=SC2046
-  once "$tag-train-mask2img" "${LAUNCH[@]}" train_mask2img.py --data "$data" --data-root "$DATA_ROOT" --captions "$caps" "${sub[@]}" \
+  once "$tag-train-mask2img" "${LAUNCH[@]}" train_mask2img.py --data "$data" --data-root "$root" --captions "$caps" "${sub[@]}" \
     --output-dir "$m2i" "${gen[@]}" $(resume_if_checkpoint "$m2i")
   if [[ " $needs " == *" masksyn "* ]]; then  # ADE20K's rows only (§4.1: COCO uses ImgSyn)
     once "$tag-masksyn" "${LAUNCH_MANY[@]}" masksyn.py --data "$data" --captions "$caps" "${sub[@]}" --text2mask "$t2m" --mask2img "$m2i" \
       --out "$CH_MASKSYN" "${ms[@]}"
   fi
   if [[ " $needs " == *" imgsyn "* ]]; then
-    once "$tag-imgsyn" "${LAUNCH_MANY[@]}" imgsyn.py --data "$data" --data-root "$DATA_ROOT" --split train --captions "$caps" "${sub[@]}" \
+    once "$tag-imgsyn" "${LAUNCH_MANY[@]}" imgsyn.py --data "$data" --data-root "$root" --split train --captions "$caps" "${sub[@]}" \
       --mask2img "$m2i" --out "$CH_IMGSYN" "${is[@]}"
   fi
 }
@@ -380,7 +384,7 @@ experiment() {  # experiment NAME: the chains its rows need, then its segmentati
     [ "$exp" = "$name" ] || continue
     needs=$(tr ' ' '\n' <<< "${syn//both/masksyn imgsyn}" | sed 's/:.*//' | grep -v '^-$' | sort -u | tr '\n' ' ' || true)
     chain "$kind" "$data" "$needs"
-    local args=(--data "$data" --data-root "$DATA_ROOT" --task "$task" --strategy "$strategy")
+    local args=(--data "$data" --data-root "$(data_root "$data")" --task "$task" --strategy "$strategy")
     [ "$p" = - ] || args+=(--p-aug "$p")
     local s k folder
     for s in ${syn//both/masksyn imgsyn}; do
