@@ -247,15 +247,19 @@ def test_real_pretrain_runs_two_fresh_phases_on_real_data_only(tiny, tmp_path):
 
 
 def test_resume_latest_continues_from_the_last_checkpoint(tiny, tmp_path):
-    args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", *FAST]
+    args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", "--eval-every", "2", *FAST]
     args[args.index("--checkpoint-every") + 1] = "2"
     _ok(_cli([*args, "--output-dir", tmp_path / "full"], tiny))
     assert sorted(p.name for p in (tmp_path / "full/checkpoints").iterdir()) == ["phase0-step0000002", "phase0-step0000004"]
-    # An interrupted run: only the step-2 checkpoint made it.
+    # An interrupted run: only the step-2 checkpoint made it, its history already held step 4's evaluation.
     shutil.copytree(tmp_path / "full/checkpoints/phase0-step0000002", tmp_path / "cut/checkpoints/phase0-step0000002")
+    shutil.copy(tmp_path / "full/metrics_history.jsonl", tmp_path / "cut/metrics_history.jsonl")
     result = _ok(_cli([*args, "--output-dir", tmp_path / "cut", "--resume", "latest"], tiny))
     assert "resuming from" in result.output
     assert [r["step"] for r in _stats(tmp_path / "cut")] == [4]
+    history = {run: [json.loads(x) for x in (tmp_path / run / "metrics_history.jsonl").read_text().splitlines()] for run in ("full", "cut")}
+    assert [r["step"] for r in history["cut"]] == [2, 4]  # step 4 measured again, not twice
+    assert [r["mIoU"] for r in history["cut"]] == pytest.approx([r["mIoU"] for r in history["full"]])
     full = json.loads((tmp_path / "full/metrics.json").read_text())
     cut = json.loads((tmp_path / "cut/metrics.json").read_text())
     assert cut["drawn"] == full["drawn"]
