@@ -9,6 +9,7 @@
 #   ./reproduce.sh ... --dry-run                                              print the exact commands, run nothing
 #   ./reproduce.sh ... --max-steps N                                          every trainer stops after N steps (a smoke run)
 #   ./reproduce.sh --preset paper --experiment table4 --data-root PATH --gpus 8  one of the paper's tables or figures (list: --experiment list)
+#   ./reproduce.sh ... --gpus 8 --nodes 4 --node-rank R --main-ip HOST   the trainers over 4 machines (docs/training-on-clusters.md)
 #   ./reproduce.sh --preset paper --experiment fig7 --seeds 3 ...             every segmentation run under 3 seeds; WORK/results.md: mean ± std
 #   ./reproduce.sh --preset paper --data coco --backbone swin-l ...           the plain chain's segmenter: r50 (default), swin-l, hrnet-w48 (ADE20K)
 #   ./reproduce.sh --preset paper ... --use-8bit-adam                         the generators' AdamW in 8 bits (bitsandbytes): less GPU memory, beyond A.4
@@ -26,15 +27,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 REPO=$(pwd)
 
+NODES=1 NODE_RANK=0 MAIN_IP="" MAIN_PORT=29500
 PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT="" BUILD_BASE=0
 BACKBONE=r50 SEEDS=1 ADAM8=0
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset; tiny: its plumbing) --seeds N (experiments: each segmentation run under seeds 0..N-1) --backbone {r50,swin-l,hrnet-w48} (paper preset, plain chain) --use-8bit-adam (paper preset: 8-bit AdamW for Text2Mask / Mask2Img)"; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset; tiny: its plumbing) --seeds N (experiments: each segmentation run under seeds 0..N-1) --backbone {r50,swin-l,hrnet-w48} (paper preset, plain chain) --use-8bit-adam (paper preset: 8-bit AdamW for Text2Mask / Mask2Img) --nodes N --node-rank R --main-ip HOST --main-port P (the trainers over N machines, --gpus each)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --data-root) DATA_ROOT=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
+    --nodes) NODES=$2; shift 2 ;;
+    --node-rank) NODE_RANK=$2; shift 2 ;;
+    --main-ip) MAIN_IP=$2; shift 2 ;;
+    --main-port) MAIN_PORT=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
@@ -55,6 +61,8 @@ case "$SIZE" in full|demo|smoke) ;; *) echo "reproduce.sh: --size must be full, 
 [ "$PRESET" = toy ] || [ "$SIZE" = full ] || { echo "reproduce.sh: --size is for --preset toy" >&2; exit 2; }
 case "$DATA" in ade20k|coco|toy) ;; *) echo "reproduce.sh: --data must be ade20k or coco (got $DATA)" >&2; exit 2 ;; esac
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --gpus must be a positive integer (got $GPUS)" >&2; exit 2; }
+[[ "$NODES" =~ ^[1-9][0-9]*$ && "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt "$NODES" ]] || { echo "reproduce.sh: --nodes must be a positive integer and --node-rank one of 0..nodes-1 (got $NODES, $NODE_RANK)" >&2; exit 2; }
+[ "$NODES" = 1 ] || [ -n "$MAIN_IP" ] || { echo "reproduce.sh: --nodes $NODES needs --main-ip (the address of the machine with --node-rank 0)" >&2; exit 2; }
 [[ -z "$MAX_STEPS" || "$MAX_STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --max-steps must be a positive integer (got $MAX_STEPS)" >&2; exit 2; }
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --seeds must be a positive integer (got $SEEDS)" >&2; exit 2; }
 [ "$SEEDS" = 1 ] || [ -n "$EXPERIMENT" ] || { echo "reproduce.sh: --seeds is for --experiment NAME (the toy preset's seeds come with --size)" >&2; exit 2; }
@@ -86,7 +94,7 @@ if [ "$PRESET" = paper ]; then
   DATA_ROOT=${DATA_ROOT:-${SEGGEN_DATASETS:-datasets}}
   SDXL=stabilityai/stable-diffusion-xl-base-1.0
   CAPTION_ARGS=(--model Salesforce/blip2-flan-t5-xxl --batch-size 16)     # §3.2, the paper's prompt is the default
-  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 768 --max-steps 30000 --lr 1e-5 --batch-size 4
+  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 768 --max-steps 30000 --lr 1e-5 --global-batch-size 32 --batch-size 4
                   --mixed-precision bf16 --gradient-checkpointing)  # A.4: AdamW
   # --use-8bit-adam: bitsandbytes' 8-bit AdamW, a memory saving beyond A.4 (its states take a quarter of the memory)
   if [ "$ADAM8" = 1 ]; then GEN_TRAIN_ARGS+=(--use-8bit-adam); fi
@@ -130,7 +138,7 @@ elif [ "$PRESET" = toy ]; then
   esac
   if [ -n "$MAX_STEPS" ]; then T2M_STEPS=$MAX_STEPS; M2I_STEPS=$MAX_STEPS; SEG_STEPS=$MAX_STEPS; TABLE_STEPS=$MAX_STEPS; fi
   CAPTION_ARGS=()
-  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --lr 1e-3 --batch-size 16 --num-workers 0
+  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --lr 1e-3 --global-batch-size 16 --batch-size 16 --num-workers 0
                   --caption-dropout 0.1 --ema --cache-latents --center-crop --checkpointing-steps 500 --validation-steps 0 --report-to none)
   MASKSYN_ARGS=("${MS[@]}" --text2mask-steps "$SAMPLE_STEPS" --mask2img-steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
   IMGSYN_ARGS=("${IS[@]}" --steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
@@ -143,7 +151,7 @@ else
   SDXL=$TINY/sdxl
   # A random tiny BLIP-2 writes gibberish; the class-name captioner gives readable prompts for free.
   CAPTION_ARGS=(--captioner labels)
-  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 64 --max-steps 20 --lr 1e-4 --batch-size 2 --num-workers 0
+  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 64 --max-steps 20 --lr 1e-4 --global-batch-size 2 --batch-size 2 --num-workers 0
                   --checkpointing-steps 10 --validation-steps 0 --report-to none)
   MASKSYN_ARGS=(--per-sample 2 --text2mask-steps 4 --mask2img-steps 4 --resolution 64 --max-off-palette 1.0 --preview 2)
   IMGSYN_ARGS=(--per-sample 2 --steps 4 --resolution 64 --preview 2)
@@ -161,10 +169,15 @@ SEG_REAL=$WORK/runs/seg-$DATA-real
 if [ "$DATA" = ade20k ]; then SEG_STRATEGY=aug; else SEG_STRATEGY=pretrain; fi  # §3.4, §4.2
 SEG_SYN=$WORK/runs/seg-$DATA-$SEG_STRATEGY
 
-# One process for the tiny preset; accelerate over the GPUs otherwise.
+# One process for the tiny preset; accelerate over the GPUs otherwise. The trainers (LAUNCH) may span --nodes machines
+# (every machine runs this script with its --node-rank; accelerate's --num_processes counts them all).
 if [ "$PRESET" != paper ]; then LAUNCH=("$PY"); LAUNCH_MANY=("$PY")
 elif [ "$GPUS" -gt 1 ]; then LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$GPUS"); LAUNCH_MANY=("${LAUNCH[@]}")
 else LAUNCH=("$PY" -m accelerate.commands.launch --num_processes 1); LAUNCH_MANY=("${LAUNCH[@]}"); fi
+if [ "$PRESET" = paper ] && [ "$NODES" -gt 1 ]; then
+  LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes $((GPUS * NODES)) --num_machines "$NODES"
+          --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT")
+fi
 
 # ---------------------------------------------------------------- stage runner
 DONE=$WORK/.done

@@ -46,7 +46,6 @@ from __future__ import annotations
 from common.runtime import quiet  # first: threads sets OMP_WAIT_POLICY before torch starts its OpenMP pool
 from common.runtime import threads
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -54,8 +53,9 @@ from typing import Annotated
 import typer
 
 from common import SegGenError
-from common.runtime.checkpoint import resolve_seg_resume
-from common.runtime.cli import Data, MixedPrecision, Tracker, user_errors
+from common.runtime.checkpoint import resolve_seg_resume, start_seg
+from common.runtime.cli import Data, MixedPrecision, ProcessGroupTimeoutOpt, Tracker, user_errors
+from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, check_seg_batch, on_sigterm, process_group_kwargs
 from common.runtime.cli import run as run_cli
 from common.data.datasets import default_data_root, read_dataset
 from common.runtime.lock import output_lock
@@ -83,10 +83,11 @@ def run(a) -> dict:
     a.data_root = a.data_root if a.data_root is not None else default_data_root()
     output_dir = a.output_dir or seg_run_dir(a.data, a.strategy.value)
     accelerator = Accelerator(mixed_precision=a.mixed_precision, step_scheduler_with_optimizer=False,
-                              log_with=log_with(a.report_to), project_dir=str(output_dir))
+                              log_with=log_with(a.report_to), project_dir=str(output_dir),
+                              kwargs_handlers=process_group_kwargs(a.process_group_timeout))
     if a.eval_only:
         return train(a, accelerator, output_dir)
-    with output_lock(output_dir, rank=accelerator.process_index, flag="--output-dir"):  # one job per run folder
+    with output_lock(output_dir, rank=accelerator.process_index, flag="--output-dir"), on_sigterm():  # one job per run folder
         return train(a, accelerator, output_dir)
 
 
@@ -101,8 +102,8 @@ def train(a, accelerator, output_dir: Path) -> dict:
     real, synthetic, folders = ([], [], []) if a.eval_only else read_sources(a, say)
     weights = synthetic_weights(folders, synthetic, a.data, a.synthetic_sampling.value) if synthetic else None
     phases = [] if a.eval_only else plan_phases(a)
-    if not a.eval_only and a.batch_size % accelerator.num_processes:
-        raise SegGenError(f"--batch-size {a.batch_size} (the global batch) must be a multiple of the {accelerator.num_processes} processes")
+    if not a.eval_only:
+        check_seg_batch(a.batch_size, accelerator.num_processes)
     for _, p, _ in phases:  # the sampler checks p and the sources before any model is built
         MixedBatches(len(real), [len(s) for s in synthetic], 1, p, a.seed, 0, 0, weights=weights)
     resume_from = None if a.eval_only else resolve_seg_resume(a.resume, output_dir, say)
@@ -126,10 +127,8 @@ def train(a, accelerator, output_dir: Path) -> dict:
         return finish(result, output_dir, main_proc, a.metrics_file)
 
     # ---- 4. the loop, phase by phase
-    if main_proc:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # Enums are str subclasses and encode as their values; paths as strings.
-        (output_dir / "options.json").write_text(json.dumps(vars(a), indent=1, default=str))
+    a.world_size = accelerator.num_processes  # the per-process draws depend on it: a resume keeps it
+    start_seg(output_dir, vars(a), resume_from, phases, main_proc, say)  # options.json compared, history, stats.jsonl trimmed
     init_trackers(accelerator, a, output_dir)
     loop = Loop(a, accelerator, net, processor, SegData([real, *synthetic], a.data, a.crop, augment=a.augment, task=a.task, segments=not is_hrnet(key)),
                 ["real", *[str(f) for f in folders]], output_dir, phases, MixedBatches, weights, val=val)
@@ -193,6 +192,7 @@ def main(
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Also evaluate with flip + scales 0.5..1.75.", rich_help_panel="Evaluation")] = False,
     eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N steps (and at each phase's end) at a single scale (Fig. 11; Mask2Former's configs: TEST.EVAL_PERIOD 5000): metrics_history.jsonl, the trackers, the best model in model-best/. 0: only at the end.", rich_help_panel="Evaluation")] = 0,
     eval_samples: Annotated[int | None, typer.Option(min=1, show_default="all", help="--eval-every on a fixed subset of this many validation images (evenly spaced over the split; the final evaluation stays whole).", rich_help_panel="Evaluation")] = None,
+    process_group_timeout: ProcessGroupTimeoutOpt = PROCESS_GROUP_TIMEOUT,
 ):
     """Train Mask2Former (or HRNet) on real + synthetic data (paper §3.4) and write metrics.json."""
     args = SimpleNamespace(**locals())

@@ -70,7 +70,7 @@ def test_bad_options_are_named():
 
 def test_tiny_chain_killed_midway_resumes_and_validates(tmp_path):
     work = tmp_path / "demo"
-    env = {**os.environ, "PYTHON": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"}
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, whatever virtualenv it is
     args = [SCRIPT, "--preset", "tiny", "--work", str(work), "--max-steps", "4"]
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
@@ -150,7 +150,7 @@ def test_toy_preset_dry_run_prints_the_chain_and_table4():
 
 def test_toy_smoke_chain_writes_report_and_results(tmp_path):
     work = tmp_path / "toy"
-    env = {**os.environ, "PYTHON": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"}
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, whatever virtualenv it is
     r = subprocess.run([SCRIPT, "--preset", "toy", "--size", "smoke", "--work", str(work)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -11,7 +11,6 @@ dependencies, and two line charts do not need it.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Annotated
@@ -21,14 +20,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common import SegGenError
 from common.runtime.cli import user_errors
+from common.runtime.record import read_jsonl
 from common.runtime.progress import console
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207)]
 PANEL_W, PANEL_H, MARGIN = 560, 380, 64
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def loss_curve(run: Path) -> list[tuple[int, float]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from common.runtime.checkpoint import save_seg_checkpoint
+from common.runtime.cluster import Preempted, ignore_sigterm, preempted_message, stop_requested
 from common.seg.hrnet import loss as hrnet_loss
 from common.runtime.loader import as_tensors
 from common.runtime.progress import console, progress_bar
@@ -75,6 +76,7 @@ class Loop:
                                p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes, self.weights)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers, collate_fn=collate,
                                              pin_memory=acc.device.type == "cuda", persistent_workers=False,
+                                             worker_init_fn=ignore_sigterm if a.num_workers else None,
                                              prefetch_factor=4 if a.num_workers else None)
         say(f"phase {k + 1}/{len(self.phases)} [bold]{name}[/]: steps {first}..{steps}, p_aug {p_aug}, global batch {a.batch_size}, crop {a.crop}")
         model.train()
@@ -96,8 +98,11 @@ class Loop:
                     t_log, n_log, loss_sum = time.perf_counter(), 0, 0.0
                 if self.validator and self.validator.due(done, steps):  # before the checkpoint: a kill here measures it again
                     self.validator.run(model, name, done, done + sum(s for _, _, s in self.phases[:k]), self.last["loss"], self.last["lr"])
-                if a.checkpoint_every and (done % a.checkpoint_every == 0 or done == steps):
-                    save_seg_checkpoint(acc, self.net, self.processor, self.output_dir, {"phase": k, "step": done, **self.totals()}, a.keep_checkpoints)
+                stop = done < steps and stop_requested(acc)  # SIGTERM: save this step's checkpoint and stop (common/runtime/cluster.py)
+                if stop or a.checkpoint_every and (done % a.checkpoint_every == 0 or done == steps):
+                    path = save_seg_checkpoint(acc, self.net, self.processor, self.output_dir, {"phase": k, "step": done, **self.totals()}, a.keep_checkpoints)
+                    if stop:
+                        raise Preempted(preempted_message(done, path))
         acc.wait_for_everyone()
         elapsed = time.perf_counter() - t0
         say(f"phase {name}: {steps - first} steps in {elapsed:.1f} s ({(steps - first) / max(elapsed, 1e-9):.2f} it/s)")

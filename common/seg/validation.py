@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.datasets import Sample
+from common.runtime import record
 from common.seg.model import evaluate, instances_file, save_model
 
 HISTORY = "metrics_history.jsonl"
@@ -51,11 +52,6 @@ def fixed_subset(samples: list[Sample], k: int | None) -> list[Sample]:
     return [samples[i] for i in np.linspace(0, len(samples) - 1, k).round().astype(int)]
 
 
-def read_history(run: Path) -> list[dict]:
-    path = Path(run) / HISTORY
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 class Validator:
     """The periodic evaluations of one run: `due` says when, `run` measures, logs and keeps the best."""
 
@@ -74,8 +70,7 @@ class Validator:
         """A run resumed at `global_step`: the history lines after it are dropped (they will be measured again)."""
         if not self.accelerator.is_main_process:
             return
-        kept = [r for r in read_history(self.output_dir) if r["global_step"] <= global_step]
-        (self.output_dir / HISTORY).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        record.trim_jsonl(self.output_dir / HISTORY, lambda r: r.get("global_step", 0) <= global_step)
         if self.best is not None and self.best["global_step"] > global_step:
             self.best = None  # measured after the checkpoint: the rerun measures it again
 
