@@ -828,3 +828,16 @@ def test_eval_every_writes_the_history_logs_the_tracker_and_keeps_the_best(tiny,
 def test_eval_samples_needs_eval_every(tmp_path):
     result = _cli(["--eval-samples", "8", "--output-dir", tmp_path])
     assert result.exit_code == 2 and "--eval-samples sets the size of the periodic evaluation: pass --eval-every N" in result.output
+
+
+def test_a_kill_between_the_best_models_renames_brings_the_previous_best_back(tmp_path):
+    from common.seg.validation import Validator
+
+    old = tmp_path / ".partial-old-model-best"  # _save_best renamed the old best away, the kill came before the new one's rename
+    old.mkdir()
+    (old / "best.json").write_text(json.dumps({"global_step": 4, "mIoU": 0.3, "metric": "mIoU"}))
+    (tmp_path / ".partial-model-best").mkdir()  # the new one, never renamed in
+    acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    a = SimpleNamespace(eval_samples=None, eval_every=2, task="semantic", data_root=ADE_ROOT)
+    v = Validator(a, acc, [], None, tmp_path)
+    assert v.best["global_step"] == 4 and (tmp_path / "model-best/best.json").is_file() and not old.exists()

@@ -63,7 +63,11 @@ class Validator:
         self.best = self._read_best()
 
     def _read_best(self) -> dict | None:
-        path = self.output_dir / BEST / "best.json"
+        final, old = self.output_dir / BEST, self.output_dir / f".partial-old-{BEST}"
+        if self.accelerator.is_main_process and not final.exists() and (old / "best.json").is_file():
+            os.replace(old, final)  # killed between _save_best's two renames: the previous best comes back
+        self.accelerator.wait_for_everyone()
+        path = final / "best.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def resume(self, global_step: int) -> None:
@@ -96,7 +100,8 @@ class Validator:
         return rec
 
     def _save_best(self, net) -> None:
-        """model-best/ replaced whole: written beside it, then renamed over it (a kill leaves the old or the new one)."""
+        """model-best/ replaced whole: written beside it, the old one renamed away, the new one renamed in (a kill
+        leaves the old or the new one complete; _read_best puts the old one back where the kill fell in between)."""
         final, tmp = self.output_dir / BEST, self.output_dir / f".partial-{BEST}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(net, self.processor, tmp)
