@@ -43,6 +43,7 @@ and model-best/.
 
 from __future__ import annotations
 
+from common.report.card import card_for_run
 from common.runtime import quiet  # first: threads sets OMP_WAIT_POLICY before torch starts its OpenMP pool
 from common.runtime import threads
 
@@ -149,7 +150,10 @@ def train(a, accelerator, output_dir: Path) -> dict:
     result.update(evaluate_scales(model, val, a, a.eval_size, processor.image_mean, processor.image_std, accelerator))
     loop.close()
     accelerator.end_training()
-    return finish(result, output_dir, main_proc, a.metrics_file)
+    result = finish(result, output_dir, main_proc, a.metrics_file)
+    if main_proc:
+        card_for_run(output_dir)  # model/README.md: the model card (data, steps, options, metrics)
+    return result
 
 
 @app.command(epilog=recipe_table())

@@ -88,6 +88,8 @@ def test_tiny_mask2former_overfits_real_ade20k_samples(tiny, ade_all, tmp_path):
     _ok(_cli(["--data-root", ade_all, "--strategy", "real", "--max-steps", "40", "--lr", "2e-3", "--grad-clip", "0",
               "--output-dir", tmp_path / "run", *FAST], tiny))
     end = json.loads((tmp_path / "run/metrics.json").read_text())["single_scale"]
+    card = (tmp_path / "run/model/README.md").read_text()  # the model card beside the weights, with the metrics
+    assert card.startswith("---\n") and "mIoU" in card and "arXiv:2311.03355" in card
     losses = [r["loss"] for r in _stats(tmp_path / "run")]
     # Measured on these samples (seed 0, 2 cores): start mIoU 0.00006 / pixel accuracy 0.0012; after 40
     # steps at lr 2e-3 mIoU 0.027 / pixel accuracy 0.30 (lr 3e-3: 0.017 / 0.27). Thresholds with margin:
