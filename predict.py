@@ -9,7 +9,7 @@ same relative path:
   own values 1..150; COCO: 1..133 in category-id order), 0 = none (kept for unlabelled pixels; never predicted);
 - overlays/<name>.png: the image with the classes' usual colours blended in (--alpha).
 Semantic inference at the image's original resolution, short side resized to --size (train_seg's evaluation:
-common/seg/model.py semantic_scores). Resumable: an image whose two outputs exist is skipped.
+common/seg/inference.py semantic_scores). Resumable: an image whose two outputs exist is skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 
 from common import SegGenError
 from common.seg import data as segdata
-from common.seg import model as segmodel
+from common.seg import inference
 from common.runtime.cli import Data, user_errors
 from common.runtime.cli import run as run_cli
 from common.masks.colormap import coco_categories, label_to_color, palette_for
@@ -63,7 +63,7 @@ def check_out(images: Path, out: Path) -> None:
                           f"put --out outside it")
 
 
-def predict_label(seg: segmodel.Segmenter, image: Image.Image, size: int) -> np.ndarray:
+def predict_label(seg: inference.Segmenter, image: Image.Image, size: int) -> np.ndarray:
     """(H, W) uint8 label PNG values: argmax of the semantic scores + 1 (ADE20K convention)."""
     return (seg.scores(np.asarray(image), size).argmax(0) + 1).to(torch.uint8).cpu().numpy()
 
@@ -91,7 +91,7 @@ def main(
     with user_errors(console):
         files = find_images(images, out)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        seg = segmodel.load_segmenter(checkpoint, len(segdata.class_names(data.value)), device, flag="--checkpoint", data=data.value)
+        seg = inference.load_segmenter(checkpoint, len(segdata.class_names(data.value)), device, flag="--checkpoint", data=data.value)
         done = skipped = 0
         with progress_bar(console, "img/s") as progress:
             bar = progress.add_task("predicting", total=len(files))

@@ -43,7 +43,7 @@ from common.data.datasets import Sample, load_image, read_dataset, read_syntheti
 from common.runtime.lock import output_lock
 from common.data.manifest import ManifestWriter, done_ids, rank_path, read_manifest
 from common.runtime.shard import process_state, shard
-from common.seg.model import Segmenter, load_segmenter
+from common.seg.inference import Segmenter, load_segmenter
 
 # ---------------------------------------------------------------- defaults and their source
 SIZE = 512  # short side the segmenter sees: train_seg's ADE20K crop / eval size (A.3)
@@ -76,7 +76,7 @@ def eval_size(segmenter: Path, data: str) -> int:
 
 def predict(seg: Segmenter, image: np.ndarray, size: int) -> tuple[torch.Tensor, str]:
     """(H, W, 3) uint8 -> ((C, H, W) class scores at the image's size, their kind for the figures): train_seg's
-    evaluation (common.seg.model.Segmenter.scores), short side `size`."""
+    evaluation (common.seg.inference.Segmenter.scores), short side `size`."""
     return seg.scores(image, size), "scores"
 
 

@@ -21,7 +21,7 @@ the table RECIPES (common/seg/recipes.py, every value's source in docs/training-
 it), and everywhere AdamW, weight decay 0.05 (none on norms and embeddings), backbone lr x 0.1, full-model
 gradient clipping at 0.01. Data and augmentation: common/seg/data.py (ADE20K: random short-side resize,
 crop, SSD colour jitter, flip; COCO: large-scale jitter, flip; crowd regions left out). Model, inference,
-evaluation: common/seg/model.py.
+evaluation: common/seg/model.py, common/seg/inference.py, common/seg/evaluate.py.
 
 HRNetV2 (§4, A.3, Table 4b; common/seg/hrnet.py) is the other segmenter: `--backbone hrnet-w48` (ImageNet
 weights) or `hrnet-small` (random, CPU-sized), with its own RECIPES row (SGD, poly, and HRNet's official
@@ -29,7 +29,7 @@ ADE20K pipeline: random scaling, random 520 crop, flip), the same loop, strategi
 evaluation; its model/ is hrnet.save's folder.
 
 Evaluation runs at each image's original resolution with Mask2Former's semantic / panoptic / instance
-inference -> mIoU, PQ, mask AP (common/seg/model.py, common/seg/metrics.py).
+inference -> mIoU, PQ, mask AP (common/seg/inference.py, common/seg/evaluate.py, common/seg/metrics.py).
 
 With --eval-every N (Fig. 11) the model is also evaluated every N steps on the validation split (or a
 fixed --eval-samples subset): metrics_history.jsonl, the trackers (--report-to), and the best model so far
@@ -65,7 +65,8 @@ from common.runtime.progress import console
 from common.seg.batches import MixedBatches
 from common.seg.data import SegData, read_sources, synthetic_weights
 from common.seg.loop import Loop
-from common.seg.model import Backbone, build_segmenter, evaluate_scales, finish, freeze_unused, is_hrnet, save_model
+from common.seg.evaluate import evaluate_scales, finish
+from common.seg.model import Backbone, build_segmenter, freeze_unused, is_hrnet, save_model
 from common.seg.recipes import RECIPES, Sampling, Strategy, Task, plan_phases, recipe_table, resolve
 from common.seg.tracking import check_tracker, init_trackers, log_with
 from common.seg.validation import BEST, HISTORY

@@ -10,6 +10,7 @@ from PIL import Image
 
 import predict
 from common.seg import hrnet
+from common.seg import inference
 from common.seg import model as segmodel
 from common.masks.colormap import ade20k_classes
 from common.data.datasets import load_image
@@ -41,7 +42,7 @@ def test_labels_are_the_segmenters_argmax_plus_one_with_overlays(kind, tiny_hrne
     r = cli(["--checkpoint", ckpt, "--images", IMAGES, "--out", tmp_path, "--size", "64"])
     assert r.exit_code == 0, r.output
     assert "predicted 3, skipped 0" in r.output
-    seg = segmodel.load_segmenter(ckpt, 150)
+    seg = inference.load_segmenter(ckpt, 150)
     for f in sorted(IMAGES.rglob("*.jpg")):
         rel = f.relative_to(IMAGES).with_suffix(".png")
         label = Image.open(tmp_path / "labels" / rel)
@@ -49,7 +50,7 @@ def test_labels_are_the_segmenters_argmax_plus_one_with_overlays(kind, tiny_hrne
         assert label.mode == "L" and label.size == image.size  # 8-bit, at the original resolution
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
         x = (x - seg.mean) / seg.std
-        expect = segmodel.semantic_scores(seg.model, x, 64).argmax(0).numpy() + 1  # train id + 1
+        expect = inference.semantic_scores(seg.model, x, 64).argmax(0).numpy() + 1  # train id + 1
         got = np.asarray(label)
         assert (got == expect).mean() > 0.999 and got.min() >= 1 and got.max() <= 150
         over = np.asarray(Image.open(tmp_path / "overlays" / rel)).astype(int)

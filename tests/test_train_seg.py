@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 import train_seg
 from common.seg import data as segdata
+from common.seg import evaluate as segeval
+from common.seg import inference as seginfer
 from common.seg import model as segmodel
 from common.data.datasets import load_label, load_panoptic, read_dataset
 from common.runtime.loader import as_tensors
@@ -104,7 +106,7 @@ def test_semantic_inference_leaves_out_the_no_object_class():
     # Mask2Former: softmax over C + 1 classes, the last ("no object") dropped, times sigmoid masks.
     classes = torch.tensor([[0.1, 0.7, 0.2], [0.0, 0.0, 1.0]])  # (Q=2, C+1=3): query 1 is "no object"
     masks = torch.tensor([[[9.0, -9.0]], [[9.0, 9.0]]])  # (Q, 1, 2)
-    scores = segmodel.semantic_inference(classes, masks)
+    scores = seginfer.semantic_inference(classes, masks)
     assert scores.shape == (2, 1, 2)
     on, off = torch.sigmoid(torch.tensor(9.0)).item(), torch.sigmoid(torch.tensor(-9.0)).item()
     assert scores[:, 0, 0].tolist() == pytest.approx([0.1 * on, 0.7 * on])  # the no-object query adds nothing
@@ -121,16 +123,18 @@ def test_evaluation_at_original_resolution_of_non_square_images(tiny, tmp_path):
     assert got["pixels"] == sum(int((lab > 0).sum()) for lab in labels)
     net, processor = segmodel.build_model(str(tiny), None, "ade20k")
     image = torch.rand(3, 77, 130)
-    assert segmodel.semantic_scores(net.eval(), image, 64).shape == (150, 77, 130)
-    assert segmodel.semantic_scores(net, image, 64, flip=True).shape == (150, 77, 130)
+    assert seginfer.semantic_scores(net.eval(), image, 64).shape == (150, 77, 130)
+    assert seginfer.semantic_scores(net, image, 64, flip=True).shape == (150, 77, 130)
 
 
 def test_multiscale_views_follow_mask2formers_test_aug(tiny, tmp_path, monkeypatch):
     # TEST.AUG at MIN_SIZE_TEST 512: MIN_SIZES [256, 384, 512, 640, 768, 896], MAX_SIZE 3584, FLIP: here
     # at --eval-size 64, short sides 32..112 in steps of 16, flipped and not, long side at most 448.
     views = []
-    predict = segmodel.predict
-    monkeypatch.setattr(segmodel, "predict", lambda m, x, short, long, flip=False: views.append((short, long, flip)) or predict(m, x, short, long, flip))
+    predict = seginfer.predict
+    seen = lambda m, x, short, long, flip=False: views.append((short, long, flip)) or predict(m, x, short, long, flip)  # noqa: E731
+    monkeypatch.setattr(segeval, "predict", seen)  # the single-scale view (panoptic/instance path) ...
+    monkeypatch.setattr(seginfer, "predict", seen)  # ... and every view semantic_scores takes
     _ok(_cli(["--eval-only", "--checkpoint", tiny, "--data-root", ADE_ROOT, "--eval-size", "64", "--multiscale",
               "--output-dir", tmp_path]))
     multi = views[len(views) // 13:]  # 2 images: 1 single-scale view each, then 12 multi-scale views each
@@ -423,10 +427,10 @@ def test_panoptic_and_instance_evaluation_at_original_resolution_with_an_oracle(
     assert exact
     for s, pi in exact:
         short = min(load_panoptic(s).shape)
-        got = segmodel.evaluate(_Oracle([pi]), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True), False, task="panoptic")
+        got = segeval.evaluate(_Oracle([pi]), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True), False, task="panoptic")
         assert got["panoptic"]["PQ"] == 1.0 and got["instance"]["AP"] == pytest.approx(1.0) and got["mIoU"] == 1.0
     # Through a smaller test size the masks are resized there and back: still matched, a little off.
-    got = segmodel.evaluate(_Oracle(per_image), samples, "coco", min(sizes) // 2, [0.5] * 3, [0.5] * 3,
+    got = segeval.evaluate(_Oracle(per_image), samples, "coco", min(sizes) // 2, [0.5] * 3, [0.5] * 3,
                              Accelerator(cpu=True), False, task="panoptic")
     assert 0.8 < got["panoptic"]["PQ"] < 1.0 and got["panoptic"]["RQ"] == 1.0, got["panoptic"]
     assert got["instance"]["AP"] > 0.6 and got["mIoU"] > 0.9
@@ -709,7 +713,7 @@ def test_instance_head_has_the_80_things_and_ap_uses_the_instances_file_when_giv
     short = min(load_panoptic(s).shape)
 
     def ap(instances):
-        return segmodel.evaluate(_Oracle([pi], num_classes=80), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True),
+        return segeval.evaluate(_Oracle([pi], num_classes=80), [s], "coco", short, [0.5] * 3, [0.5] * 3, Accelerator(cpu=True),
                                  False, task="instance", instances=instances)["instance"]["AP"]
 
     assert ap(None) == pytest.approx(1.0)  # from the panoptic things

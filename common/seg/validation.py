@@ -26,7 +26,8 @@ import numpy as np
 
 from common.data.datasets import Sample
 from common.runtime import record
-from common.seg.model import evaluate, instances_file, save_model
+from common.seg.evaluate import evaluate, instances_file
+from common.seg.model import save_model
 
 HISTORY = "metrics_history.jsonl"
 BEST = "model-best"
