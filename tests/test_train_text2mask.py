@@ -365,3 +365,19 @@ def test_report_to_wandb_without_wandb_is_refused_at_start(tmp_path, tiny_models
     assert result.exit_code == 2, result.output
     assert "--report-to wandb needs the wandb package: pip install wandb" in " ".join(result.output.split())
     assert not (out / "cache").exists()  # refused before any caption was encoded
+
+
+def test_validation_grids_go_to_wandb_as_images_with_their_captions(monkeypatch):
+    """common/runtime/tracking.py log_images with a stand-in for the optional wandb package (not installed here)."""
+    import sys
+    from types import SimpleNamespace
+
+    from common.runtime.tracking import log_images
+
+    logged = []
+    fake = SimpleNamespace(Image=lambda image, caption: ("wandb.Image", image.size, caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_ = SimpleNamespace(log=lambda values, step: logged.append((step, values)))
+    accelerator = SimpleNamespace(is_main_process=True, trackers=[SimpleNamespace(name="wandb", run=run_)])
+    log_images(accelerator, 7, {"validation": Image.new("RGB", (192, 128))}, ["a street", "a room"])
+    assert logged == [(7, {"validation": ("wandb.Image", (192, 128), "1. a street\n2. a room")})]
