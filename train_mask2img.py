@@ -17,8 +17,10 @@ the step and exits 143 (docs/training-on-clusters.md). An SD-1.5-style --pretrai
 
 The run folder ends as a ControlNetModel folder (ControlNetModel.from_pretrained(folder)) with
 seggen.json ({"base": the --pretrained pipeline, ...}) and palette.json beside it, so imgsyn.py and
-masksyn.py need only the folder; it also holds options.json, stats.jsonl, validation/step-N.png grids,
-checkpoint-N/ folders and cache/ (the caption embeddings, reused on resume; delete it when done).
+masksyn.py need only the folder; it also holds options.json, stats.jsonl, validation/step-N.png grids
+(held-out samples of the validation split: --validation-captions, else captions/{data}_val.jsonl; also sent
+with their captions to TensorBoard or W&B, --report-to), checkpoint-N/ folders and cache/ (the caption
+embeddings, reused on resume; delete it when done).
 """
 
 from __future__ import annotations
@@ -56,18 +58,19 @@ from common.runtime.cli import (  # the command line both trainers share: choice
     CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GlobalBatchSizeOpt,
     GradientCheckpointingOpt, ProcessGroupTimeoutOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
     MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
-    ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
-    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
+    NumValidationOpt, ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
+    ValidationCaptionsOpt, ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
 )
 from common.diffusion.sdxl import (
-    PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, inspect_base, validation_prompts,
+    PAPER_BASE, cache_caption_sets, check_resolution, check_vae, inspect_base, validation_prompts,
 )
 from common.diffusion.training import (
     ColorMapDataset, StepMeter, cache_latents, caption_cut_note, check_cache_latents, check_finite, check_resumed_schedule,
-    drop_captions_per_sample, ema_weights, image_grid, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
+    drop_captions_per_sample, ema_weights, image_grid, init_run_trackers, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
     noisy_latents_per_sample, optimizer_step, read_captions, sample_generators, sample_latents, start_run, step_loader,
     stop_if_preempted, to_device,
 )
+from common.diffusion.validation import pick_validation, report_validation, validation_items
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -100,18 +103,20 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         keep = subset.captioned([s.id for s in samples], a.real_subset, captions)
         samples, texts = [s for s in samples if s.id in keep], [t for s, t in zip(samples, texts) if s.id in keep]
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
+    val_set, val_note = pick_validation(data=a.data, data_root=data_root, split=a.split, validation_captions=a.validation_captions,
+                                      num_validation=a.num_validation, train_samples=samples, train_texts=texts, need_samples=True)
     palette = palette_for(a.data, a.palette)
     note = plan.workers_note(a.num_workers)
     a.num_workers = plan.workers(a.num_workers)
 
-    accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
+    accelerator, weight_dtype, tracking = make_accelerator(a, out, console)
     held.enter_context(output_lock(out, accelerator.process_index, "--output-dir"))  # one writer per run folder
     main_proc = accelerator.is_main_process
     split, options, log = start_run(a, out, accelerator, resume_from, "mask2img", {
         "data_root": Path(data_root).resolve(), "captions": Path(captions).resolve(), "output_dir": out, "resume_from": resume_from,
         "is_sdxl": base.is_sdxl, "mixed_precision": accelerator.mixed_precision, "samples": len(samples)}, console.print)
     if main_proc:
-        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions)):
+        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions), val_note):
             if line:
                 console.print(f"[yellow]note:[/] {line}")
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
@@ -119,9 +124,9 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}; {split.describe()}")
 
     # ---------------------------------------------------------------- data
-    # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
-    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator, dtype=weight_dtype,
-                                       console=console if main_proc else None)
+    # Every caption, held-out ones too, is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
+    embeddings, val_set.embeddings = cache_caption_sets(a.pretrained, base, [(texts, out / "cache"), (val_set.texts, out / "cache" / "validation")],
+                                                     accelerator, dtype=weight_dtype, console=console if main_proc else None)
     empty = embeddings.empty()  # the empty prompt: SD-1.5's unconditional embedding
     dataset = ColorMapDataset(samples, a.data, palette, a.resolution, embeddings, flip_p=0.5 if a.random_flip else 0.0,
                               center_crop=a.center_crop)
@@ -161,11 +166,9 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
     loader = step_loader(dataset, a, accelerator, split, global_step)  # starts where the checkpoint stopped
-    if use_tb:
-        accelerator.init_trackers("mask2img", config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
+    init_run_trackers(accelerator, "mask2img", options, out, tracking)
 
     # ---------------------------------------------------------------- loop
-    val_ids = list(range(min(a.num_validation, len(dataset))))
     meter = StepMeter("Mask2Img", log, accelerator, global_step, a.max_steps, options["global_batch"], console)
     for batch in loader:
         if global_step >= a.max_steps:
@@ -201,10 +204,8 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         if a.validation_steps and (global_step % a.validation_steps == 0 or global_step == a.max_steps):
             if main_proc:
                 with ema_weights(ema, controlnet):  # sample with the EMA weights
-                    v = validate(a, base, accelerator, unet, accelerator.unwrap_model(controlnet), vae, dataset, val_ids, empty,
-                                 global_step, out)
-                log.write(step=global_step, validation=v)
-                accelerator.log({f"validation/{k}": x for k, x in v.items() if isinstance(x, float)}, step=global_step)
+                    grid = validate(a, base, accelerator, unet, accelerator.unwrap_model(controlnet), vae, val_set, empty, palette)
+                report_validation(accelerator, log, global_step, grid, val_set, {}, out)  # PNG, stats.jsonl, trackers
             accelerator.wait_for_everyone()
         if global_step < a.max_steps:
             stop_if_preempted(accelerator, out, global_step, last_ckpt, a, "mask2img", meter)
@@ -265,9 +266,9 @@ def check_controlnet(path: str | None, base) -> None:
 
 
 @torch.no_grad()
-def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, step, out) -> dict:
-    """Sample an image for the colour maps and captions of the first training samples (centre crop, no
-    flip) and write a PNG grid; per row: colour map, sample, real image."""
+def validate(a, base, accelerator, unet, controlnet, vae, val_set, empty, palette) -> Image.Image:
+    """Sample an image for the real colour map and caption of each held-out sample (centre crop, no flip;
+    common/diffusion/validation.py); the grid, per row: colour map, sample, real image."""
     from diffusers import (
         EulerDiscreteScheduler, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
     )
@@ -281,9 +282,7 @@ def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, s
                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    view = ColorMapDataset(dataset.samples, dataset.data, dataset.palette, dataset.resolution, dataset.embeddings,
-                           flip_p=0.0, center_crop=True)
-    items = [view[(i, 0)] for i in ids]
+    items = validation_items(val_set, a.data, palette, a.resolution, need_image=True)
     dev, dtype = accelerator.device, unet.dtype
     kw = validation_prompts(items, base, empty, dev, dtype)
     # Colour maps at exactly the output size: the pipeline's own resize (LANCZOS) never touches them.
@@ -302,10 +301,7 @@ def validate(a, base, accelerator, unet, controlnet, vae, dataset, ids, empty, s
     hook.remove()
     rows = [[m, im, Image.fromarray(((it["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))]
             for m, im, it in zip(maps, images, items)]
-    path = out / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows).save(path)
-    return {"grid": str(path.relative_to(out))}
+    return image_grid(rows)
 
 
 @app.command()
@@ -347,7 +343,8 @@ def main(
     checkpoints_total_limit: CheckpointsTotalLimitOpt = 3,
     resume: ResumeOpt = None,
     validation_steps: ValidationStepsOpt = 500,
-    num_validation: Annotated[int, typer.Option(min=1, help="Validation colour maps and captions (the first training samples').", rich_help_panel="Validation")] = 4,
+    num_validation: NumValidationOpt = 4,
+    validation_captions: ValidationCaptionsOpt = None,
     validation_inference_steps: ValidationInferenceStepsOpt = 30,
     validation_guidance: ValidationGuidanceOpt = 5.0,
     report_to: ReportToOpt = Tracker.tensorboard,

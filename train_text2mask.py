@@ -16,8 +16,9 @@ the step and exits 143 (docs/training-on-clusters.md). An SD-1.5-style --pretrai
 
 The run folder ends as a complete diffusers pipeline (StableDiffusionXLPipeline.from_pretrained(folder))
 with palette.json and seggen.json beside model_index.json; it also holds options.json, stats.jsonl,
-validation/step-N.png grids, checkpoint-N/ folders and cache/ (the caption embeddings, reused on
-resume; delete it when done).
+validation/step-N.png grids (held-out captions: --validation-captions, else the validation split's; also
+sent with their captions to TensorBoard or W&B, --report-to), checkpoint-N/ folders and cache/ (the
+caption embeddings, reused on resume; delete it when done).
 """
 
 from __future__ import annotations
@@ -54,18 +55,19 @@ from common.runtime.cli import (  # the command line both trainers share: choice
     CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GlobalBatchSizeOpt,
     GradientCheckpointingOpt, ProcessGroupTimeoutOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
     MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
-    ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
-    ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
+    NumValidationOpt, ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
+    ValidationCaptionsOpt, ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
 )
 from common.diffusion.sdxl import (
-    PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, inspect_base, validation_prompts,
+    PAPER_BASE, cache_caption_sets, check_resolution, check_vae, inspect_base, validation_prompts,
 )
 from common.diffusion.training import (
     ColorMapDataset, StepMeter, cache_latents, caption_cut_note, check_cache_latents, check_finite, check_resumed_schedule,
-    drop_captions_per_sample, ema_weights, image_grid, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
+    drop_captions_per_sample, ema_weights, image_grid, init_run_trackers, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
     noisy_latents_per_sample, optimizer_step, read_captions, sample_generators, sample_latents, start_run, step_loader,
     stop_if_preempted, to_device,
 )
+from common.diffusion.validation import pick_validation, report_validation, validation_items
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -97,27 +99,29 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         keep = subset.captioned([s.id for s in samples], a.real_subset, captions)
         samples, texts = [s for s in samples if s.id in keep], [t for s, t in zip(samples, texts) if s.id in keep]
     samples, texts = samples[:a.max_train_samples], texts[:a.max_train_samples]  # None: all
+    val_set, val_note = pick_validation(data=a.data, data_root=data_root, split=a.split, validation_captions=a.validation_captions,
+                                      num_validation=a.num_validation, train_samples=samples, train_texts=texts, need_samples=False)
     palette = palette_for(a.data, a.palette)
     note = plan.workers_note(a.num_workers)
     a.num_workers = plan.workers(a.num_workers)
 
-    accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
+    accelerator, weight_dtype, tracking = make_accelerator(a, out, console)
     held.enter_context(output_lock(out, accelerator.process_index, "--output-dir"))  # one writer per run folder
     main_proc = accelerator.is_main_process
     split, options, log = start_run(a, out, accelerator, resume_from, "text2mask", {
         "data_root": Path(data_root).resolve(), "captions": Path(captions).resolve(), "output_dir": out, "resume_from": resume_from,
         "is_sdxl": base.is_sdxl, "mixed_precision": accelerator.mixed_precision, "samples": len(samples)}, console.print)
     if main_proc:
-        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions)):
+        for line in (note, caption_cut_note(a.pretrained, samples, texts, captions), val_note):
             if line:
                 console.print(f"[yellow]note:[/] {line}")
         console.print(f"Text2Mask ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}) on {a.data}/{a.split}: "
                       f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}; {split.describe()}")
 
     # ---------------------------------------------------------------- data
-    # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
-    embeddings = cache_text_embeddings(a.pretrained, base, texts, out / "cache", accelerator, dtype=weight_dtype,
-                                       console=console if main_proc else None)
+    # Every caption, held-out ones too, is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
+    embeddings, val_set.embeddings = cache_caption_sets(a.pretrained, base, [(texts, out / "cache"), (val_set.texts, out / "cache" / "validation")],
+                                                     accelerator, dtype=weight_dtype, console=console if main_proc else None)
     empty = embeddings.empty()  # the empty prompt: SD-1.5's unconditional embedding
     dataset = ColorMapDataset(samples, a.data, palette, a.resolution, embeddings, flip_p=0.5 if a.random_flip else 0.0,
                               center_crop=a.center_crop, need_image=False)
@@ -148,11 +152,9 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
     loader = step_loader(dataset, a, accelerator, split, global_step)  # starts where the checkpoint stopped
-    if use_tb:
-        accelerator.init_trackers("text2mask", config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
+    init_run_trackers(accelerator, "text2mask", options, out, tracking)
 
     # ---------------------------------------------------------------- loop
-    val_ids = list(range(min(a.num_validation, len(dataset))))
     meter = StepMeter("Text2Mask", log, accelerator, global_step, a.max_steps, options["global_batch"], console)
     for batch in loader:
         if global_step >= a.max_steps:
@@ -182,9 +184,8 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
         if a.validation_steps and (global_step % a.validation_steps == 0 or global_step == a.max_steps):
             if main_proc:
                 with ema_weights(ema, unet):  # sample with the EMA weights
-                    v = validate(a, base, accelerator, accelerator.unwrap_model(unet), vae, dataset, val_ids, empty, palette, global_step, out)
-                log.write(step=global_step, validation=v)
-                accelerator.log({f"validation/{k}": x for k, x in v.items() if isinstance(x, float)}, step=global_step)
+                    grid, figures = validate(a, base, accelerator, accelerator.unwrap_model(unet), vae, val_set, empty, palette)
+                report_validation(accelerator, log, global_step, grid, val_set, figures, out)  # PNG, stats.jsonl, trackers
             accelerator.wait_for_everyone()
         if global_step < a.max_steps:
             stop_if_preempted(accelerator, out, global_step, last_ckpt, a, "text2mask", meter)
@@ -212,10 +213,11 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
 
 
 @torch.no_grad()
-def validate(a, base, accelerator, unet, vae, dataset, ids, empty, palette, step, out) -> dict:
-    """Sample a colour map for the captions of the first training samples; write a PNG grid (per row:
-    sample, its colour → label projection redrawn, the real colour map, centre crop) and measure how much of each
-    sample is off-palette (farther than half the palette's smallest gap from every colour)."""
+def validate(a, base, accelerator, unet, vae, val_set, empty, palette) -> tuple[Image.Image, dict]:
+    """Sample a colour map for each held-out caption (common/diffusion/validation.py); the grid (per row:
+    sample, its colour → label projection redrawn, and the real colour map, centre crop, where the
+    caption's sample is known) and how much of each sample is off-palette (farther than half the palette's
+    smallest gap from every colour)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler.from_pretrained(a.pretrained, subfolder="scheduler")
@@ -226,9 +228,7 @@ def validate(a, base, accelerator, unet, vae, dataset, ids, empty, palette, step
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    view = ColorMapDataset(dataset.samples, dataset.data, dataset.palette, dataset.resolution, dataset.embeddings,
-                           flip_p=0.0, center_crop=True, need_image=False)
-    items = [view[(i, 0)] for i in ids]
+    items = validation_items(val_set, a.data, palette, a.resolution, need_image=False)
     dev = accelerator.device
     kw = validation_prompts(items, base, empty, dev, unet.dtype)
     with accelerator.autocast():
@@ -242,11 +242,9 @@ def validate(a, base, accelerator, unet, vae, dataset, ids, empty, palette, step
         label = color_to_label(cmap, palette, max_distance=max_distance)  # IGNORE where off-palette
         off.append(float((label == 255).mean()))
         projected = label_to_color(np.where(label == 255, 0, label), palette)
-        rows.append([Image.fromarray(cmap), Image.fromarray(projected), Image.fromarray(item["colormap"].permute(1, 2, 0).numpy())])
-    path = out / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows).save(path)
-    return {"off_palette": float(np.mean(off)), "grid": str(path.relative_to(out))}
+        real = [Image.fromarray(item["colormap"].permute(1, 2, 0).numpy())] if "colormap" in item else []
+        rows.append([Image.fromarray(cmap), Image.fromarray(projected), *real])
+    return image_grid(rows), {"off_palette": float(np.mean(off))}
 
 
 @app.command()
@@ -287,7 +285,8 @@ def main(
     checkpoints_total_limit: CheckpointsTotalLimitOpt = 3,
     resume: ResumeOpt = None,
     validation_steps: ValidationStepsOpt = 500,
-    num_validation: Annotated[int, typer.Option(min=1, help="Validation captions (the first training samples').", rich_help_panel="Validation")] = 4,
+    num_validation: NumValidationOpt = 4,
+    validation_captions: ValidationCaptionsOpt = None,
     validation_inference_steps: ValidationInferenceStepsOpt = 30,
     validation_guidance: ValidationGuidanceOpt = 5.0,
     report_to: ReportToOpt = Tracker.tensorboard,

@@ -2,6 +2,7 @@
 accelerate run that leaves a ControlNet folder the sampling scripts can load alone, exact resume,
 learning, the colour maps the ControlNet sees, and the errors users get for bad inputs."""
 
+import importlib.util
 import json
 import re
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ADE_ROOT, ROOT, invoke, trainer_args, write_captions
+from conftest import ADE_ROOT, ROOT, TRAIN_CAPTIONS, invoke, trainer_args, write_captions
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_mask2img
@@ -31,7 +33,6 @@ def weights(folder):
 
 def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_path, tiny_models):
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
-    from PIL import Image
 
     base, out = tiny_models("sdxl"), tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -170,6 +171,9 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("resume-path", "--resume {tmp}/checkpoint-3: not a checkpoint folder"),
     ("controlnet", "--controlnet {tmp}/nowhere: no ControlNet folder there"),
     ("controlnet-factor", "its conditioning embedding downsamples by 4, the VAE of"),
+    ("validation-captions", "--validation-captions {tmp}/held_out.jsonl: 1 of its first 1 ids are not samples of ade20k's "
+                            "validation split under"),
+    ("wandb", "--report-to wandb needs the wandb package: pip install wandb"),
 ])
 def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
     base, out = tiny_models("sdxl"), tmp_path / "run"
@@ -199,7 +203,30 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         config["conditioning_embedding_out_channels"] = [8, 16, 32]
         (cn / "config.json").write_text(json.dumps(config))
         args += ["--controlnet", str(cn)]
+    elif case == "validation-captions":  # Mask2Img conditions on the held-out sample's real colour map: it must have one
+        (tmp_path / "held_out.jsonl").write_text(json.dumps({"id": "ADE_train_00000001", "caption": "a bedroom"}) + "\n")
+        args += ["--validation-captions", str(tmp_path / "held_out.jsonl")]
+    elif case == "wandb":
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed here")
+        args += ["--report-to", "wandb"]
     result = run(args)
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in " ".join(result.output.split())
     assert (out / "config.json").read_text() == "{}" if case == "trained" else not (out / "config.json").exists()  # nothing written
+
+
+def test_validation_on_given_held_out_samples_reaches_tensorboard(tmp_path, tiny_models):
+    from test_train_text2mask import train_on_the_train_split, validation_in_tensorboard
+
+    held_out = write_captions(tmp_path / "held_out.jsonl", {"ADE_val_00000002": TRAIN_CAPTIONS["ADE_val_00000002"]})
+    out = tmp_path / "run"
+    extra = train_on_the_train_split(tmp_path, out, **{"--validation-captions": held_out, "--report-to": "tensorboard"})
+    result = run(trainer_args(tmp_path, tiny_models("sdxl"), out, **extra))
+    assert result.exit_code == 0, result.output
+    grids, texts = validation_in_tensorboard(out / "logs" / "mask2img")
+    assert grids == [(1, 64, 3 * 64)]  # one held-out sample: its real colour map, the sample, its real image
+    assert texts == [f"1. {TRAIN_CAPTIONS['ADE_val_00000002']}"]
+    grid = np.asarray(Image.open(out / "validation" / "step-000001.png"))
+    label = load_label(read_dataset("ade20k", ADE_ROOT, "val")[1], "ade20k")  # ADE_val_00000002: the map conditioned on
+    assert set(map(tuple, grid[:, :64].reshape(-1, 3))) <= set(map(tuple, label_to_color(label, palette_for("ade20k")).reshape(-1, 3)))

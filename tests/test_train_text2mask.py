@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ADE_ROOT, COCO_ROOT, invoke, trainer_args, write_captions
+from conftest import ADE_ROOT, COCO_ROOT, TRAIN_CAPTIONS, invoke, trainer_args, write_captions
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -298,3 +298,86 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, tiny_models)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "the training loss became nan at step 2" in text and f"last good checkpoint is {out}/checkpoint-1" in text
+
+
+# ---------------------------------------------------------------- validation: held-out captions, in the trackers
+
+def validation_in_tensorboard(logs):
+    """The validation grids (H, W, 3 as PNG sizes) and caption texts a run's TensorBoard event files hold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logs), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    grids = [(e.step, e.height, e.width) for e in events.Images("validation")]
+    texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("validation/captions/text_summary")]
+    return grids, texts
+
+
+def train_on_the_train_split(tmp_path, out, **extra):
+    """A one-step run on ADE20K's training sample, validated at step 1 with one sampler step."""
+    captions = tmp_path / "train_captions.jsonl"
+    captions.write_text(json.dumps({"id": "ADE_train_00000001", "image": "ADEChallengeData2016/images/training/ADE_train_00000001.jpg",
+                                    "caption": "a bedroom with a bed"}) + "\n")
+    return {"--split": "train", "--captions": captions, "--max-steps": 1, "--validation-steps": 1,
+            "--validation-inference-steps": 1, **extra}
+
+
+def test_validation_grids_of_held_out_captions_reach_tensorboard(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # captions/ade20k_val.jsonl: the default validation captions, found like the training ones
+    (tmp_path / "captions").mkdir()
+    write_captions(tmp_path / "captions" / "ade20k_val.jsonl")  # the two ADE20K validation samples
+    out = tmp_path / "run"
+    result = run(trainer_args(tmp_path, tiny_models("sdxl"), out, **train_on_the_train_split(tmp_path, out, **{"--report-to": "tensorboard"})))
+    assert result.exit_code == 0, result.output
+    grids, texts = validation_in_tensorboard(out / "logs" / "text2mask")
+    # One grid at step 1: per held-out caption a row of sample, its projection and the real colour map (labels known).
+    assert grids == [(1, 2 * 64, 3 * 64)]
+    assert len(texts) == 1 and all(c in texts[0] for c in TRAIN_CAPTIONS.values()) and "bedroom" not in texts[0]
+    stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [s["validation"]["captions"] for s in stats if "validation" in s] == ["captions/ade20k_val.jsonl"]
+    assert (out / "validation" / "step-000001.png").is_file()
+
+
+def test_validation_captions_may_be_captions_only_and_training_samples_are_a_said_fallback(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no captions/ade20k_val.jsonl here
+    mine = tmp_path / "held_out.jsonl"
+    mine.write_text(json.dumps({"id": "p1", "caption": "a kitchen with a table"}) + "\n")
+    base, given, fallback = tiny_models("sdxl"), tmp_path / "given", tmp_path / "fallback"
+    result = run(trainer_args(tmp_path, base, given, **train_on_the_train_split(tmp_path, given, **{"--validation-captions": mine})))
+    assert result.exit_code == 0, result.output
+    assert "training samples" not in result.output
+    grid = Image.open(given / "validation" / "step-000001.png")
+    assert grid.size == (2 * 64, 64)  # no label for p1: sample and projection only
+    result = run(trainer_args(tmp_path, base, fallback, **train_on_the_train_split(tmp_path, fallback)))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.count("validation uses the first 1 training samples (captions/ade20k_val.jsonl does not exist)") == 1, text
+    assert Image.open(fallback / "validation" / "step-000001.png").size == (3 * 64, 64)
+
+
+def test_report_to_wandb_without_wandb_is_refused_at_start(tmp_path, tiny_models):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "run"
+    result = run(trainer_args(tmp_path, tiny_models("sdxl"), out, **{"--max-steps": 1, "--report-to": "wandb"}))
+    assert result.exit_code == 2, result.output
+    assert "--report-to wandb needs the wandb package: pip install wandb" in " ".join(result.output.split())
+    assert not (out / "cache").exists()  # refused before any caption was encoded
+
+
+def test_validation_grids_go_to_wandb_as_images_with_their_captions(monkeypatch):
+    """common/runtime/tracking.py log_images with a stand-in for the optional wandb package (not installed here)."""
+    import sys
+    from types import SimpleNamespace
+
+    from common.runtime.tracking import log_images
+
+    logged = []
+    fake = SimpleNamespace(Image=lambda image, caption: ("wandb.Image", image.size, caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_ = SimpleNamespace(log=lambda values, step: logged.append((step, values)))
+    accelerator = SimpleNamespace(is_main_process=True, trackers=[SimpleNamespace(name="wandb", run=run_)])
+    log_images(accelerator, 7, {"validation": Image.new("RGB", (192, 128))}, ["a street", "a room"])
+    assert logged == [(7, {"validation": ("wandb.Image", (192, 128), "1. a street\n2. a room")})]

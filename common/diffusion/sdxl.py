@@ -5,7 +5,8 @@ trainers and for sampling (common/synthesis/synth.py).
   `inspect_base` reads what the trainers need before loading any weights;
 - SDXL's size/crop micro-conditioning (`time_ids`, Podell et al. 2023 §2.2);
 - prompt encoding the SDXL way (`encode_prompts`) and a cache of every caption's embeddings on disk, so
-  the two large text encoders run once and are freed before training (`cache_text_embeddings`);
+  the two large text encoders run once and are freed before training (`cache_text_embeddings`, and with
+  the held-out validation captions `cache_caption_sets`);
 - caption dropout that zeroes the embeddings the way SDXL's classifier-free guidance does
   (`drop_captions`), and the validation prompts' unconditional branch (`validation_prompts`).
 """
@@ -168,43 +169,67 @@ class TextEmbeddings:
 
 def cache_text_embeddings(pretrained: str, base: BaseInfo, captions: list[str], folder: Path, accelerator,
                           batch_size: int = 64, dtype=torch.float32, console=None) -> TextEmbeddings:
-    """Encode every caption once (plus the empty prompt) into folder/{embeds,pooled}.npy, fp16; the
-    encoders run in `dtype` on a GPU, fp32 elsewhere.
+    """Encode every caption once (plus the empty prompt) into folder/{embeds,pooled}.npy, fp16 (see
+    cache_caption_sets)."""
+    return cache_caption_sets(pretrained, base, [(captions, folder)], accelerator, batch_size, dtype, console)[0]
+
+
+def cache_caption_sets(pretrained: str, base: BaseInfo, sets: list[tuple[list[str], Path]], accelerator,
+                       batch_size: int = 64, dtype=torch.float32, console=None) -> list[TextEmbeddings]:
+    """Encode each set of captions once (plus the empty prompt) into its folder/{embeds,pooled}.npy, fp16:
+    the training captions and the held-out validation ones (common/diffusion/validation.py), so the text
+    encoders load once and are freed before the UNet arrives. They run in `dtype` on a GPU, fp32 elsewhere.
 
     The main process encodes; the others wait and then map the files. A fingerprint of the base and the
-    captions is kept beside them, so a resumed run reuses the cache and a changed captions file rebuilds it."""
-    folder = Path(folder)
+    captions is kept beside each set, so a resumed run reuses the caches and a changed captions file
+    rebuilds only its own."""
     if accelerator.device.type != "cuda":
         dtype = torch.float32  # CPUs lack fast fp16 kernels
-    fingerprint = hashlib.sha256(json.dumps([pretrained, base.is_sdxl, captions]).encode()).hexdigest()
-    meta = folder / "meta.json"
-    fresh = meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint
-    if accelerator.is_main_process and not fresh:
-        folder.mkdir(parents=True, exist_ok=True)
+    stale = [(captions, Path(folder)) for captions, folder in sets if not _fresh(pretrained, base, captions, Path(folder))]
+    if accelerator.is_main_process and stale:
         t = time.perf_counter()
         encoders = load_text_encoders(pretrained, base.is_sdxl, accelerator.device, dtype)
-        prompts = captions + [""]
-        embeds = pooled = None
-        for start in range(0, len(prompts), batch_size):
-            e, p = encode_prompts(prompts[start:start + batch_size], encoders)
-            if embeds is None:  # (N+1, 77, D) and (N+1, P), written in place on disk
-                embeds = np.lib.format.open_memmap(folder / "embeds.npy", "w+", np.float16, (len(prompts), *e.shape[1:]))
-                if p is not None:
-                    pooled = np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(prompts), p.shape[1]))
-            embeds[start:start + len(e)] = e.float().cpu().numpy()
-            if pooled is not None:
-                pooled[start:start + len(p)] = p.float().cpu().numpy()
-        embeds.flush()
-        if pooled is not None:
-            pooled.flush()
+        for captions, folder in stale:
+            _encode_into(folder, captions, encoders, batch_size)
+            meta = {"fingerprint": _fingerprint(pretrained, base, captions), "rows": len(captions) + 1, "base": pretrained}
+            (folder / "meta.json").write_text(json.dumps(meta) + "\n")
         del encoders  # the text encoders are not needed again: free them before the UNet arrives
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        meta.write_text(json.dumps({"fingerprint": fingerprint, "rows": len(prompts), "base": pretrained}) + "\n")
         if console is not None:
-            console.print(f"text embeddings: {len(captions)} captions encoded once in {time.perf_counter() - t:.1f} s -> {folder}")
+            done = " and ".join(f"{len(c)} captions -> {f}" for c, f in stale)
+            console.print(f"text embeddings: encoded once in {time.perf_counter() - t:.1f} s: {done}")
     accelerator.wait_for_everyone()
-    return TextEmbeddings(folder)
+    return [TextEmbeddings(folder) for _, folder in sets]
+
+
+def _fingerprint(pretrained: str, base: BaseInfo, captions: list[str]) -> str:
+    return hashlib.sha256(json.dumps([pretrained, base.is_sdxl, captions]).encode()).hexdigest()
+
+
+def _fresh(pretrained: str, base: BaseInfo, captions: list[str], folder: Path) -> bool:
+    meta = folder / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == _fingerprint(pretrained, base, captions)
+
+
+def _encode_into(folder: Path, captions: list[str], encoders, batch_size: int) -> None:
+    """Rows 0..N-1: the captions, row N: the empty prompt, written in place on disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)  # a kill while writing leaves the set stale, not half-valid
+    prompts = captions + [""]
+    embeds = pooled = None
+    for start in range(0, len(prompts), batch_size):
+        e, p = encode_prompts(prompts[start:start + batch_size], encoders)
+        if embeds is None:  # (N+1, 77, D) and (N+1, P)
+            embeds = np.lib.format.open_memmap(folder / "embeds.npy", "w+", np.float16, (len(prompts), *e.shape[1:]))
+            if p is not None:
+                pooled = np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float16, (len(prompts), p.shape[1]))
+        embeds[start:start + len(e)] = e.float().cpu().numpy()
+        if pooled is not None:
+            pooled[start:start + len(p)] = p.float().cpu().numpy()
+    embeds.flush()
+    if pooled is not None:
+        pooled.flush()
 
 
 def drop_captions(embeds: torch.Tensor, pooled: torch.Tensor | None, p: float, generator: torch.Generator,

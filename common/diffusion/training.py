@@ -40,6 +40,7 @@ from common.runtime.cluster import BatchSplit, Preempted, ignore_sigterm, preemp
 from common.runtime.progress import progress_bar
 from common.runtime import record
 from common.runtime.record import trim_jsonl
+from common.runtime.tracking import check_tracker, log_with
 from common.diffusion.sdxl import TextEmbeddings, time_ids
 from common.runtime.weights import SAFE
 
@@ -53,17 +54,20 @@ def check_cache_latents(cache_latents: bool, center_crop: bool) -> None:
 
 
 def make_accelerator(a, out: Path, console):
-    """The Accelerator of a run folder (mixed precision: the flag, else the launch config's; TensorBoard
-    when asked for and installed; the process-group timeout), the global seed and TF32. The LR scheduler
+    """The Accelerator of a run folder (mixed precision: the flag, else the launch config's; the tracker
+    of --report-to: TensorBoard when installed, W&B refused when not; the process-group timeout), the global seed and TF32. The LR scheduler
     steps once per optimizer step (optimizer_step), whatever the process count. The gradient accumulation
     is set from the global batch once the process count is known (`split_batch`).
-    Returns (accelerator, weight_dtype: what the frozen parts and inputs run in, use_tensorboard)."""
+    Returns (accelerator, weight_dtype: what the frozen parts and inputs run in, whether a tracker logs)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
 
+    if a.report_to != "tensorboard":  # TensorBoard is only skipped when missing; wandb (optional) is refused here
+        check_tracker(a.report_to)
     use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
+    tracker = "tensorboard" if use_tb else log_with(a.report_to) if a.report_to != "tensorboard" else None
     accelerator = Accelerator(
-        mixed_precision=a.mixed_precision, log_with="tensorboard" if use_tb else None, step_scheduler_with_optimizer=False,
+        mixed_precision=a.mixed_precision, log_with=tracker, step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         kwargs_handlers=process_group_kwargs(a.process_group_timeout),
     )
@@ -73,7 +77,15 @@ def make_accelerator(a, out: Path, console):
         torch.backends.cuda.matmul.allow_tf32 = True
     if a.report_to == "tensorboard" and not use_tb and accelerator.is_main_process:
         console.print("[dim]TensorBoard is not installed: stats go to stats.jsonl only[/]")
-    return accelerator, weight_dtype, use_tb
+    return accelerator, weight_dtype, tracker is not None
+
+
+def init_run_trackers(accelerator, stage: str, options: dict, out: Path, tracking: bool) -> None:
+    """Start the trackers of --report-to with the run's options (TensorBoard: RUN/logs/STAGE/; W&B: a run
+    named after the run folder, its files in it)."""
+    if tracking:
+        config = {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(stage, config=config, init_kwargs={"wandb": {"name": Path(out).name, "dir": str(out)}})
 
 
 def load_vae(a, device, weight_dtype):
@@ -131,7 +143,7 @@ def check_resumed_schedule(lr_scheduler, step: int, path: Path) -> None:
 FREE = {"resume", "resume_from", "output_dir", "num_workers", "batch_size", "micro_batch", "gradient_accumulation",
         "world_size", "process_group_timeout", "allow_tf32", "gradient_checkpointing", "cache_latents",
         "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation",
-        "validation_inference_steps", "validation_guidance", "report_to"}
+        "validation_inference_steps", "validation_guidance", "validation_captions", "report_to"}
 
 
 def start_run(a, out: Path, accelerator, resume_from: Path | None, stage: str, derived: dict, say):

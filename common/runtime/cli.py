@@ -43,7 +43,10 @@ class MixedPrecision(str, Enum):
 
 
 class Tracker(str, Enum):
+    """--report-to: accelerate's trackers (common/runtime/tracking.py); wandb is optional (pip install wandb)."""
+
     tensorboard = "tensorboard"
+    wandb = "wandb"
     none = "none"
 
 
@@ -117,7 +120,9 @@ ValidationStepsOpt = Annotated[int, typer.Option(min=0, help="Sample a validatio
 ValidationInferenceStepsOpt = Annotated[int, typer.Option(min=1, help="Sampler steps for validation.", rich_help_panel="Validation")]
 ValidationGuidanceOpt = Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")]
 ProcessGroupTimeoutOpt = Annotated[int, typer.Option(min=60, help="Seconds a process waits for the others at a collective (checkpoint saves, validation on the main process) before the run fails; torch's default is 600.", rich_help_panel="Performance")]
-ReportToOpt = Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")]
+ReportToOpt = Annotated[Tracker, typer.Option(help="Also send the loss, lr and every validation grid with its captions to a tracker through accelerate: tensorboard (RUN/logs/; skipped when not installed) or wandb (needs pip install wandb; refused without it).", rich_help_panel="Output")]
+NumValidationOpt = Annotated[int, typer.Option(min=1, help="Validation samples per grid: the first K of --validation-captions, else of the validation split's captions (captions/{data}_val.jsonl), else (said once) of the training samples.", rich_help_panel="Validation")]
+ValidationCaptionsOpt = Annotated[Path | None, typer.Option(help="Held-out captions to validate with: a JSONL with id and caption per line (caption.py's manifest works as it is), its first --num-validation lines used. Ids of --data's validation split bring their real colour map (and image); Mask2Img needs them (it conditions on that colour map). Default: captions/{data}_val.jsonl when it exists.", rich_help_panel="Validation")]
 
 
 

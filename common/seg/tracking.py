@@ -4,28 +4,9 @@ package; a missing one is named with the install command before any training."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from common import SegGenError
-
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> the package it needs
-
-
-def log_with(report_to: str) -> str | None:
-    """Accelerator(log_with=...) for --report-to (none: no tracker)."""
-    return None if report_to in (None, "none") else report_to
-
-
-def check_tracker(report_to: str) -> None:
-    package = PACKAGES.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise SegGenError(f"--report-to {report_to} needs the {package} package: pip install {package} (or --report-to none)")
-
-
-def run_config(a) -> dict:
-    """The run's options as trackers store them (numbers, strings and booleans; the rest as text)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in sorted(vars(a).items())}
+from common.runtime.tracking import PACKAGES, check_tracker, log_with, run_config  # noqa: F401 - shared with the generator trainers
 
 
 def init_trackers(accelerator, a, output_dir: Path) -> None:
