@@ -65,7 +65,7 @@ from common.runtime.progress import console
 from common.seg.batches import MixedBatches
 from common.seg.data import SegData, read_sources, synthetic_weights
 from common.seg.loop import Loop
-from common.seg.evaluate import evaluate_scales, finish
+from common.seg.evaluate import check_eval_output, eval_dir, evaluate_scales, finish
 from common.seg.model import Backbone, build_segmenter, freeze_unused, is_hrnet, save_model
 from common.seg.recipes import RECIPES, Sampling, Strategy, Task, plan_phases, recipe_table, resolve
 from common.seg.tracking import check_tracker, init_trackers, log_with
@@ -83,7 +83,9 @@ def run(a) -> dict:
     a.data = a.data.value
     resolve(a)
     a.data_root = a.data_root if a.data_root is not None else default_data_root()
-    output_dir = a.output_dir or seg_run_dir(a.data, a.strategy.value)
+    output_dir = a.output_dir or (eval_dir(a.checkpoint) if a.eval_only else seg_run_dir(a.data, a.strategy.value))
+    if a.eval_only:
+        check_eval_output(output_dir, a.metrics_file)
     accelerator = Accelerator(mixed_precision=a.mixed_precision, step_scheduler_with_optimizer=False,
                               log_with=log_with(a.report_to), project_dir=str(output_dir),
                               kwargs_handlers=process_group_kwargs(a.process_group_timeout))
@@ -164,7 +166,7 @@ def main(
     synthetic: Annotated[list[Path], typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output); repeatable. FOLDER:k takes only the first k samples per source (count ablations, Fig. 8 / Table 8). Default: whichever of synth/masksyn-{data}, synth/imgsyn-{data} exist.", rich_help_panel="Data")] = [],  # noqa: B006
     task: Annotated[Task | None, typer.Option(show_default="recipe", help="semantic (ADE20K), panoptic or instance (COCO); default by --data.", rich_help_panel="Data")] = None,
     strategy: Annotated[Strategy | None, typer.Option(show_default="recipe", help="aug: replace real samples by synthetic ones with p_aug (§3.4; ADE20K's default); pretrain: synthetic then real (COCO's default); real: baseline; real-pretrain: real then real (Tables 2/3's 50+50 baseline); synthetic: synthetic only.", rich_help_panel="Data")] = None,
-    p_aug: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6).", rich_help_panel="Data")] = 0.6,
+    p_aug: Annotated[float | None, typer.Option(min=0.0, max=1.0, show_default="0.6", help="--strategy aug: the probability that a real sample is replaced by a synthetic one (§3.4, §4.2: 0.6). Refused with the other strategies, where it has no effect.", rich_help_panel="Data")] = None,
     synthetic_filtered: Annotated[bool, typer.Option("--synthetic-filtered", help="Train on the FreeMask-filtered annotations quality.py --filter wrote (FOLDER/annotations_filtered/: noisy regions ignored).", rich_help_panel="Data")] = False,
     synthetic_sampling: Annotated[Sampling, typer.Option(help="How synthetic samples are drawn: uniform (§3.4) or hardness (FreeMask's resampling from FOLDER/quality.jsonl, each folder keeping its share).", rich_help_panel="Data")] = Sampling.uniform,
     real_subset: Annotated[Path | None, typer.Option(help="Train only on the real samples listed in this file (python -m common.data.subset; Table 4's 1,000, the same in every stage). Validation is whole.", rich_help_panel="Data")] = None,
@@ -184,7 +186,7 @@ def main(
     crop: Annotated[int | None, typer.Option(min=32, max=2048, show_default="recipe", help="Training crop (ADE20K: 512, Swin-L 640; COCO: 1024).", rich_help_panel="Training")] = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, sample order, p_aug draws, augmentation and the loss's random draws (per step, so --resume is exact).", rich_help_panel="Training")] = 0,
     mixed_precision: Annotated[MixedPrecision | None, typer.Option(help="Mixed precision (default: accelerate's config; Mask2Former trains with AMP).", rich_help_panel="Training")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Run folder (default runs/seg-{data}-{strategy}).", rich_help_panel="Output")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run folder (default runs/seg-{data}-{strategy}; with --eval-only, eval-NAME beside --checkpoint NAME, so that no training run's metrics.json is replaced).", rich_help_panel="Output")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoints/phase*-step* folder.", rich_help_panel="Output")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Save a checkpoint every N steps (and at each phase's end); 0: never.", rich_help_panel="Output")] = 5000,
     keep_checkpoints: Annotated[int, typer.Option(min=0, help="Keep the last N checkpoints (0: all).", rich_help_panel="Output")] = 2,

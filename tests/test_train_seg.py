@@ -2,6 +2,7 @@
 from the given folders only, pretrain runs both phases, evaluation at the original resolution, bad inputs."""
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -56,7 +57,7 @@ def ade_all(tmp_path_factory):
     return root
 
 
-def _write_synthetic(folder, samples, n=2, label=None):
+def _write_synthetic(folder, samples, n=2, label=None, settings=None):
     """A synthetic folder made by hand: copies of real samples under new ids (tests/test_datasets.py's
     record fields); `label` replaces every annotation (e.g. all zeros = all ignore)."""
     for sub in ("images", "annotations", "colormaps"):
@@ -73,7 +74,7 @@ def _write_synthetic(folder, samples, n=2, label=None):
                 shutil.copy(sample.annotation, folder / f"colormaps/{sid}.png")
                 w.append({"id": sid, "source_id": sample.id, "method": "imgsyn", "image": f"images/{sid}.jpg",
                           "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
-                          "caption": "a room", "seed": k, "k": k, "models": {}})
+                          "caption": "a room", "seed": k, "k": k, "models": {}, **({"settings": settings} if settings else {})})
     return folder
 
 
@@ -302,6 +303,13 @@ def test_all_ignore_images_are_skipped_and_counted(tiny, tmp_path):
     ("p_aug", r"--p-aug"),
     ("eval_only", r"--eval-only needs --checkpoint"),
     ("both_models", r"either --model .* or --backbone"),
+    # accepted before, and wrong (issue 28, class 6)
+    ("lr_inf", r"--lr must be a positive finite number \(got inf\)"),
+    ("p_aug_with_real", r"--p-aug applies to --strategy aug only \(got --strategy real"),
+    ("synthetic_twice", r"--synthetic .*twice.*would double its share"),
+    ("drawn_for_toy", r"--synthetic .*toy_folder was drawn for --data toy .*not --data ade20k"),
+    ("not_mask2former", r"--model .*vit is a 'vit' model, not Mask2Former"),
+    ("metrics_file_dir", r"--metrics-file .* is a folder; pass a file name"),
 ])
 def test_bad_inputs_get_one_clear_error(case, message, tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -324,9 +332,27 @@ def test_bad_inputs_get_one_clear_error(case, message, tiny, tmp_path, monkeypat
         args += ["--eval-only"]
     elif case == "both_models":
         args += ["--backbone", "swin-t", "--strategy", "real"]
+    elif case == "lr_inf":
+        args += ["--lr", "inf", "--strategy", "real"]
+    elif case == "p_aug_with_real":
+        args += ["--p-aug", "0.3", "--strategy", "real"]
+    elif case == "synthetic_twice":
+        syn = _write_synthetic(tmp_path / "syn", real[:1])
+        args += ["--synthetic", syn, "--synthetic", tmp_path / "." / "syn"]
+    elif case == "drawn_for_toy":
+        args += ["--synthetic", _write_synthetic(tmp_path / "toy_folder", real[:1], settings={"data": "toy"})]
+    elif case == "not_mask2former":
+        from transformers import ViTConfig
+
+        (tmp_path / "vit").mkdir()
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "vit")
+        result = _cli([*args, "--model", tmp_path / "vit", "--strategy", "real"])
+        assert result.exit_code == 2 and re.search(message, " ".join(result.output.split())), result.output
+        return
+    elif case == "metrics_file_dir":
+        args += ["--metrics-file", tmp_path, "--strategy", "real"]
     result = _cli(args, tiny)
     assert result.exit_code == 2, result.output
-    import re
     assert re.search(message, " ".join(result.output.split())), result.output
     assert not (tmp_path / "run/stats.jsonl").exists()  # no training started
 
@@ -566,7 +592,8 @@ def test_hrnet_trains_with_its_recipe_resumes_and_evaluates_its_saved_model(ade_
 def test_hrnet_trains_with_synthetic_data(strategy, tmp_path):
     real = read_dataset("ade20k", ADE_ROOT, "val")
     syn = _write_synthetic(tmp_path / "synth", real)
-    _ok(_cli(["--data-root", ADE_ROOT, "--synthetic", syn, "--strategy", strategy, "--p-aug", "0.6", "--max-steps", "2",
+    p_aug = ["--p-aug", "0.6"] if strategy == "aug" else []  # pretrain has no p_aug (refused there)
+    _ok(_cli(["--data-root", ADE_ROOT, "--synthetic", syn, "--strategy", strategy, *p_aug, "--max-steps", "2",
               "--checkpoint-every", "0", "--output-dir", tmp_path / "run", *HRNET]))
     got = json.loads((tmp_path / "run/metrics.json").read_text())
     assert sum(got["drawn"].values()) == (8 if strategy == "pretrain" else 4) and got["drawn"][str(syn)] > 0
@@ -847,3 +874,20 @@ def test_a_kill_between_the_best_models_renames_brings_the_previous_best_back(tm
     a = SimpleNamespace(eval_samples=None, eval_every=2, task="semantic", data_root=ADE_ROOT)
     v = Validator(a, acc, [], None, tmp_path)
     assert v.best["global_step"] == 4 and (tmp_path / "model-best/best.json").is_file() and not old.exists()
+
+
+def test_eval_only_never_replaces_a_training_runs_metrics(tiny, tmp_path):
+    """--eval-only without --output-dir writes beside the checkpoint (eval-NAME/), not into runs/seg-DATA-STRATEGY
+    (a training run's folder); pointed at a training run's folder, it refuses."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"data": "ade20k", "strategy": "aug", "single_scale": {"mIoU": 0.4}}))
+    before = (run / "metrics.json").read_bytes()
+    r = _cli(["--eval-only", "--checkpoint", tiny, "--data-root", ADE_ROOT, "--eval-size", "64", "--output-dir", run])
+    assert r.exit_code == 2 and "holds a training run's metrics" in " ".join(r.output.split()), r.output
+    assert (run / "metrics.json").read_bytes() == before
+    copy = tmp_path / "models" / "model"
+    shutil.copytree(tiny, copy)
+    _ok(_cli(["--eval-only", "--checkpoint", copy, "--data-root", ADE_ROOT, "--eval-size", "64"]))
+    assert json.loads((tmp_path / "models/eval-model/metrics.json").read_text())["checkpoint"] == str(copy)
+    _ok(_cli(["--eval-only", "--checkpoint", copy, "--data-root", ADE_ROOT, "--eval-size", "64"]))  # an evaluation may be redone

@@ -9,6 +9,7 @@ Training targets of every task are one int32 map: class * SEG + k for the k-th s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,6 +300,26 @@ def default_folders(data: str, say) -> list[Path]:
     return found
 
 
+def check_once(folders: list[Path]) -> None:
+    """Each --synthetic folder once: a folder given twice would double its share of the draws."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        key = os.path.realpath(folder)
+        if key in seen:
+            raise SegGenError(f"--synthetic {folder} is given twice (as {seen[key]} too), which would double its share: "
+                              f"pass each folder once (FOLDER:k takes fewer samples per source)")
+        seen[key] = folder
+
+
+def check_made_for(folder: Path, samples, data: str) -> None:
+    """A synthetic folder drawn for another dataset (its manifest's settings.data) is refused: its label values
+    mean other classes under --data."""
+    made_for = (samples[0].meta.get("settings") or {}).get("data") if len(samples) else None
+    if made_for is not None and made_for != data:
+        raise SegGenError(f"--synthetic {folder} was drawn for --data {made_for} (its manifest's settings), not --data {data}: "
+                          f"pass a folder made for {data}, or --data {made_for}")
+
+
 def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
     """(real training samples, one sample list per synthetic folder, the folders) of train_seg's options
     `a` (--strategy, --synthetic, --max-real-samples ...), checked before any model."""
@@ -318,12 +339,14 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
                 f"{synth_dir('imgsyn', a.data)} exists with samples: run masksyn.py / imgsyn.py first, pass --synthetic FOLDER, or use --strategy real")
         folders, counts = zip(*(split_count(f) for f in folders))
         folders = list(folders)
+        check_once(folders)
         for folder, k in zip(folders, counts):
             samples = synthetic_index(folder)  # numpy arrays: records read when loaded, workers share it (issue 18)
             if k is not None:  # Fig. 8 / Table 8 / A.6 count ablations without regenerating
                 samples = first_per_source(samples, k)
             if getattr(a, "synthetic_filtered", False):  # FreeMask's noisy-region filter (quality.py --filter)
                 samples = quality.filtered_samples(folder, samples)
+            check_made_for(folder, samples, a.data)
             probe_synthetic(folder, samples, a.data)
             synthetic.append(samples)
     elif a.synthetic:

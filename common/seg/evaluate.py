@@ -5,6 +5,7 @@ common/seg/metrics.py, inference: common/seg/inference.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,21 @@ def finish(result: dict, output_dir: Path, main_proc: bool, metrics_file: Path |
             print_metrics("multi-scale + flip", result["multi_scale"])
         console.print(f"[green]done[/]: metrics in {path}")
     return result
+
+
+def eval_dir(checkpoint: Path) -> Path:
+    """train_seg --eval-only's default folder: beside the evaluated model and named after it (RUN/eval-model),
+    never a training run's own folder, whose metrics.json it would replace."""
+    return Path(checkpoint).parent / f"eval-{Path(checkpoint).name}"
+
+
+def check_eval_output(output_dir: Path, metrics_file: Path | None) -> None:
+    """--eval-only refuses to write over a training run's metrics.json (an evaluation's names its checkpoint)."""
+    target = Path(metrics_file) if metrics_file else Path(output_dir) / "metrics.json"
+    try:
+        old = json.loads(target.read_text()) if target.is_file() else None
+    except (OSError, ValueError):
+        return  # unreadable: nothing a user could lose by replacing it
+    if isinstance(old, dict) and "checkpoint" not in old:
+        raise SegGenError(f"{target} holds a training run's metrics, which --eval-only would replace: pass another "
+                          f"--output-dir (the default is beside --checkpoint) or --metrics-file")

@@ -70,6 +70,20 @@ def build_segmenter(model: str | None, backbone: str | None, data: str, queries:
     return net, processor, str(model) if model else init_backbone(net, backbone.value, weights)
 
 
+def check_mask2former(model: str) -> None:
+    """--model must hold a Mask2Former: transformers would otherwise build a random Mask2Former from another
+    model's folder (with a warning only) and the run would train from scratch."""
+    from transformers import AutoConfig
+
+    try:
+        kind = AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError):
+        return  # from_pretrained below says what is missing
+    if kind != "mask2former":
+        raise SegGenError(f"--model {model} is a {kind!r} model, not Mask2Former: pass a Mask2Former checkpoint "
+                          f"(e.g. facebook/mask2former-swin-large-ade-semantic), a train_seg run's model/, or --backbone")
+
+
 R50 = dict(embedding_size=64, depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048])  # ResNet-50 (torchvision's widths)
 
 
@@ -87,6 +101,7 @@ def build_model(model: str | None, backbone: Backbone | None, data: str, queries
     id2label = dict(enumerate(names))
     label2id = {v: k for k, v in id2label.items()}
     if model is not None:
+        check_mask2former(model)
         try:
             net = Mask2FormerForUniversalSegmentation.from_pretrained(
                 model, num_labels=len(names), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)

@@ -7,8 +7,10 @@ strategy runs (§3.4)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from common import SegGenError
 from common.seg.data import AUGMENTS, without_a9
@@ -116,6 +118,9 @@ def recipe_key(a) -> tuple[str, str]:
     return a.data, a.backbone.value if a.backbone else "hrnet-w48" if source and model_type(source) == "hrnetv2" else "r50"
 
 
+P_AUG = 0.6  # §4.2: the probability that a real sample of a batch is replaced by a synthetic one
+
+
 def resolve(a) -> Recipe:
     """Fills every option of `a` left unset from the recipe of (--data, --backbone) and checks the combination."""
     key = recipe_key(a)
@@ -134,6 +139,7 @@ def resolve(a) -> Recipe:
     if a.no_augment:
         a.augment = without_a9(a.augment)
     check(a, key)
+    a.p_aug = P_AUG if a.p_aug is None else a.p_aug  # recorded for every strategy, as before
     a.eval_size = a.eval_size or r.eval_size or a.crop
     a.pretrain_steps = a.pretrain_steps or a.max_steps
     return r
@@ -153,6 +159,16 @@ def check(a, key: tuple[str, str]) -> None:
         raise SegGenError("pass either --model (a checkpoint) or --backbone (a fresh paper configuration), not both")
     if a.eval_only and a.checkpoint is None:
         raise SegGenError("--eval-only needs --checkpoint DIR (a model/ or checkpoints/phase*-step* folder of a run)")
+    for flag in ("lr", "weight_decay", "backbone_lr_multiplier", "grad_clip"):
+        value = getattr(a, flag)
+        if not math.isfinite(value) or (flag == "lr" and value <= 0):
+            raise SegGenError(f"--{flag.replace('_', '-')} must be a {'positive ' if flag == 'lr' else ''}finite number (got {value})")
+    if getattr(a, "p_aug", None) is not None and a.strategy != Strategy.aug:
+        raise SegGenError(f"--p-aug applies to --strategy aug only (got --strategy {a.strategy.value}, where it would be "
+                          f"ignored): drop --p-aug, or train with --strategy aug")
+    metrics_file = getattr(a, "metrics_file", None)
+    if metrics_file is not None and Path(metrics_file).is_dir():
+        raise SegGenError(f"--metrics-file {metrics_file} is a folder; pass a file name, e.g. {Path(metrics_file) / 'metrics.json'}")
     if getattr(a, "eval_samples", None) is not None and not getattr(a, "eval_every", 0):
         raise SegGenError("--eval-samples sets the size of the periodic evaluation: pass --eval-every N with it")
 
