@@ -39,7 +39,7 @@ from PIL import Image
 from common import SegGenError
 from common.runtime import cli
 from common.data import subset
-from common.synthesis import synth
+from common.synthesis import finalize, synth
 from common.masks.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.data.datasets import Sample, load_label, load_panoptic, read_dataset
 from common.runtime.lock import task_lock
@@ -251,7 +251,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
             progress.update(task, advance=len(batch), rate=summary["written"] / (time.perf_counter() - start))
 
     summary["seconds"] = time.perf_counter() - start
-    synth.finish(out, state, o.finalize, summary)  # index, COCO JSON: one task, or finalize after all of them
+    finalize.finish(out, state, o.finalize, summary)  # index, COCO JSON: one task, or finalize after all of them
     summary["failures"] = failures
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))

@@ -51,7 +51,7 @@ from rich.progress import TextColumn
 from common import SegGenError
 from common.runtime import cli
 from common.data import subset
-from common.synthesis import synth
+from common.synthesis import finalize, synth
 from common.masks.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
 from common.data.datasets import id_to_rgb
@@ -303,7 +303,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
     summary["seconds"] = time.perf_counter() - start
     summary["failures"] = []
     summary["short"] = short_captions(sorted(mine), done, rejected, why, per_sample, max_attempts)
-    synth.finish(out, state, o.finalize, summary)  # index, COCO JSON, tally.json: one task, or finalize after all
+    finalize.finish(out, state, o.finalize, summary)  # index, COCO JSON, tally.json: one task, or finalize after all
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
     return summary

@@ -222,13 +222,13 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
     command after them, which finds every sample judged and does only that (docs/many-machines.md)."""
     state = this_task(shard_spec)  # bad --shard fails here
     folder = Path(synthetic)
-    ensure_finalized(folder, console.print)  # a folder of a sharded run: its index, written once (common/synthesis/finalize.py)
     samples = read_synthetic(folder)  # a bad --synthetic fails here, before any lock or model
     # one run per folder; its tasks side by side (common/runtime/lock.py task_lock)
     with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"):
         real = read_dataset(data, data_root, split)
         names = labels.class_names(data)
         seg = load_segmenter(segmenter, len(names), state.device)
+        ensure_finalized(folder, console.print)  # a sharded run's folder: its index etc., written once (common/synthesis/finalize.py)
         a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
         out = folder / q.QUALITY_FILE
         settings = {"segmenter": str(segmenter), "size": size}

@@ -149,6 +149,19 @@ def write_tally(folder: Path, index=None) -> Path:
     return atomic_save(folder / "tally.json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
 
 
+def finish(out: Path, state, finalize_flag: bool | None, summary: dict) -> None:
+    """After a generation task's loop: finalize the folder when this is the only task or finalize_flag is
+    True; else put the command to run once every task has ended into the summary. Nothing waits for
+    another task."""
+    if finalize_flag is None:
+        finalize_flag = state.num_processes == 1
+    if finalize_flag and out.is_dir() and (manifest_files(out) or rejected_files(out)):
+        done = finalize(out)
+        summary.update({k: v for k, v in done.items() if k in ("coco_json", "tally")})
+    elif state.num_processes > 1:
+        summary["finalize"] = f"python -m common.synthesis.finalize {out}"
+
+
 def ensure_finalized(folder: str | Path, say=None) -> dict | None:
     """finalize(folder) when its finalized files are missing or stale (a reader's call); None when they are
     fresh or the folder cannot be written (the reader goes on with an index in memory)."""

@@ -580,20 +580,6 @@ def share_ids(batches: list[list[tuple[str, int]]]) -> set[str]:
     return {sample_id(s, k) for b in batches for s, k in b}
 
 
-def finish(out: Path, state, finalize: bool | None, summary: dict) -> None:
-    """After a task's loop: finalize the folder (common/synthesis/finalize.py) when this is the only task
-    or finalize=True; else say how, once every task has ended. Nothing waits for another task."""
-    from common.synthesis import finalize as fin
-
-    if finalize is None:
-        finalize = state.num_processes == 1
-    if finalize and out.is_dir() and (manifest_files(out) or manifest_files(out / "rejected.jsonl")):
-        done = fin.finalize(out)
-        summary.update({k: v for k, v in done.items() if k in ("coco_json", "tally")})
-    elif state.num_processes > 1:
-        summary["finalize"] = f"python -m common.synthesis.finalize {out}"
-
-
 def report(s: dict, compared: str) -> int:
     """Print a run's summary (or a --reproduce verdict about the stored `compared`); the exit code:
     1 when samples failed or a reproduction differs."""
