@@ -327,8 +327,8 @@ def test_two_processes_give_the_same_samples_as_one(tmp_path, ade_run, models, a
            "--steps", "2", "--resolution", "64", "--guidance", "3.0", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("manifest*.jsonl")) == ["manifest.rank0.jsonl", "manifest.rank1.jsonl"]
-    ranks = [[json.loads(line)["id"] for line in (out / f"manifest.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert sorted(p.name for p in out.glob("manifest*.jsonl")) == ["manifest.shard0-of-2.jsonl", "manifest.shard1-of-2.jsonl"]
+    ranks = [[json.loads(line)["id"] for line in (out / f"manifest.shard{r}-of-2.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])  # disjoint slices
     ids = sorted(s.id for s in read_synthetic(out))
     assert ids == sorted(s.id for s in read_synthetic(full))
