@@ -274,13 +274,17 @@ def measure(name: str, path: Path) -> dict:
 
         start, cpu = time.perf_counter(), time.process_time()
         extra["mb_written"] = old_coco_json(path).stat().st_size / 1e6
+    elif name == "empty_stage":  # a bare process with a stage's imports (torch, diffusers): every task pays it
+        from common.synthesis import finalize, synth  # noqa: F401
     elif name.startswith("task_"):  # task_INDEX_COUNT: one task's start-up on the folder of --tasks tasks
+        from common.synthesis import synth  # noqa: F401  (imported by the stage anyway: not the read's time)
+
         _, index, count = name.split("_")
         lines = sum(1 for f in path.glob("manifest*.jsonl") for _ in open(f, "rb"))
         start, cpu = time.perf_counter(), time.process_time()
         extra["n"] = task_start(path, lines, int(index), int(count))
     elif name == "finalize":
-        from common.synthesis import finalize
+        from common.synthesis import finalize, synth  # noqa: F401
 
         for p in (path / ".index.npz", path / ".finalized.json"):
             p.unlink(missing_ok=True)
@@ -395,10 +399,11 @@ def main() -> None:
 
 def tasks_case(work: Path, lines: int, tasks: int) -> None:
     """The sharded case: per-task start-up reads and the one finalize (module doc), each in a fresh process."""
-    empty = run("empty", work)["peak_mb"]
+    empty, stage = run("empty", work)["peak_mb"], run("empty_stage", work)
     size = sum(p.stat().st_size for p in (work / "synth_tasks").glob("*.jsonl")) / 1e6
     print(f"\nsharded: {lines} lines ({size:.0f} MB) written by {tasks} tasks; load average {_load()} on {os.cpu_count()} cores; "
-          f"a bare process {empty:.0f} MB")
+          f"a bare process {empty:.0f} MB, one with a stage's imports (torch, diffusers) {stage['peak_mb']:.0f} MB "
+          f"(imports {stage['seconds']:.1f} s, not counted below)")
     print(f"{'per task':<44}{'ids':>9}{'s':>9}{'cpu s':>9}{'peak MB':>9}")
     for label, name, folder in ((f"start, task 0 of {tasks} (same N)", f"task_0_{tasks}", "synth_tasks"),
                                 (f"start, task {tasks // 2} of {tasks} (same N)", f"task_{tasks // 2}_{tasks}", "synth_tasks"),

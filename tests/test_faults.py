@@ -456,6 +456,27 @@ for _stage in ("masksyn", "imgsyn"):
         _id_case(_stage, _name, _bad, _why)
 
 
+@case("caption")
+def case_caption_bad_shard(w, tmp):
+    return Case(["--data-root", ADE_ROOT, "--split", "val", "--captioner", "labels", "--out", tmp / "c.jsonl", "--shard", "2/2"], 2,
+                ["--shard 2/2", "I must be in 0..N-1"])
+
+
+@case("imgsyn")
+def case_imgsyn_bad_shard(w, tmp):
+    return Case(img_args(w, tmp / "o", "--shard", "3"), 2, ["--shard 3", "expected I/N"])
+
+
+@case("masksyn")
+def case_masksyn_bad_shard(w, tmp):
+    return Case(ms_args(w, tmp / "o", "--shard", "1/0"), 2, ["--shard 1/0", "N must be at least 1"])
+
+
+@case("quality")
+def case_quality_bad_shard(w, tmp):
+    return Case(q_args(w, synthetic(tmp / "syn"), "--shard", "-1/2"), 2, ["--shard -1/2", "I must be in 0..N-1"], out=tmp / "syn")
+
+
 # ---------------------------------------------------------------- imgsyn.py
 
 @case("imgsyn")

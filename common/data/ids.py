@@ -80,15 +80,6 @@ def check_ids(ids, places=None, what: str = "ids") -> None:
         seen.setdefault(key, i)
 
 
-def check_inside(path: str | Path, folder: str | Path, what: str) -> Path:
-    """`path` itself when it lies inside `folder` (symlinks resolved), else SegGenError: the last guard
-    before a file is written from an id."""
-    real, root = os.path.realpath(path), os.path.realpath(folder)
-    if os.path.commonpath([real, root]) != root:
-        raise SegGenError(f"{what}: {path} would be written outside {folder}; refused")
-    return Path(path)
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

@@ -9,7 +9,9 @@ inputs, writes its own manifest beside the others in one folder, and waits for n
       (SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_STEP)   elsewhere (--array=1-64) or step (--array=0-63:2)
     RANK, WORLD_SIZE                                  torchrun / `accelerate launch` (each process a task;
                                                       no process group is started)
-    SLURM_PROCID, SLURM_NTASKS                        `srun -n N` without torchrun
+
+`srun -n N` is not read from SLURM_PROCID / SLURM_NTASKS: a batch script of --ntasks 4 that runs a stage
+once (without srun) has them too, and would do a quarter of the work. Pass --shard $SLURM_PROCID/$SLURM_NTASKS.
 
 An array task that itself runs torchrun (array of A tasks x W processes each) is task a * W + r of A * W.
 Nothing given: task 0 of 1, the whole work.
@@ -80,12 +82,11 @@ def _slurm_array(env) -> tuple[int, int] | None:
 
 
 def _ranks(env) -> tuple[int, int] | None:
-    for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        rank, size = _int(env, rank_name), _int(env, size_name)
-        if rank is not None and size is not None and size > 1:
-            if not 0 <= rank < size:
-                raise SegGenError(f"{rank_name}={rank} is not in 0..{size_name}-1 ({size - 1}); pass --shard I/N")
-            return rank, size
+    rank, size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    if rank is not None and size is not None and size > 1:
+        if not 0 <= rank < size:
+            raise SegGenError(f"RANK={rank} is not in 0..WORLD_SIZE-1 ({size - 1}); pass --shard I/N")
+        return rank, size
     return None
 
 
