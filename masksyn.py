@@ -51,7 +51,7 @@ from rich.progress import TextColumn
 from common import SegGenError
 from common.runtime import cli
 from common.data import subset
-from common.synthesis import finalize, synth
+from common.synthesis import finalize, redraws, synth
 from common.masks.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
 from common.data.datasets import id_to_rgb
@@ -221,7 +221,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
     held.enter_context(task_lock(out, state.process_index, state.num_processes, "masksyn", "--out"))
     # -- this task's share: blocks of captions (block_size), task I of N taking blocks I, I + N, ...; to resume
     # it reads back the outcomes of its own captions only, whichever task (of whatever N) drew them.
-    blocks = synth.shard(caption_blocks(sources, per_sample, batch_size), state)
+    blocks = synth.shard(redraws.caption_blocks(sources, per_sample, batch_size), state)
     mine = {s for block in blocks for s in block}
     in_share = lambda sid: sid.rpartition("_")[0] in mine  # noqa: E731
     share = (state.process_index, state.num_processes)
@@ -242,7 +242,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
     writer = ManifestWriter(task_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
     rejects = ManifestWriter(task_path(rejected_path, state.process_index, state.num_processes), ("colormap",))
     gens, rows, total, start = None, [], 0, time.perf_counter()
-    finished = _Either(done, rejected)  # drawn already, accepted or rejected (no union copied per round)
+    finished = redraws.Either(done, rejected)  # drawn already, accepted or rejected (no union copied per round)
     why: dict[str, list] = {}  # caption -> [rules of this run's rejections, last reason]
     progress = synth.progress("masksyn", state, TextColumn("{task.fields[rejected]} rejected"))
     sink = synth.SampleSink(writer, workers=o.write_threads)  # files encoded and saved beside the next batch
@@ -251,8 +251,8 @@ def _masksyn(held: ExitStack, **options) -> dict:
         for block in blocks:
             planned = dict.fromkeys(block, 0)  # attempts planned so far per caption of the block: 0..planned-1
             # A round's plan depends only on this block's outcomes before it (known here, in memory).
-            while items := next_round(planned, done, per_sample, max_attempts):
-                todo, skipped = synth.process_items(items, batch_size, _ONE, finished)
+            while items := redraws.next_round(planned, done, per_sample, max_attempts):
+                todo, skipped = synth.process_items(items, batch_size, redraws.ONE_TASK, finished)
                 summary["skipped"] += skipped
                 total += sum(len(b) for b in todo)
                 progress.update(task, total=total)
@@ -269,7 +269,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
                             continue
                         summary["attempts"] += 1
                         if "rejected" in item:  # kept as a small picture with its rule (issue 27 item 1)
-                            files.append(sink.file(out / "rejected" / f"{sid}.png", lambda p, x=item["drawn"]: save_thumbnail(p, x)))
+                            files.append(sink.file(out / "rejected" / f"{sid}.png", lambda p, x=item["drawn"]: redraws.save_thumbnail(p, x)))
                             lines.append(rejects)
                             records.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
                                             "off_palette": item["off_palette"], "classes": item["classes"],
@@ -302,99 +302,11 @@ def _masksyn(held: ExitStack, **options) -> dict:
 
     summary["seconds"] = time.perf_counter() - start
     summary["failures"] = []
-    summary["short"] = short_captions(sorted(mine), done, rejected, why, per_sample, max_attempts)
+    summary["short"] = redraws.short_captions(sorted(mine), done, rejected, why, per_sample, max_attempts)
     finalize.finish(out, state, o.finalize, summary)  # index, COCO JSON, tally.json: one task, or finalize after all
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
     return summary
-
-
-class _Either:
-    """`x in` either of two sets, without building their union."""
-
-    def __init__(self, a: set, b: set):
-        self.a, self.b = a, b
-
-    def __contains__(self, x) -> bool:
-        return x in self.a or x in self.b
-
-
-class _One:
-    """The whole list of a block's work items to one task (the blocks are what tasks share)."""
-
-    process_index, num_processes = 0, 1
-
-
-_ONE = _One()
-
-
-def caption_blocks(sources: list[str], per_sample: int, batch_size: int) -> list[list[str]]:
-    """The captions cut into blocks of `block_size`, in order: the unit a task takes whole."""
-    n = block_size(per_sample, batch_size)
-    return [sources[i:i + n] for i in range(0, len(sources), n)]
-
-
-def block_size(per_sample: int, batch_size: int) -> int:
-    """Captions per block: the fewest whose first round (per_sample attempts each) fills whole batches,
-    batch_size / gcd(batch_size, per_sample) (per_sample 10, batch 4: 2 captions, 5 full batches). Fixed by
-    the settings alone, so every run cuts the same blocks and batches."""
-    import math
-
-    return batch_size // math.gcd(batch_size, per_sample)
-
-
-def save_thumbnail(path: Path, cmap: np.ndarray, side: int = 64) -> None:
-    """A rejected colour map as a PNG of `side` px on its long side (nearest neighbour: its colours kept)."""
-    from PIL import Image
-
-    im = Image.fromarray(cmap)
-    scale = side / max(im.size)
-    if scale < 1:
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.NEAREST)
-    im.save(path, format="PNG")
-
-
-def short_captions(sources, done, rejected, why, per_sample, max_attempts) -> list[str]:
-    """This task's captions still short of per_sample accepted masks, each with its attempts and rules."""
-    accepted, tried = {}, {}
-    for sid in done:
-        accepted[sample_attempt(sid)[0]] = accepted.get(sample_attempt(sid)[0], 0) + 1
-    for sid in done | rejected:
-        tried[sample_attempt(sid)[0]] = tried.get(sample_attempt(sid)[0], 0) + 1
-    out = []
-    for s in sources:
-        if accepted.get(s, 0) >= per_sample:
-            continue
-        rules, last = why.get(s, [{}, ""])
-        text = ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + (f" (last: {last})" if last else "")
-        earlier = tried.get(s, 0) - accepted.get(s, 0) - sum(rules.values())
-        if earlier > 0:
-            text += f"{'; ' if text else ''}{earlier} in an earlier run (rejected*.jsonl)"
-        out.append(f"{s}: {accepted.get(s, 0)} of {per_sample} accepted after {tried.get(s, 0)} attempt(s) (max {max_attempts}); "
-                   f"rejected: {text}")
-    return out
-
-
-# ---------------------------------------------------------------- redraw rounds and their tally
-
-def sample_attempt(sid: str) -> tuple[str, int]:
-    s, _, k = sid.rpartition("_")
-    return s, int(k)
-
-
-def next_round(planned: dict[str, int], accepted: set[str], per_sample: int, max_attempts: int) -> list[tuple[str, int]]:
-    """The work items (source id, attempt) of the next round, and `planned` moved on to include them.
-
-    Round 0 (nothing planned): attempts 0..N-1 of every caption. Later: a caption with a accepted of its
-    planned attempts gets min(N - a, max_attempts - planned) more. Only attempts already planned count,
-    so what a killed run drew beyond them does not change the plan."""
-    items = []
-    for s, n in planned.items():
-        have = sum(synth.sample_id(s, k) in accepted for k in range(n))
-        more = per_sample if n == 0 else min(per_sample - have, max_attempts - n)
-        items += [(s, k) for k in range(n, n + max(more, 0))]
-        planned[s] = n + max(more, 0)
-    return items
 
 
 def load_models(models: dict, settings: Settings, device) -> tuple:
