@@ -450,7 +450,7 @@ def _id_case(stage: str, name: str, bad, why: str):
 
 
 for _stage in ("masksyn", "imgsyn"):
-    for _name, _bad, _why in (("escapes_out", "../../x", "path separator"), ("absolute", "/tmp/seggen-absolute-id", "path separator"),
+    for _name, _bad, _why in (("escapes_out", "../../x", "path separator"), ("absolute", "/" + "seggen-absolute-id", "path separator"),
                               ("nests_folders", "a/b", "path separator"), ("null", None, "null"), ("empty", "", "empty"),
                               ("300_bytes", "x" * 300, "300 bytes"), ("nul_byte", "a\x00b", "control character")):
         _id_case(_stage, _name, _bad, _why)
