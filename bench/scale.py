@@ -26,6 +26,7 @@ The old paths keep every record as Python objects (~6 GB per million lines), so 
 
     python bench/scale.py                       # ~2 minutes: 50k lines, 10k COCO images
     nice -n 10 python bench/scale.py --lines 1200000 --coco-images 118000   # the paper-scale target
+    nice -n 19 python bench/scale.py --lines 1200000 --tasks 64 --only-tasks   # the sharded case alone (docs/many-machines.md)
 Targets at 1.2 M lines: resume <= 10 s and <= 300 MB; index <= 20 s and <= 1 GB, <= 100 MB private per
 worker; COCO 118k <= 5 s and <= 300 MB once cached.
 """
