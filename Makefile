@@ -25,7 +25,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The browser tests (tests/test_browse.py) need Debian's chromium: installed here where apt-get can, else they skip saying why.
 test: install
+	command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 || echo "no chromium (apt-get install -y chromium): the browser tests will skip"
 	$(PY) -m pytest -q tests
 
 demo: install

@@ -14,7 +14,6 @@ common/seg/model.py semantic_scores). Resumable: an image whose two outputs exis
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -38,53 +37,35 @@ ALPHA = 0.5  # weight of the class colours in the overlay
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-def load_segmenter(folder: Path, data: str):
-    """(model, image mean, image std) of a train_seg model folder; its class count must match --data."""
-    kind = segmodel.model_type(folder)
-    if kind is None:
-        raise SegGenError(f"--checkpoint {folder}: no config.json there; pass a train_seg run's model/ folder")
-    names = segdata.class_names(data)
-    if kind == "hrnetv2":
-        from common.seg import hrnet
-
-        net, norm = hrnet.load(folder), segmodel.Normalize(**_processor_json(folder))
-        classes = net.num_classes
-    elif kind == "mask2former":
-        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
-        try:
-            net, norm = Mask2FormerForUniversalSegmentation.from_pretrained(folder), Mask2FormerImageProcessor.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise SegGenError(f"--checkpoint {folder}: cannot load Mask2Former from it ({str(e).splitlines()[0]})") from e
-        classes = net.config.num_labels
-    else:
-        raise SegGenError(f"--checkpoint {folder}: a {kind!r} model; pass a Mask2Former or HRNet folder written by train_seg")
-    if classes != len(names):
-        raise SegGenError(f"--checkpoint {folder} predicts {classes} classes, but --data {data} has {len(names)}: pass the --data it was trained on")
-    return net.eval(), norm.image_mean, norm.image_std
-
-
-def _processor_json(folder: Path) -> dict:
-    path = folder / "preprocessor_config.json"
-    return {k: v for k, v in json.loads(path.read_text()).items() if k in ("image_mean", "image_std")} if path.is_file() else {}
-
-
-def find_images(folder: Path) -> list[Path]:
+def find_images(folder: Path, out: Path) -> list[Path]:
+    """The images under --images, each with an output name of its own; --out must be a folder outside them."""
     if not folder.is_dir():
         raise SegGenError(f"--images {folder}: no such folder")
+    check_out(folder, out)
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     if not images:
         raise SegGenError(f"--images {folder}: no images there ({', '.join(sorted(EXTENSIONS))}, searched recursively)")
+    by_output: dict[Path, Path] = {}
+    for image in images:
+        name = image.relative_to(folder).with_suffix(".png")
+        if name in by_output:
+            raise SegGenError(f"--images: {by_output[name]} and {image} would both write labels/{name}; rename one of them")
+        by_output[name] = image
     return images
 
 
-@torch.no_grad()
-def predict_label(net, image: Image.Image, mean, std, size: int, device) -> np.ndarray:
+def check_out(images: Path, out: Path) -> None:
+    """--out is a folder (or does not exist yet) and not inside --images: a rerun would segment its own outputs."""
+    if out.exists() and not out.is_dir():
+        raise SegGenError(f"--out {out} is a file; pass a folder (it gets labels/ and overlays/)")
+    if out.resolve().is_relative_to(images.resolve()):
+        raise SegGenError(f"--out {out} is inside --images {images}: the next run would segment its own outputs; "
+                          f"put --out outside it")
+
+
+def predict_label(seg: segmodel.Segmenter, image: Image.Image, size: int) -> np.ndarray:
     """(H, W) uint8 label PNG values: argmax of the semantic scores + 1 (ADE20K convention)."""
-    x = torch.from_numpy(np.asarray(image).copy()).to(device).permute(2, 0, 1).float()  # (3, H, W) 0..255
-    x = (x - torch.tensor(mean, device=device).view(3, 1, 1) * 255) / (torch.tensor(std, device=device).view(3, 1, 1) * 255)
-    scores = segmodel.semantic_scores(net, x, size)  # (C, H, W) at the original resolution
-    return (scores.argmax(0) + 1).to(torch.uint8).cpu().numpy()
+    return (seg.scores(np.asarray(image), size).argmax(0) + 1).to(torch.uint8).cpu().numpy()
 
 
 def overlay(image: Image.Image, label: np.ndarray, data: str, alpha: float = ALPHA) -> np.ndarray:
@@ -103,15 +84,14 @@ def main(
     images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Output folder: labels/ (8-bit PNG, train id + 1, 0 = none) and overlays/.")],
     data: Annotated[Data, typer.Option(help="The dataset the segmenter was trained on (its classes and colours).")] = Data.ade20k,
-    size: Annotated[int, typer.Option(min=32, help="Short side the segmenter sees (train_seg's eval size).")] = SIZE,
+    size: Annotated[int, typer.Option(min=64, help="Short side the segmenter sees (train_seg's eval size). At least 64: Mask2Former's coarsest features are 1/32 of the input, and a 1x1 map at 32 cannot be normalised.")] = SIZE,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the class colours in the overlays.")] = ALPHA,
 ):
     """Segment every image of --images with a trained segmenter: label PNGs and colour overlays."""
     with user_errors(console):
-        files = find_images(images)
+        files = find_images(images, out)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        net, mean, std = load_segmenter(checkpoint, data.value)
-        net.to(device)
+        seg = segmodel.load_segmenter(checkpoint, len(segdata.class_names(data.value)), device, flag="--checkpoint", data=data.value)
         done = skipped = 0
         with progress_bar(console, "img/s") as progress:
             bar = progress.add_task("predicting", total=len(files))
@@ -125,7 +105,7 @@ def main(
                         image = load_image(f)
                     except (SegGenError, OSError) as e:
                         raise SegGenError(f"--images: cannot read {f} ({e})") from e
-                    label = predict_label(net, image, mean, std, size, device)
+                    label = predict_label(seg, image, size)
                     atomic_save(label_out, lambda p: Image.fromarray(label).save(p, format="PNG"))
                     atomic_save(overlay_out, lambda p: Image.fromarray(overlay(image, label, data.value, alpha)).save(p, format="PNG"))
                     done += 1

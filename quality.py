@@ -27,14 +27,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 from rich.console import Console
 
@@ -48,12 +46,12 @@ from common.data.datasets import Sample, load_image, read_dataset, read_syntheti
 from common.runtime.lock import task_lock
 from common.data.manifest import ManifestWriter, atomic_save, first_record, rank_path, read_ids, read_manifest
 from common.runtime.shard import shard, this_task
+from common.seg.model import Segmenter, load_segmenter
 from common.synthesis.finalize import ensure_finalized
 from common.synthesis.options import ShardOpt
 
 # ---------------------------------------------------------------- defaults and their source
 SIZE = 512  # short side the segmenter sees: train_seg's ADE20K crop / eval size (A.3)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # HRNet (timm, HRNet-Semantic-Segmentation)
 WORST = 8  # samples on the contact sheet
 console = Console(stderr=True, soft_wrap=True)
 
@@ -65,72 +63,26 @@ class Reference(str, Enum):
 
 # ---------------------------------------------------------------- the segmenter
 
-@dataclass
-class Segmenter:
-    model: torch.nn.Module
-    kind: str  # "mask2former" or "hrnet"
-    mean: torch.Tensor  # (1, 3, 1, 1) in 0..255
-    std: torch.Tensor
+def recorded(segmenter: Path, option: str):
+    """An option of the segmenter's train_seg run (RUN/options.json beside RUN/model), None when not recorded."""
+    opts = Path(segmenter).parent / "options.json"
+    try:
+        return json.loads(opts.read_text()).get(option) if opts.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def eval_size(segmenter: Path, data: str) -> int:
-    """The short side the segmenter was evaluated at: its train_seg run's --eval-size (RUN/options.json beside
-    RUN/model), else train_seg's size for the dataset (toy 64; ADE20K/COCO 512)."""
-    opts = Path(segmenter).parent / "options.json"
-    recorded = json.loads(opts.read_text()).get("eval_size") if opts.is_file() else None
-    return int(recorded) if recorded else (64 if data == "toy" else SIZE)
+    """The short side the segmenter was evaluated at: its train_seg run's --eval-size, else train_seg's size
+    for the dataset (toy 64; ADE20K/COCO 512)."""
+    size = recorded(segmenter, "eval_size")
+    return int(size) if size else (64 if data == "toy" else SIZE)
 
 
-def load_segmenter(path: Path, num_classes: int, device) -> Segmenter:
-    """A train_seg run's model/ folder: Mask2Former (save_pretrained + processor) or HRNet (hrnet.save)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SegGenError(f"--segmenter {path}: no such model folder (needs config.json); pass a train_seg run's "
-                          f"model folder, e.g. runs/seg-ade20k-real/model")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type == "hrnetv2":
-        from common.seg import hrnet
-
-        model, mean, std, kind = hrnet.load(path), IMAGENET_MEAN, IMAGENET_STD, "hrnet"
-        classes = model.num_classes
-    elif model_type == "mask2former":
-        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
-        try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(path)
-            processor = Mask2FormerImageProcessor.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise SegGenError(f"--segmenter {path}: cannot load Mask2Former from it ({str(e).splitlines()[0]})") from e
-        mean, std, kind, classes = processor.image_mean, processor.image_std, "mask2former", model.config.num_labels
-    else:
-        raise SegGenError(f"--segmenter {path}: a {model_type!r} model; pass a Mask2Former or HRNet folder written by train_seg")
-    if classes != num_classes:
-        raise SegGenError(f"--segmenter {path} predicts {classes} classes, but --data has {num_classes}: pass a segmenter trained on it")
-    t = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255  # noqa: E731
-    return Segmenter(model.to(device).eval(), kind, t(mean), t(std))
-
-
-def mask2former_scores(model, x: torch.Tensor) -> torch.Tensor:
-    """(1, 3, h, w) -> (C, h, w): Mask2Former's semantic inference, softmax(class) without "no object" ·
-    sigmoid(mask), summed over queries. TODO(lead): use common.seg.model (train_seg's predict: padding to
-    32, detectron2's upsampling)."""
-    out = model(pixel_values=x)
-    masks = F.interpolate(out.masks_queries_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.einsum("qc,qhw->chw", out.class_queries_logits[0].softmax(-1)[:, :-1], masks[0].sigmoid())
-
-
-@torch.no_grad()
 def predict(seg: Segmenter, image: np.ndarray, size: int) -> tuple[torch.Tensor, str]:
-    """(H, W, 3) uint8 -> ((C, H, W) scores at the image's size, "scores" or "logits"): short side resized
-    to `size` (long side at most 4 × size), prediction upsampled back."""
-    h, w = image.shape[:2]
-    x = torch.from_numpy(image.copy()).to(seg.mean.device).permute(2, 0, 1)[None].float()
-    x = (x - seg.mean) / seg.std
-    scale = min(size / min(h, w), 4 * size / max(h, w))
-    x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False, antialias=scale < 1)
-    s = mask2former_scores(seg.model, x) if seg.kind == "mask2former" else seg.model(x)[0]
-    return F.interpolate(s[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0], \
-        "scores" if seg.kind == "mask2former" else "logits"
+    """(H, W, 3) uint8 -> ((C, H, W) class scores at the image's size, their kind for the figures): train_seg's
+    evaluation (common.seg.model.Segmenter.scores), short side `size`."""
+    return seg.scores(image, size), "scores"
 
 
 def figures_of(seg: Segmenter, sample: Sample, data: str, size: int) -> tuple[dict, torch.Tensor, np.ndarray, np.ndarray]:
@@ -227,7 +179,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
     with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"):
         real = read_dataset(data, data_root, split)
         names = labels.class_names(data)
-        seg = load_segmenter(segmenter, len(names), state.device)
+        seg = load_segmenter(segmenter, len(names), state.device, data=data)
         ensure_finalized(folder, console.print)  # a sharded run's folder: its index etc., written once (common/synthesis/finalize.py)
         a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
         out = folder / q.QUALITY_FILE
@@ -316,7 +268,7 @@ def main(
     synthetic: Annotated[Path, typer.Option(help="Synthetic folder (masksyn.py / imgsyn.py output) to judge.", rich_help_panel="Data")],
     segmenter: Annotated[Path, typer.Option(help="Segmenter trained on real data: a train_seg run's model folder (Mask2Former or HRNet).", rich_help_panel="Model")],
     data: Annotated[Data, typer.Option(help="Dataset of the folder's labels.", rich_help_panel="Data")] = Data.ade20k,
-    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset root (default: the segmenter's train_seg run's --data-root when it recorded one, else $SEGGEN_DATASETS, else ./datasets).", rich_help_panel="Data")] = None,
     split: Annotated[Split, typer.Option(help="Real split of the reference class losses and histogram.", rich_help_panel="Data")] = Split.train,
     size: Annotated[int | None, typer.Option(min=16, max=4096, show_default="the segmenter run's eval size", help="Short side the segmenter sees (default: the --eval-size recorded in the segmenter run's options.json, else 512; 64 for --data toy).", rich_help_panel="Model")] = None,
     reference: Annotated[Reference, typer.Option(help="Class-wise mean losses from the real split (FreeMask) or from the folder itself.", rich_help_panel="Filtering")] = Reference.real,
@@ -328,6 +280,9 @@ def main(
     """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
     try:
         size = size or eval_size(segmenter, data.value)
+        if data_root is None and recorded(segmenter, "data") == data.value and recorded(segmenter, "data_root"):
+            data_root = Path(recorded(segmenter, "data_root"))  # the real data the segmenter was trained on
+            console.print(f"--data-root {data_root} (the segmenter's train_seg run)")
         s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst, shard)
     except SegGenError as e:
         console.print(f"[red]error:[/] {e}")

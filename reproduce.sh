@@ -9,6 +9,16 @@
 #   ./reproduce.sh ... --dry-run                                              print the exact commands, run nothing
 #   ./reproduce.sh ... --max-steps N                                          every trainer stops after N steps (a smoke run)
 #   ./reproduce.sh --preset paper --experiment table4 --data-root PATH --gpus 8  one of the paper's tables or figures (list: --experiment list)
+#   ./reproduce.sh ... --gpus 8 --nodes 4 --node-rank R --main-ip HOST   the trainers over 4 machines (docs/training-on-clusters.md)
+#   ./reproduce.sh --preset paper --experiment fig7 --seeds 3 ...             every segmentation run under 3 seeds; WORK/results.md: mean ± std
+#   ./reproduce.sh --preset paper --data coco --backbone swin-l ...           the plain chain's segmenter: r50 (default), swin-l, hrnet-w48 (ADE20K)
+#   ./reproduce.sh --preset paper ... --use-8bit-adam                         the generators' AdamW in 8 bits (bitsandbytes): less GPU memory, beyond A.4
+#
+# The plain paper chain trains each segmenter with the paper's recipe (A.3; docs/training-recipes.md):
+# ADE20K: real and SegGen (aug, p_aug 0.6, MaskSyn + ImgSyn), 160k iterations (HRNet 100k), crop 512 (Swin-L 640,
+# HRNet 520), single- and multi-scale evaluation (Table 1). COCO: Tables 2/3, panoptic and instance, each the real
+# 50+50-epoch baseline (real-pretrain) against SegGen (pretrain on ImgSyn, then real), 368,750 + 368,750
+# iterations (Swin-L 737,500 + 737,500), large-scale jitter at 1024 (train_seg.py's recipe).
 #
 # Reruns resume: a stage whose output is complete (its marker in WORK/.done/) is skipped; a stage cut
 # short continues where it stopped (caption/masksyn/imgsyn skip the ids already written, the trainers
@@ -17,14 +27,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 REPO=$(pwd)
 
+NODES=1 NODE_RANK=0 MAIN_IP="" MAIN_PORT=29500
 PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT="" BUILD_BASE=0
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset)"; }
+BACKBONE=r50 SEEDS=1 ADAM8=0
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset; tiny: its plumbing) --seeds N (experiments: each segmentation run under seeds 0..N-1) --backbone {r50,swin-l,hrnet-w48} (paper preset, plain chain) --use-8bit-adam (paper preset: 8-bit AdamW for Text2Mask / Mask2Img) --nodes N --node-rank R --main-ip HOST --main-port P (the trainers over N machines, --gpus each)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --data-root) DATA_ROOT=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
+    --nodes) NODES=$2; shift 2 ;;
+    --node-rank) NODE_RANK=$2; shift 2 ;;
+    --main-ip) MAIN_IP=$2; shift 2 ;;
+    --main-port) MAIN_PORT=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
@@ -32,16 +48,38 @@ while [ $# -gt 0 ]; do
     --build-base) BUILD_BASE=1; shift ;;
     --experiment) EXPERIMENT=$2; shift 2 ;;
     --max-steps) MAX_STEPS=$2; shift 2 ;;
+    --backbone) BACKBONE=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --use-8bit-adam) ADAM8=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "reproduce.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+GIVEN_ROOT=$DATA_ROOT
 case "$PRESET" in paper|tiny) ;; toy) DATA=toy ;; *) echo "reproduce.sh: --preset must be paper, toy or tiny (got $PRESET)" >&2; exit 2 ;; esac
 case "$SIZE" in full|demo|smoke) ;; *) echo "reproduce.sh: --size must be full, demo or smoke (got $SIZE)" >&2; exit 2 ;; esac
 [ "$PRESET" = toy ] || [ "$SIZE" = full ] || { echo "reproduce.sh: --size is for --preset toy" >&2; exit 2; }
 case "$DATA" in ade20k|coco|toy) ;; *) echo "reproduce.sh: --data must be ade20k or coco (got $DATA)" >&2; exit 2 ;; esac
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --gpus must be a positive integer (got $GPUS)" >&2; exit 2; }
+[[ "$NODES" =~ ^[1-9][0-9]*$ && "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt "$NODES" ]] || { echo "reproduce.sh: --nodes must be a positive integer and --node-rank one of 0..nodes-1 (got $NODES, $NODE_RANK)" >&2; exit 2; }
+[ "$NODES" = 1 ] || [ -n "$MAIN_IP" ] || { echo "reproduce.sh: --nodes $NODES needs --main-ip (the address of the machine with --node-rank 0)" >&2; exit 2; }
 [[ -z "$MAX_STEPS" || "$MAX_STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --max-steps must be a positive integer (got $MAX_STEPS)" >&2; exit 2; }
+[[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: --seeds must be a positive integer (got $SEEDS)" >&2; exit 2; }
+[ "$SEEDS" = 1 ] || [ -n "$EXPERIMENT" ] || { echo "reproduce.sh: --seeds is for --experiment NAME (the toy preset's seeds come with --size)" >&2; exit 2; }
+case "$BACKBONE" in r50|swin-l|hrnet-w48) ;; *) echo "reproduce.sh: --backbone must be r50, swin-l or hrnet-w48 (got $BACKBONE)" >&2; exit 2 ;; esac
+[ "$BACKBONE" = r50 ] || [ "$PRESET" = paper ] || { echo "reproduce.sh: --backbone is for --preset paper" >&2; exit 2; }
+[ "$BACKBONE" != hrnet-w48 ] || [ "$DATA" = ade20k ] || { echo "reproduce.sh: --backbone hrnet-w48 is the paper's ADE20K semantic segmenter (A.3, Table 4b): use --data ade20k" >&2; exit 2; }
+[ "$ADAM8" = 0 ] || [ "$PRESET" = paper ] || { echo "reproduce.sh: --use-8bit-adam is for --preset paper" >&2; exit 2; }
+
+set_flag() {  # set_flag ARRAY FLAG VALUE: the flag's value in the named array replaced (appended when absent)
+  local -n arr=$1; local i
+  for i in "${!arr[@]}"; do if [ "${arr[$i]}" = "$2" ]; then arr[i+1]=$3; return; fi; done
+  arr+=("$2" "$3")
+}
+get_flag() {  # get_flag ARRAY FLAG: the flag's value in the named array (empty when absent)
+  local -n arr=$1; local i
+  for i in "${!arr[@]}"; do if [ "${arr[$i]}" = "$2" ]; then echo "${arr[i+1]}"; return; fi; done
+}
 
 PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
@@ -56,12 +94,22 @@ if [ "$PRESET" = paper ]; then
   DATA_ROOT=${DATA_ROOT:-${SEGGEN_DATASETS:-datasets}}
   SDXL=stabilityai/stable-diffusion-xl-base-1.0
   CAPTION_ARGS=(--model Salesforce/blip2-flan-t5-xxl --batch-size 16)     # §3.2, the paper's prompt is the default
-  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 768 --max-steps 30000 --lr 1e-5 --batch-size 4
-                  --mixed-precision bf16 --gradient-checkpointing --use-8bit-adam)  # A.4
+  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 768 --max-steps 30000 --lr 1e-5 --global-batch-size 32 --batch-size 4
+                  --mixed-precision bf16 --gradient-checkpointing)  # A.4: AdamW
+  # --use-8bit-adam: bitsandbytes' 8-bit AdamW, a memory saving beyond A.4 (its states take a quarter of the memory)
+  if [ "$ADAM8" = 1 ]; then GEN_TRAIN_ARGS+=(--use-8bit-adam); fi
   if [ "$DATA" = ade20k ]; then IMGSYN_PER_SAMPLE=50; else IMGSYN_PER_SAMPLE=10; fi  # §4.1
   MASKSYN_ARGS=(--per-sample 10 --text2mask-steps 200 --mask2img-steps 40 --resolution 768)  # §4.1, A.4
   IMGSYN_ARGS=(--per-sample "$IMGSYN_PER_SAMPLE" --steps 40 --resolution 768)
-  SEG_ARGS=(--backbone r50 --max-steps 160000 --batch-size 16 --crop 512 --mixed-precision bf16)  # A.3, Table 1
+  # A.3 / Tables 1-4 (docs/training-recipes.md): iterations at batch 16 per phase, and the crop, of each segmenter
+  case "$DATA/$BACKBONE" in
+    ade20k/r50) SEG_STEPS=160000 SEG_CROP=512 ;; ade20k/swin-l) SEG_STEPS=160000 SEG_CROP=640 ;; ade20k/hrnet-w48) SEG_STEPS=100000 SEG_CROP=520 ;;
+    coco/r50) SEG_STEPS=368750 SEG_CROP=1024 ;; coco/swin-l) SEG_STEPS=737500 SEG_CROP=1024 ;;  # 50 / 100 epochs, large-scale jitter
+  esac
+  if [ -n "$MAX_STEPS" ]; then SEG_STEPS=$MAX_STEPS; fi
+  # Mask2Former trains with AMP (its configs' SOLVER.AMP); HRNet's recipe in fp32. --eval-every 5000: the configs' TEST.EVAL_PERIOD.
+  SEG_ARGS=(--backbone "$BACKBONE" --max-steps "$SEG_STEPS" --batch-size 16 --crop "$SEG_CROP" --eval-every 5000)
+  [ "$BACKBONE" = hrnet-w48 ] || SEG_ARGS+=(--mixed-precision bf16)
 elif [ "$PRESET" = toy ]; then
   # The toy world (common/toy/world.py) and its base (common/toy/base.py), every model learned on 2 CPU cores.
   WORK=${WORK:-runs/toy}
@@ -90,7 +138,7 @@ elif [ "$PRESET" = toy ]; then
   esac
   if [ -n "$MAX_STEPS" ]; then T2M_STEPS=$MAX_STEPS; M2I_STEPS=$MAX_STEPS; SEG_STEPS=$MAX_STEPS; TABLE_STEPS=$MAX_STEPS; fi
   CAPTION_ARGS=()
-  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --lr 1e-3 --batch-size 16 --num-workers 0
+  GEN_TRAIN_ARGS=(--pretrained "$BASE" --resolution 64 --lr 1e-3 --global-batch-size 16 --batch-size 16 --num-workers 0
                   --caption-dropout 0.1 --ema --cache-latents --center-crop --checkpointing-steps 500 --validation-steps 0 --report-to none)
   MASKSYN_ARGS=("${MS[@]}" --text2mask-steps "$SAMPLE_STEPS" --mask2img-steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
   IMGSYN_ARGS=("${IS[@]}" --steps "$SAMPLE_STEPS" --resolution 64 --batch-size 16 --preview 4)
@@ -103,14 +151,14 @@ else
   SDXL=$TINY/sdxl
   # A random tiny BLIP-2 writes gibberish; the class-name captioner gives readable prompts for free.
   CAPTION_ARGS=(--captioner labels)
-  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 64 --max-steps 20 --lr 1e-4 --batch-size 2 --num-workers 0
+  GEN_TRAIN_ARGS=(--pretrained "$SDXL" --resolution 64 --max-steps 20 --lr 1e-4 --global-batch-size 2 --batch-size 2 --num-workers 0
                   --checkpointing-steps 10 --validation-steps 0 --report-to none)
   MASKSYN_ARGS=(--per-sample 2 --text2mask-steps 4 --mask2img-steps 4 --resolution 64 --max-off-palette 1.0 --preview 2)
   IMGSYN_ARGS=(--per-sample 2 --steps 4 --resolution 64 --preview 2)
   SEG_ARGS=(--model "$TINY/mask2former" --max-steps 40 --batch-size 2 --crop 128 --num-workers 0
             --checkpoint-every 20 --log-every 10)
 fi
-if [ -n "$MAX_STEPS" ] && [ "$PRESET" != toy ]; then GEN_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); SEG_ARGS+=(--max-steps "$MAX_STEPS"); fi
+if [ -n "$MAX_STEPS" ] && [ "$PRESET" != toy ]; then GEN_TRAIN_ARGS+=(--max-steps "$MAX_STEPS"); set_flag SEG_ARGS --max-steps "$MAX_STEPS"; fi
 CAPTIONS=$WORK/captions/${DATA}_train.jsonl
 if [ "$PRESET" = toy ]; then CAPTIONS=$DATA_ROOT/captions_train.jsonl; fi  # the world's own captions (common/toy/world.py)
 T2M=$WORK/runs/text2mask-$DATA
@@ -121,10 +169,15 @@ SEG_REAL=$WORK/runs/seg-$DATA-real
 if [ "$DATA" = ade20k ]; then SEG_STRATEGY=aug; else SEG_STRATEGY=pretrain; fi  # §3.4, §4.2
 SEG_SYN=$WORK/runs/seg-$DATA-$SEG_STRATEGY
 
-# One process for the tiny preset; accelerate over the GPUs otherwise.
+# One process for the tiny preset; accelerate over the GPUs otherwise. The trainers (LAUNCH) may span --nodes machines
+# (every machine runs this script with its --node-rank; accelerate's --num_processes counts them all).
 if [ "$PRESET" != paper ]; then LAUNCH=("$PY"); LAUNCH_MANY=("$PY")
 elif [ "$GPUS" -gt 1 ]; then LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$GPUS"); LAUNCH_MANY=("${LAUNCH[@]}")
 else LAUNCH=("$PY" -m accelerate.commands.launch --num_processes 1); LAUNCH_MANY=("${LAUNCH[@]}"); fi
+if [ "$PRESET" = paper ] && [ "$NODES" -gt 1 ]; then
+  LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes $((GPUS * NODES)) --num_machines "$NODES"
+          --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT")
+fi
 
 # ---------------------------------------------------------------- stage runner
 DONE=$WORK/.done
@@ -235,6 +288,8 @@ fig8         imgsyn-20k             ade20k  full   r50        semantic  aug     
 fig8         imgsyn-200k            ade20k  full   r50        semantic  aug            0.6    imgsyn:10   160000          -
 fig8         imgsyn-600k            ade20k  full   r50        semantic  aug            0.6    imgsyn:30   160000          -
 fig8         imgsyn-1m              ade20k  full   r50        semantic  aug            0.6    imgsyn:50   160000          -
+fig11        imgsyn-20k             ade20k  full   r50        semantic  aug            0.6    imgsyn:1    160000          --eval-every 5000
+fig11        imgsyn-1m              ade20k  full   r50        semantic  aug            0.6    imgsyn:50   160000          --eval-every 5000
 table8       real                   ade20k  full   r50        semantic  real           -      -           160000          -
 table8       masksyn-40k            ade20k  full   r50        semantic  aug            0.6    masksyn:2   160000          -
 table8       masksyn-80k            ade20k  full   r50        semantic  aug            0.6    masksyn:4   160000          -
@@ -255,17 +310,13 @@ table6 Table 6: pre-training against augmentation, ADE20K (a) and COCO PQ / AP (
 table7 Table 7 (A.9): without colour augmentation, random flipping and random cropping
 fig7 Fig. 7: p_aug from 0 (real only) to 1 (synthetic only)
 fig8 Fig. 8, A.6: the number of ImgSyn samples (first k per real sample)
+fig11 Fig. 11 (A.6): training loss and validation mIoU with 20K against 1M ImgSyn samples (WORK/runs/fig11/fig11.png; --eval-every 5000, the TEST.EVAL_PERIOD of the Mask2Former configs)
 table8 Table 8 (A.10): the number of MaskSyn samples (first k per caption)
 table9 Table 9 (A.11): the generators on SD-1.5
 '
 SD15=${SD15:-stable-diffusion-v1-5/stable-diffusion-v1-5}  # A.11; the weights once at runwayml/stable-diffusion-v1-5
 SUBSET_N=1000 SUBSET_SEED=0  # Table 4's 1,000 real samples, one seeded choice for every stage
 
-set_flag() {  # set_flag ARRAY FLAG VALUE: the flag's value in the named array replaced (appended when absent)
-  local -n arr=$1; local i
-  for i in "${!arr[@]}"; do if [ "${arr[$i]}" = "$2" ]; then arr[i+1]=$3; return; fi; done
-  arr+=("$2" "$3")
-}
 
 declare -A ONCE=()
 once() {  # once NAME COMMAND...: stage, but only the first time this run asks for NAME (chains shared by experiments)
@@ -273,10 +324,15 @@ once() {  # once NAME COMMAND...: stage, but only the first time this run asks f
   ONCE[$1]=1
   stage "$@"
 }
-chain() {  # chain KIND DATA: the generation stages of one chain (each once per run); sets CH_MASKSYN, CH_IMGSYN, CH_SUBSET
-  local kind=$1 data=$2 tag=$2 caps=$WORK/captions/$2_train.jsonl
+data_root() {  # data_root DATA: where DATA's rows read it (the tiny preset: its own samples of each dataset)
+  if [ "$PRESET" = tiny ] && [ -z "$GIVEN_ROOT" ]; then echo "tests/data/$1"; else echo "$DATA_ROOT"; fi
+}
+chain() {  # chain KIND DATA NEEDS: the generation stages one row needs (each once per run; NEEDS: masksyn and/or imgsyn);
+  #                               sets CH_MASKSYN, CH_IMGSYN, CH_SUBSET. Text2Mask and MaskSyn run only for a row that uses MaskSyn.
+  local kind=$1 data=$2 needs=$3 tag=$2 caps=$WORK/captions/$2_train.jsonl root; root=$(data_root "$2")
   local gen=("${GEN_TRAIN_ARGS[@]}") ms=("${MASKSYN_ARGS[@]}") is=("${IMGSYN_ARGS[@]}") sub=()
-  if [ "$data" = coco ]; then set_flag is --per-sample 10; else set_flag is --per-sample 50; fi  # §4.1
+  if [ "$PRESET" = tiny ]; then :  # the tiny preset's own small counts (its plumbing, not the paper's numbers)
+  elif [ "$data" = coco ]; then set_flag is --per-sample 10; else set_flag is --per-sample 50; fi  # §4.1
   CH_SUBSET=""
   case $kind in
     n1000) tag=$data-$SUBSET_N CH_SUBSET=$WORK/subsets/$data-$SUBSET_N.txt caps=$WORK/captions/${data}_train-$SUBSET_N.jsonl
@@ -286,33 +342,62 @@ chain() {  # chain KIND DATA: the generation stages of one chain (each once per 
   esac
   local t2m=$WORK/runs/text2mask-$tag m2i=$WORK/runs/mask2img-$tag
   CH_MASKSYN=$WORK/synth/masksyn-$tag CH_IMGSYN=$WORK/synth/imgsyn-$tag
-  if [ -n "$CH_SUBSET" ]; then  # one seeded subset, then its own captions file
-    once "$tag-subset" "$PY" -m common.data.subset --data "$data" --data-root "$DATA_ROOT" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
-    once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
+  if [ -n "$CH_SUBSET" ]; then  # one seeded subset (real-only rows train on it too)
+    once "$tag-subset" "$PY" -m common.data.subset --data "$data" --data-root "$root" --n "$SUBSET_N" --seed "$SUBSET_SEED" --out "$CH_SUBSET"
+  fi
+  [ -n "$needs" ] || return 0  # a real-only row: no generator
+  if [ -n "$CH_SUBSET" ]; then  # the subset's own captions file
+    once "$tag-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$root" --split train --out "$caps" "${sub[@]}" "${CAPTION_ARGS[@]}"
   else  # the full chain and SD-1.5 share the captions (§3.2: BLIP-2 captions, whatever the base)
-    once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$DATA_ROOT" --split train --out "$caps" "${CAPTION_ARGS[@]}"
+    once "$data-caption" "${LAUNCH_MANY[@]}" caption.py --data "$data" --data-root "$root" --split train --out "$caps" "${CAPTION_ARGS[@]}"
+  fi
+  if [[ " $needs " == *" masksyn "* ]]; then
+    # shellcheck disable=SC2046
+    once "$tag-train-text2mask" "${LAUNCH[@]}" train_text2mask.py --data "$data" --data-root "$root" --captions "$caps" "${sub[@]}" \
+      --output-dir "$t2m" "${gen[@]}" $(resume_if_checkpoint "$t2m")
   fi
   # shellcheck disable=SC2046
-  once "$tag-train-text2mask" "${LAUNCH[@]}" train_text2mask.py --data "$data" --data-root "$DATA_ROOT" --captions "$caps" "${sub[@]}" \
-    --output-dir "$t2m" "${gen[@]}" $(resume_if_checkpoint "$t2m")
-  # shellcheck disable=SC2046
-  once "$tag-train-mask2img" "${LAUNCH[@]}" train_mask2img.py --data "$data" --data-root "$DATA_ROOT" --captions "$caps" "${sub[@]}" \
+  once "$tag-train-mask2img" "${LAUNCH[@]}" train_mask2img.py --data "$data" --data-root "$root" --captions "$caps" "${sub[@]}" \
     --output-dir "$m2i" "${gen[@]}" $(resume_if_checkpoint "$m2i")
-  if [ "$data" = ade20k ]; then  # COCO: ImgSyn only (§4.1)
+  if [[ " $needs " == *" masksyn "* ]]; then  # ADE20K's rows only (§4.1: COCO uses ImgSyn)
     once "$tag-masksyn" "${LAUNCH_MANY[@]}" masksyn.py --data "$data" --captions "$caps" "${sub[@]}" --text2mask "$t2m" --mask2img "$m2i" \
       --out "$CH_MASKSYN" "${ms[@]}"
   fi
-  once "$tag-imgsyn" "${LAUNCH_MANY[@]}" imgsyn.py --data "$data" --data-root "$DATA_ROOT" --split train --captions "$caps" "${sub[@]}" \
-    --mask2img "$m2i" --out "$CH_IMGSYN" "${is[@]}"
+  if [[ " $needs " == *" imgsyn "* ]]; then
+    once "$tag-imgsyn" "${LAUNCH_MANY[@]}" imgsyn.py --data "$data" --data-root "$root" --split train --captions "$caps" "${sub[@]}" \
+      --mask2img "$m2i" --out "$CH_IMGSYN" "${is[@]}"
+  fi
 }
 
-experiment() {  # experiment NAME: the chains its rows need, then its segmentation runs
-  local name=$1 exp run data kind backbone task strategy p syn steps extra
+row_args() {  # row_args BACKBONE STEPS EXTRA: ROW (train_seg.py flags of the model, steps and precision) for one row
+  local backbone=$1 steps=$2 extra=$3 every
+  if [ "$PRESET" = tiny ]; then  # the tiny preset's plumbing: every row on the tiny Mask2Former, tiny steps
+    ROW=("${SEG_ARGS[@]}"); steps=$(get_flag SEG_ARGS --max-steps); [[ "$2" != *+* ]] || steps=$steps+$steps
+  else
+    ROW=(--backbone "$backbone" --batch-size 16)  # A.3
+    [[ "$backbone" == hrnet* ]] || ROW+=(--mixed-precision bf16)  # Mask2Former trains with AMP; HRNet's recipe in fp32
+    if [ -n "$MAX_STEPS" ]; then if [[ "$steps" == *+* ]]; then steps=$MAX_STEPS+$MAX_STEPS; else steps=$MAX_STEPS; fi; fi
+  fi
+  if [[ "$steps" == *+* ]]; then set_flag ROW --pretrain-steps "${steps%+*}"; fi
+  set_flag ROW --max-steps "${steps#*+}"
+  # shellcheck disable=SC2206
+  [ "$extra" = - ] || ROW+=($extra)
+  # Runs cut short (--max-steps, tiny) still draw curves: 4 evaluations and loss points a phase.
+  every=$(( ${steps#*+} / 4 > 0 ? ${steps#*+} / 4 : 1 ))
+  if [[ " ${ROW[*]} " == *" --eval-every "* ]] && { [ -n "$MAX_STEPS" ] || [ "$PRESET" = tiny ]; }; then
+    set_flag ROW --eval-every "$every"; set_flag ROW --log-every "$every"
+  fi
+}
+
+experiment() {  # experiment NAME: the chains its rows need, then its segmentation runs (each under --seeds seeds)
+  local name=$1 exp run data kind backbone task strategy p syn steps extra needs seed
   echo "# experiment $name:$(sed -n "s/^$name / /p" <<< "$NOTES")"
+  local runs=()
   while read -r exp run data kind backbone task strategy p syn steps extra <&3; do
     [ "$exp" = "$name" ] || continue
-    chain "$kind" "$data"
-    local args=(--data "$data" --data-root "$DATA_ROOT" --backbone "$backbone" --task "$task" --strategy "$strategy")
+    needs=$(tr ' ' '\n' <<< "${syn//both/masksyn imgsyn}" | sed 's/:.*//' | grep -v '^-$' | sort -u | tr '\n' ' ' || true)
+    chain "$kind" "$data" "$needs"
+    local args=(--data "$data" --data-root "$(data_root "$data")" --task "$task" --strategy "$strategy")
     [ "$p" = - ] || args+=(--p-aug "$p")
     local s k folder
     for s in ${syn//both/masksyn imgsyn}; do
@@ -321,22 +406,27 @@ experiment() {  # experiment NAME: the chains its rows need, then its segmentati
       case ${s%%:*} in masksyn) folder=$CH_MASKSYN ;; imgsyn) folder=$CH_IMGSYN ;; esac
       args+=(--synthetic "$folder$k")
     done
-    if [ -n "$MAX_STEPS" ]; then if [[ "$steps" == *+* ]]; then steps=$MAX_STEPS+$MAX_STEPS; else steps=$MAX_STEPS; fi; fi
-    if [[ "$steps" == *+* ]]; then args+=(--pretrain-steps "${steps%+*}" --max-steps "${steps#*+}"); else args+=(--max-steps "$steps"); fi
-    args+=(--batch-size 16)  # A.3
-    [[ "$backbone" == hrnet* ]] || args+=(--mixed-precision bf16)  # Mask2Former trains with AMP; HRNet's recipe in fp32
     [ -z "$CH_SUBSET" ] || args+=(--real-subset "$CH_SUBSET")
-    # shellcheck disable=SC2206
-    [ "$extra" = - ] || args+=($extra)
-    local out=$WORK/runs/$name/$run
-    # shellcheck disable=SC2046
-    stage "$name-$run" "${LAUNCH[@]}" train_seg.py "${args[@]}" --output-dir "$out" $(resume_if_checkpoint "$out")
+    row_args "$backbone" "$steps" "$extra"
+    for ((seed = 0; seed < SEEDS; seed++)); do
+      local out=$WORK/runs/$name/$run tag=$name-$run sd=()
+      if [ "$SEEDS" -gt 1 ]; then out=$out-s$seed tag=$tag-s$seed sd=(--seed "$seed"); fi
+      # shellcheck disable=SC2046
+      stage "$tag" "${LAUNCH[@]}" train_seg.py "${args[@]}" "${ROW[@]}" "${sd[@]}" --output-dir "$out" $(resume_if_checkpoint "$out")
+      runs+=("$out")
+    done
   done 3<<< "$EXPERIMENTS"
+  if [ "$name" = fig11 ]; then  # A.6: training loss and validation mIoU of the small and the full synthetic set
+    report "$PY" -m common.report.curves "${runs[@]}" --out "$WORK/runs/fig11/fig11.png"
+  fi
+}
+report() {  # report COMMAND...: printed in a dry run, else run (every time: the figures follow the runs)
+  if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
 NAMES=($(awk '!/^#/ && NF { if (!seen[$1]++) print $1 }' <<< "$EXPERIMENTS"))
 if [ -n "$EXPERIMENT" ]; then
-  [ "$PRESET" = paper ] || { echo "reproduce.sh: --experiment is for --preset paper" >&2; exit 2; }
+  [ "$PRESET" != toy ] || { echo "reproduce.sh: --experiment is for --preset paper (or tiny, its plumbing)" >&2; exit 2; }
   if [ "$EXPERIMENT" = list ]; then
     for n in "${NAMES[@]}"; do sed -n "s/^$n //p" <<< "$NOTES"; done
     exit 0
@@ -345,7 +435,12 @@ if [ -n "$EXPERIMENT" ]; then
   for n in "${todo[@]}"; do
     [[ " ${NAMES[*]} " == *" $n "* ]] || { echo "reproduce.sh: --experiment $n is none of: ${NAMES[*]} (or all, list)" >&2; exit 2; }
   done
+  if [ "$PRESET" = tiny ]; then
+    for kind in sdxl mask2former; do stage "tiny-$kind" "$PY" -m common.models.tiny "$kind" "$TINY/$kind"; done
+  fi
   for n in "${todo[@]}"; do experiment "$n"; done
+  # One table of every run asked for: mean ± std over the seeds (common/report/seeds.py)
+  report "$PY" -m common.report.seeds "${todo[@]/#/$WORK/runs/}" --out "$WORK/results.md"
   exit 0
 fi
 
@@ -412,9 +507,11 @@ if [ "$PRESET" = tiny ]; then
   for kind in sdxl mask2former; do stage "tiny-$kind" "$PY" -m common.models.tiny "$kind" "$TINY/$kind"; done
 fi
 stage caption "${LAUNCH_MANY[@]}" caption.py --data "$DATA" --data-root "$DATA_ROOT" --split train --out "$CAPTIONS" "${CAPTION_ARGS[@]}"
+if [ "$DATA" = ade20k ] || [ "$COCO_MASKSYN" = 1 ]; then  # Text2Mask serves MaskSyn only: COCO trains it with --coco-masksyn
 # shellcheck disable=SC2046
 stage train-text2mask "${LAUNCH[@]}" train_text2mask.py --data "$DATA" --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
   --output-dir "$T2M" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$T2M")
+fi
 # shellcheck disable=SC2046
 stage train-mask2img "${LAUNCH[@]}" train_mask2img.py --data "$DATA" --data-root "$DATA_ROOT" --captions "$CAPTIONS" \
   --output-dir "$M2I" "${GEN_TRAIN_ARGS[@]}" $(resume_if_checkpoint "$M2I")
@@ -428,12 +525,23 @@ stage imgsyn "${LAUNCH_MANY[@]}" imgsyn.py --data "$DATA" --data-root "$DATA_ROO
   --mask2img "$M2I" --out "$IMGSYN" "${IMGSYN_ARGS[@]}"
 SYNTH=(--synthetic "$IMGSYN")
 if [ "$DATA" = ade20k ] || [ "$COCO_MASKSYN" = 1 ]; then SYNTH+=(--synthetic "$MASKSYN"); fi
-# shellcheck disable=SC2046
-stage seg-real "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" --strategy real \
-  --output-dir "$SEG_REAL" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$SEG_REAL")
-# shellcheck disable=SC2046
-stage "seg-$SEG_STRATEGY" "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" --strategy "$SEG_STRATEGY" \
-  --p-aug 0.6 "${SYNTH[@]}" --output-dir "$SEG_SYN" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$SEG_SYN")
+seg_run() {  # seg_run NAME RUN_FOLDER TRAIN_SEG_FLAGS...: one segmentation run of the plain chain
+  local name=$1 out=$2; shift 2
+  # shellcheck disable=SC2046
+  stage "$name" "${LAUNCH[@]}" train_seg.py --data "$DATA" --data-root "$DATA_ROOT" "$@" --output-dir "$out" "${SEG_ARGS[@]}" $(resume_if_checkpoint "$out")
+}
+if [ "$DATA" = ade20k ]; then  # Table 1: real against SegGen's synthetic augmentation (§3.4), single- and multi-scale
+  MS=(); if [ "$PRESET" = paper ]; then MS=(--multiscale); fi
+  seg_run seg-real "$SEG_REAL" --task semantic --strategy real "${MS[@]}"
+  seg_run "seg-$SEG_STRATEGY" "$SEG_SYN" --task semantic --strategy "$SEG_STRATEGY" --p-aug 0.6 "${SYNTH[@]}" "${MS[@]}"
+else  # Tables 2/3: panoptic and instance, each the real 50+50-epoch baseline against synthetic pre-training + real fine-tuning
+  PRE=(); if [ "$PRESET" = paper ]; then PRE=(--pretrain-steps "$SEG_STEPS"); fi
+  for task in panoptic instance; do
+    sfx=""; [ "$task" = panoptic ] || sfx=-$task
+    seg_run "seg-real$sfx" "$SEG_REAL$sfx" --task "$task" --strategy real-pretrain "${PRE[@]}"
+    seg_run "seg-$SEG_STRATEGY$sfx" "$SEG_SYN$sfx" --task "$task" --strategy "$SEG_STRATEGY" "${SYNTH[@]}" "${PRE[@]}"
+  done
+fi
 if [ "$DRY" = 0 ]; then
   "$PY" -m common.report.run "$WORK" --data "$DATA" --preset "$PRESET"
 fi

@@ -9,7 +9,11 @@ map drawn on the fly from the real annotation with the generation palette (NEARE
 cropped together with the image. The ControlNet starts as a copy of the UNet's encoder
 (ControlNetModel.from_unet, Zhang et al. 2023) or from --controlnet; the base UNet, VAE and text
 encoders stay frozen. Paper defaults: SDXL-base, resolution 768, 30,000 iterations, lr 1e-5, AdamW,
-random flip. An SD-1.5-style --pretrained pipeline works too (appendix A.11): told from its folder.
+random flip. The global batch (--global-batch-size, A.4 gives none: 32) is the same on any number of
+processes: --batch-size only caps the per-process micro-batch, gradient accumulation makes up the rest;
+a run resumed on another process count continues the same run. SIGTERM saves a checkpoint at the end of
+the step and exits 143 (docs/training-on-clusters.md). An SD-1.5-style --pretrained pipeline works too
+(appendix A.11): told from its folder.
 
 The run folder ends as a ControlNetModel folder (ControlNetModel.from_pretrained(folder)) with
 seggen.json ({"base": the --pretrained pipeline, ...}) and palette.json beside it, so imgsyn.py and
@@ -44,24 +48,26 @@ from common.runtime.lock import output_lock
 from common.runtime.weights import SAFE, check_safetensors
 from common.data.paths import captions_path, mask2img_dir, record_path
 from common.runtime.checkpoint import checkpoint_step, register_diffusers_hooks, resolve_trainer_resume, save_trainer_checkpoint
+from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, on_sigterm
+from common.report.card import card_for_run
 from common.runtime.checkpoint import load as load_checkpoint
 from common.runtime.cli import (  # the command line both trainers share: choices and options, declared once
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
-    CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GradientAccumulationOpt,
-    GradientCheckpointingOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
+    CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GlobalBatchSizeOpt,
+    GradientCheckpointingOpt, ProcessGroupTimeoutOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
     MixedPrecisionOpt, NumWorkersOpt, PaletteKind, PaletteOpt, PretrainedOpt, RandomFlipOpt, ReportToOpt,
     ResolutionOpt, ResumeOpt, Schedule, SeedOpt, Split, SplitOpt, Tracker, Use8bitAdamOpt, VaeOpt,
     ValidationGuidanceOpt, ValidationInferenceStepsOpt, ValidationStepsOpt, WeightDecayOpt, call, run,
 )
 from common.diffusion.sdxl import (
-    PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, drop_captions, inspect_base, validation_prompts,
+    PAPER_BASE, cache_text_embeddings, check_resolution, check_vae, inspect_base, validation_prompts,
 )
 from common.diffusion.training import (
-    ColorMapDataset, RunLog, StepMeter, cache_latents, check_cache_latents, check_finite, ema_weights, image_grid,
-    load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer, noisy_latents, optimizer_step,
-    caption_cut_note, read_captions, sample_latents, step_loader, to_device,
+    ColorMapDataset, StepMeter, cache_latents, caption_cut_note, check_cache_latents, check_finite, check_resumed_schedule,
+    drop_captions_per_sample, ema_weights, image_grid, load_vae, make_accelerator, make_ema, make_lr_scheduler, make_optimizer,
+    noisy_latents_per_sample, optimizer_step, read_captions, sample_generators, sample_latents, start_run, step_loader,
+    stop_if_preempted, to_device,
 )
-from common.runtime.seeds import step_generator
 
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -70,6 +76,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def train(a: SimpleNamespace) -> Path:
     """The whole run: checks, data, model, loop, final save. Returns the output folder."""
     with ExitStack() as held:  # the lock on --output-dir, taken once the accelerator knows this rank
+        held.enter_context(on_sigterm())  # SIGTERM: the step in progress ends, a checkpoint is saved (cluster.py)
         return _train(a, held)
 
 
@@ -86,7 +93,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     check_resolution(a.resolution, base)
     check_vae(a.vae)
     check_controlnet(a.controlnet, base)
-    resume_from = resolve_trainer_resume(a.resume, out, console.print)
+    resume_from = resolve_trainer_resume(a.resume, out, console.print, "mask2img", "controlnet", a.max_steps)
     check_cache_latents(a.cache_latents, a.center_crop)
     samples, texts = read_captions(captions, read_dataset(a.data, data_root, a.split))
     if a.real_subset is not None:  # the one subset every stage uses (common/data/subset.py)
@@ -99,18 +106,17 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
 
     accelerator, weight_dtype, use_tb = make_accelerator(a, out, console)
     held.enter_context(output_lock(out, accelerator.process_index, "--output-dir"))  # one writer per run folder
-    main_proc, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    options = {**vars(a), "data_root": data_root, "captions": captions, "output_dir": out, "resume_from": resume_from,
-               "is_sdxl": base.is_sdxl, "world_size": world, "mixed_precision": accelerator.mixed_precision,
-               "samples": len(samples), "global_batch": a.batch_size * world * a.gradient_accumulation}
-    log = RunLog(out, options, main_proc, checkpoint_step(resume_from) or 0)
+    main_proc = accelerator.is_main_process
+    split, options, log = start_run(a, out, accelerator, resume_from, "mask2img", {
+        "data_root": Path(data_root).resolve(), "captions": Path(captions).resolve(), "output_dir": out, "resume_from": resume_from,
+        "is_sdxl": base.is_sdxl, "mixed_precision": accelerator.mixed_precision, "samples": len(samples)}, console.print)
     if main_proc:
         for line in (note, caption_cut_note(a.pretrained, samples, texts, captions)):
             if line:
                 console.print(f"[yellow]note:[/] {line}")
         console.print(f"Mask2Img ({'SDXL' if base.is_sdxl else 'SD-1.5'} base {a.pretrained}, ControlNet "
                       f"{a.controlnet or 'copied from its UNet'}) on {a.data}/{a.split}: "
-                      f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}")
+                      f"{len(samples)} captioned samples from {data_root}, captions {captions} -> {out}; {split.describe()}")
 
     # ---------------------------------------------------------------- data
     # Every caption is encoded once, then the text encoders are freed (SDXL's two are 1.6 B parameters).
@@ -143,33 +149,34 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
     register_diffusers_hooks(accelerator, ControlNetModel, "controlnet")
 
     optimizer = make_optimizer(controlnet.parameters(), a.lr, a.use_8bit_adam, a.weight_decay)
-    lr_scheduler = make_lr_scheduler(a, optimizer, world)
+    lr_scheduler = make_lr_scheduler(a, optimizer)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
 
     global_step, last_ckpt = 0, resume_from
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, ema)
         global_step = checkpoint_step(resume_from)
+        check_resumed_schedule(lr_scheduler, global_step, resume_from)
+        accelerator.step = 0  # micro-steps counted from this optimizer step (the accumulation may differ from the checkpoint's)
         if main_proc:
             console.print(f"resumed from {resume_from} at step {global_step}")
-    loader = step_loader(dataset, a, accelerator, global_step)  # starts where the checkpoint stopped
+    loader = step_loader(dataset, a, accelerator, split, global_step)  # starts where the checkpoint stopped
     if use_tb:
         accelerator.init_trackers("mask2img", config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
 
     # ---------------------------------------------------------------- loop
-    micro = global_step * a.gradient_accumulation
     val_ids = list(range(min(a.num_validation, len(dataset))))
     meter = StepMeter("Mask2Img", log, accelerator, global_step, a.max_steps, options["global_batch"], console)
     for batch in loader:
         if global_step >= a.max_steps:
             break
-        g = step_generator(a.seed, micro, rank, accelerator.device)
+        gens = sample_generators(a.seed, batch["position"], accelerator.device)  # per sample: any split of the global batch draws alike
         batch = to_device(batch, accelerator.device, weight_dtype)
         with accelerator.accumulate(controlnet):
-            latents = sample_latents(batch, "pixel_values", vae, g)  # (B, 4, R/8, R/8)
-            noisy, t, target = noisy_latents(latents.to(weight_dtype), noise_scheduler, g)
-            embeds, pooled = drop_captions(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), a.caption_dropout, g,
-                                           empty, base.force_zeros_for_empty_prompt)
+            latents = sample_latents(batch, "pixel_values", vae, gens)  # (B, 4, R/8, R/8)
+            noisy, t, target = noisy_latents_per_sample(latents.to(weight_dtype), noise_scheduler, gens)
+            embeds, pooled = drop_captions_per_sample(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"), a.caption_dropout,
+                                                      gens, empty, base.force_zeros_for_empty_prompt)
             cond = {"text_embeds": pooled, "time_ids": batch["time_ids"]} if base.is_sdxl else None
             # The colour map enters in [0, 1], as in diffusers' ControlNet trainers and pipelines.
             control = batch["colormap"].to(weight_dtype) / 255  # (B, 3, R, R)
@@ -182,7 +189,6 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
             loss_value = accelerator.reduce(loss.detach(), "mean").item()  # the same number on every process
             check_finite(loss_value, global_step + 1, last_ckpt)  # before backward: the weights stay good
             grad_norm = optimizer_step(accelerator, controlnet, optimizer, lr_scheduler, loss, a.max_grad_norm)
-        micro += 1
         meter.micro_step(loss_value)
         if not accelerator.sync_gradients:
             continue
@@ -191,7 +197,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
             ema.step(controlnet.parameters())
         meter.step(global_step, lr_scheduler.get_last_lr()[0], grad_norm)
         if a.checkpointing_steps and global_step % a.checkpointing_steps == 0:
-            last_ckpt = save_trainer_checkpoint(accelerator, out, global_step, a.checkpoints_total_limit)
+            last_ckpt = save_trainer_checkpoint(accelerator, out, global_step, a.checkpoints_total_limit, "mask2img")
         if a.validation_steps and (global_step % a.validation_steps == 0 or global_step == a.max_steps):
             if main_proc:
                 with ema_weights(ema, controlnet):  # sample with the EMA weights
@@ -200,6 +206,8 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
                 log.write(step=global_step, validation=v)
                 accelerator.log({f"validation/{k}": x for k, x in v.items() if isinstance(x, float)}, step=global_step)
             accelerator.wait_for_everyone()
+        if global_step < a.max_steps:
+            stop_if_preempted(accelerator, out, global_step, last_ckpt, a, "mask2img", meter)
     meter.close()
 
     # ---------------------------------------------------------------- final save: the ControlNet + its base
@@ -215,6 +223,7 @@ def _train(a: SimpleNamespace, held: ExitStack) -> Path:
             "stage": "mask2img", "base": record_path(a.pretrained, out, notes), "vae": a.vae and record_path(a.vae, out, notes), "data": a.data, "palette": "palette.json",
             "palette_kind": a.palette, "resolution": a.resolution, "steps": global_step, "is_sdxl": base.is_sdxl,
         }, indent=2) + "\n")
+        card_for_run(out)  # README.md, as diffusers' trainers write: base, data, steps, options, last validation grid
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"[green]done[/]: {global_step} steps in {time.perf_counter() - meter.t_start:.1f} s; "
@@ -316,8 +325,8 @@ def main(
     vae: VaeOpt = None,
     resolution: ResolutionOpt = 768,
     max_steps: MaxStepsOpt = 30_000,
+    global_batch_size: GlobalBatchSizeOpt = 32,
     batch_size: BatchSizeOpt = 4,
-    gradient_accumulation: GradientAccumulationOpt = 1,
     lr: LrOpt = 1e-5,
     lr_schedule: LrScheduleOpt = Schedule.constant_with_warmup,
     lr_warmup_steps: LrWarmupStepsOpt = 0,
@@ -332,6 +341,7 @@ def main(
     gradient_checkpointing: GradientCheckpointingOpt = False,
     use_8bit_adam: Use8bitAdamOpt = False,
     allow_tf32: AllowTf32Opt = True,
+    process_group_timeout: ProcessGroupTimeoutOpt = PROCESS_GROUP_TIMEOUT,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/mask2img-{data}).", rich_help_panel="Output")] = None,
     checkpointing_steps: CheckpointingStepsOpt = 500,
     checkpoints_total_limit: CheckpointsTotalLimitOpt = 3,

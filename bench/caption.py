@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import rounds  # noqa: E402  (bench/rounds.py: the rounds protocol)
 from caption import PAPER_PROMPT, caption  # noqa: E402
 from common.models import tiny  # noqa: E402
 from common.data.datasets import load_image, read_dataset  # noqa: E402
@@ -84,21 +84,19 @@ def main():
         make_dataset(tmp / "data", args.images)
         images = [load_image(s.image) for s in read_dataset("ade20k", tmp / "data", "train")]
         bare_loop(model, images[: args.batch_size], args.batch_size, args.max_new_tokens)  # warm-up
-        # Rounds of bare, caption.py, ..., bare: each caption.py run against the mean of the bare runs on either
-        # side of it, which cancels a slow drift of a shared machine; the median round is the result.
-        bare, ours = [bare_loop(model, images, args.batch_size, args.max_new_tokens)], []
-        for r in range(args.rounds):
+        def ours_run(r: int) -> float:
             s = caption("ade20k", tmp / "data", "train", tmp / f"captions-{r}.jsonl", model=str(model), batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, num_workers=args.num_workers)
-            ours.append(s["captioned"] / s["seconds"])
-            bare.append(bare_loop(model, images, args.batch_size, args.max_new_tokens))
-    ratios = [o / ((b0 + b1) / 2) for o, b0, b1 in zip(ours, bare, bare[1:])]
+            return s["captioned"] / s["seconds"]
+
+        bare, ours = rounds.interleaved(lambda: bare_loop(model, images, args.batch_size, args.max_new_tokens), ours_run, args.rounds)
+    ratios = rounds.ratios(ours, bare)
     print(f"{args.images} images, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, {args.num_workers} worker(s), "
           f"torch threads {torch.get_num_threads()}, model {model}")
     print(f"  bare processor+generate loop (images pre-decoded), img/s: {', '.join(f'{b:.2f}' for b in bare)}")
     print(f"  caption.py (decode, batch, generate, write), img/s:       {', '.join(f'{o:.2f}' for o in ours)}")
     print(f"  ratio caption.py / bare loop by round: {', '.join(f'{x:.2f}' for x in ratios)}")
-    print(f"  ratio caption.py / bare loop: {statistics.median(ratios):.2f}  (median of {len(ratios)} rounds; goal >= 0.9)")
+    print(f"  ratio caption.py / bare loop: {rounds.median(ratios):.2f}  (median of {len(ratios)} rounds; goal >= 0.9)")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def training(models: dict, a, device, dtype) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from common.diffusion.training import make_optimizer, noisy_latents, optimizer_step, sample_latents, step_generator
+    from common.diffusion.training import make_optimizer, noisy_latents, optimizer_step, sample_latents
+    from common.runtime.seeds import step_generator
 
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     scheduler = DDPMScheduler.from_config(realsize.scheduler_config())

@@ -113,7 +113,7 @@ def floor(base: Annotated[str, typer.Option()], world: Annotated[Path, typer.Opt
 
 def _miou(seg, pairs) -> float:
     """Dataset-level mIoU (%) over the classes present in labels or predictions."""
-    from common.seg.data import ade20k_train_ids
+    from common.seg.labels import ade20k_train_ids
     from quality import predict
 
     inter, union = np.zeros(C), np.zeros(C)

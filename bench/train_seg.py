@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+import rounds  # noqa: E402  (bench/rounds.py: the rounds protocol)
 import train_seg  # noqa: E402
 from common.seg import data as segdata  # noqa: E402
 from common.seg import model as segmodel  # noqa: E402
@@ -147,20 +147,15 @@ def main():
         model_dir = args.model or (None if backbone else str(tiny.save("mask2former", work / "tiny")))
         print(f"device {device}, torch threads {torch.get_num_threads()}, crop {args.crop}, batch {args.batch_size}, "
               f"{args.num_workers} worker(s), model {model_dir if args.model else backbone.value if backbone else 'tiny'}")
-        # Rounds of bare, ours, ..., bare: each run of ours is compared with the mean of the bare runs on either side
-        # of it, which cancels a slow drift of a shared machine; the median round is the result.
-        bare = [bare_loop(model_dir, backbone, args, device)]
+        bare, full = rounds.interleaved(lambda: bare_loop(model_dir, backbone, args, device),
+                                        lambda r: ours(model_dir, backbone, args, work / f"round{r}"), args.rounds)
         if device.type == "cuda":
-            print(f"peak GPU memory (bare loop): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        full = []
-        for r in range(args.rounds):
-            full.append(ours(model_dir, backbone, args, work / f"round{r}"))
-            bare.append(bare_loop(model_dir, backbone, args, device))
-    ratios = [f / ((b0 + b1) / 2) for f, b0, b1 in zip(full, bare, bare[1:])]
+            print(f"peak GPU memory (bare loops): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    ratios = rounds.ratios(full, bare)
     print(f"bare forward/backward/step, it/s: {', '.join(f'{b:.2f}' for b in bare)}")
     print(f"train_seg.py (p_aug 0.6, augmentation, {args.num_workers} worker(s)), it/s: {', '.join(f'{f:.2f}' for f in full)}")
     print(f"ratio ours / bare by round: {', '.join(f'{x:.2f}' for x in ratios)}")
-    print(f"ratio ours / bare: {statistics.median(ratios):.2f} (median of {len(ratios)} rounds; goal >= 0.9)")
+    print(f"ratio ours / bare: {rounds.median(ratios):.2f} (median of {len(ratios)} rounds; goal >= 0.9)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common.runtime import loader  # noqa: E402
+import rounds  # noqa: E402  (bench/rounds.py: the rounds protocol)
+from common.runtime import loader, quiet  # noqa: E402
 from common.models import tiny  # noqa: E402
 from common.masks.colormap import palette_for  # noqa: E402
 from common.data.datasets import read_dataset  # noqa: E402
@@ -184,20 +185,17 @@ def main():
 
         bare[name] = bare_step
 
-    # ------------------------------------------------ rounds: bare, then (script, bare) x --rounds
-    # Each script run is compared with the bare runs on either side of it (each bare run times the VAE encode
-    # beside it), which cancels a slow drift of a shared machine; the median round is the result.
+    # ------------------------------------------------ rounds: bare, then (script, bare) x --rounds (bench/rounds.py)
+    # each bare run times the VAE encode beside it
     def bare_round():
         return {name: (timed(fn, n), timed(lambda: sample_latents(batch, "pixel_values", vae, g), n)) for name, fn in bare.items()}
 
-    bares, scripts = [bare_round()], []
-    for _ in range(args.rounds):
-        scripts.append({"text2mask": script_step(train_text2mask, work, base, captions, args, n, len(scripts)),
-                        "mask2img": script_step(train_mask2img, work, base, captions, args, n, len(scripts))})
-        bares.append(bare_round())
+    bares, scripts = rounds.interleaved(bare_round, lambda r: {
+        "text2mask": script_step(train_text2mask, work, base, captions, args, n, r),
+        "mask2img": script_step(train_mask2img, work, base, captions, args, n, r)}, args.rounds)
     for name, row in rows.items():
-        floors = [(b0[name][0] + b1[name][0]) / 2 for b0, b1 in zip(bares, bares[1:])]  # bare around each script run
-        vaes = [(b0[name][1] + b1[name][1]) / 2 for b0, b1 in zip(bares, bares[1:])]
+        floors = rounds.around([b[name][0] for b in bares])  # bare around each script run
+        vaes = rounds.around([b[name][1] for b in bares])
         row["script"] = statistics.median(sc[name] for sc in scripts)
         row["bare"], row["bare_vae"] = statistics.median(floors), statistics.median(f + v for f, v in zip(floors, vaes))
         row["rounds"] = [(sc[name], f, f + v) for sc, f, v in zip(scripts, floors, vaes)]  # (script, bare, bare + VAE) per round

@@ -39,7 +39,7 @@ def trainer_args(tmp_path, pretrained, out, **extra):
     """Command line of a tiny, fast train_text2mask.py / train_mask2img.py run on the ADE20K val samples;
     an extra flag given as None is a bare switch."""
     args = {"--data-root": ADE_ROOT, "--split": "val", "--captions": write_captions(tmp_path / "captions.jsonl"),
-            "--pretrained": pretrained, "--output-dir": out, "--resolution": 64, "--batch-size": 2, "--num-workers": 0,
+            "--pretrained": pretrained, "--output-dir": out, "--resolution": 64, "--global-batch-size": 2, "--batch-size": 2, "--num-workers": 0,
             "--validation-steps": 0, "--checkpointing-steps": 0, "--report-to": "none", **extra}
     return [str(x) for kv in args.items() for x in kv if x is not None]
 

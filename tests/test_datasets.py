@@ -10,6 +10,7 @@ from conftest import ADE_ROOT, COCO_ROOT
 from PIL import Image
 
 from common import SegGenError
+from common.data.sample import Sample
 from common.data.datasets import (
     default_data_root, id_to_rgb, load_image, load_label, load_panoptic, read_dataset, read_synthetic, rgb_to_id,
 )
@@ -225,7 +226,7 @@ def _copy(src, dst):
 
 
 def test_default_root_reads_detectron2s_layout(tmp_path, monkeypatch):
-    """datasets/coco/… and datasets/ADEChallengeData2016/ (detectron2's convention, cited by README)."""
+    """datasets/coco/… and datasets/ADEChallengeData2016/ (detectron2's convention, cited by docs/data-layouts.md)."""
     _copy(COCO_ROOT, tmp_path / "datasets/coco")
     _copy(ADE_ROOT / "ADEChallengeData2016", tmp_path / "datasets/ADEChallengeData2016")
     monkeypatch.delenv("SEGGEN_DATASETS", raising=False)
@@ -252,3 +253,22 @@ def test_a_root_off_by_one_or_two_levels_gets_the_folder_that_is_there(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegGenError, match=r"no COCO panoptic found\. Expected .*empty/annotations/panoptic_val2017.json.*under .*empty/coco/"):
         read_dataset("coco", tmp_path / "empty", "val")
+
+
+def test_a_label_drawn_on_the_exif_turned_view_is_named_as_such(tmp_path):
+    """A photo stored landscape with EXIF orientation 6 (viewers show it portrait) and a label drawn on the
+    portrait view: the size error says so and how to fix it, instead of only two sizes."""
+    src = read_dataset("ade20k", ADE_ROOT, "val")[0]
+    image, label = load_image(src.image), np.asarray(Image.open(src.annotation))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = image.transpose(Image.Transpose.ROTATE_90)  # what the camera stored
+    stored.save(tmp_path / "x.jpg", exif=exif)
+    Image.fromarray(label).save(tmp_path / "x.png")  # drawn on the view: the label has image's size
+    sample = Sample("x", tmp_path / "x.jpg", tmp_path / "x.png")
+    with pytest.raises(SegGenError, match=r"EXIF orientation \(6\).*ImageOps.exif_transpose"):
+        load_label(sample, "ade20k")
+    stored.save(tmp_path / "y.jpg")  # the same pixels without the tag: a plain size mismatch
+    with pytest.raises(SegGenError) as e:
+        load_label(Sample("y", tmp_path / "y.jpg", tmp_path / "x.png"), "ade20k")
+    assert "EXIF" not in str(e.value)

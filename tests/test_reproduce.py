@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -69,7 +70,7 @@ def test_bad_options_are_named():
 
 def test_tiny_chain_killed_midway_resumes_and_validates(tmp_path):
     work = tmp_path / "demo"
-    env = {**os.environ, "PYTHON": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"}
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, whatever virtualenv it is
     args = [SCRIPT, "--preset", "tiny", "--work", str(work), "--max-steps", "4"]
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
@@ -149,7 +150,7 @@ def test_toy_preset_dry_run_prints_the_chain_and_table4():
 
 def test_toy_smoke_chain_writes_report_and_results(tmp_path):
     work = tmp_path / "toy"
-    env = {**os.environ, "PYTHON": str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"}
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, whatever virtualenv it is
     r = subprocess.run([SCRIPT, "--preset", "toy", "--size", "smoke", "--work", str(work)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -219,6 +220,8 @@ PAPER = {
     "fig7": [run_row(strategy="aug", p_aug=p, synthetic=BOTH) for p in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)],
     "fig8": [run_row()] + [run_row(strategy="aug", p_aug=0.6, synthetic=[f"imgsyn:{n}"]) for n in FIG8_IMGSYN],
     "table8": [run_row()] + [run_row(strategy="aug", p_aug=0.6, synthetic=[f"masksyn:{n}"]) for n in TABLE8_MASKSYN],
+    # A.6: "20K and 1M" ImgSyn samples at p_aug 60 %, validated along the run (Mask2Former's TEST.EVAL_PERIOD 5000)
+    "fig11": [run_row(strategy="aug", p_aug=0.6, synthetic=[f"imgsyn:{n}"], extra=["--eval-every 5000"]) for n in (20_000, 1_000_000)],
     "table9": ade_ablation("r50", R50_ADE, "sd15"),
 }
 
@@ -250,7 +253,8 @@ def as_row(f: dict) -> tuple:
     chain = "n1000" if "--real-subset" in f else (chains.pop() if chains else "full")
     steps = int(f["--max-steps"]) if "--pretrain-steps" not in f else (int(f["--pretrain-steps"]), int(f["--max-steps"]))
     return (f["--data"], f["--backbone"], f["--task"], f["--strategy"], float(f["--p-aug"]) if "--p-aug" in f else None,
-            tuple(sorted(synthetic)), steps, chain, tuple(sorted(k for k in ("--multiscale", "--no-augment") if k in f)))
+            tuple(sorted(synthetic)), steps, chain, tuple(sorted([k for k in ("--multiscale", "--no-augment") if k in f]
+                                                               + [f"--eval-every {f['--eval-every']}" for _ in [0] if "--eval-every" in f])))
 
 
 def paper_count(n: int) -> int:
@@ -282,6 +286,8 @@ def test_experiment_dry_run_matches_the_paper(name):
     assert {f["--data"] for f in gen["caption.py"]} == uses  # every chain a run needs, and only those
     sd15 = any(f["--output-dir"].endswith("-sd15") for f in gen["train_text2mask.py"])
     assert sd15 == (name == "table9")
+    uses_masksyn = any(s.startswith("masksyn") for row in PAPER[name] for s in row[5])
+    assert bool(gen["train_text2mask.py"]) == bool(gen["masksyn.py"]) == uses_masksyn  # Text2Mask serves MaskSyn only
     assert sorted(ROOT.iterdir()) == before
 
 
@@ -293,6 +299,7 @@ def test_table4_uses_one_subset_in_every_stage():
     assert len(made) == 1 and made[0]["--n"] == "1000" and made[0]["--data"] == "ade20k"  # Table 4: 1,000 real samples
     subset = made[0]["--out"]
     first = lines.index(next(x for x in lines if "common.data.subset" in x))
+    assert first < min(i for i, x in enumerate(lines) if "--real-subset" in x)  # written before its first use
     later = [x for x in lines[first + 1:] if ".py" in x and "-1000" in x]
     stages = {next(w for w in x.split() if w.endswith(".py")) for x in later}
     assert stages == {"caption.py", "train_text2mask.py", "train_mask2img.py", "masksyn.py", "imgsyn.py", "train_seg.py"}
@@ -305,8 +312,8 @@ def test_experiment_list_and_bad_names():
     assert r.returncode == 0 and "Table 9 (A.11)" in r.stdout and "Fig. 7" in r.stdout
     r = run("--experiment", "table10", "--dry-run")
     assert r.returncode == 2 and "--experiment table10 is none of: table1 table2" in r.stderr
-    r = run("--preset", "tiny", "--experiment", "table1", "--dry-run")
-    assert r.returncode == 2 and "--experiment is for --preset paper" in r.stderr
+    r = run("--preset", "toy", "--experiment", "table1", "--dry-run")
+    assert r.returncode == 2 and "--experiment is for --preset paper (or tiny, its plumbing)" in r.stderr
 
 
 def test_all_experiments_share_each_chain_and_max_steps_caps_every_run():
@@ -335,3 +342,156 @@ def test_toy_quality_bench_names_what_is_missing(tmp_path):
     assert f"{tmp_path / 'run'}/world is missing: run ./reproduce.sh --preset toy --work {tmp_path / 'run'} first" in r.stderr
     usage = subprocess.run([str(ROOT / "bench/toy_quality.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "bench/toy_quality.sh RUN [OUT]" in usage.stdout and "set -euo" not in usage.stdout
+
+
+# ---------------------------------------------------------------- the plain chains: each segmenter's recipe (issue 25 item 1)
+
+# Transcribed from the paper, per (--data, --backbone): (dataset, iterations per phase, crop, task, strategy, m.s.).
+# ADE20K (Table 1, A.3): 160k at crop 512 (Swin-L 640), real against SegGen's augmentation, both evaluated
+# single- and multi-scale. HRNet-W48 (A.3, Table 4b): 100k; its 520 crop is HRNet's official config (the paper is
+# silent). COCO (Tables 2/3): panoptic and instance, real 50+50 epochs against synthetic pre-training + real
+# fine-tuning; an epoch is 7,375 iterations at batch 16 (Mask2Former's 50 epochs = 368,750), crop 1024 (LSJ).
+EPOCH = 7_375
+ADE_PAIR = [("real", None), ("aug", 0.6)]
+PLAIN = {
+    ("ade20k", "r50"): [("ade20k", 160_000, 512, "semantic", s, True) for s, _ in ADE_PAIR],
+    ("ade20k", "swin-l"): [("ade20k", 160_000, 640, "semantic", s, True) for s, _ in ADE_PAIR],
+    ("ade20k", "hrnet-w48"): [("ade20k", 100_000, 520, "semantic", s, True) for s, _ in ADE_PAIR],
+    ("coco", "r50"): [("coco", (50 * EPOCH, 50 * EPOCH), 1024, t, s, False)
+                      for t in ("panoptic", "instance") for s in ("real-pretrain", "pretrain")],
+    ("coco", "swin-l"): [("coco", (100 * EPOCH, 100 * EPOCH), 1024, t, s, False)
+                         for t in ("panoptic", "instance") for s in ("real-pretrain", "pretrain")],
+}
+
+
+@pytest.mark.parametrize("data,backbone", sorted(PLAIN))
+def test_plain_dry_run_follows_the_papers_recipe(data, backbone):
+    r = run("--preset", "paper", "--data", data, "--backbone", backbone, "--data-root", "/data", "--gpus", "8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    seg = [flags(x) for x in r.stdout.splitlines() if "train_seg.py" in x]
+    got = [(f["--data"], int(f["--max-steps"]) if "--pretrain-steps" not in f else (int(f["--pretrain-steps"]), int(f["--max-steps"])),
+            int(f["--crop"]), f["--task"], f["--strategy"], "--multiscale" in f) for f in seg]
+    assert sorted(got) == sorted(PLAIN[(data, backbone)])
+    assert all(f["--backbone"] == backbone and f["--batch-size"] == "16" for f in seg)  # A.3: batch 16
+    assert all(f.get("--mixed-precision") == (None if backbone == "hrnet-w48" else "bf16") for f in seg)  # HRNet's recipe in fp32
+    synthetic = [f for f in seg if f["--strategy"] != "real-pretrain" and f["--strategy"] != "real"]
+    assert all(f["--synthetic"] for f in synthetic) and all("--synthetic" not in f for f in seg if f not in synthetic)
+    if data == "ade20k":
+        assert all(f["--p-aug"] == "0.6" and len(f["--synthetic"]) == 2 for f in synthetic)  # §4.2: MaskSyn + ImgSyn at 60 %
+    else:
+        assert all(x.endswith("imgsyn-coco") for f in synthetic for x in f["--synthetic"])  # §4.1: ImgSyn only
+        assert "train_text2mask.py" not in r.stdout  # Text2Mask serves MaskSyn, which COCO does not use
+
+
+def test_coco_trains_text2mask_only_for_its_masksyn():
+    r = run("--preset", "paper", "--data", "coco", "--data-root", "/data", "--dry-run", "--coco-masksyn")
+    assert r.returncode == 0, r.stderr
+    assert sum("train_text2mask.py" in x for x in r.stdout.splitlines()) == 1
+
+
+def test_paper_preset_uses_adamw_and_8bit_adam_only_when_asked():
+    plain = run("--preset", "paper", "--data-root", "/data", "--dry-run").stdout
+    small = run("--preset", "paper", "--data-root", "/data", "--dry-run", "--use-8bit-adam").stdout
+    for trainer in ("train_text2mask.py", "train_mask2img.py"):  # A.4: "AdamW optimizer is employed"
+        assert "--use-8bit-adam" not in next(x for x in plain.splitlines() if trainer in x)
+        assert "--use-8bit-adam" in next(x for x in small.splitlines() if trainer in x)
+    r = run("--preset", "tiny", "--use-8bit-adam", "--dry-run")
+    assert r.returncode == 2 and "--use-8bit-adam is for --preset paper" in r.stderr
+
+
+def test_plain_chain_options_are_checked():
+    r = run("--preset", "paper", "--data", "coco", "--backbone", "hrnet-w48", "--dry-run")
+    assert r.returncode == 2 and "--backbone hrnet-w48 is the paper's ADE20K semantic segmenter" in r.stderr
+    r = run("--preset", "paper", "--backbone", "swin-b", "--dry-run")
+    assert r.returncode == 2 and "--backbone must be r50, swin-l or hrnet-w48 (got swin-b)" in r.stderr
+    r = run("--preset", "paper", "--seeds", "3", "--dry-run")
+    assert r.returncode == 2 and "--seeds is for --experiment NAME" in r.stderr
+    r = run("--preset", "paper", "--experiment", "fig7", "--seeds", "0", "--dry-run")
+    assert r.returncode == 2 and "--seeds must be a positive integer (got 0)" in r.stderr
+
+
+# ---------------------------------------------------------------- --seeds N: one table of mean ± std (issue 25 item 6)
+
+def test_seeds_run_every_segmentation_run_under_each_seed_and_end_in_one_table():
+    r = run("--preset", "paper", "--experiment", "table1,fig7", "--seeds", "3", "--data-root", "/data", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    seg = [flags(x) for x in lines if "train_seg.py" in x]
+    assert len(seg) == 3 * (len(PAPER["table1"]) + len(PAPER["fig7"]))
+    by_row = {}
+    for f in seg:
+        run_dir, _, seed = f["--output-dir"].rpartition("-s")
+        assert seed == f["--seed"]  # RUN-sK trains with --seed K
+        by_row.setdefault(run_dir, []).append(int(seed))
+    assert all(sorted(v) == [0, 1, 2] for v in by_row.values())
+    assert lines[-1].endswith("-m common.report.seeds ./runs/table1 ./runs/fig7 --out ./results.md ")  # one table of both
+
+
+def test_seeds_table_gives_mean_and_std_per_run(tmp_path):
+    from common.report.seeds import summarise
+
+    for seed, (miou, ms) in enumerate([(0.47, 0.49), (0.48, 0.50), (0.49, 0.51)]):  # three seeds of two runs
+        for run_name, shift in (("r50-real", 0.0), ("r50-seggen", 0.02)):
+            d = tmp_path / "table1" / f"{run_name}-s{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"single_scale": {"mIoU": miou + shift}, "multi_scale": {"mIoU": ms + shift}}))
+    (tmp_path / "table1/swinl-real-s0").mkdir()  # started, not finished
+    text, data = summarise([tmp_path / "table1"])
+    assert "| table1 | r50-real | 3 | 48.00 ± 1.00 | 50.00 ± 1.00 | — | — |" in text
+    assert "| table1 | r50-seggen | 3 | 50.00 ± 1.00 | 52.00 ± 1.00 | — | — |" in text
+    assert "table1: no metrics.json yet in swinl-real-s0" in text
+    assert data["table1"]["r50-real"]["seeds"] == [0, 1, 2] and data["table1"]["r50-real"]["mIoU s.s."]["std"] == pytest.approx(1.0)
+    out = tmp_path / "results.md"
+    cli = subprocess.run([sys.executable, "-m", "common.report.seeds", str(tmp_path / "table1"), "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert out.read_text() == text and json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(data))
+    missing = subprocess.run([sys.executable, "-m", "common.report.seeds", str(tmp_path / "table2"), "--out", str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "table2: no such experiment folder" in missing.stderr
+
+
+# ---------------------------------------------------------------- --experiment fig11: Fig. 11's curves (issue 25 item 5)
+
+def test_fig11_tiny_run_writes_the_history_and_the_curves(tmp_path, tiny_models):
+    """The fig11 experiment's own part: its two segmentation runs with --eval-every, the curves, the table. The
+    generation stages before them are the tiny chain's (test_tiny_chain_killed_midway_resumes_and_validates runs
+    them): here they are marked done, with the session's tiny models and an ImgSyn folder of real pairs."""
+    from common.data.datasets import read_dataset
+    from common.data.manifest import ManifestWriter
+
+    work = tmp_path / "w"
+    (work / "tiny").mkdir(parents=True)
+    (work / ".done").mkdir()
+    for kind in ("sdxl", "mask2former"):
+        (work / "tiny" / kind).symlink_to(tiny_models(kind))
+    for stage in ("tiny-sdxl", "tiny-mask2former", "ade20k-caption", "ade20k-train-mask2img", "ade20k-imgsyn"):
+        (work / ".done" / stage).touch()
+    imgsyn = work / "synth/imgsyn-ade20k"
+    for sub in ("images", "annotations", "colormaps"):
+        (imgsyn / sub).mkdir(parents=True)
+    with ManifestWriter(imgsyn / "manifest.jsonl", path_fields=("image", "annotation", "colormap")) as w:
+        for sample in read_dataset("ade20k", ROOT / "tests/data/ade20k", "train"):
+            for k in range(2):
+                sid = f"{sample.id}_s{k}"
+                (imgsyn / f"images/{sid}.jpg").write_bytes(sample.image.read_bytes())
+                for sub in ("annotations", "colormaps"):  # the colour map's content is not read by train_seg
+                    (imgsyn / f"{sub}/{sid}.png").write_bytes(sample.annotation.read_bytes())
+                w.append({"id": sid, "source_id": sample.id, "method": "imgsyn", "image": f"images/{sid}.jpg", "annotation": f"annotations/{sid}.png",
+                          "colormap": f"colormaps/{sid}.png", "caption": "a room", "seed": k, "k": k, "models": {}})
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run([SCRIPT, "--preset", "tiny", "--experiment", "fig11", "--max-steps", "2", "--work", str(work)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "== ade20k-imgsyn: done before, skipped" in r.stdout and "text2mask" not in r.stdout  # fig11 uses ImgSyn only
+    for run_name in ("imgsyn-20k", "imgsyn-1m"):
+        run_dir = work / "runs/fig11" / run_name
+        history = [json.loads(x) for x in (run_dir / "metrics_history.jsonl").read_text().splitlines()]
+        assert [h["global_step"] for h in history] == [1, 2] and all(0 <= h["mIoU"] <= 1 and h["loss"] > 0 for h in history)
+        assert [s["step"] for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())] == [1, 2]
+        assert (run_dir / "model-best/best.json").is_file()
+    png = Image.open(work / "runs/fig11/fig11.png").convert("RGB")
+    colours = {c for _, c in png.getcolors(1 << 20)}
+    assert png.size[0] > 800 and {(31, 119, 180), (214, 39, 40)} <= colours  # both runs drawn, one colour each
+    table = (work / "results.md").read_text()
+    assert "| fig11 | imgsyn-20k | 1 |" in table and "| fig11 | imgsyn-1m | 1 |" in table

@@ -42,6 +42,8 @@ def test_apply_keeps_the_listed_samples_and_names_unknown_ids(tmp_path):
         subset.apply(samples, tmp_path / "bad.txt")
     with pytest.raises(SegGenError, match="--real-subset .*nope.txt: no such file"):
         subset.apply(samples, tmp_path / "nope.txt")
+    (tmp_path / "bom.txt").write_bytes(f"\ufeff{samples[1].id}\r\n{samples[0].id}\r\n".encode())  # as Windows editors save it
+    assert [s.id for s in subset.apply(samples, tmp_path / "bom.txt")] == [samples[0].id, samples[1].id]
 
 
 def test_train_seg_trains_on_the_subset_only(tmp_path, tiny_models):

@@ -3,6 +3,7 @@ accelerate run that leaves a ControlNet folder the sampling scripts can load alo
 learning, the colour maps the ControlNet sees, and the errors users get for bad inputs."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -56,6 +57,10 @@ def test_two_process_accelerate_run_leaves_a_controlnet_folder_that_samples(tmp_
     assert meta["base"].startswith("../")  # relative to the run folder: it moves with the base (issue 17 item 4)
     assert resolve_recorded(meta["base"], out) == str(base) and meta["palette"] == "palette.json"
     assert Palette.load(out / meta["palette"]).colors.tolist() == palette_for("ade20k").colors.tolist()
+    card = (out / "README.md").read_text()  # the model card, with the Hub's front matter and the last validation grid
+    pictures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", card)
+    assert card.startswith("---\n") and "controlnet" in card and "arXiv:2311.03355" in card
+    assert pictures and all((out / p).is_file() for p in pictures), pictures
     # ControlNet's zero convolutions start at zero (Zhang et al. 2023): trained, they have moved.
     zero_convs = {k: v for k, v in weights(out).items() if k.startswith(("controlnet_down_blocks", "controlnet_mid_block"))}
     assert zero_convs and any(v.abs().max() > 0 for v in zero_convs.values())

@@ -88,6 +88,8 @@ def test_tiny_mask2former_overfits_real_ade20k_samples(tiny, ade_all, tmp_path):
     _ok(_cli(["--data-root", ade_all, "--strategy", "real", "--max-steps", "40", "--lr", "2e-3", "--grad-clip", "0",
               "--output-dir", tmp_path / "run", *FAST], tiny))
     end = json.loads((tmp_path / "run/metrics.json").read_text())["single_scale"]
+    card = (tmp_path / "run/model/README.md").read_text()  # the model card beside the weights, with the metrics
+    assert card.startswith("---\n") and "mIoU" in card and "arXiv:2311.03355" in card
     losses = [r["loss"] for r in _stats(tmp_path / "run")]
     # Measured on these samples (seed 0, 2 cores): start mIoU 0.00006 / pixel accuracy 0.0012; after 40
     # steps at lr 2e-3 mIoU 0.027 / pixel accuracy 0.30 (lr 3e-3: 0.017 / 0.27). Thresholds with margin:
@@ -247,15 +249,19 @@ def test_real_pretrain_runs_two_fresh_phases_on_real_data_only(tiny, tmp_path):
 
 
 def test_resume_latest_continues_from_the_last_checkpoint(tiny, tmp_path):
-    args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", *FAST]
+    args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", "--eval-every", "2", *FAST]
     args[args.index("--checkpoint-every") + 1] = "2"
     _ok(_cli([*args, "--output-dir", tmp_path / "full"], tiny))
     assert sorted(p.name for p in (tmp_path / "full/checkpoints").iterdir()) == ["phase0-step0000002", "phase0-step0000004"]
-    # An interrupted run: only the step-2 checkpoint made it.
+    # An interrupted run: only the step-2 checkpoint made it, its history already held step 4's evaluation.
     shutil.copytree(tmp_path / "full/checkpoints/phase0-step0000002", tmp_path / "cut/checkpoints/phase0-step0000002")
+    shutil.copy(tmp_path / "full/metrics_history.jsonl", tmp_path / "cut/metrics_history.jsonl")
     result = _ok(_cli([*args, "--output-dir", tmp_path / "cut", "--resume", "latest"], tiny))
     assert "resuming from" in result.output
     assert [r["step"] for r in _stats(tmp_path / "cut")] == [4]
+    history = {run: [json.loads(x) for x in (tmp_path / run / "metrics_history.jsonl").read_text().splitlines()] for run in ("full", "cut")}
+    assert [r["step"] for r in history["cut"]] == [2, 4]  # step 4 measured again, not twice
+    assert [r["mIoU"] for r in history["cut"]] == pytest.approx([r["mIoU"] for r in history["full"]])
     full = json.loads((tmp_path / "full/metrics.json").read_text())
     cut = json.loads((tmp_path / "cut/metrics.json").read_text())
     assert cut["drawn"] == full["drawn"]
@@ -473,7 +479,7 @@ def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_pat
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ADE_ROOT.parents[2] / "train_seg.py"),
            "--data-root", str(ADE_ROOT), "--strategy", "real", "--max-steps", "2", "--batch-size", "4", "--crop", "64",
-           "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "1", "--eval-size", "32",
+           "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "1", "--eval-size", "32", "--eval-every", "2",
            "--model", str(tiny), "--output-dir", str(tmp_path / "run")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -482,6 +488,10 @@ def test_two_process_run_splits_the_batch_and_combines_the_metrics(tiny, tmp_pat
     assert got["drawn"] == {"real": 8}  # 2 steps x global batch 4, counted over both processes
     labels = [load_label(s, "ade20k") for s in read_dataset("ade20k", ADE_ROOT, "val")]
     assert got["single_scale"]["pixels"] == sum(int((lab > 0).sum()) for lab in labels)  # both halves of val
+    # --eval-every: one record of both processes' halves, the same figure as the final evaluation of that model
+    (rec,) = [json.loads(x) for x in (tmp_path / "run/metrics_history.jsonl").read_text().splitlines()]
+    assert rec["images"] == len(labels) and rec["mIoU"] == pytest.approx(got["single_scale"]["mIoU"])
+    assert got["best"]["step"] == 2 and (tmp_path / "run/model-best/config.json").is_file()
 
 
 def _write_coco_synthetic(folder, with_segments=True):
@@ -533,7 +543,7 @@ def test_hrnet_trains_with_its_recipe_resumes_and_evaluates_its_saved_model(ade_
     options = json.loads((tmp_path / "full/options.json").read_text())
     assert got["recipe"] == "ade20k/hrnet-small" and got["weights"] == "random" and got["drawn"] == {"real": 8}
     assert 0 <= got["single_scale"]["mIoU"] <= 1 and got["single_scale"]["pixels"] > 0
-    # A.3: SGD lr 2e-2 (momentum 0.9), weight decay 1e-4, poly 0.9, flip only, no clipping.
+    # A.3: SGD lr 2e-2 (momentum 0.9), weight decay 1e-4, poly 0.9, no clipping; HRNet's ADE20K pipeline (test below).
     assert (options["optimizer"], options["lr"], options["momentum"], options["weight_decay"], options["grad_clip"]) == ("sgd", 2e-2, 0.9, 1e-4, 0.0)
     assert [r["lr"] for r in _stats(tmp_path / "full")] == pytest.approx([2e-2 * (1 - s / 4) ** 0.9 for s in (1, 2, 3, 4)])
     # RUN/model is hrnet.save's folder: hrnet.load and quality.py read it, --eval-only scores it the same.
@@ -748,3 +758,88 @@ def test_an_empty_default_synthetic_folder_is_skipped_with_a_warning(tmp_path, m
     assert any("skipping the default synthetic folder synth/masksyn-ade20k" in x for x in said)
     with pytest.raises(train_seg.SegGenError, match="has no samples"):  # given explicitly, it still fails
         segdata.read_sources(SimpleNamespace(strategy=train_seg.Strategy.synthetic, synthetic=[tmp_path / "synth/masksyn-ade20k"], data="ade20k"), print)
+
+
+# ---------------------------------------------------------------- HRNet's official ADE20K pipeline (issue 25 item 2)
+
+def test_hrnet_scales_the_long_side_as_hrnets_multi_scale_aug():
+    # HRNet-Semantic-Segmentation base_dataset.py: long side int(520 * s + 0.5), s = 0.5 + randint(0, 11) / 10.
+    rng = np.random.default_rng(0)
+    image, label = Image.new("RGB", (300, 200)), np.zeros((200, 300), np.uint8)
+    longs = {max(segdata.random_resize(image, label, 520, rng, kind="hrnet")[0].size) for _ in range(400)}
+    assert longs == {int(520 * (0.5 + k / 10) + 0.5) for k in range(12)}  # 260, 312, .., 832
+
+
+def test_hrnet_takes_random_crops_off_centre_with_flips(tmp_path):
+    """Today's complaint was a centre crop that never showed the sides of wide images: a horizontal gradient
+    (R = column) shows where each crop lies; HRNet's crops reach both ends and pad with 0 / ignore."""
+    from common.data.sample import Sample
+
+    w, h = 256, 96
+    ramp = np.broadcast_to(np.linspace(0, 255, w).round().astype(np.uint8)[None, :, None], (h, w, 3)).copy()
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((h, w), 5, np.uint8)).save(tmp_path / "wide_label.png")  # every pixel ADE20K class 5
+    data = segdata.SegData([[Sample("wide", tmp_path / "wide.png", tmp_path / "wide_label.png")]], "ade20k", 64,
+                           augment=segdata.AUGMENTS["hrnet"], segments=False)
+    ends, flips, padded = [], 0, 0
+    for seed in range(60):
+        item = data[(0, 0, seed)]
+        red = item["image"][0, 0][item["valid"][0]].float()  # the ramp along the first row's image pixels (padding: right, below)
+        flips += bool(red[0] > red[-1])
+        ends.append((float(red.min()), float(red.max())))
+        padded += int((~item["valid"]).any())
+        assert (item["image"][:, ~item["valid"]] == 0).all() and (item["label"][~item["valid"]] == -1).all()
+    centre = [(lo, hi) for lo, hi in ends if lo > 20 and hi < 235]
+    assert any(lo < 8 for lo, _ in ends) and any(hi > 247 for _, hi in ends)  # crops at the left and at the right end
+    assert len({round(lo) for lo, _ in ends}) > 10 and len(centre) < len(ends)  # many positions, not one centre window
+    assert 15 < flips < 45 and padded > 0  # flip with p 1/2; the 96-px-high image scaled below the crop is padded
+
+
+def test_recipe_rows_name_their_sources():
+    from common.seg.recipes import RECIPES
+
+    assert RECIPES[("ade20k", "hrnet-w48")].source.endswith("seg_hrnet_w48_520x520_ohem_sgd_lr2e-2_wd1e-4_bs_16_epoch120.yaml")
+    assert RECIPES[("ade20k", "hrnet-w48")].augment == "hrnet" and RECIPES[("ade20k", "hrnet-w48")].crop == 520
+    assert "maskformer2_swin_large_IN21k_384_bs16_100ep" in RECIPES[("coco", "swin-l")].source
+    assert all(r.source for r in RECIPES.values())
+    assert "source" in _cli(["--help"]).output
+
+
+# ---------------------------------------------------------------- --eval-every: Fig. 11's curves, trackers, best model (issue 25 item 5)
+
+def test_eval_every_writes_the_history_logs_the_tracker_and_keeps_the_best(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "4", "--eval-size", "32", "--eval-every", "2",
+            "--eval-samples", "1", "--report-to", "tensorboard", *FAST]
+    _ok(_cli([*args, "--output-dir", run], tiny))
+    history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"], r["global_step"], r["images"]) for r in history] == [("real", 2, 2, 1), ("real", 4, 4, 1)]
+    assert all(0 <= r["mIoU"] <= 1 and r["loss"] > 0 and r["lr"] >= 0 for r in history)
+    best = json.loads((run / "model-best/best.json").read_text())
+    assert best["mIoU"] == max(r["mIoU"] for r in history) and best["metric"] == "mIoU"
+    assert (run / "model-best/config.json").is_file() and (run / "model/config.json").is_file()  # best beside the last
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best"]["step"] == best["step"] and metrics["history"].endswith("metrics_history.jsonl")
+    events = EventAccumulator(str(next((run / "train_seg").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert {"loss", "lr", "val/mIoU"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4]
+
+
+def test_eval_samples_needs_eval_every(tmp_path):
+    result = _cli(["--eval-samples", "8", "--output-dir", tmp_path])
+    assert result.exit_code == 2 and "--eval-samples sets the size of the periodic evaluation: pass --eval-every N" in result.output
+
+
+def test_a_kill_between_the_best_models_renames_brings_the_previous_best_back(tmp_path):
+    from common.seg.validation import Validator
+
+    old = tmp_path / ".partial-old-model-best"  # _save_best renamed the old best away, the kill came before the new one's rename
+    old.mkdir()
+    (old / "best.json").write_text(json.dumps({"global_step": 4, "mIoU": 0.3, "metric": "mIoU"}))
+    (tmp_path / ".partial-model-best").mkdir()  # the new one, never renamed in
+    acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    a = SimpleNamespace(eval_samples=None, eval_every=2, task="semantic", data_root=ADE_ROOT)
+    v = Validator(a, acc, [], None, tmp_path)
+    assert v.best["global_step"] == 4 and (tmp_path / "model-best/best.json").is_file() and not old.exists()

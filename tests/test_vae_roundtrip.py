@@ -68,7 +68,7 @@ def test_pipeline_folder_is_read_through_its_vae_subfolder(tiny_models, vae_fold
 
 def test_perfect_and_stand_in_round_trips():
     """With a lossless round trip every pixel comes back; with the demo's JPEG + noise stand-in the
-    generation palette keeps more than the usual one and the vote mends more (the README's claim)."""
+    generation palette keeps more than the usual one and the vote mends more (docs/colormaps.md's claim)."""
     from common.report.colormaps import degrade
 
     samples = read_dataset("ade20k", ADE_ROOT, "val")

@@ -114,10 +114,11 @@ def _open(path: Path, what: str) -> Image.Image:
         raise SegGenError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from e
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _image_size(path: Path) -> tuple[tuple[int, int], int]:
+    """(size as stored, EXIF orientation: 1 = none, 5..8 = turned by 90°)."""
     try:
         with Image.open(path) as im:
-            return im.size
+            return im.size, int(im.getexif().get(0x0112, 1) or 1)
     except _DECODE_ERRORS as e:
         raise SegGenError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
@@ -141,10 +142,14 @@ def load_label(sample: Sample, data: str) -> np.ndarray:
             bad = [int(v) for v in np.unique(label) if not 0 <= v <= 255 or not valid[v]]
             raise SegGenError(f"{sample.annotation}: label values {bad[:8]} are not {data} classes")
         label = label.astype(np.uint8)
-    size = _image_size(sample.image)
+    size, orientation = _image_size(sample.image)
     if size != (label.shape[1], label.shape[0]):
+        turned = orientation in (5, 6, 7, 8) and size[::-1] == (label.shape[1], label.shape[0])
         raise SegGenError(
             f"{sample.annotation}: label is {label.shape[1]}x{label.shape[0]} but image {sample.image} is {size[0]}x{size[1]}"
+            + (f" as stored; its EXIF orientation ({orientation}) turns it to {size[1]}x{size[0]} for viewers, and the label "
+               f"was drawn on that view. SegGen reads pixels as stored (as ADE20K and COCO's tools do): save the image "
+               f"turned (PIL: ImageOps.exif_transpose) without the EXIF tag" if turned else "")
         )
     return label
 

@@ -34,7 +34,8 @@ def read_ids(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SegGenError(f"--real-subset {path}: no such file; write one with python -m common.data.subset --out {path}")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    # utf-8-sig: a BOM (as Windows editors write) is not part of the first id
+    ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not ids:
         raise SegGenError(f"--real-subset {path}: no ids in it")
     return ids

@@ -2,8 +2,10 @@
 
 - the data: real annotations rendered to colour maps on the fly with the generation palette, NEAREST
   only, the same random crop and flip on image and colour map (`ColorMapDataset`), and a batch order
-  that is a pure function of (seed, step) so that a resumed run sees exactly the batches an
-  uninterrupted one would (`StepBatches`); the noise is drawn the same way (`step_generator`);
+  that is a pure function of (seed, optimizer step, global batch) so that a resumed run sees exactly the
+  batches an uninterrupted one would, on any number of processes (`StepBatches`); the noise, timestep,
+  VAE draw and caption dropout of each sample come from its own stream position (`sample_generators`),
+  so they do not depend on how the global batch is split either;
   optionally the VAE latents, encoded once for both flips of the centre crop (`cache_latents`);
 - the run's set-up (`make_accelerator`, `load_vae`, `make_ema`, `make_lr_scheduler`, `step_loader`) and
   the pieces of a step (`sample_latents`, `noisy_latents`, `optimizer_step`, `StepMeter`, `ema_weights`);
@@ -33,7 +35,11 @@ from common.masks.colormap import Palette, label_to_color, panoptic_to_color, re
 from common.data.datasets import Sample, load_image, load_label, load_panoptic
 from common.runtime.loader import as_tensors, collate
 from common.data.manifest import CAPTION_FIELDS, read_manifest
+from common.runtime.checkpoint import checkpoint_step, save_trainer_checkpoint
+from common.runtime.cluster import BatchSplit, Preempted, ignore_sigterm, preempted_message, process_group_kwargs, stop_requested
 from common.runtime.progress import progress_bar
+from common.runtime import record
+from common.runtime.record import trim_jsonl
 from common.diffusion.sdxl import TextEmbeddings, time_ids
 from common.runtime.weights import SAFE
 
@@ -47,17 +53,19 @@ def check_cache_latents(cache_latents: bool, center_crop: bool) -> None:
 
 
 def make_accelerator(a, out: Path, console):
-    """The Accelerator of a run folder (gradient accumulation, mixed precision: the flag, else the launch
-    config's; TensorBoard when asked for and installed), the global seed and TF32.
+    """The Accelerator of a run folder (mixed precision: the flag, else the launch config's; TensorBoard
+    when asked for and installed; the process-group timeout), the global seed and TF32. The LR scheduler
+    steps once per optimizer step (optimizer_step), whatever the process count. The gradient accumulation
+    is set from the global batch once the process count is known (`split_batch`).
     Returns (accelerator, weight_dtype: what the frozen parts and inputs run in, use_tensorboard)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
 
     use_tb = a.report_to == "tensorboard" and is_tensorboard_available()
     accelerator = Accelerator(
-        gradient_accumulation_steps=a.gradient_accumulation, mixed_precision=a.mixed_precision,
-        log_with="tensorboard" if use_tb else None,
+        mixed_precision=a.mixed_precision, log_with="tensorboard" if use_tb else None, step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=process_group_kwargs(a.process_group_timeout),
     )
     set_seed(a.seed)  # model init of anything random; the data and noise have their own per-step seeds
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -87,21 +95,78 @@ def make_ema(model, model_cls, decay: float, accelerator):
     return ema
 
 
-def make_lr_scheduler(a, optimizer, num_processes: int):
-    """--lr-schedule with --lr-warmup-steps over --max-steps. accelerate steps a prepared scheduler once
-    per process, hence the factor (as diffusers' examples do)."""
+def make_lr_scheduler(a, optimizer):
+    """--lr-schedule with --lr-warmup-steps over --max-steps, in optimizer steps: the trainers step it once
+    per optimizer step (accelerate is told not to step it per process), so it is a function of the global
+    step alone and a resume on another process count continues it unchanged."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.lr_warmup_steps * num_processes,
-                         num_training_steps=a.max_steps * num_processes)
+    return get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.lr_warmup_steps, num_training_steps=a.max_steps)
 
 
-def step_loader(dataset, a, accelerator, global_step: int):
+LENGTH_FREE_SCHEDULES = ("constant_with_warmup",)  # --max-steps may change on --resume: the schedule does not depend on it
+
+
+def split_for_run(a, accelerator) -> BatchSplit:
+    """--global-batch-size over this run's processes (common/runtime/cluster.py split_batch); sets the accumulation."""
+    from common.runtime.cluster import split_batch
+
+    split = split_batch(a.global_batch_size, accelerator.num_processes, a.batch_size)
+    accelerator.gradient_accumulation_steps = split.accumulation
+    return split
+
+
+def check_resumed_schedule(lr_scheduler, step: int, path: Path) -> None:
+    """After load_state: the LR schedule stands at the checkpoint's optimizer step. A checkpoint of an earlier
+    version counted it per process (× the process count): refused, not continued with a wrong LR."""
+    seen = getattr(lr_scheduler, "scheduler", lr_scheduler).last_epoch
+    if seen != step:
+        raise SegGenError(f"--resume {path}: its LR schedule stands at {seen} for optimizer step {step} (written by an "
+                          "earlier version that counted the schedule per process); resume it with that version, or start "
+                          "a new run in another --output-dir")
+
+
+# Options that may change when a run is resumed (common/runtime/record.py start): how the run is executed,
+# logged and checkpointed, not what it learns. --max-steps too where the LR schedule does not depend on it.
+FREE = {"resume", "resume_from", "output_dir", "num_workers", "batch_size", "micro_batch", "gradient_accumulation",
+        "world_size", "process_group_timeout", "allow_tf32", "gradient_checkpointing", "cache_latents",
+        "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation",
+        "validation_inference_steps", "validation_guidance", "report_to"}
+
+
+def start_run(a, out: Path, accelerator, resume_from: Path | None, stage: str, derived: dict, say):
+    """The global batch split over this run's processes, the record checked and written (options.json with
+    its history; a resume that would change the experiment is refused), stats.jsonl trimmed to the
+    checkpoint. Returns (split, options, RunLog)."""
+    split = split_for_run(a, accelerator)
+    options = {**vars(a), **derived, "stage": stage, "world_size": accelerator.num_processes,
+               "global_batch": split.global_batch, "micro_batch": split.micro, "gradient_accumulation": split.accumulation}
+    free = FREE | ({"max_steps"} if a.lr_schedule in LENGTH_FREE_SCHEDULES else set())
+    step = checkpoint_step(resume_from) or 0
+    record.start(out, options, resumed=resume_from, run_dir=None if resume_from is None else resume_from.parent, step=step,
+                 free=free, main=accelerator.is_main_process, say=say if accelerator.is_main_process else None)
+    return split, options, RunLog(out, accelerator.is_main_process, step)
+
+
+def stop_if_preempted(accelerator, out: Path, step: int, last_ckpt, a, stage: str, meter) -> None:
+    """After optimizer step `step`: on SIGTERM (common/runtime/cluster.py) save checkpoint-{step} unless it
+    was just saved, and stop the run (Preempted: exit code cluster.PREEMPTED)."""
+    if not stop_requested(accelerator):
+        return
+    if checkpoint_step(last_ckpt) != step:
+        last_ckpt = save_trainer_checkpoint(accelerator, out, step, a.checkpoints_total_limit, stage)
+    meter.close()
+    raise Preempted(preempted_message(step, last_ckpt))
+
+
+def step_loader(dataset, a, accelerator, split: BatchSplit, global_step: int):
     """The training DataLoader from optimizer step `global_step` on. The batch order is a function of
-    (seed, micro-step), so the loader starts where a checkpoint stopped (StepBatches)."""
-    batches = StepBatches(len(dataset), a.batch_size, a.seed, accelerator.process_index, accelerator.num_processes,
-                          global_step * a.gradient_accumulation)
+    (seed, optimizer step, global batch), so the loader starts where a checkpoint stopped, on any number of
+    processes (StepBatches)."""
+    batches = StepBatches(len(dataset), split.micro, a.seed, accelerator.process_index, accelerator.num_processes,
+                          global_step, split.accumulation)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=a.num_workers, collate_fn=collate,
+                                       worker_init_fn=ignore_sigterm if a.num_workers else None,
                                        pin_memory=accelerator.device.type == "cuda")  # small tensors by value: to_device takes them back
 
 
@@ -230,7 +295,7 @@ class ColorMapDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key) -> dict:
-        index, aug_seed = key if isinstance(key, tuple) else (key, 0)
+        index, aug_seed, position = (*key, -1)[:3] if isinstance(key, tuple) else (key, 0, -1)
         sample, r = self.samples[index], self.resolution
         cmap = render_colormap(sample, self.data, self.palette)  # (H, W, 3), checked to match the image's size
         h0, w0 = cmap.shape[:2]
@@ -250,6 +315,7 @@ class ColorMapDataset(torch.utils.data.Dataset):
             left = w - left - r  # the crop's left edge, seen in the flipped picture
         item = {
             "index": index,
+            "position": position,  # in the training stream (StepBatches): the seed of this sample's noise
             "colormap": torch.from_numpy(cmap.copy()).permute(2, 0, 1),  # (3, R, R) uint8
             "time_ids": time_ids((h0, w0), (top, left), (r, r)),  # (6,)
         }
@@ -265,16 +331,21 @@ class ColorMapDataset(torch.utils.data.Dataset):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batches of (sample index, augmentation seed) for one process, forever, from micro-step `start`.
+    """Micro-batches of (sample index, augmentation seed, stream position) for one process, forever, from
+    optimizer step `start`.
 
-    The data is an endless stream of epochs, each a permutation drawn from (seed, epoch); micro-step m
-    takes stream positions [m·B·P, (m+1)·B·P) and process p its p-th slice of B. Everything is a pure
-    function of (seed, m), so a resumed run starts at its step with no replay and sees exactly the
-    batches and crops/flips an uninterrupted run sees. (accelerate's skip_first_batches replays the
-    loader instead, and its sharded sampler does not carry augmentation seeds.)"""
+    The data is an endless stream of epochs, each a permutation drawn from (seed, epoch). Optimizer step s
+    takes stream positions [s·G, (s+1)·G) of the global batch G = B·P·A (B per micro-batch, P processes,
+    A accumulation steps); its micro-step j on process p takes the slice starting at s·G + (j·P + p)·B.
+    Which samples, crops and flips a step sees is thus a pure function of (seed, s, G): a resumed run
+    starts at its step with no replay and sees exactly what an uninterrupted run sees, on any number of
+    processes. (accelerate's skip_first_batches replays the loader instead, and its sharded sampler does
+    not carry augmentation seeds.)"""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 accumulation: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world, self.start = num_samples, batch_size, seed, rank, world_size, start
+        self.accumulation = accumulation
         self._epoch, self._perm, self._aug = None, None, None
 
     def _at(self, position: int) -> tuple[int, int]:
@@ -285,10 +356,11 @@ class StepBatches(torch.utils.data.Sampler):
         return int(self._perm[i]), int(self._aug[i])
 
     def __iter__(self):
-        step = self.start
+        step, b, p = self.start, self.batch_size, self.world
         while True:
-            first = (step * self.world + self.rank) * self.batch_size
-            yield [self._at(p) for p in range(first, first + self.batch_size)]
+            for j in range(self.accumulation):
+                first = step * b * p * self.accumulation + (j * p + self.rank) * b
+                yield [(*self._at(q), q) for q in range(first, first + b)]
             step += 1
 
     def __len__(self):  # endless; DataLoader only asks for this when printing
@@ -329,17 +401,49 @@ def vae_input(pictures: torch.Tensor, key: str) -> torch.Tensor:
     return pictures.float() / 127.5 - 1 if key == "colormap" else pictures
 
 
+def sample_generators(seed: int, positions, device) -> list[torch.Generator]:
+    """The random source of each sample of a micro-batch (its VAE draw, noise, timestep, caption dropout):
+    a pure function of (seed, its position in the training stream), so neither a resume nor another split
+    of the global batch over processes and accumulation steps changes what a sample draws."""
+    out = []
+    for position in torch.as_tensor(positions).tolist():
+        g = torch.Generator(device=device)
+        g.manual_seed(int(np.random.SeedSequence([seed, int(position)]).generate_state(1, np.uint64)[0] >> 1))
+        out.append(g)
+    return out
+
+
 @torch.no_grad()
-def sample_latents(batch: dict, key: str, vae, generator: torch.Generator) -> torch.Tensor:
-    """z ~ q(z | picture) times the VAE's scaling factor (as the pipelines decode it): (B, 4, R/8, R/8).
-    With --cache-latents the distribution comes from the cache, the draw from the same generator."""
+def sample_latents(batch: dict, key: str, vae, generators: list[torch.Generator]) -> torch.Tensor:
+    """z ~ q(z | picture) times the VAE's scaling factor (as the pipelines decode it): (B, 4, R/8, R/8), each
+    sample drawn with its own generator. With --cache-latents the distribution comes from the cache."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if "latent_params" in batch:
-        dist = DiagonalGaussianDistribution(batch["latent_params"].float())
+        params = batch["latent_params"].float()
     else:
-        dist = vae.encode(vae_input(batch[key], key).to(vae.dtype)).latent_dist
-    return dist.sample(generator=generator) * vae.config.scaling_factor
+        params = vae.encode(vae_input(batch[key], key).to(vae.dtype)).latent_dist.parameters  # (B, 2·C, R/8, R/8)
+    if isinstance(generators, torch.Generator):  # one generator for the whole batch (bench/real_size.py's step)
+        return DiagonalGaussianDistribution(params).sample(generator=generators) * vae.config.scaling_factor
+    z = [DiagonalGaussianDistribution(params[i:i + 1]).sample(generator=g) for i, g in enumerate(generators)]
+    return torch.cat(z) * vae.config.scaling_factor
+
+
+def noisy_latents_per_sample(latents: torch.Tensor, scheduler, generators: list[torch.Generator]):
+    """noisy_latents with each sample's own generator: (noisy, t, target) for the micro-batch."""
+    parts = [noisy_latents(latents[i:i + 1], scheduler, g) for i, g in enumerate(generators)]
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def drop_captions_per_sample(embeds, pooled, p: float, generators, empty, zeros: bool):
+    """common/diffusion/sdxl.py's drop_captions with each sample's own generator."""
+    from common.diffusion.sdxl import drop_captions
+
+    if p <= 0:
+        return embeds, pooled
+    parts = [drop_captions(embeds[i:i + 1], None if pooled is None else pooled[i:i + 1], p, g, empty, zeros)
+             for i, g in enumerate(generators)]
+    return torch.cat([e for e, _ in parts]), None if pooled is None else torch.cat([q for _, q in parts])
 
 
 # ---------------------------------------------------------------- optimiser
@@ -366,8 +470,9 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, loss: torch.Tens
     grad_norm = None
     if accelerator.sync_gradients and max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    lr_scheduler.step()
+    optimizer.step()  # the prepared optimizer skips the micro-steps inside an accumulation
+    if accelerator.sync_gradients:
+        lr_scheduler.step()  # once per optimizer step: the schedule is a function of the global step
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -389,20 +494,16 @@ def ema_weights(ema, model):
 # ---------------------------------------------------------------- run folder
 
 class RunLog:
-    """options.json (every option after resolution) and stats.jsonl (one line per logged step) in the
-    run folder; written by the main process only."""
+    """stats.jsonl (one line per logged step) in the run folder, written by the main process only
+    (options.json: common/runtime/record.py start)."""
 
-    def __init__(self, output_dir: Path, options: dict, main: bool, start_step: int = 0):
+    def __init__(self, output_dir: Path, main: bool, start_step: int = 0):
         self.main, self.path = main, Path(output_dir) / "stats.jsonl"
         if main:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "options.json").write_text(json.dumps(options, indent=2, default=str) + "\n")
-            if self.path.is_file():
-                # A killed run logged steps past its last checkpoint (past step 0 when it had none): the
-                # run that starts at start_step takes them again.
-                lines = self.path.read_text().splitlines()
-                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
-                self.path.write_text("".join(line + "\n" for line in kept))
+            # A killed run logged steps past its last checkpoint (past step 0 when it had none), perhaps a torn
+            # last line: the run that starts at start_step takes them again.
+            trim_jsonl(self.path, lambda r: r.get("step", 0) <= start_step)
 
     def write(self, **stats) -> None:
         if self.main:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from common import SegGenError
+from common.runtime import record
 
 PARTIAL = ".partial-"  # a checkpoint being written (or being deleted): never resumed from
 MARKER = "checkpoint.json"  # written last into the temporary folder: its presence means complete
@@ -143,11 +144,14 @@ def checkpoint_step(path: Path | None) -> int | None:
     return int(name[len("checkpoint-"):]) if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() else None
 
 
-def resolve_trainer_resume(resume: str | None, output_dir: Path, say=None) -> Path | None:
+def resolve_trainer_resume(resume: str | None, output_dir: Path, say=None, stage: str | None = None,
+                           subfolder: str | None = None, max_steps: int | None = None) -> Path | None:
     """--resume latest | PATH -> the checkpoint folder (checked before any model is loaded).
 
     Without --resume, an output folder that holds checkpoints or a trained model is refused rather than
-    mixed with a new run; one left by a run killed before its first checkpoint is simply started over."""
+    mixed with a new run; one left by a run killed before its first checkpoint is simply started over.
+    A checkpoint of another stage (its marker's "stage", else the model folder it lacks: `subfolder`) or
+    past --max-steps is refused."""
     output_dir = Path(output_dir)
     if resume is None:
         complete, incomplete = scan(output_dir, "checkpoint-*")
@@ -168,39 +172,96 @@ def resolve_trainer_resume(resume: str | None, output_dir: Path, say=None) -> Pa
         if found is None:
             raise SegGenError(f"--resume latest: no complete checkpoint-* folder in {output_dir}; drop --resume to start a new run, "
                               "or fix --output-dir")
-        return found
-    path = check_explicit(resume, "random_states_*.pkl", "checkpoint-STEP with random_states_0.pkl, written by this script")
-    if checkpoint_step(path) is None:
-        raise SegGenError(f"--resume {resume}: not a checkpoint folder (checkpoint-STEP, written by this script); "
-                          "pass --resume latest or a checkpoint-* path")
-    return path
+    else:
+        found = check_explicit(resume, "random_states_*.pkl", "checkpoint-STEP with random_states_0.pkl, written by this script")
+        if checkpoint_step(found) is None:
+            raise SegGenError(f"--resume {resume}: not a checkpoint folder (checkpoint-STEP, written by this script); "
+                              "pass --resume latest or a checkpoint-* path")
+    check_stage(found, stage, subfolder)
+    step = checkpoint_step(found)
+    if max_steps is not None and step > max_steps:
+        raise SegGenError(f"--max-steps {max_steps} is below the step of the checkpoint resumed ({found}: step {step}); "
+                          f"pass --max-steps {step} or more, or start a new run in another --output-dir")
+    return found
 
 
-def save_trainer_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """output_dir/checkpoint-{step}, crash-safe; at most total_limit complete ones remain afterwards."""
-    return save(accelerator, Path(output_dir) / f"checkpoint-{step}", {"step": step}, [step], total_limit, "checkpoint-*")
+def check_stage(path: Path, stage: str | None, subfolder: str | None) -> None:
+    """A checkpoint resumed by the trainer of another stage (Text2Mask's given to Mask2Img) is refused."""
+    recorded = (read_marker(path) or {}).get("stage")
+    if stage is not None and recorded is not None and recorded != stage:
+        raise SegGenError(f"--resume {path}: a checkpoint of {recorded}, not of {stage}; pass a checkpoint of this "
+                          f"trainer's run (its --output-dir), or --resume latest")
+    if subfolder is not None and recorded is None and not (Path(path) / subfolder).is_dir():
+        raise SegGenError(f"--resume {path}: no {subfolder}/ folder, so not a checkpoint of {stage or 'this trainer'}; "
+                          "pass a checkpoint of this trainer's run, or --resume latest")
+
+
+def save_trainer_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, stage: str | None = None) -> Path:
+    """output_dir/checkpoint-{step}, crash-safe; at most total_limit complete ones remain afterwards. The marker
+    records the step and the stage (text2mask, mask2img)."""
+    info = {"step": step, **({"stage": stage} if stage else {})}
+    return save(accelerator, Path(output_dir) / f"checkpoint-{step}", info, [step], total_limit, "checkpoint-*",
+                extra=lambda folder: record.copy_into(folder, output_dir))  # the record it was trained under
 
 
 # ---------------------------------------------------------------- train_seg.py: output_dir/checkpoints/phase{k}-step{N}
 
-def save_seg_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> None:
+def save_seg_checkpoint(accelerator, net, processor, output_dir: Path, state: dict, keep: int) -> Path:
     """train_seg.py: checkpoints/phase{k}-step{N}, crash-safe: accelerate state (model.safetensors, optimizer, scheduler,
     RNG) + config.json and the image processor, so from_pretrained (and --eval-only --checkpoint) loads it."""
     def extra(folder):
         accelerator.unwrap_model(net).config.save_pretrained(folder)
         processor.save_pretrained(folder)
+        record.copy_into(folder, output_dir)  # the record it was trained under
 
     path = output_dir / "checkpoints" / f"phase{state['phase']}-step{state['step']:07d}"
-    save(accelerator, path, state, [state["phase"], state["step"]], keep, "phase*-step*", "state.json", extra)
+    return save(accelerator, path, state, [state["phase"], state["step"]], keep, "phase*-step*", "state.json", extra)
 
 
 def resolve_seg_resume(resume: str | None, output_dir: Path, say) -> Path | None:
-    """--resume latest: the newest complete checkpoint (none yet: start from scratch); or a given folder."""
-    if resume == "latest":
-        return latest(output_dir / "checkpoints", "phase*-step*", "state.json", say)
-    if resume is not None:
+    """--resume latest: the newest complete checkpoint (none yet: start from scratch); or a given folder.
+    Without --resume, a folder holding checkpoints or a finished run (model/, metrics.json) is refused
+    rather than replaced."""
+    if resume is not None and resume != "latest":
         return check_explicit(resume, "state.json", "no state.json; use 'latest' or checkpoints/phase*-step*")
-    return None
+    found = latest(output_dir / "checkpoints", "phase*-step*", "state.json", say if resume else None)
+    if found is not None and resume is None:
+        raise SegGenError(f"--output-dir {output_dir} holds checkpoints of an earlier run: pass --resume latest to continue "
+                          "it, or choose another --output-dir")
+    for done in ("model", "metrics.json"):
+        if found is None and (Path(output_dir) / done).exists():
+            raise SegGenError(f"--output-dir {output_dir} holds a finished run ({done}) and no checkpoint to resume from: "
+                              "choose another --output-dir, or delete that folder to train again")
+    return found
+
+
+def check_seg_position(path: Path, phases: list[tuple[str, float, int]]) -> tuple[int, int]:
+    """A train_seg checkpoint's (phase, step) must lie inside this run's phases: a pretrain checkpoint resumed
+    as `aug`, or a step past --max-steps, is refused."""
+    state = read_marker(path, "state.json") or {}
+    phase, step = state.get("phase", 0), state.get("step", 0)
+    if phase >= len(phases):
+        raise SegGenError(f"--resume {path}: a checkpoint of phase {phase + 1} of a run with more phases, this run has "
+                          f"{len(phases)} ({', '.join(n for n, _, _ in phases)}); resume with the recorded --strategy, "
+                          "or start a new run in another --output-dir")
+    name, _, steps = phases[phase]
+    if step > steps:
+        raise SegGenError(f"--resume {path}: step {step} of phase {name}, past its {steps} steps (--max-steps / "
+                          f"--pretrain-steps); pass at least {step}, or start a new run in another --output-dir")
+    return phase, step
+
+
+def start_seg(output_dir: Path, options: dict, resume_from: Path | None, phases: list, main: bool, say) -> tuple[int, int]:
+    """train_seg.py's start: the checkpoint's (phase, step) checked against this run's phases, the record compared
+    and written (`start`), stats.jsonl cut back to the checkpoint. Returns (phase, step)."""
+    position = check_seg_position(resume_from, phases) if resume_from is not None else (0, 0)
+    record.start(output_dir, options, resumed=resume_from, run_dir=None if resume_from is None else Path(resume_from).parent.parent,
+                 step=sum(s for _, _, s in phases[:position[0]]) + position[1], free=record.SEG_FREE, main=main, say=say)
+    names = [n for n, _, _ in phases]
+    if main:  # the lines past the checkpoint are logged again by the resumed run; a new run starts an empty log
+        record.trim_jsonl(Path(output_dir) / "stats.jsonl",
+                          lambda r: (names.index(r["phase"]) if r.get("phase") in names else 0, r.get("step", 0)) <= position)
+    return position
 
 
 # ---------------------------------------------------------------- diffusers models inside checkpoints

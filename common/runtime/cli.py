@@ -95,8 +95,8 @@ PretrainedOpt = Annotated[str, typer.Option(help="Base pipeline, hub id or folde
 VaeOpt = Annotated[str | None, typer.Option(help="Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix so the VAE can run in fp16.", rich_help_panel="Model")]
 ResolutionOpt = Annotated[int, typer.Option(min=8, max=4096, help="Training resolution (appendix A.4: 768); a multiple of the VAE factor (8).", rich_help_panel="Training")]
 MaxStepsOpt = Annotated[int, typer.Option(min=1, help="Optimizer steps (appendix A.4: 30,000).", rich_help_panel="Training")]
-BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per process per micro-step.", rich_help_panel="Training")]
-GradientAccumulationOpt = Annotated[int, typer.Option(min=1, help="Micro-steps per optimizer step.", rich_help_panel="Training")]
+GlobalBatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per optimizer step over all processes: the same experiment on any number of GPUs (split into per-process micro-batches of at most --batch-size and gradient accumulation; refused when it cannot be split evenly). A.4 gives no batch size; 32 = the paper preset's 4 per GPU on 8 GPUs.", rich_help_panel="Training")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Memory cap: at most this many samples per process per micro-step; the global batch is reached by gradient accumulation (it does not change the experiment).", rich_help_panel="Training")]
 LrOpt = Annotated[float, typer.Option(min=0, help="Learning rate (appendix A.4: 1e-5).", rich_help_panel="Training")]
 LrScheduleOpt = Annotated[Schedule, typer.Option(help="LR schedule after warm-up.", rich_help_panel="Training")]
 LrWarmupStepsOpt = Annotated[int, typer.Option(min=0, help="Linear LR warm-up steps.", rich_help_panel="Training")]
@@ -116,6 +116,7 @@ ResumeOpt = Annotated[str | None, typer.Option(help="'latest' or a checkpoint-N 
 ValidationStepsOpt = Annotated[int, typer.Option(min=0, help="Sample a validation grid every N steps and at the end (0: never).", rich_help_panel="Validation")]
 ValidationInferenceStepsOpt = Annotated[int, typer.Option(min=1, help="Sampler steps for validation.", rich_help_panel="Validation")]
 ValidationGuidanceOpt = Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale for validation.", rich_help_panel="Validation")]
+ProcessGroupTimeoutOpt = Annotated[int, typer.Option(min=60, help="Seconds a process waits for the others at a collective (checkpoint saves, validation on the main process) before the run fails; torch's default is 600.", rich_help_panel="Performance")]
 ReportToOpt = Annotated[Tracker, typer.Option(help="Also log to TensorBoard through accelerate (skipped when not installed).", rich_help_panel="Output")]
 
 
@@ -139,12 +140,18 @@ PrecisionOpt = Annotated[Precision, typer.Option(help="auto = bf16 (else fp16) o
 
 @contextmanager
 def user_errors(console):
-    """A SegGenError inside is printed as one red line (no traceback) and exits with code 2."""
+    """A SegGenError inside is printed as one red line (no traceback) and exits with code 2; a run stopped by
+    SIGTERM after saving its checkpoint (common/runtime/cluster.py) says so and exits with cluster.PREEMPTED."""
+    from common.runtime.cluster import PREEMPTED, Preempted
+
     try:
         yield
     except SegGenError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
+    except Preempted as e:
+        console.print(f"[yellow]preempted[/]: {e}")
+        raise typer.Exit(PREEMPTED) from None
 
 
 def call(train, options: dict, console) -> None:

@@ -11,6 +11,8 @@ do nothing about, by their text, so that any other warning of the same libraries
 - Mask2Former's LOAD REPORT when the only mismatched weights are the class head that re-heading replaces
   (`ignore_mismatched_sizes=True`), and its "num_labels=N which is incompatible to the id2label map";
   any other key in the report (missing, unexpected weights) still shows the whole table;
+- kernels' "Skipping publisher trust check for 'kernels-community/...' because Hugging Face Hub is in offline
+  mode" (bitsandbytes loads its CPU kernels through it while it is imported; filtered on import of this module);
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward ... kernels" (logger lowered to ERROR when this module
   is imported: the warning comes while bitsandbytes is imported, before a stage calls `quiet()`);
 - diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []" on `.to(dtype)`
@@ -41,6 +43,8 @@ EXPECTED = [
     ("diffusers", re.compile(r"The following part of your input was truncated because CLIP can only handle")),
     # `.to(dtype)` on a model whose list of modules to keep in float32 is empty: nothing is kept, nothing is wrong
     ("diffusers", re.compile(r"There are modules in \w+ that should be kept in float32: \[\]\.")),
+    # bitsandbytes loads its CPU kernels through `kernels`, which cannot check their publisher offline (every stage)
+    ("kernels", re.compile(r"Skipping publisher trust check for '.*' because Hugging Face Hub is in offline mode")),
 ]
 # bitsandbytes warns while it is imported (by diffusers/transformers, before a stage calls quiet()): lower its
 # logger now, as stage scripts import this module first.
@@ -68,6 +72,11 @@ class ExpectedMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (any(p.search(message) for p in self.patterns) or head_only_load_report(message))
+
+
+# `kernels` warns while bitsandbytes is imported, through its module's own logger and Python's last-resort
+# handler: the filter sits on that logger, now, as stage scripts import this module first.
+logging.getLogger("kernels._internals.hf_hub").addFilter(ExpectedMessages("kernels"))
 
 
 def _library_handlers(library: str) -> list[logging.Handler]:

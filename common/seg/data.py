@@ -1,6 +1,7 @@
 """train_seg.py's data (paper appendix A.3: Mask2Former's official data recipes): training
 targets of every task, and the augmentation of ADE20K (random short-side resize, crop, photometric
-distortion, flip) and COCO (large-scale jitter, crop, flip).
+distortion, flip), COCO (large-scale jitter, crop, flip) and HRNet's official ADE20K pipeline (random
+long-side scaling, random crop, flip).
 
 Training targets of every task are one int32 map: class * SEG + k for the k-th segment of the image
 (k = 0 for semantic targets: one mask per class), -1 = ignore (ADE20K class 0, COCO void and crowd).
@@ -71,28 +72,36 @@ def probe_synthetic(folder: Path, samples: list[Sample], data: str, n: int = 8) 
 
 
 def random_resize(image: Image.Image, label: np.ndarray, crop: int, rng, lsj: bool = False,
-                  factor: float | None = None) -> tuple[Image.Image, np.ndarray]:
-    """ADE20K: detectron2's ResizeShortestEdge as Mask2Former configures it: the short side drawn from
-    the 16 sizes int(x * 0.1 * crop), x = 5..20 ("choice" sampling: 256, 281, .., 1024 at 512), the long
-    side at most 4 x crop (2048). COCO (lsj, large-scale jitter): the image fitted into U(0.1, 2.0) x
-    crop squared. A given `factor` replaces the random draw."""
+                  factor: float | None = None, kind: str | None = None) -> tuple[Image.Image, np.ndarray]:
+    """The random resize of a recipe (`kind`, default "lsj" if lsj else "ade20k"):
+    - ade20k: detectron2's ResizeShortestEdge as Mask2Former configures it: the short side drawn from the 16
+      sizes int(x * 0.1 * crop), x = 5..20 ("choice" sampling: 256, 281, .., 1024 at 512), the long side at
+      most 4 x crop (2048);
+    - lsj (COCO, large-scale jitter): the image fitted into U(0.1, 2.0) x crop squared;
+    - hrnet: HRNet-Semantic-Segmentation's multi_scale_aug (base_dataset.py): the long side int(crop * s + 0.5),
+      s = 0.5 + randint(0, 11) / 10, i.e. 0.5, 0.6, .., 1.6 (SCALE_FACTOR 11, BASE_SIZE = the 520 crop).
+    A given `factor` replaces the random draw (1.0: ade20k / hrnet's base size)."""
+    kind = kind or ("lsj" if lsj else "ade20k")
     w, h = image.size
     if factor is None:
-        factor = rng.uniform(0.1, 2.0) if lsj else int(rng.integers(5, 21) * 0.1 * crop) / crop
-    if lsj:
+        factor = {"lsj": lambda: rng.uniform(0.1, 2.0), "hrnet": lambda: 0.5 + int(rng.integers(0, 12)) / 10,
+                  "ade20k": lambda: int(rng.integers(5, 21) * 0.1 * crop) / crop}[kind]()
+    if kind == "lsj":
         scale = factor * crop / max(w, h)
+    elif kind == "hrnet":
+        scale = int(crop * factor + 0.5) / max(w, h)
     else:
         scale = min(factor * crop / min(w, h), 4 * crop / max(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return image.resize(size, Image.BILINEAR), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
 
 
-def crop_window(image: np.ndarray, label: np.ndarray, y: int, x: int, crop: int):
-    """The crop x crop window at (y, x): image (crop, crop, 3) uint8 padded with grey 128, label
-    (crop, crop) int32 padded with ignore -1, valid (crop, crop) bool (False on the padding) — the
-    padding of Mask2Former's semantic mapper, where the image is smaller than the crop."""
+def crop_window(image: np.ndarray, label: np.ndarray, y: int, x: int, crop: int, fill: int = 128):
+    """The crop x crop window at (y, x): image (crop, crop, 3) uint8 padded with `fill` (grey 128; HRNet
+    pads with 0), label (crop, crop) int32 padded with ignore -1, valid (crop, crop) bool (False on the
+    padding) — the padding of Mask2Former's semantic mapper, where the image is smaller than the crop."""
     img, lab = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
-    out_img = np.full((crop, crop, 3), 128, np.uint8)
+    out_img = np.full((crop, crop, 3), fill, np.uint8)
     out_lab = np.full((crop, crop), -1, np.int32)
     valid = np.zeros((crop, crop), bool)
     out_img[:img.shape[0], :img.shape[1]] = img
@@ -101,21 +110,22 @@ def crop_window(image: np.ndarray, label: np.ndarray, y: int, x: int, crop: int)
     return out_img, out_lab, valid
 
 
-def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int = 10):
+def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng, tries: int = 10, fill: int = 128):
     """A random crop_window; among up to `tries` windows the first with a labelled pixel, so that few
-    crops arrive empty (an image without targets is left out of the loss: SegData's keep)."""
+    crops arrive empty (an image without targets is left out of the loss: SegData's keep). tries = 1:
+    one uniform draw (HRNet's rand_crop)."""
     h, w = label.shape
     for _ in range(tries):
         y, x = rng.integers(0, max(h - crop, 0) + 1), rng.integers(0, max(w - crop, 0) + 1)
         if (label[y:y + crop, x:x + crop] >= 0).any():
             break
-    return crop_window(image, label, y, x, crop)
+    return crop_window(image, label, y, x, crop, fill)
 
 
-def center_crop(image: np.ndarray, label: np.ndarray, crop: int):
+def center_crop(image: np.ndarray, label: np.ndarray, crop: int, fill: int = 128):
     """The centre crop_window."""
     h, w = label.shape
-    return crop_window(image, label, max(h - crop, 0) // 2, max(w - crop, 0) // 2, crop)
+    return crop_window(image, label, max(h - crop, 0) // 2, max(w - crop, 0) // 2, crop, fill)
 
 
 def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
@@ -150,16 +160,21 @@ def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
 @dataclass(frozen=True)
 class Augment:
     """The random transforms of a training sample (each recipe's row of train_seg.RECIPES names one)."""
-    resize: str  # "ade20k": short side from Mask2Former's 16 sizes; "lsj": large-scale jitter; "fixed": short side = crop
+    resize: str  # random_resize's kind: "ade20k" (Mask2Former's 16 short sides), "lsj" (large-scale jitter), "hrnet"
+    #              (HRNet's long side x 0.5..1.6), "fixed": short side = crop
     crop: bool  # a random crop window (False: the centre window)
     colour: bool  # SSD photometric distortion (Mask2Former's ADE20K recipe)
     flip: bool  # horizontal flip with probability 1/2
+    fill: int = 128  # the image's padding where it is smaller than the crop (Mask2Former 128, HRNet 0)
+    tries: int = 10  # random crop windows tried for one with a labelled pixel (1: a single uniform draw)
 
 
 AUGMENTS = {
     "ade20k": Augment("ade20k", crop=True, colour=True, flip=True),  # Mask2Former ADE20K semantic
     "lsj": Augment("lsj", crop=True, colour=False, flip=True),  # Mask2Former COCO (large-scale jitter)
-    "flip": Augment("fixed", crop=False, colour=False, flip=True),  # HRNet in A.3: "random flipping" only
+    # HRNet-Semantic-Segmentation's ADE20K training (A.3 names its "random flipping"; its config adds the rest)
+    "hrnet": Augment("hrnet", crop=True, colour=False, flip=True, fill=0, tries=1),
+    "flip": Augment("fixed", crop=False, colour=False, flip=True),  # flip alone (the toy world's HRNet)
     "none": Augment("fixed", crop=False, colour=False, flip=False),
 }
 
@@ -167,7 +182,7 @@ AUGMENTS = {
 def without_a9(augment: Augment) -> Augment:
     """Appendix A.9's ablation: "we eliminate color augmentation, random flipping, and random cropping";
     the random resize (scale jitter) is not named there and stays."""
-    return Augment(augment.resize, crop=False, colour=False, flip=False)
+    return Augment(augment.resize, crop=False, colour=False, flip=False, fill=augment.fill)
 
 
 class SegData(torch.utils.data.Dataset):
@@ -197,12 +212,13 @@ class SegData(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         aug = self.augment
         image, label = load_image(sample.image), load_target(sample, self.data, self.task)
-        lsj = self.data == "coco"
-        image, label = random_resize(image, label, self.crop, rng, lsj, factor=1.0 if aug.resize == "fixed" else None)
+        fixed = aug.resize == "fixed"  # no random size: COCO fitted into the crop, the others' short side at the crop
+        kind = ("lsj" if self.data == "coco" else "ade20k") if fixed else aug.resize
+        image, label = random_resize(image, label, self.crop, rng, factor=1.0 if fixed else None, kind=kind)
         if aug.crop:
-            img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng)
+            img, lab, valid = random_crop(np.asarray(image), label, self.crop, rng, aug.tries, aug.fill)
         else:
-            img, lab, valid = center_crop(np.asarray(image), label, self.crop)
+            img, lab, valid = center_crop(np.asarray(image), label, self.crop, aug.fill)
         if aug.colour:
             img = photometric_distortion(img, rng)
         if aug.flip and rng.random() < 0.5:

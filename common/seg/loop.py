@@ -1,6 +1,7 @@
 """train_seg.py's training loop across phases (paper §3.4: pretrain -> finetune is two phases, each with a
-fresh optimizer and schedule): batches (train_seg.py's MixedBatches, §3.4) -> DataLoader -> normalise -> targets -> loss -> clip -> step,
-with stats.jsonl, checkpoints and the run's totals (what was drawn from each source, skipped images)."""
+fresh optimizer and schedule): batches (common/seg/batches.py's MixedBatches, §3.4) -> DataLoader -> normalise -> targets -> loss -> clip -> step,
+with stats.jsonl, the periodic validation (common/seg/validation.py: --eval-every, Fig. 11), checkpoints and the
+run's totals (what was drawn from each source, skipped images)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 import torch
 
 from common.runtime.checkpoint import save_seg_checkpoint
+from common.runtime.cluster import Preempted, ignore_sigterm, preempted_message, stop_requested
 from common.seg.hrnet import loss as hrnet_loss
 from common.runtime.loader import as_tensors
 from common.runtime.progress import console, progress_bar
 from common.seg.data import collate, mask_target, semantic_labels
 from common.seg.model import build_optimizer, is_hrnet, lr_factor
+from common.seg.validation import Validator
 from common.runtime.seeds import step_seed
 
 
@@ -23,8 +26,8 @@ class Loop:
     """The training loop's state across phases: what was drawn from each source, skipped images and steps
     (the run's totals, kept in every checkpoint), the stats.jsonl log."""
 
-    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases, batches, weights=None):
-        self.batches = batches  # the batch sampler class: train_seg.py's MixedBatches (§3.4)
+    def __init__(self, a, accelerator, net, processor, dataset, source_names, output_dir, phases, batches, weights=None, val=None):
+        self.batches = batches  # the batch sampler class: common/seg/batches.py's MixedBatches (§3.4)
         self.a, self.accelerator, self.net, self.processor, self.dataset = a, accelerator, net, processor, dataset
         self.weights = weights  # synthetic draw probabilities (segdata.synthetic_weights), None: uniform
         self.source_names, self.output_dir, self.phases = source_names, output_dir, phases
@@ -36,6 +39,9 @@ class Loop:
         dev = accelerator.device
         self.mean = torch.tensor(processor.image_mean, device=dev).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(processor.image_std, device=dev).view(1, 3, 1, 1) * 255
+        # --eval-every N: the validation split (or --eval-samples of it) every N steps (Fig. 11)
+        self.validator = Validator(a, accelerator, val, processor, output_dir) if getattr(a, "eval_every", 0) and val else None
+        self.last = {"loss": None, "lr": getattr(a, "lr", None)}  # the last logged loss and lr, for the validation records
 
     def totals(self) -> dict:  # a collective: every process calls it
         c = self.accelerator.reduce(self.counts.to(self.accelerator.device), "sum").cpu().tolist()
@@ -44,11 +50,15 @@ class Loop:
     def resume(self, path: Path | None, say) -> tuple[int, int]:
         """(phase, step) to start from; the run's totals so far from the checkpoint (counted once, on the main process)."""
         if path is None:
+            if self.validator:  # a fresh start: what an earlier run in this folder measured goes
+                self.validator.resume(0)
             return 0, 0
         state = json.loads((path / "state.json").read_text())
         if self.accelerator.is_main_process:
             self.counts = torch.tensor([state["drawn"].get(n, 0) for n in self.source_names] + [state["skipped_images"]], dtype=torch.long)
         self.skipped_steps = state["skipped_steps"]
+        if self.validator:
+            self.validator.resume(sum(s for _, _, s in self.phases[:state["phase"]]) + state["step"])
         say(f"resuming from {path} (phase {state['phase'] + 1}, step {state['step']})")
         return state["phase"], state["step"]
 
@@ -66,6 +76,7 @@ class Loop:
                                p_aug, a.seed + 1000 * k, first, steps, acc.process_index, acc.num_processes, self.weights)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=a.num_workers, collate_fn=collate,
                                              pin_memory=acc.device.type == "cuda", persistent_workers=False,
+                                             worker_init_fn=ignore_sigterm if a.num_workers else None,
                                              prefetch_factor=4 if a.num_workers else None)
         say(f"phase {k + 1}/{len(self.phases)} [bold]{name}[/]: steps {first}..{steps}, p_aug {p_aug}, global batch {a.batch_size}, crop {a.crop}")
         model.train()
@@ -85,8 +96,13 @@ class Loop:
                     self.log(name, done, loss_sum / max(n_log, 1), scheduler, (time.perf_counter() - t_log) / a.log_every
                              if done % a.log_every == 0 else None, sum(s for _, _, s in self.phases[:k]))
                     t_log, n_log, loss_sum = time.perf_counter(), 0, 0.0
-                if a.checkpoint_every and (done % a.checkpoint_every == 0 or done == steps):
-                    save_seg_checkpoint(acc, self.net, self.processor, self.output_dir, {"phase": k, "step": done, **self.totals()}, a.keep_checkpoints)
+                if self.validator and self.validator.due(done, steps):  # before the checkpoint: a kill here measures it again
+                    self.validator.run(model, name, done, done + sum(s for _, _, s in self.phases[:k]), self.last["loss"], self.last["lr"])
+                stop = done < steps and stop_requested(acc)  # SIGTERM: save this step's checkpoint and stop (common/runtime/cluster.py)
+                if stop or a.checkpoint_every and (done % a.checkpoint_every == 0 or done == steps):
+                    path = save_seg_checkpoint(acc, self.net, self.processor, self.output_dir, {"phase": k, "step": done, **self.totals()}, a.keep_checkpoints)
+                    if stop:
+                        raise Preempted(preempted_message(done, path))
         acc.wait_for_everyone()
         elapsed = time.perf_counter() - t0
         say(f"phase {name}: {steps - first} steps in {elapsed:.1f} s ({(steps - first) / max(elapsed, 1e-9):.2f} it/s)")
@@ -129,6 +145,7 @@ class Loop:
         loss = self.accelerator.reduce(torch.as_tensor(loss, device=self.accelerator.device), "mean")
         rec = {"phase": phase, "step": done, "loss": float(loss), "lr": max(scheduler.get_last_lr()),  # head lr
                "it_per_s": 1 / seconds_per_it if seconds_per_it else None, **self.totals()}
+        self.last = {"loss": rec["loss"], "lr": rec["lr"]}
         if self.stats:
             self.stats.write(json.dumps(rec) + "\n")
             self.stats.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from common import ASSETS, SegGenError
 from common.masks.colormap import IGNORE, coco_categories
 from common.data.datasets import Sample, load_image, load_panoptic
 from common.seg.metrics import MaskAP, PanopticQuality, SemanticMetrics
+from common.runtime.record import write_json
 from common.runtime.progress import console, progress_bar
 from common.seg.data import class_names, load_train_label, thing_train_ids
 
@@ -61,6 +63,60 @@ def model_type(folder) -> str | None:
     """config.json's model_type of a saved model folder ("mask2former", "hrnetv2"), None if there is none."""
     path = Path(folder) / "config.json"
     return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+
+
+@dataclass
+class Segmenter:
+    """A trained segmenter, ready to score images as train_seg's evaluation does: the network, its kind
+    ("mask2former" or "hrnet") and the normalisation it was trained with ((3, 1, 1), in 0..255)."""
+    model: torch.nn.Module
+    kind: str
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @torch.no_grad()
+    def scores(self, image: np.ndarray, short: int, flip: bool = False) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (C, H, W) class scores at the image's size (semantic_scores: short side `short`,
+        long side at most 4 × short; Mask2Former: class-probability-weighted mask sums, HRNet: softmax)."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.mean.device).permute(2, 0, 1).float()
+        return semantic_scores(self.model, (x - self.mean) / self.std, short, flip)
+
+
+def load_segmenter(folder: Path, num_classes: int, device="cpu", flag: str = "--segmenter", data: str | None = None) -> Segmenter:
+    """A train_seg run's model/ folder (or one of its checkpoints): Mask2Former (save_pretrained + processor)
+    or HRNet (hrnet.save). It must predict `num_classes` classes; errors name `flag`."""
+    folder = Path(folder)
+    kind = model_type(folder)
+    if kind is None:
+        raise SegGenError(f"{flag} {folder}: no config.json there; pass a train_seg run's model folder, "
+                          f"e.g. runs/seg-ade20k-real/model")
+    if kind == "hrnetv2":
+        from common.seg import hrnet
+
+        net, norm = hrnet.load(folder), Normalize(**_normalisation(folder))
+        classes = net.num_classes
+    elif kind == "mask2former":
+        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+        try:
+            net, norm = Mask2FormerForUniversalSegmentation.from_pretrained(folder), Mask2FormerImageProcessor.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise SegGenError(f"{flag} {folder}: cannot load Mask2Former from it ({str(e).splitlines()[0]})") from e
+        classes = net.config.num_labels
+    else:
+        raise SegGenError(f"{flag} {folder}: a {kind!r} model; pass a Mask2Former or HRNet folder written by train_seg")
+    if classes != num_classes:
+        given = f"--data {data}" if data else "--data"
+        raise SegGenError(f"{flag} {folder} predicts {classes} classes, but {given} has {num_classes}: pass a segmenter "
+                          f"trained on it, or the --data it was trained on")
+    t = lambda v: torch.tensor(v, device=device).view(3, 1, 1) * 255  # noqa: E731
+    return Segmenter(net.to(device).eval(), "hrnet" if kind == "hrnetv2" else "mask2former", t(norm.image_mean), t(norm.image_std))
+
+
+def _normalisation(folder: Path) -> dict:
+    """HRNet's saved image mean and std (preprocessor_config.json), when the folder has them."""
+    path = folder / "preprocessor_config.json"
+    return {k: v for k, v in json.loads(path.read_text()).items() if k in ("image_mean", "image_std")} if path.is_file() else {}
 
 
 def build_segmenter(model: str | None, backbone: str | None, data: str, queries: int = 100, weights: str | None = None,
@@ -486,8 +542,7 @@ def print_metrics(title: str, scores: dict) -> None:
 def finish(result: dict, output_dir: Path, main_proc: bool, metrics_file: Path | None) -> dict:
     if main_proc:
         path = metrics_file or output_dir / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result, indent=1)  # atomic: a kill never leaves half a metrics.json
         print_metrics("single-scale", result["single_scale"])
         if "multi_scale" in result:
             print_metrics("multi-scale + flip", result["multi_scale"])

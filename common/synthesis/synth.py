@@ -553,11 +553,19 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def find_record(out: Path, wanted: str) -> dict:
-    """The manifest line of sample `wanted`, streaming: only that line is parsed."""
+    """The manifest line of sample `wanted`, streaming: only that line is parsed. A line that lacks what
+    --reproduce regenerates from (its batch, settings, models, source and k) is refused, naming it."""
     for file in manifest_files(out):
         for n, _, line in iter_lines(file):
             if line_id(line, f"{file}:{n}") == wanted:
-                return parse_line(line, f"{file}:{n}")
+                rec = parse_line(line, f"{file}:{n}")
+                batch = rec.get("batch")
+                missing = [k for k in ("batch", "settings", "models", "source_id", "k") if k not in rec]
+                if missing or not (isinstance(batch, list) and all(isinstance(b, list) and len(b) == 2 for b in batch)):
+                    raise SegGenError(f"--reproduce {wanted}: its manifest line {file}:{n} has no usable "
+                                      f"{', '.join(missing) or 'batch'} (written by an older version, or edited), so the sample "
+                                      "cannot be regenerated from it; regenerate the folder, or pick another id")
+                return rec
     raise SegGenError(f"--reproduce {wanted}: no such id in the manifests of --out {out}")
 
 
