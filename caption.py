@@ -7,9 +7,11 @@
 The paper captions with BLIP-2 FlanT5-xxl and the prompt "Question: What are shown in the photo?
 Answer:". Output: one `{"id", "image", "caption", "captioner", "prompt", "model"}` line per image, image
 relative to the data root. Killed runs resume: ids already written are skipped, and every line is
-appended only once its caption exists. Under `accelerate launch` process N takes every N-th sample of
-the dataset (a slice fixed by the dataset, not by what is done, so processes never overlap) and writes
-its own `NAME.rank{N}.jsonl`; readers take the family as one file.
+appended only once its caption exists. Split into N independent tasks (`--shard I/N`, a Slurm array,
+torchrun: common/runtime/shard.py, docs/many-machines.md), task I takes every N-th sample of the dataset
+(a slice fixed by the dataset, not by what is done, so tasks never overlap) and writes its own
+`NAME.shard{I}-of-{N}.jsonl`; readers take the family as one file. Sample ids become file names downstream, so
+each is checked here (common/data/ids.py), and two images with one stem (`X.jpg`, `X.png`) are refused.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from common.data import subset
 from common.runtime.cli import Data, Precision, RealSubsetOpt, Split, precision_dtype, user_errors
 from common.masks.colormap import class_names
 from common.data.datasets import Sample, default_data_root, load_image, load_label, read_dataset
-from common.runtime.lock import output_lock
-from common.data.manifest import ManifestWriter, rank_path, read_ids
+from common.runtime.lock import task_lock
+from common.data.ids import check_ids, refuse_stem_clashes
+from common.data.manifest import ManifestWriter, read_ids, task_path
 from common.data.paths import captions_path
 from common.runtime.progress import progress_bar
-from common.runtime.shard import process_state, shard
+from common.runtime.shard import shard, this_task
+from common.synthesis.options import ShardOpt
 
 PAPER_MODEL = "Salesforce/blip2-flan-t5-xxl"
 PAPER_PROMPT = "Question: What are shown in the photo? Answer:"
@@ -169,12 +173,12 @@ def _caption(
     data: str, data_root: Path | None, split: str, out: Path | None = None, captioner: str = "blip2",
     model: str = PAPER_MODEL, prompt: str = PAPER_PROMPT, quantize: str = "none", precision: str = "auto",
     batch_size: int = 16, num_workers: int | None = None, max_new_tokens: int = 30, num_beams: int = 1, limit: int | None = None,
-    real_subset: Path | None = None,
+    real_subset: Path | None = None, shard_spec: str | None = None,
 ) -> dict:
     """Caption a dataset split; returns the summary {"captioned", "skipped", "failed", "seconds", "out"}."""
     quiet.quiet()
     plan = threads.configure()
-    state = process_state()
+    state = this_task(shard_spec)  # bad --shard fails here
     if (note := plan.workers_note(num_workers)) and state.is_main_process:
         console.print(f"[yellow]note:[/] {note}")
     num_workers = plan.workers(num_workers)
@@ -184,22 +188,26 @@ def _caption(
     if real_subset is not None:  # the one subset every stage uses (common/data/subset.py)
         samples = subset.apply(samples, real_subset)
     samples = samples[:limit] if limit else samples
+    # Ids become file names downstream (masksyn, imgsyn, quality): refused here, naming the image, if unsafe.
+    refuse_stem_clashes(sorted({str(s.image.parent) for s in samples}), f"--data {data} --split {split}")
+    check_ids([s.id for s in samples], [str(s.image) for s in samples])
     mine = shard(samples, state)
-    held.enter_context(output_lock(out, state.process_index, "--out", file=True))  # one writer per captions file
-    done = read_ids(out)  # ids only, streaming (issue 18 item 1)
+    # one run per captions file; its tasks side by side (common/runtime/lock.py task_lock)
+    held.enter_context(task_lock(out, state.process_index, state.num_processes, "caption", "--out", file=True))
+    # this share's ids only, streaming, from the files whose shares meet it, whichever task wrote them
+    done = read_ids(out, {s.id for s in mine}, (state.process_index, state.num_processes))
     todo = [s for s in mine if s.id not in done]
-    if state.is_main_process:
-        console.print(f"[bold]caption.py[/] {data}/{split}: {len(samples)} image(s) under {root}, output {out}"
-                      f" ({state.num_processes} process(es); {len(done)} already captioned)")
+    console.print(f"[bold]caption.py[/] {data}/{split}: {len(samples)} image(s) under {root}, output {out}"
+                  f" (task {state.process_index} of {state.num_processes}: {len(mine)} image(s), {len(done)} already captioned)")
 
-    errors_path = rank_path(out.with_name(out.stem + ".errors.jsonl"), state.process_index, state.num_processes)
+    errors_path = task_path(out.with_name(out.stem + ".errors.jsonl"), state.process_index, state.num_processes)
     summary = {"captioned": 0, "skipped": len(mine) - len(todo), "failed": 0, "out": str(out)}
     failures = []
     start = time.perf_counter()
-    progress = progress_bar(console, "img/s", name="[bold]captioning", enabled=state.is_main_process or state.num_processes == 1)
+    progress = progress_bar(console, "img/s", name="[bold]captioning", enabled=True)
     meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
             "model": model if captioner == "blip2" else None}
-    with ManifestWriter(rank_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
+    with ManifestWriter(task_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
         task = progress.add_task("", total=len(todo), rate=0.0)
 
         def write(done: list[tuple[Sample, str]]):  # one batch, one fsync
@@ -271,10 +279,13 @@ def main(
     num_beams: Annotated[int, typer.Option(min=1, max=16, help="Beam search width (1 = greedy).", rich_help_panel="Generation")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generate() call.", rich_help_panel="Generation")] = 16,
     num_workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: cores−1, at most 4; 0 on ≤ 2 cores; common/runtime/threads.py).", rich_help_panel="Generation")] = None,
+    shard: ShardOpt = None,
 ):
     """Caption a dataset with BLIP-2 (paper §3.2) or with its class names; resumable, shardable."""
     with user_errors(console):
-        s = caption(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items()})
+        options = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items()}
+        options["shard_spec"] = options.pop("shard")
+        s = caption(**options)
     rate = s["captioned"] / s["seconds"] if s["seconds"] > 0 else 0.0
     console.print(f"captioned {s['captioned']}, skipped {s['skipped']} (already done), failed {s['failed']}"
                   f"  [{s['seconds']:.1f} s, {rate:.1f} img/s] -> {s['out']}")

@@ -12,8 +12,11 @@ images. The annotation beside each image is the human one (a hard link), with `s
 COCO. The paper makes 50 per sample on ADE20K (1,010,500 images) and 10 on COCO (1,182,870).
 
 Output: the synthetic folder of docs/design.md (images/, annotations/, colormaps/, manifest*.jsonl). A
-killed run resumes; under `accelerate launch` process N takes every N-th batch and writes its own
-manifest.rank{N}.jsonl; any sample is regenerated bit for bit by `--reproduce ID` (see common/synthesis/synth.py).
+killed run resumes; split into N independent tasks (`--shard I/N`, a Slurm array, torchrun; no process
+group, no barrier: common/runtime/shard.py, docs/many-machines.md) task I takes every N-th batch and writes
+its own manifest.shard{I}-of-{N}.jsonl, and `python -m common.synthesis.finalize OUT` writes the COCO JSON and the
+index once all have ended (a one-task run does it itself). Any sample is regenerated bit for bit by
+`--reproduce ID` (see common/synthesis/synth.py).
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ from PIL import Image
 from common import SegGenError
 from common.runtime import cli
 from common.data import subset
-from common.synthesis import synth
+from common.synthesis import finalize, synth
 from common.masks.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.data.datasets import Sample, load_label, load_panoptic, read_dataset
-from common.runtime.lock import output_lock
-from common.data.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_manifest
+from common.runtime.lock import task_lock
+from common.data.manifest import ManifestWriter, atomic_save, task_path
 from common.data.paths import captions_path, mask2img_dir, require, synth_dir
-from common.runtime.shard import process_state
+from common.runtime.shard import this_task
 from common.runtime.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, Split, precision_dtype, user_errors
+from common.synthesis.options import FinalizeOpt, ShardOpt
 from common.synthesis.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -68,6 +72,8 @@ class Job(synth.Job):
     per_sample: int | None = None  # paper §4.1: 50 ADE20K, 10 COCO
     steps: int = 40
     real_subset: Path | None = None  # only these sources (common/data/subset.py)
+    shard: str | None = None  # "I/N": this task's share (default: the scheduler's environment; common/runtime/shard.py)
+    finalize: bool | None = None  # write the folder's index / COCO JSON at the end (default: when this is the only task)
 
 
 # ---------------------------------------------------------------- one source sample's inputs
@@ -152,7 +158,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
     o = Job(**options)
     data, split, resolution, limit, reproduce, batch_size = o.data, o.split, o.resolution, o.limit, o.reproduce, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
-    state = process_state()
+    state = this_task(o.shard)  # bad --shard fails here
     per_sample = o.per_sample or PER_SAMPLE.get(data, 10)  # paper §4.1
     captions = require(Path(o.captions) if o.captions else captions_path(data, split), f"caption.py --data {data} --split {split}", "--captions")
     mask2img = str(o.mask2img or mask2img_dir(data))
@@ -162,7 +168,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
 
     # -- data: captions joined to the real samples by id
     samples = {s.id: s for s in read_dataset(data, o.data_root, split)}
-    caps = {str(r["id"]): r["caption"] for r in read_manifest(captions, CAPTION_FIELDS)}
+    caps = synth.read_captions(captions)  # ids checked as file names before anything is written
     if not caps:
         raise SegGenError(f"--captions {captions} holds no captions: run caption.py --data {data} --split {split}")
     missing = sorted(set(caps) - set(samples))
@@ -181,18 +187,21 @@ def _imgsyn(held: ExitStack, **options) -> dict:
     dtype = precision_dtype(o.precision, state.device)
     settings = o.settings(Settings, dtype, steps=o.steps, palette=palette.name)
     models = {"mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
-    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/runtime/lock.py)
-    done = synth.check_output(out, settings, models)
+    # one run per folder; its tasks side by side (common/runtime/lock.py task_lock)
+    held.enter_context(task_lock(out, state.process_index, state.num_processes, "imgsyn", "--out"))
+    # -- the plan: batches of (source id, k); task I of N takes batches I, I + N, ... Resuming reads back the
+    # ids of this share only, whichever task (of whatever N) wrote them.
+    mine = synth.shard(synth.plan_batches(sources, per_sample, batch_size), state)
+    share = (state.process_index, state.num_processes)
+    done = synth.check_output(out, settings, models, only=synth.share_ids(mine), share=share)
     recorded = synth.record_models(models, out)  # relative to out: the folder moves with its models (issue 17 item 4)
-
-    # -- the plan: batches of (source id, k); this process takes every world-th batch
     todo, skipped = synth.process_plan(sources, per_sample, batch_size, state, done)
-    summary = {"written": 0, "skipped": skipped, "failed": 0, "rejected": 0, "out": str(out)}
-    if state.is_main_process:
-        console.print(f"[bold]imgsyn.py[/] {data}/{split}: {len(sources)} source(s) x {per_sample} = "
-                      f"{len(sources) * per_sample} sample(s); captions {captions}; Mask2Img {mask2img} on {base}; "
-                      f"{o.sampler}/{o.schedule} {o.steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
-                      f"({state.num_processes} process(es), {len(done)} already written)")
+    summary = {"written": 0, "skipped": skipped, "failed": 0, "rejected": 0, "out": str(out), "task": state.name,
+               "share": sum(len(b) for b in mine)}
+    console.print(f"[bold]imgsyn.py[/] {data}/{split}: {len(sources)} source(s) x {per_sample} = "
+                  f"{len(sources) * per_sample} sample(s); captions {captions}; Mask2Img {mask2img} on {base}; "
+                  f"{o.sampler}/{o.schedule} {o.steps} steps, guidance {o.guidance}, {resolution}px, {dtype}; output {out} "
+                  f"({state.name}: {sum(len(b) for b in mine)} sample(s), {len(done)} of them written already)")
 
     # -- model
     gen = synth.load_mask2img(mask2img, base, kind, state.device, dtype, models["vae"]) if todo else None
@@ -200,7 +209,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
         synth.caption_note(gen, {s: caps[s] for s in sources}, captions)
 
     # -- the loop
-    writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
+    writer = ManifestWriter(task_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
     sink = synth.SampleSink(writer, workers=o.write_threads)  # files encoded and saved beside the next batch
     rows, failures, cache, start = [], [], {}, time.perf_counter()
     progress = synth.progress("imgsyn", state)
@@ -242,9 +251,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
             progress.update(task, advance=len(batch), rate=summary["written"] / (time.perf_counter() - start))
 
     summary["seconds"] = time.perf_counter() - start
-    state.wait_for_everyone()  # every rank's manifest is complete
-    if data == "coco" and state.is_main_process and out.is_dir():  # the folder as a COCO panoptic dataset too
-        summary["coco_json"] = str(synth.write_coco_panoptic_json(out))
+    finalize.finish(out, state, o.finalize, summary)  # index, COCO JSON: one task, or finalize after all of them
     summary["failures"] = failures
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
@@ -299,6 +306,8 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Synthetic folder (default: synth/imgsyn-{data}/).", rich_help_panel="Output")] = None,
     preview: Annotated[int, typer.Option(min=0, max=64, help="Write preview.png with the first N samples (caption, colour map, image, overlay; paper Fig. 4).", rich_help_panel="Output")] = 0,
     reproduce: Annotated[str | None, typer.Option(help="Regenerate sample ID of --out from its manifest line into --out/reproduce/ and compare it byte for byte.", rich_help_panel="Output")] = None,
+    shard: ShardOpt = None,
+    finalize: FinalizeOpt = None,
 ):
     """ImgSyn (paper §3.3): new images for every human-labelled mask with Mask2Img; resumable, shardable."""
     with user_errors(console):

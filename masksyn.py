@@ -21,8 +21,14 @@ Sampling (both models): by default SDXL's reference sampler (Stability-AI/genera
 `scripts/demo/streamlit_helpers.py`): Euler over the legacy DDPM schedule, guidance 5 (common/diffusion/sampler.py),
 so 200 + 40 UNet calls per sample; `--sampler heun --schedule karras` is the earlier default (399 + 79).
 
-Output: the synthetic folder of docs/design.md. Resume, sharding and `--reproduce` as in imgsyn.py (see
-common/synthesis/synth.py); rejected samples go to rejected*.jsonl so that a rerun does not redraw them.
+Output: the synthetic folder of docs/design.md. Resume, independent tasks (`--shard I/N`, a Slurm array,
+torchrun: docs/many-machines.md) and `--reproduce` as in imgsyn.py (see common/synthesis/synth.py);
+rejected samples go to rejected*.jsonl, with a 64-px picture of the rejected colour map in
+rejected/<id>.png, so that a rerun does not redraw them and a person can see what was rejected and why.
+
+Redraws are decided per caption inside a task: the captions are cut into blocks (`block_size`), each block
+drawn in rounds whose plan depends on that block's outcomes alone, and task I of N takes blocks I, I + N, ...
+So no task waits for another, and one task, N tasks and a resumed run form the same batches.
 """
 
 from __future__ import annotations
@@ -45,15 +51,16 @@ from rich.progress import TextColumn
 from common import SegGenError
 from common.runtime import cli
 from common.data import subset
-from common.synthesis import synth
+from common.synthesis import finalize, redraws, synth
 from common.masks.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
 from common.data.datasets import id_to_rgb
-from common.runtime.lock import output_lock
-from common.data.manifest import CAPTION_FIELDS, ManifestWriter, atomic_save, rank_path, read_ids, read_manifest
+from common.runtime.lock import task_lock
+from common.data.manifest import ManifestWriter, atomic_save, task_path
 from common.data.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
-from common.runtime.shard import process_state
+from common.runtime.shard import this_task
 from common.runtime.cli import Data, Precision, PrecisionOpt, SamplerOpt, SamplingSchedule, ScheduleOpt, SChurnOpt, SNoiseOpt, STmaxOpt, STminOpt, Sampler, RealSubsetOpt, precision_dtype, user_errors
+from common.synthesis.options import FinalizeOpt, ShardOpt
 from common.synthesis.synth import console
 
 PATH_FIELDS = ("image", "annotation", "colormap")
@@ -83,6 +90,8 @@ class Job(synth.Job):
     mask2img_steps: int = 40
     max_off_palette: float = 0.1
     real_subset: Path | None = None  # only these captions' ids (common/data/subset.py)
+    shard: str | None = None  # "I/N": this task's share (default: the scheduler's environment; common/runtime/shard.py)
+    finalize: bool | None = None  # write the folder's index / COCO JSON / tally at the end (default: the only task)
 
 
 # ---------------------------------------------------------------- one batch: caption -> mask -> image
@@ -133,7 +142,7 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
     cmaps = synth.sample_images(t2m, cond, uncond, generators, (res, res), settings.text2mask_steps, settings.sampling())
     # 2. colour map -> label; degenerate masks are dropped here
     items = []
-    for cmap in cmaps:
+    for cmap in cmaps:  # cmap: (H, W, 3) uint8, as drawn
         if settings.data == "coco":  # panoptic: instances recovered along the edge colour (issue 14)
             item = decode_panoptic(cmap, palettes[0], settings.off_palette_distance)
         else:
@@ -143,7 +152,7 @@ def generate(t2m, m2i, batch, captions, settings, palettes) -> list[dict]:
         if verdict is None and settings.data == "coco" and not any(x["isthing"] for x in item["segments_info"]):
             verdict = "no_instance", "no thing instance recovered (stuff only)"
         if verdict:
-            item["rule"], item["rejected"] = verdict
+            item["rule"], item["rejected"], item["drawn"] = verdict[0], verdict[1], cmap
         items.append(item)
     keep = [i for i, it in enumerate(items) if "rejected" not in it]
     if not keep:
@@ -177,7 +186,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
     o = Job(**options)
     data, resolution, limit, reproduce, per_sample, batch_size = o.data, o.resolution, o.limit, o.reproduce, o.per_sample, o.batch_size
     # -- setup: resolve the chained default paths, check every input before any model loads
-    state = process_state()
+    state = this_task(o.shard)  # bad --shard fails here
     max_attempts = o.max_attempts or 3 * per_sample
     if max_attempts < per_sample:
         raise SegGenError(f"--max-attempts {max_attempts}: must be at least --per-sample ({per_sample})")
@@ -188,8 +197,8 @@ def _masksyn(held: ExitStack, **options) -> dict:
     mask2img = str(o.mask2img or mask2img_dir(data))
     out = Path(o.out) if o.out else synth_dir("masksyn", data)
 
-    # -- data: the captions are the only input
-    caps = {str(r["id"]): r["caption"] for r in read_manifest(captions, CAPTION_FIELDS)}
+    # -- data: the captions are the only input; their ids become file names (checked here, before any write)
+    caps = synth.read_captions(captions)
     if not caps:
         raise SegGenError(f"--captions {captions} holds no captions: run caption.py --data {data}")
     if o.real_subset is not None:  # the one subset every stage uses: its captions only
@@ -208,153 +217,96 @@ def _masksyn(held: ExitStack, **options) -> dict:
                           off_palette_distance=palettes[0].min_distance() / 2)
     models = {"text2mask": text2mask, "mask2img": mask2img, "base": base, "vae": synth.recorded_vae(mask2img)}
     rejected_path = out / "rejected.jsonl"
-    held.enter_context(output_lock(out, state.process_index, "--out"))  # one writer per folder (common/runtime/lock.py)
-    done = synth.check_output(out, settings, models)
+    # one run per folder; its tasks side by side (common/runtime/lock.py task_lock)
+    held.enter_context(task_lock(out, state.process_index, state.num_processes, "masksyn", "--out"))
+    # -- this task's share: blocks of captions (block_size), task I of N taking blocks I, I + N, ...; to resume
+    # it reads back the outcomes of its own captions only, whichever task (of whatever N) drew them.
+    blocks = synth.shard(redraws.caption_blocks(sources, per_sample, batch_size), state)
+    mine = {s for block in blocks for s in block}
+    in_share = lambda sid: sid.rpartition("_")[0] in mine  # noqa: E731
+    share = (state.process_index, state.num_processes)
+    done = synth.check_output(out, settings, models, only=in_share, share=share)
     # Rejections carry their settings too: a rerun with e.g. a looser --max-off-palette must not skip them.
-    rejected = synth.check_output(out, settings, models, rejected_path)  # ids only, streaming
+    rejected = synth.check_output(out, settings, models, rejected_path, only=in_share, share=share)  # ids only, streaming
     recorded = synth.record_models(models, out)  # relative to out: the folder moves with its models (issue 17 item 4)
+    plan = {"per_sample": per_sample, "max_attempts": max_attempts}  # recorded on every line: finalize's tally reads it
 
-    # -- the plan: rounds of (source id, attempt) cut into batches; this process takes every world-th batch
-    # of each round. Round 0 draws attempts 0..N-1 of every caption; each later round draws, for each
-    # caption still short of N accepted masks, as many new attempts as it lacks (at most --max-attempts
-    # in all). A round's plan depends only on the outcomes of the rounds before it, which every process
-    # reads from the files after a barrier: sharded, resumed and uninterrupted runs draw the same batches.
-    summary = {"written": 0, "skipped": 0, "rejected": 0, "failed": 0, "attempts": 0, "rejections": {}, "out": str(out)}
-    if state.is_main_process:
-        console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
-                      f"sample(s), at most {max_attempts} attempt(s) per caption; captions {captions}; Text2Mask {text2mask}; "
-                      f"Mask2Img {mask2img} on {base}; {o.sampler}/{o.schedule} {o.text2mask_steps}/{o.mask2img_steps} steps, "
-                      f"guidance {o.guidance}, {resolution}px, {dtype}; output {out} ({state.num_processes} process(es), "
-                      f"{len(done)} already written, {len(rejected)} rejected before)")
+    summary = {"written": 0, "skipped": 0, "rejected": 0, "failed": 0, "attempts": 0, "rejections": {}, "out": str(out),
+               "task": state.name, "share": len(mine)}
+    console.print(f"[bold]masksyn.py[/] {data}: {len(sources)} caption(s) x {per_sample} = {len(sources) * per_sample} "
+                  f"sample(s), at most {max_attempts} attempt(s) per caption; captions {captions}; Text2Mask {text2mask}; "
+                  f"Mask2Img {mask2img} on {base}; {o.sampler}/{o.schedule} {o.text2mask_steps}/{o.mask2img_steps} steps, "
+                  f"guidance {o.guidance}, {resolution}px, {dtype}; output {out} ({state.name}: {len(mine)} caption(s) in "
+                  f"{len(blocks)} block(s), {len(done)} accepted and {len(rejected)} rejected before)")
 
-    writer = ManifestWriter(rank_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
-    rejects = ManifestWriter(rank_path(rejected_path, state.process_index, state.num_processes))
+    writer = ManifestWriter(task_path(out / "manifest.jsonl", state.process_index, state.num_processes), PATH_FIELDS)
+    rejects = ManifestWriter(task_path(rejected_path, state.process_index, state.num_processes), ("colormap",))
     gens, rows, total, start = None, [], 0, time.perf_counter()
-    planned = dict.fromkeys(sources, 0)  # attempts planned so far per caption: attempts 0..planned-1
+    finished = redraws.Either(done, rejected)  # drawn already, accepted or rejected (no union copied per round)
+    why: dict[str, list] = {}  # caption -> [rules of this run's rejections, last reason]
     progress = synth.progress("masksyn", state, TextColumn("{task.fields[rejected]} rejected"))
     sink = synth.SampleSink(writer, workers=o.write_threads)  # files encoded and saved beside the next batch
     with writer, rejects, sink, progress:
         task = progress.add_task("", total=0, rate=0.0, rejected=0)
-        while items := next_round(planned, done, per_sample, max_attempts):
-            todo, skipped = synth.process_items(items, batch_size, state, done | set(rejected))
-            summary["skipped"] += skipped
-            total += sum(len(b) for b in todo)
-            progress.update(task, total=total)
-            for batch in todo:
-                if gens is None:  # models load once there is work
-                    gens = load_models(models, settings, state.device)
-                    if state.is_main_process:
-                        synth.caption_note(gens[0], {s: caps[s] for s in sources}, captions)
-                files, records, lines = [], [], []  # written by the sink's threads beside the next batch
-                for (s, k), item in zip(batch, generate(*gens, batch, caps, settings, palettes)):
-                    sid = synth.sample_id(s, k)
-                    if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
-                        summary["skipped"] += 1
-                        continue
-                    summary["attempts"] += 1
-                    if "rejected" in item:
-                        lines.append(rejects)
-                        records.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
-                                        "off_palette": item["off_palette"], "classes": item["classes"],
-                                        "settings": settings.record(), "models": recorded, "batch": [[b, kk] for b, kk in batch]})
-                        summary["rejected"] += 1
-                        summary["rejections"][item["rule"]] = summary["rejections"].get(item["rule"], 0) + 1
-                        continue
-                    annotation = id_to_rgb(item["panoptic"]) if data == "coco" else item["label"]  # COCO panoptic / ADE20K encoding
-                    files += [sink.file(out / "images" / f"{sid}.jpg", lambda p, x=item["image"]: synth.save_jpeg(p, x)),
-                              sink.file(out / "colormaps" / f"{sid}.png", lambda p, x=item["colormap"]: synth.save_png(p, x)),
-                              sink.file(out / "annotations" / f"{sid}.png", lambda p, x=annotation: synth.save_png(p, x))]
-                    record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, recorded, batch),
-                              "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]}
-                    if data == "coco":
-                        record["segments_info"] = item["segments_info"]
-                    lines.append(writer), records.append(record)
-                    summary["written"] += 1
-                    if len(rows) < o.preview and state.is_main_process:
-                        rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
-                                     "overlay": synth.overlay(item["image"], item["label"], data)})
-                sink.put(files, records, lines)  # files, then the lines in order, one fsync per manifest
-                progress.update(task, advance=len(batch), rejected=summary["rejected"],
-                                rate=summary["written"] / (time.perf_counter() - start))
-            # The round is complete in every process: its outcomes decide the next round.
-            sink.drain()
-            state.wait_for_everyone()
-            done, rejected = read_ids(out) if out.is_dir() else set(), read_ids(rejected_path)
+        for block in blocks:
+            planned = dict.fromkeys(block, 0)  # attempts planned so far per caption of the block: 0..planned-1
+            # A round's plan depends only on this block's outcomes before it (known here, in memory).
+            while items := redraws.next_round(planned, done, per_sample, max_attempts):
+                todo, skipped = synth.process_items(items, batch_size, redraws.ONE_TASK, finished)
+                summary["skipped"] += skipped
+                total += sum(len(b) for b in todo)
+                progress.update(task, total=total)
+                for batch in todo:
+                    if gens is None:  # models load once there is work
+                        gens = load_models(models, settings, state.device)
+                        if state.is_main_process:
+                            synth.caption_note(gens[0], {s: caps[s] for s in sources}, captions)
+                    files, records, lines = [], [], []  # written by the sink's threads beside the next batch
+                    for (s, k), item in zip(batch, generate(*gens, batch, caps, settings, palettes)):
+                        sid = synth.sample_id(s, k)
+                        if sid in done or sid in rejected:  # a batch cut by a kill is drawn again whole
+                            summary["skipped"] += 1
+                            continue
+                        summary["attempts"] += 1
+                        if "rejected" in item:  # kept as a small picture with its rule (issue 27 item 1)
+                            files.append(sink.file(out / "rejected" / f"{sid}.png", lambda p, x=item["drawn"]: redraws.save_thumbnail(p, x)))
+                            lines.append(rejects)
+                            records.append({"id": sid, "source_id": s, "k": k, "rule": item["rule"], "reason": item["rejected"],
+                                            "off_palette": item["off_palette"], "classes": item["classes"],
+                                            "colormap": f"rejected/{sid}.png", "settings": settings.record(), "models": recorded,
+                                            "batch": [[b, kk] for b, kk in batch], **plan})
+                            rejected.add(sid)
+                            summary["rejected"] += 1
+                            summary["rejections"][item["rule"]] = summary["rejections"].get(item["rule"], 0) + 1
+                            rules = why.setdefault(s, [{}, ""])
+                            rules[0][item["rule"]] = rules[0].get(item["rule"], 0) + 1
+                            rules[1] = item["rejected"]
+                            continue
+                        annotation = id_to_rgb(item["panoptic"]) if data == "coco" else item["label"]  # COCO panoptic / ADE20K encoding
+                        files += [sink.file(out / "images" / f"{sid}.jpg", lambda p, x=item["image"]: synth.save_jpeg(p, x)),
+                                  sink.file(out / "colormaps" / f"{sid}.png", lambda p, x=item["colormap"]: synth.save_png(p, x)),
+                                  sink.file(out / "annotations" / f"{sid}.png", lambda p, x=annotation: synth.save_png(p, x))]
+                        record = {**synth.sample_record("masksyn", sid, s, k, caps[s], settings, recorded, batch),
+                                  "attempt": k, "off_palette": item["off_palette"], "classes": item["classes"]}
+                        if data == "coco":
+                            record["segments_info"] = item["segments_info"]
+                        lines.append(writer), records.append({**record, **plan})
+                        done.add(sid)
+                        summary["written"] += 1
+                        if len(rows) < o.preview and state.is_main_process:
+                            rows.append({"id": sid, "caption": caps[s], "colormap": item["colormap"], "image": item["image"],
+                                         "overlay": synth.overlay(item["image"], item["label"], data)})
+                    sink.put(files, records, lines)  # files, then the lines in order, one fsync per manifest
+                    progress.update(task, advance=len(batch), rejected=summary["rejected"],
+                                    rate=summary["written"] / (time.perf_counter() - start))
 
     summary["seconds"] = time.perf_counter() - start
-    if data == "coco" and state.is_main_process and out.is_dir():  # the folder as a COCO panoptic dataset too
-        summary["coco_json"] = str(synth.write_coco_panoptic_json(out))
     summary["failures"] = []
-    summary["short"] = [f"{s}: {t['accepted']} of {per_sample} accepted after {t['attempts']} attempt(s) (max {max_attempts}); "
-                        f"rejected: {t['why']}" for s, t in tally(sources, per_sample, max_attempts, out, rejected_path).items()
-                        if t["accepted"] < per_sample]
-    if state.is_main_process:
-        write_tally(out, sources, per_sample, max_attempts, rejected_path)
+    summary["short"] = redraws.short_captions(sorted(mine), done, rejected, why, per_sample, max_attempts)
+    finalize.finish(out, state, o.finalize, summary)  # index, COCO JSON, tally.json: one task, or finalize after all
     if rows:
         summary["preview"] = str(synth.contact_sheet(rows, out / "preview.png"))
     return summary
-
-
-# ---------------------------------------------------------------- redraw rounds and their tally
-
-def sample_attempt(sid: str) -> tuple[str, int]:
-    s, _, k = sid.rpartition("_")
-    return s, int(k)
-
-
-def next_round(planned: dict[str, int], accepted: set[str], per_sample: int, max_attempts: int) -> list[tuple[str, int]]:
-    """The work items (source id, attempt) of the next round, and `planned` moved on to include them.
-
-    Round 0 (nothing planned): attempts 0..N-1 of every caption. Later: a caption with a accepted of its
-    planned attempts gets min(N - a, max_attempts - planned) more. Only attempts already planned count,
-    so what a killed run drew beyond them does not change the plan."""
-    items = []
-    for s, n in planned.items():
-        have = sum(synth.sample_id(s, k) in accepted for k in range(n))
-        more = per_sample if n == 0 else min(per_sample - have, max_attempts - n)
-        items += [(s, k) for k in range(n, n + max(more, 0))]
-        planned[s] = n + max(more, 0)
-    return items
-
-
-def rule_of(record: dict) -> str:
-    """The rejection rule of a rejected.jsonl line (lines written before rules were recorded: from the reason)."""
-    return record.get("rule") or ("classes" if "class" in record.get("reason", "") else "off_palette")
-
-
-def tally(sources: list[str], per_sample: int, max_attempts: int, out: Path, rejected_path: Path) -> dict[str, dict]:
-    """Per caption: {"accepted", "attempts", "rejected": {rule: n}, "why": the rules and the last reason}, from the files."""
-    per = {s: {"accepted": 0, "attempts": 0, "rejected": {}, "last": ""} for s in sources}
-    for r in read_manifest(out) if out.is_dir() else []:
-        if str(r["source_id"]) in per:
-            per[str(r["source_id"])]["accepted"] += 1
-            per[str(r["source_id"])]["attempts"] += 1
-    for r in sorted(read_manifest(rejected_path), key=lambda r: int(r["k"])):
-        t = per.get(str(r["source_id"]))
-        if t is not None:
-            t["attempts"] += 1
-            t["rejected"][rule_of(r)] = t["rejected"].get(rule_of(r), 0) + 1
-            t["last"] = r.get("reason", "")
-    for t in per.values():
-        t["why"] = ", ".join(f"{k} {v}" for k, v in sorted(t["rejected"].items())) + (f" (last: {t['last']})" if t["last"] else "")
-        del t["last"]
-    return per
-
-
-def write_tally(out: Path, sources, per_sample, max_attempts, rejected_path) -> None:
-    """out/tally.json: attempts, acceptances and rejections per rule, over the whole folder, and the short captions."""
-    import json
-
-    per = tally(sources, per_sample, max_attempts, out, rejected_path)
-    rules = {}
-    for t in per.values():
-        for k, v in t["rejected"].items():
-            rules[k] = rules.get(k, 0) + v
-    record = {"per_sample": per_sample, "max_attempts": max_attempts, "captions": len(per),
-              "attempts": sum(t["attempts"] for t in per.values()), "accepted": sum(t["accepted"] for t in per.values()),
-              "rejected": rules, "short": {s: t for s, t in per.items() if t["accepted"] < per_sample}}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save(out / "tally.json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
 
 
 def load_models(models: dict, settings: Settings, device) -> tuple:
@@ -416,6 +368,8 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Synthetic folder (default: synth/masksyn-{data}/).", rich_help_panel="Output")] = None,
     preview: Annotated[int, typer.Option(min=0, max=64, help="Write preview.png with the first N samples (caption, colour map, image, overlay; paper Fig. 3).", rich_help_panel="Output")] = 0,
     reproduce: Annotated[str | None, typer.Option(help="Regenerate sample ID of --out from its manifest line into --out/reproduce/ and compare it byte for byte.", rich_help_panel="Output")] = None,
+    shard: ShardOpt = None,
+    finalize: FinalizeOpt = None,
 ):
     """MaskSyn (paper §3.3): new masks from captions with Text2Mask, images for them with Mask2Img."""
     with user_errors(console):

@@ -15,14 +15,17 @@
 4. FOLDER/quality_summary.json (mean / median alignment, per-class alignment, class histogram against the
    real split, the worst samples) and FOLDER/quality_worst.png (synthetic label, image, prediction).
 
-Resumable: ids already in quality.jsonl and filtered annotations already written are skipped. Under
-`accelerate launch` process N takes every N-th sample and writes quality.rank{N}.jsonl. The functions
+Resumable: ids already in quality.jsonl and filtered annotations already written are skipped. As N
+independent tasks (`--shard I/N`, a Slurm array, torchrun; no process group) task I takes every N-th sample
+and writes quality.rank{I}.jsonl; then the same command once as one task writes what needs the whole
+folder (the filtered annotations that waited for the reference means, the summary, the contact sheet). The functions
 are in common/seg/quality.py; train_seg reads the results through `filtered_samples` / `sampling_probabilities`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import Enum
 from pathlib import Path
@@ -40,10 +43,12 @@ from common.seg import labels, quality as q
 from common.runtime.cli import Data, Split
 from common.masks.colormap import label_to_color, palette_for
 from common.data.datasets import Sample, load_image, read_dataset, read_synthetic
-from common.runtime.lock import output_lock
-from common.data.manifest import ManifestWriter, done_ids, rank_path, read_manifest
-from common.runtime.shard import process_state, shard
+from common.runtime.lock import task_lock
+from common.data.manifest import ManifestWriter, atomic_save, first_record, rank_path, read_ids, read_manifest
+from common.runtime.shard import shard, this_task
 from common.seg.inference import Segmenter, load_segmenter
+from common.synthesis.finalize import ensure_finalized
+from common.synthesis.options import ShardOpt
 
 # ---------------------------------------------------------------- defaults and their source
 SIZE = 512  # short side the segmenter sees: train_seg's ADE20K crop / eval size (A.3)
@@ -90,30 +95,62 @@ def figures_of(seg: Segmenter, sample: Sample, data: str, size: int) -> tuple[di
 
 # ---------------------------------------------------------------- steps 1-4
 
-def reference(real: list[Sample], seg: Segmenter, a: dict, state, progress) -> dict:
-    """Step 1: class means of the segmenter on the real split and its class histogram (cached)."""
-    path, key = a["folder"] / q.REFERENCE_FILE, {k: a[k] for k in ("segmenter", "data", "split", "size")}
-    if path.is_file() and json.loads(path.read_text()).get("settings") == key:
-        return json.loads(path.read_text())
-    mine = shard(real, state)
-    task = progress.add_task("real split", total=len(mine), rate=0.0)
-    records, start = [], time.perf_counter()
-    for s in mine:
-        records.append({"loss": figures_of(seg, s, a["data"], a["size"])[0]["loss"]})
-        progress.update(task, advance=1, rate=len(records) / (time.perf_counter() - start))
-    c = len(a["names"])
-    stats = torch.tensor(np.stack([np.nan_to_num(q.class_means(records, c)) * q.class_histogram(records, c), q.class_histogram(records, c)]))
-    if state.num_processes > 1:
-        from accelerate.utils import reduce
-
-        stats = reduce(stats.to(state.device), reduction="sum").cpu()
-    total, count = stats.numpy()
+def reference(real: list[Sample], seg: Segmenter, a: dict, state, progress) -> dict | None:
+    """Step 1: class means of the segmenter on the real split and its class histogram (cached in
+    FOLDER/quality_reference.json). Sharded, task I of N measures its share of the real split into
+    quality_reference.part{I}-of-{N}.json and the means are their sum once every part exists (None until
+    then: the task judges, and filtering waits for a later pass). No task waits for another."""
+    folder, key = a["folder"], {k: a[k] for k in ("segmenter", "data", "split", "size")}
+    path = folder / q.REFERENCE_FILE
+    cached = _read_json(path)
+    if cached is not None and cached.get("settings") == key:
+        return cached
+    merged = _merged_parts(folder, key)
+    if merged is None:
+        part = folder / f"{Path(q.REFERENCE_FILE).stem}.part{state.process_index}-of-{state.num_processes}.json"
+        if (_read_json(part) or {}).get("settings") != key:
+            mine = shard(real, state)
+            task = progress.add_task("real split", total=len(mine), rate=0.0)
+            records, start = [], time.perf_counter()
+            for s in mine:
+                records.append({"loss": figures_of(seg, s, a["data"], a["size"])[0]["loss"]})
+                progress.update(task, advance=1, rate=len(records) / (time.perf_counter() - start))
+            c = len(a["names"])
+            hist = q.class_histogram(records, c)
+            total = np.nan_to_num(q.class_means(records, c)) * hist
+            atomic_save(part, lambda p: p.write_text(json.dumps({"settings": key, "total": total.tolist(), "count": hist.tolist()})))
+        merged = _merged_parts(folder, key)
+    if merged is None:
+        return None
+    total, count = merged
     means = [float(t / n) if n > 0 else None for t, n in zip(total, count)]
     ref = {"settings": key, "class_means": means, "class_pixels": count.astype(int).tolist()}
-    if state.is_main_process:
-        path.write_text(json.dumps(ref))
-    state.wait_for_everyone()
+    if state.num_processes == 1:  # one process writes the folder's files (the sharded tasks merge in memory)
+        atomic_save(path, lambda p: p.write_text(json.dumps(ref)))
     return ref
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _merged_parts(folder: Path, key: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(per-class loss total, pixel count) summed over a complete set of reference parts (every I of one N)
+    made with `key`, else None."""
+    sets: dict[int, dict[int, dict]] = {}
+    for p in folder.glob(f"{Path(q.REFERENCE_FILE).stem}.part*-of-*.json"):
+        m = re.fullmatch(r".*\.part(\d+)-of-(\d+)\.json", p.name)
+        part = _read_json(p) if m else None
+        if part is not None and part.get("settings") == key:
+            sets.setdefault(int(m.group(2)), {})[int(m.group(1))] = part
+    for n, parts in sorted(sets.items()):
+        if len(parts) == n:
+            return (np.sum([np.array(x["total"], float) for x in parts.values()], axis=0),
+                    np.sum([np.array(x["count"], float) for x in parts.values()], axis=0))
+    return None
 
 
 def check_filter_settings(folder: Path, settings: dict, state) -> None:
@@ -122,35 +159,41 @@ def check_filter_settings(folder: Path, settings: dict, state) -> None:
         old = json.loads(path.read_text())
         raise SegGenError(f"--tolerance / --reference / --segmenter: {path.parent} was made with {old}, not {settings}; "
                           f"pass those, or delete {path.parent} to filter again")
-    if state.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings))
+    if state.is_main_process and not path.is_file():
+        atomic_save(path, lambda p: p.write_text(json.dumps(settings)))
 
 
 def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = None, split: str = "train", size: int = SIZE,
-        reference_on: str = "real", filter: bool = False, tolerance: float = q.TOLERANCE, worst: int = WORST) -> dict:
-    """quality.py's job; returns {"written", "skipped", "filtered", "seconds", "summary", ...}."""
-    state = process_state()
+        reference_on: str = "real", filter: bool = False, tolerance: float = q.TOLERANCE, worst: int = WORST,
+        shard_spec: str | None = None) -> dict:
+    """quality.py's job; returns {"written", "skipped", "filtered", "seconds", "summary", ...}.
+
+    As N independent tasks (shard_spec "I/N" or the scheduler's environment), task I judges every N-th
+    sample into quality.rank{I}.jsonl and waits for nobody; what needs the whole folder (the reference
+    means for --filter, quality_summary.json, quality_worst.png) is done by a one-task run of the same
+    command after them, which finds every sample judged and does only that (docs/many-machines.md)."""
+    state = this_task(shard_spec)  # bad --shard fails here
     folder = Path(synthetic)
     samples = read_synthetic(folder)  # a bad --synthetic fails here, before any lock or model
-    with output_lock(folder, state.process_index, "--synthetic"):  # one writer per folder (common/runtime/lock.py)
+    # one run per folder; its tasks side by side (common/runtime/lock.py task_lock)
+    with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"):
         real = read_dataset(data, data_root, split)
         names = labels.class_names(data)
         seg = load_segmenter(segmenter, len(names), state.device, data=data)
+        ensure_finalized(folder, console.print)  # a sharded run's folder: its index etc., written once (common/synthesis/finalize.py)
         a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
         out = folder / q.QUALITY_FILE
         settings = {"segmenter": str(segmenter), "size": size}
-        old = read_manifest(out)
-        if old and old[0].get("settings") != settings:
-            raise SegGenError(f"--segmenter / --size: {out} holds figures of {old[0].get('settings')}, not {settings}; "
+        first = first_record(out)
+        if first is not None and first.get("settings") != settings:
+            raise SegGenError(f"--segmenter / --size: {out} holds figures of {first.get('settings')}, not {settings}; "
                               f"pass those to resume, or delete {out}")
         mine = shard(samples, state)
-        done = done_ids(out)
+        done = read_ids(out, {s.id for s in mine})  # this share's ids only, whichever task wrote them
         todo = [s for s in mine if s.id not in done]
-        if state.is_main_process:
-            console.print(f"[bold]quality.py[/] {folder}: {len(samples)} sample(s), {len(done)} already judged; segmenter "
-                          f"{segmenter} ({seg.kind}) at short side {size}; reference: {reference_on} ({data}/{split}, "
-                          f"{len(real)} image(s)){f'; filter, tolerance {tolerance}' if filter else ''}")
+        console.print(f"[bold]quality.py[/] {folder}: {len(samples)} sample(s); {state.name}: {len(mine)}, {len(done)} already "
+                      f"judged; segmenter {segmenter} ({seg.kind}) at short side {size}; reference: {reference_on} ({data}/{split}, "
+                      f"{len(real)} image(s)){f'; filter, tolerance {tolerance}' if filter else ''}")
         summary = {"written": 0, "skipped": len(mine) - len(todo), "filtered": 0, "out": str(out)}
         start = time.perf_counter()
         with synth.progress("quality", state) as progress:
@@ -174,10 +217,13 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
                     writer.append({"id": s.id, **figures, **off, "settings": settings})
                     summary["written"] += 1
                     progress.update(task, advance=1, rate=summary["written"] / (time.perf_counter() - start))
-            state.wait_for_everyone()
-            records = read_manifest(out)
+            # What needs the whole folder: once every sample is judged (and, for --reference real, every part of
+            # the reference measured). A task of several checks and, when it is not yet so, leaves it to the
+            # one-task pass after them.
+            complete = (ref is not None or reference_on != "real") and len(read_ids(out, {s.id for s in samples})) == len(samples)
+            records = read_manifest(out) if complete else []
             # step 3: the samples still without a filtered annotation (--reference folder, or judged before)
-            if filter:
+            if filter and complete:
                 means = means if means is not None else q.class_means(records, len(names))
                 left = [s for s in mine if not q.filtered_path(folder, s).is_file()]
                 task = progress.add_task("filtering", total=len(left), rate=0.0)
@@ -186,15 +232,19 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
                     write_filtered(s, loss, label)
                     progress.update(task, advance=1, rate=summary["filtered"] / (time.perf_counter() - start))
         summary["seconds"] = time.perf_counter() - start
-        # step 4: the summary and the contact sheet of the worst samples (main process)
-        if state.is_main_process:
+        # step 4: the summary and the contact sheet of the worst samples (a one-task run: one writer)
+        if complete and state.num_processes == 1:
             hist = np.array(ref["class_pixels"]) if ref else sum(  # --reference folder: the real labels, no model
                 np.bincount(labels.load_train_label(s, data).ravel(), minlength=256)[:len(names)] for s in real)
             summ = {"segmenter": str(segmenter), "reference": reference_on, **q.summarize(records, names, hist, worst)}
-            (folder / "quality_summary.json").write_text(json.dumps(summ, indent=1))
+            atomic_save(folder / "quality_summary.json", lambda p: p.write_text(json.dumps(summ, indent=1)))
             summary.update(summary=summ, summary_path=str(folder / "quality_summary.json"))
             if summ["worst"]:
                 summary["sheet"] = str(worst_sheet(seg, {s.id: s for s in samples}, summ["worst"], data, size, folder / "quality_worst.png"))
+        else:
+            summary["pending"] = (f"{state.name} has ended; once every task has, run the same command once without --shard "
+                                  f"(one task): it judges nothing again{', filters what is left' if filter else ''} and writes "
+                                  f"quality_summary.json")
         return summary
 
 
@@ -225,6 +275,7 @@ def main(
     filter: Annotated[bool, typer.Option("--filter", help="Write FOLDER/annotations_filtered/: noisy pixels set to ignore (FreeMask).", rich_help_panel="Filtering")] = False,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Ignore pixels whose loss exceeds this × their class's mean loss (FreeMask: 1.25).", rich_help_panel="Filtering")] = q.TOLERANCE,
     worst: Annotated[int, typer.Option(min=0, max=64, help="Samples on the contact sheet FOLDER/quality_worst.png.", rich_help_panel="Output")] = WORST,
+    shard: ShardOpt = None,
 ):
     """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
     try:
@@ -232,10 +283,13 @@ def main(
         if data_root is None and recorded(segmenter, "data") == data.value and recorded(segmenter, "data_root"):
             data_root = Path(recorded(segmenter, "data_root"))  # the real data the segmenter was trained on
             console.print(f"--data-root {data_root} (the segmenter's train_seg run)")
-        s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst)
+        s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst, shard)
     except SegGenError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
+    if s.get("pending"):
+        console.print(f"judged {s['written']}, skipped {s['skipped']} (already done), filtered {s['filtered']} "
+                      f"[{s['seconds']:.1f} s] -> {s['out']}; {s['pending']}")
     if "summary" in s:
         al = s["summary"]["alignment"]
         console.print(f"judged {s['written']}, skipped {s['skipped']} (already done), filtered {s['filtered']} "

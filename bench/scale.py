@@ -14,12 +14,19 @@ VmHWM) and prints the new path against the code it replaces, measured in the sam
 - json:   synth.write_coco_panoptic_json (the end of a COCO imgsyn/masksyn run), written sample by sample
           through the index, vs the whole document built from read_synthetic and dumped at once (every
           line's image and panoptic PNG are hard links to one 640 x 480 pair)
+- tasks:  the sharded case (issue 26): the same lines written by --tasks N independent tasks
+          (manifest.shard{I}-of-{N}.jsonl, imgsyn's batches striped over the tasks); what one task reads at
+          start to resume its share (the plan, then read_ids of its share from the files whose shares meet
+          its own) at the same N and after a change of N (every file meets it), against the old start-up
+          of every process (read_ids of the whole folder); and `python -m common.synthesis.finalize` (index,
+          COCO JSON, stamp) once after the tasks
 
 The old paths keep every record as Python objects (~6 GB per million lines), so they run on at most
 --baseline-lines lines (default 100k) and are scaled per million; the new ones run on all N lines.
 
     python bench/scale.py                       # ~2 minutes: 50k lines, 10k COCO images
     nice -n 10 python bench/scale.py --lines 1200000 --coco-images 118000   # the paper-scale target
+    nice -n 19 python bench/scale.py --lines 1200000 --tasks 64 --only-tasks   # the sharded case alone (docs/many-machines.md)
 Targets at 1.2 M lines: resume <= 10 s and <= 300 MB; index <= 20 s and <= 1 GB, <= 100 MB private per
 worker; COCO 118k <= 5 s and <= 300 MB once cached.
 """
@@ -44,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 LINES = 50_000  # manifest lines (paper: 1.2 M for ADE20K, 1.18 M for COCO)
 COCO_IMAGES = 10_000  # COCO panoptic images (paper: train2017, 118k)
 BASELINE_LINES = 100_000  # the old, record-keeping readers run on at most this many lines
+TASKS = 64  # independent tasks of the sharded case (issue 26: 64 GPUs)
+PER_SAMPLE, BATCH = 10, 4  # the bench's lines: 10 samples per source, imgsyn's default batch
 SEGMENTS_PER_LINE = 25  # imgsyn COCO lines (issue 18)
 SEGMENTS_PER_IMAGE = 11  # COCO panoptic train2017's mean
 WORKERS = 4  # a worker touches 1/WORKERS of the samples
@@ -80,6 +89,31 @@ def write_folder(folder: Path, lines: int, ranks: int = 2) -> None:
         files[i % ranks].write(imgsyn_line(f"{source}_{i % 10:03d}", source, i % 10, segments(SEGMENTS_PER_LINE, i)) + "\n")
     for f in files:
         f.close()
+
+
+def write_task_folder(folder: Path, lines: int, tasks: int) -> None:
+    """The lines of write_folder as `tasks` independent imgsyn tasks write them: batch b (BATCH samples in
+    plan order) in task b % tasks's manifest.shard{I}-of-{N}.jsonl. Manifests only (start-up reads no file)."""
+    folder.mkdir(parents=True)
+    files = [open(folder / f"manifest.shard{t}-of-{tasks}.jsonl", "w", encoding="utf-8") for t in range(tasks)]
+    for i in range(lines):
+        source = f"{i // PER_SAMPLE:012d}"
+        line = imgsyn_line(f"{source}_{i % PER_SAMPLE:03d}", source, i % PER_SAMPLE, segments(SEGMENTS_PER_LINE, i))
+        files[(i // BATCH) % tasks].write(line + "\n")
+    for f in files:
+        f.close()
+
+
+def task_start(folder: Path, lines: int, index: int, count: int) -> int:
+    """What imgsyn's task `index` of `count` does at start to resume (imgsyn.py): its share of the plan,
+    then the ids of that share already written, from the files whose shares meet it. Returns how many."""
+    from common.data.manifest import read_ids
+    from common.runtime.shard import Task
+    from common.synthesis import synth
+
+    sources = [f"{s:012d}" for s in range(-(-lines // PER_SAMPLE))]
+    mine = synth.shard(synth.plan_batches(sources, PER_SAMPLE, BATCH), Task(index, count, "cpu"))
+    return len(read_ids(folder, synth.share_ids(mine), (index, count)))
 
 
 def link_files(folder: Path, lines: int, per_file: int = 60_000) -> None:
@@ -241,6 +275,22 @@ def measure(name: str, path: Path) -> dict:
 
         start, cpu = time.perf_counter(), time.process_time()
         extra["mb_written"] = old_coco_json(path).stat().st_size / 1e6
+    elif name == "empty_stage":  # a bare process with a stage's imports (torch, diffusers): every task pays it
+        from common.synthesis import finalize, synth  # noqa: F401
+    elif name.startswith("task_"):  # task_INDEX_COUNT: one task's start-up on the folder of --tasks tasks
+        from common.synthesis import synth  # noqa: F401  (imported by the stage anyway: not the read's time)
+
+        _, index, count = name.split("_")
+        lines = sum(1 for f in path.glob("manifest*.jsonl") for _ in open(f, "rb"))
+        start, cpu = time.perf_counter(), time.process_time()
+        extra["n"] = task_start(path, lines, int(index), int(count))
+    elif name == "finalize":
+        from common.synthesis import finalize, synth  # noqa: F401
+
+        for p in (path / ".index.npz", path / ".finalized.json"):
+            p.unlink(missing_ok=True)
+        start, cpu = time.perf_counter(), time.process_time()
+        extra["samples"] = finalize.finalize(path)["samples"]
     else:
         raise SystemExit(f"unknown measurement {name}")
     return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "peak_mb": _status("VmHWM:"),
@@ -259,6 +309,8 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=LINES)
     ap.add_argument("--coco-images", type=int, default=COCO_IMAGES)
     ap.add_argument("--baseline-lines", type=int, default=BASELINE_LINES)
+    ap.add_argument("--tasks", type=int, default=TASKS, help="independent tasks of the sharded case (default: %(default)s)")
+    ap.add_argument("--only-tasks", action="store_true", help="measure the sharded case alone (start-up reads, finalize)")
     ap.add_argument("--keep", type=Path, default=None, help="write the data here and keep it (default: a temporary folder)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -273,6 +325,10 @@ def main() -> None:
         t = time.perf_counter()
         write_folder(work / "synth", a.lines)
         link_files(work / "synth", a.lines)
+        write_task_folder(work / "synth_tasks", a.lines, a.tasks)
+        if a.only_tasks:
+            tasks_case(work, a.lines, a.tasks)
+            return
         if base_lines < a.lines:
             write_folder(work / "synth_base", base_lines)
             link_files(work / "synth_base", base_lines)
@@ -336,9 +392,29 @@ def main() -> None:
         print(f"  json    {rows['json_new']['s_per_M'] * 1.2:6.1f} s, {empty + rows['json_new']['mb_per_M'] * 1.2:6.0f} MB streamed; "
               f"{rows['json_old']['s_per_M'] * 1.2:.0f} s, {empty + rows['json_old']['mb_per_M'] * 1.2:.0f} MB as one document (no target)")
         print(f"load average at the end: {_load()}")
+        tasks_case(work, a.lines, a.tasks)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def tasks_case(work: Path, lines: int, tasks: int) -> None:
+    """The sharded case: per-task start-up reads and the one finalize (module doc), each in a fresh process."""
+    empty, stage = run("empty", work)["peak_mb"], run("empty_stage", work)
+    size = sum(p.stat().st_size for p in (work / "synth_tasks").glob("*.jsonl")) / 1e6
+    print(f"\nsharded: {lines} lines ({size:.0f} MB) written by {tasks} tasks; load average {_load()} on {os.cpu_count()} cores; "
+          f"a bare process {empty:.0f} MB, one with a stage's imports (torch, diffusers) {stage['peak_mb']:.0f} MB "
+          f"(imports {stage['seconds']:.1f} s, not counted below)")
+    print(f"{'per task':<44}{'ids':>9}{'s':>9}{'cpu s':>9}{'peak MB':>9}")
+    for label, name, folder in ((f"start, task 0 of {tasks} (same N)", f"task_0_{tasks}", "synth_tasks"),
+                                (f"start, task {tasks // 2} of {tasks} (same N)", f"task_{tasks // 2}_{tasks}", "synth_tasks"),
+                                (f"start, task 0 of {tasks - 1} (N changed)", f"task_0_{tasks - 1}", "synth_tasks"),
+                                ("start, old: every id of the folder", "resume_new", "synth_tasks")):
+        r = run(name, work / folder)
+        print(f"{label:<44}{r['n']:>9}{r['seconds']:>9.2f}{r['cpu_s']:>9.2f}{r['peak_mb']:>9.0f}", flush=True)
+    r = run("finalize", work / "synth")
+    print(f"{'finalize (index, COCO JSON), once':<44}{r['samples']:>9}{r['seconds']:>9.2f}{r['cpu_s']:>9.2f}{r['peak_mb']:>9.0f}")
+    print(f"load average at the end: {_load()}")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_two_processes_split_the_work_without_overlap(tiny_models, tmp_path, cap
             "--max-new-tokens", 4, "--num-workers", 0]
     run = run_cli(*args, "--out", out, launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "true"})
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in manifest_files(out)) == ["c.rank0.jsonl", "c.rank1.jsonl"]
+    assert sorted(p.name for p in manifest_files(out)) == ["c.shard0-of-2.jsonl", "c.shard1-of-2.jsonl"]
     per_rank = [{r["id"] for r in read_manifest(p)} for p in manifest_files(out)]
     assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
     assert run_cli(*args, "--out", one).returncode == 0

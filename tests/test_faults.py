@@ -123,7 +123,7 @@ def snapshot(folder: Path) -> dict:
     if folder.is_file():
         return {folder.name: folder.read_bytes()}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and ".lock.rank" not in p.name}
+            if p.is_file() and ".lock." not in p.name}
 
 
 def fail_writes_under(folder: Path, err: int):
@@ -145,7 +145,7 @@ def fail_writes_under(folder: Path, err: int):
         return real_open(file, mode, *a, **k)
 
     def bad_os_open(path, flags, *a, **k):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path) and (err == errno.EROFS or ".lock.rank" not in os.fsdecode(path)):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path) and (err == errno.EROFS or ".lock." not in os.fsdecode(path)):
             raise OSError(err, os.strerror(err), os.fsdecode(path))
         return real_os_open(path, flags, *a, **k)
 
@@ -154,7 +154,7 @@ def fail_writes_under(folder: Path, err: int):
             target = os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}")
         except OSError:
             target = ""
-        if under(target) and ".lock.rank" not in target:
+        if under(target) and ".lock." not in target:
             raise OSError(err, os.strerror(err))
         return real_fsync(fd)
 
@@ -420,6 +420,61 @@ def case_caption_second_writer(w, tmp):
 def case_caption_read_only_folder(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "Read-only"], out=out, patches=fail_writes_under(tmp, errno.EROFS))
+
+
+@case("caption")
+def case_caption_two_images_with_one_stem(w, tmp):
+    root = data_root(tmp)
+    Image.open(val_file(root, VAL[0], "images")).save(val_file(root, VAL[0], "images").with_suffix(".png"))
+    return Case(["--data-root", root, "--split", "val", "--captioner", "labels", "--out", tmp / "c.jsonl"], 2,
+                [f"{VAL[0]}.jpg", f"{VAL[0]}.png", "one stem"], after=lambda text: _nothing_beside(tmp, {"ade", "c.jsonl"}))
+
+
+# ---------------------------------------------------------------- sample ids as file names (issue 28 item 1)
+
+def _nothing_beside(tmp: Path, allowed: set) -> None:
+    """Nothing was written in the case's folder but what the case made (and the lock files of --out)."""
+    extra = sorted(p.name for p in tmp.iterdir() if p.name not in allowed and ".lock." not in p.name)
+    assert not extra, f"written outside --out: {extra}"
+    assert not (tmp / "o").exists() or not [p for p in (tmp / "o").rglob("*") if p.is_file() and ".lock." not in p.name], \
+        "samples written for a refused id"
+
+
+def _id_case(stage: str, name: str, bad, why: str):
+    def make(w, tmp):
+        c = captions_file(tmp, [cap_line(VAL[0]), {**cap_line(VAL[1]), "id": bad}])
+        args = ms_args(w, tmp / "o", captions=c) if stage == "masksyn" else img_args(w, tmp / "o", captions=c)
+        return Case(args, 2, [f"{c}:2", "cannot name a file", why], after=lambda text: _nothing_beside(tmp, {"captions.jsonl", "o"}))
+    make.__name__ = f"case_{stage}_id_{name}"
+    case(stage)(make)
+
+
+for _stage in ("masksyn", "imgsyn"):
+    for _name, _bad, _why in (("escapes_out", "../../x", "path separator"), ("absolute", "/" + "seggen-absolute-id", "path separator"),
+                              ("nests_folders", "a/b", "path separator"), ("null", None, "null"), ("empty", "", "empty"),
+                              ("300_bytes", "x" * 300, "300 bytes"), ("nul_byte", "a\x00b", "control character")):
+        _id_case(_stage, _name, _bad, _why)
+
+
+@case("caption")
+def case_caption_bad_shard(w, tmp):
+    return Case(["--data-root", ADE_ROOT, "--split", "val", "--captioner", "labels", "--out", tmp / "c.jsonl", "--shard", "2/2"], 2,
+                ["--shard 2/2", "I must be in 0..N-1"])
+
+
+@case("imgsyn")
+def case_imgsyn_bad_shard(w, tmp):
+    return Case(img_args(w, tmp / "o", "--shard", "3"), 2, ["--shard 3", "expected I/N"])
+
+
+@case("masksyn")
+def case_masksyn_bad_shard(w, tmp):
+    return Case(ms_args(w, tmp / "o", "--shard", "1/0"), 2, ["--shard 1/0", "N must be at least 1"])
+
+
+@case("quality")
+def case_quality_bad_shard(w, tmp):
+    return Case(q_args(w, synthetic(tmp / "syn"), "--shard", "-1/2"), 2, ["--shard -1/2", "I must be in 0..N-1"], out=tmp / "syn")
 
 
 # ---------------------------------------------------------------- imgsyn.py

@@ -141,3 +141,86 @@ def test_a_forked_child_that_outlives_the_holder_is_named(tmp_path):
             time.sleep(0.05)
     else:
         pytest.fail("the lock outlived the child")
+
+
+# ---------------------------------------------------------------- the tasks of one run (common/runtime/lock.py TaskLock)
+
+TASK_HOLDER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from common.runtime.lock import task_lock
+with task_lock(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def task_holder():
+    procs = []
+
+    def start(out, index, count, stage="imgsyn"):
+        p = subprocess.Popen([sys.executable, "-c", TASK_HOLDER, str(ROOT), str(out), str(index), str(count), stage],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "locked"
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_tasks_of_one_run_share_a_folder_and_a_second_run_is_refused(tmp_path, task_holder):
+    from common.runtime.lock import task_lock
+
+    out = tmp_path / "synth"
+    first = task_holder(out, 0, 4)
+    with task_lock(out, 1, 4, "imgsyn"):  # another task of the same run: side by side
+        pass
+    with pytest.raises(SegGenError, match=rf"in use by another job: pid {first.pid} .*rank 0"):  # the same task twice
+        with task_lock(out, 0, 4, "imgsyn"):
+            pass
+    for index, count, stage in ((1, 3, "imgsyn"), (0, 1, "imgsyn"), (1, 4, "quality")):  # another N, another stage
+        with pytest.raises(SegGenError, match=r"is being written by another run: imgsyn in 4 task\(s\) \(lock file .*\.lock\.imgsyn\.of4\)"):
+            with task_lock(out, index, count, stage):
+                pass
+    first.kill(), first.wait()  # a killed task: the rerun at another N starts at once
+    with task_lock(out, 2, 3, "imgsyn"):
+        with pytest.raises(SegGenError, match=r"imgsyn in 3 task\(s\)"):
+            with task_lock(out, 0, 4, "imgsyn"):
+                pass
+
+
+def test_a_filesystem_without_locks_says_what_to_do(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from common.runtime import lock as lock_module
+
+    def no_flock(fd, mode):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(SegGenError) as e:
+        with lock_module.task_lock(tmp_path / "o", 0, 2, "masksyn"):
+            pass
+    msg = str(e.value)
+    assert "has no file locks (ENOSYS" in msg and "SEGGEN_LOCK=off" in msg and "-o flock" in msg and str(tmp_path / "o") in msg
+    monkeypatch.setenv("SEGGEN_LOCK", "off")  # the user's choice: no lock, said once on stderr
+    with lock_module.task_lock(tmp_path / "o", 0, 2, "masksyn"), output_lock(tmp_path / "p"):
+        pass
+
+
+def test_temporary_names_are_unique_across_hosts_and_stay_short():
+    import re
+    import socket
+
+    from common.data.manifest import temporary_name
+
+    a, b = temporary_name(Path("x") / "s.png"), temporary_name(Path("x") / "s.png")
+    assert a != b and a.name.startswith(".s.tmp-") and a.suffix == ".png" and str(os.getpid()) in a.name
+    assert re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:8] in a.name
+    assert len(temporary_name(Path("é" * 100 + "_000.jpg")).name.encode()) < 255

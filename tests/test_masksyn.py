@@ -298,7 +298,7 @@ def test_redraws_two_processes_give_the_same_samples_as_one(tmp_path, some_run, 
            "--guidance", "3.0", "--max-off-palette", "0.64", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("rejected*.jsonl")) == ["rejected.rank0.jsonl", "rejected.rank1.jsonl"]
+    assert sorted(p.name for p in out.glob("rejected*.jsonl")) == ["rejected.shard0-of-2.jsonl", "rejected.shard1-of-2.jsonl"]
     assert_same_samples(out, full, 6)
     assert attempts_by_caption(out)[1] == attempts_by_caption(full)[1]
 

@@ -228,8 +228,9 @@ def test_missing_quality_file_is_named_for_train_seg(tmp_path, setup):
 
 
 def test_two_processes_judge_disjoint_halves_with_the_same_figures(setup, tmp_path):
-    """A real 2-process gloo group: each rank writes quality.rank{N}.jsonl for every other sample; the
-    union and the shared real-split class means are those of a one-process run."""
+    """Two torchrun processes are two independent tasks (no process group): each writes quality.rank{N}.jsonl for
+    every other sample and its share of the real split's class losses, and waits for nobody; the same command
+    once as one task then writes the summary. The union and the class means are those of a one-process run."""
     import os
     import subprocess
     import sys
@@ -246,6 +247,10 @@ def test_two_processes_judge_disjoint_halves_with_the_same_figures(setup, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = [[json.loads(x)["id"] for x in (two / f"quality.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 2 and not set(ranks[0]) & set(ranks[1])
+    assert sorted(p.name for p in two.glob("quality_reference.part*")) == ["quality_reference.part0-of-2.json",
+                                                                           "quality_reference.part1-of-2.json"]
+    assert not (two / "quality_summary.json").exists() and "without --shard" in " ".join(proc.stderr.split())
+    assert cli(args(two, setup, "--worst", "0")).exit_code == 0  # one task: nothing judged again, the summary written
     a = {r["id"]: r for r in read_manifest(one / "quality.jsonl")}
     b = {r["id"]: r for r in read_manifest(two / "quality.jsonl")}
     assert a.keys() == b.keys() and all(a[k]["miou"] == pytest.approx(b[k]["miou"]) for k in a)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common import SegGenError
+from common.data.ids import safe_name
 from common.data.sample import Sample, synthetic_sample
 from common.data.manifest import (
     SYNTHETIC_FIELDS, atomic_save, check_relative, chunk_ids, iter_chunks, iter_lines_of, line_id, manifest_files, parse_line,
@@ -73,14 +74,32 @@ def _load(path: Path, key: str) -> dict | None:
 
 
 def _save(path: Path, arrays: dict) -> bool:
+    """Write the index once: the process that takes `.lock.NAME` beside it (without waiting) writes it,
+    and one that finds it taken leaves the writing to that one (issue 26 item 5: index files written by
+    one process; the many processes of a train_seg start each build the same index). Atomic either way."""
+    import fcntl
+
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(f".lock.{path.name.lstrip('.')}"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder: the index lives in memory only
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is writing the same index now
+            return False
+        except OSError:  # no locks on this filesystem: the atomic rename alone keeps readers safe
+            pass
         atomic_save(path, write)
         return True
     except OSError:  # a read-only folder: the index lives in memory only
         return False
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- synthetic folders
@@ -168,7 +187,7 @@ class SyntheticIndex:
         return IndexView(self, np.asarray(positions, np.int64))
 
     def with_annotations_in(self, folder: Path) -> IndexView:
-        """The same samples with each annotation read from `folder` under its own file name."""
+        """The same samples with each annotation read from `folder` as <id>.png."""
         return self.take(np.arange(len(self))).with_annotations_in(folder)
 
 
@@ -179,7 +198,8 @@ _PROVENANCE = re.compile(rb'\{"id": "(?:[^"\\\n]|\\.)*", "source_id": "([^"\\\n]
 
 class IndexView:
     """Some samples of a SyntheticIndex, by position (numpy), optionally with their annotations read
-    from another folder (quality.py --filter's annotations_filtered/). Shares the index's arrays."""
+    from another folder (quality.py --filter's annotations_filtered/, named <id>.png: common/data/ids.py).
+    Shares the index's arrays."""
 
     def __init__(self, index: SyntheticIndex, positions: np.ndarray, annotations: Path | None = None):
         self.index, self.positions, self.annotations = index, positions, annotations
@@ -192,7 +212,7 @@ class IndexView:
         from dataclasses import replace
 
         sample = self.index[int(self.positions[i])]  # IndexError past the end, as a list
-        return sample if self.annotations is None else replace(sample, annotation=self.annotations / sample.annotation.name)
+        return sample if self.annotations is None else replace(sample, annotation=self.annotations / f"{safe_name(sample.id)}.png")
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

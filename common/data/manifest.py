@@ -3,8 +3,9 @@
 - Files are written to a temporary name and renamed (`atomic_save`), and only then is their line
   appended (`ManifestWriter.append`), so a line always points at complete files.
 - A rerun skips the ids already written (`done_ids`): an interrupted job resumes and loses nothing.
-- Under `accelerate launch` each process writes its own `NAME.rank{N}.jsonl`; readers take every
-  file of the family (`manifest_files`) and read them as one.
+- Each task of a sharded run (common/runtime/shard.py) writes its own `NAME.shard{I}-of-{N}.jsonl`
+  (`task_path`; older runs: `NAME.rank{I}.jsonl`); readers take every file of the family (`manifest_files`)
+  and read them as one; a resuming task only those whose shares meet its own (`share_files`).
 - Paths inside a manifest are relative (to the manifest's folder; for captions, to the data root),
   never absolute, never with "..".
 """
@@ -28,11 +29,23 @@ def check_relative(path: str, where: str) -> None:
         raise SegGenError(f"{where}: path {path!r} must be relative to the manifest's folder, without '..'")
 
 
+def temporary_name(path: Path) -> Path:
+    """A temporary file beside `path`, unique across processes, hosts and containers sharing the folder
+    (two containers can have the same pid; two hosts the same pid and name): `.STEM.tmp-HOST-PID-RANDOM.SUFFIX`,
+    the stem cut so that the name stays within 255 bytes."""
+    import secrets
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32]
+    stem = path.stem.encode("utf-8")[:96].decode("utf-8", "ignore")
+    return path.with_name(f".{stem}.tmp-{host}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix[:16]}")
+
+
 def atomic_save(path: str | Path, write) -> Path:
     """Call write(tmp_path), then rename tmp_path to path: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = temporary_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -42,17 +55,55 @@ def atomic_save(path: str | Path, write) -> Path:
 
 
 def rank_path(path: str | Path, rank: int, world_size: int) -> Path:
-    """The manifest file process `rank` writes: path itself in a one-process run, else NAME.rank{N}.jsonl."""
+    """The manifest file task `rank` of `world_size` writes: path itself in a one-task run, else
+    NAME.rank{I}.jsonl. A rerun at another number of tasks appends to the files of its own indexes (only
+    one run writes a folder at a time: common/runtime/lock.py `task_lock`)."""
     path = Path(path)
     return path if world_size == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
+def task_path(path: str | Path, index: int, count: int) -> Path:
+    """The manifest file task `index` of `count` writes (common/runtime/shard.py): path itself for a one-task
+    run, else NAME.shard{I}-of-{N}.jsonl. The name says which share its lines belong to, so that a task
+    resuming its share reads only the files whose shares meet its own (`share_files`)."""
+    path = Path(path)
+    return path if count == 1 else path.with_name(f"{path.stem}.shard{index}-of-{count}{path.suffix}")
+
+
+_SHARD_NAME = re.compile(r".*\.shard(\d+)-of-(\d+)\.[^.]+$")
+
+
+def share_of(file: Path) -> tuple[int, int] | None:
+    """(I, N) of a file written by task I of N (`task_path`), else None (a one-task file, a rank file: any share)."""
+    m = _SHARD_NAME.fullmatch(Path(file).name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def shares_meet(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether share (I, N) and share (J, M) of one list striped over the tasks (items I, I + N, ...) hold an item
+    in common: some x with x = I mod N and x = J mod M, i.e. I = J mod gcd(N, M) (Chinese remainders)."""
+    import math
+
+    return (a[0] - b[0]) % math.gcd(a[1], b[1]) == 0
+
+
+def share_files(path: str | Path, share: tuple[int, int] | None) -> list[Path]:
+    """manifest_files(path) that can hold items of `share` (None: all): a task of a run at the same N reads
+    its own file only; at another N, the files of the tasks whose shares meet its own."""
+    files = manifest_files(path)
+    if share is None:
+        return files
+    return [f for f in files if (other := share_of(f)) is None or shares_meet(share, other)]
+
+
 def manifest_files(path: str | Path) -> list[Path]:
-    """A folder: its manifest*.jsonl. A file NAME.jsonl: itself (if present) and its NAME.rank*.jsonl."""
+    """A folder: its manifest*.jsonl. A file NAME.jsonl: itself (if present) and its NAME.rank*.jsonl and
+    NAME.shard*.jsonl."""
     path = Path(path)
     if path.is_dir():
         return sorted(path.glob("manifest*.jsonl"))
-    return sorted(p for p in [path, *path.parent.glob(f"{path.stem}.rank*{path.suffix}")] if p.is_file())
+    family = [*path.parent.glob(f"{path.stem}.rank*{path.suffix}"), *path.parent.glob(f"{path.stem}.shard*{path.suffix}")]
+    return sorted(p for p in [path, *family] if p.is_file())
 
 
 class ManifestWriter:
@@ -304,14 +355,24 @@ def line_id(line: bytes, where: str) -> str:
     return str(parse_line(line, where)["id"])
 
 
-def read_ids(path: str | Path) -> set[str]:
+def read_ids(path: str | Path, only=None, share: tuple[int, int] | None = None) -> set[str]:
     """Ids in a manifest family (see manifest_files), streaming: only the ids are kept in memory.
 
     The same ids as done_ids, at a few µs a line and ~100 bytes per id (done_ids keeps every record:
     ~6 GB per million imgsyn lines). Lines not in ManifestWriter's form are parsed with json.loads;
-    bad JSON there and an id written twice are errors naming file and line."""
+    bad JSON there and an id written twice are errors naming file and line.
+
+    only: a set of ids, or a function id -> bool: keep those alone (a task's share: what it needs to
+    resume, whatever the number of tasks that wrote the folder). Ids written twice are still found among
+    those kept. share: (I, N) of the task, to read only the files whose shares meet it (`share_files`)."""
     ids: set[str] = set()
-    for file in manifest_files(path):
+    if only is None:
+        keep = None
+    elif callable(only):
+        keep = lambda new: {x for x in new if only(x)}  # noqa: E731
+    else:
+        keep = lambda new: new & only  # noqa: E731
+    for file in share_files(path, share):
         first = 1
         for base, chunk in iter_chunks(file):
             found = chunk_ids(chunk)
@@ -320,13 +381,17 @@ def read_ids(path: str | Path) -> set[str]:
                     new = {x.decode("utf-8") for x in found}
                 except UnicodeDecodeError:
                     new = set()
-                if len(new) == len(found) and ids.isdisjoint(new):
-                    ids |= new
-                    first += len(found)
-                    continue
+                if len(new) == len(found):
+                    new = new if keep is None else keep(new)
+                    if ids.isdisjoint(new):
+                        ids |= new
+                        first += len(found)
+                        continue
             # a line not in the form, or an id twice (in the chunk or with an earlier one): line by line
             for n, _, line in iter_lines_of(chunk, base, first):
                 rid = line_id(line, f"{file}:{n}")
+                if keep is not None and not keep({rid}):
+                    continue
                 if rid in ids:
                     raise SegGenError(f"{file}:{n}: id {rid!r} was already written earlier in {path}")
                 ids.add(rid)

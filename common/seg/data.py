@@ -21,6 +21,7 @@ from common import SegGenError
 from common.masks.colormap import IGNORE, coco_categories
 from common.data.datasets import Sample, load_image, load_label, load_panoptic, read_dataset, synthetic_index
 from common.data.index import first_per_source
+from common.synthesis.finalize import ensure_finalized
 from common.runtime.loader import by_value
 from common.seg.labels import (  # noqa: F401  (the label tables, used by train_seg through this module too)
     class_names, coco_train_ids, instance_train_ids, load_train_label, semantic_table, thing_train_ids, train_ids,
@@ -341,6 +342,7 @@ def read_sources(a, say) -> tuple[list, list[list], list[Path]]:
         folders = list(folders)
         check_once(folders)
         for folder, k in zip(folders, counts):
+            ensure_finalized(folder, say)  # a sharded run's folder: its index etc. written once (common/synthesis/finalize.py)
             samples = synthetic_index(folder)  # numpy arrays: records read when loaded, workers share it (issue 18)
             if k is not None:  # Fig. 8 / Table 8 / A.6 count ablations without regenerating
                 samples = first_per_source(samples, k)

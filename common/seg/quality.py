@@ -28,6 +28,7 @@ from common import SegGenError
 from common.masks.colormap import IGNORE
 from common.data.datasets import Sample
 from common.data.index import provenance, sample_ids
+from common.data.ids import safe_name
 from common.data.manifest import atomic_save, read_manifest
 
 # ---------------------------------------------------------------- defaults and their source
@@ -114,8 +115,9 @@ def noisy_pixels(loss: torch.Tensor | np.ndarray, label: np.ndarray, means: np.n
 
 
 def filtered_path(folder: Path, sample: Sample) -> Path:
-    """Where a sample's filtered annotation goes: FOLDER/annotations_filtered/<its annotation's name>."""
-    return Path(folder) / FILTERED_DIR / Path(sample.annotation).name
+    """Where a sample's filtered annotation goes: FOLDER/annotations_filtered/<its id>.png (by id, not by the
+    annotation's name: two annotations named x.png in two folders stay two files; common/data/ids.py)."""
+    return Path(folder) / FILTERED_DIR / f"{safe_name(sample.id)}.png"
 
 
 def write_filtered(sample: Sample, noisy: np.ndarray, dst: Path) -> Path:
@@ -256,7 +258,7 @@ def filtered_samples(folder: str | Path, samples: list[Sample]) -> list[Sample]:
     from dataclasses import replace
 
     if hasattr(samples, "with_annotations_in"):  # a SyntheticIndex / IndexView: a view, checked from the manifests' paths
-        names = [Path(a).name for a in provenance(samples)["annotation"]]
+        names = [f"{safe_name(i)}.png" for i in sample_ids(samples)]
         missing = [sid for sid, name in zip(sample_ids(samples), names) if not (Path(folder) / FILTERED_DIR / name).is_file()]
         out = samples.with_annotations_in(Path(folder) / FILTERED_DIR)
     else:

@@ -126,6 +126,18 @@ class Job:
 
 # ---------------------------------------------------------------- the plan: ids, seeds, batches
 
+def read_captions(path: Path) -> dict[str, str]:
+    """{id: caption} of a captions manifest, each id checked as a file name (common/data/ids.py) before
+    anything is drawn or written: SegGenError naming file:line."""
+    from common.data.ids import check_ids
+    from common.data.manifest import CAPTION_FIELDS, read_manifest
+
+    places: list[str] = []
+    records = read_manifest(path, CAPTION_FIELDS, places=places)
+    check_ids([r["id"] for r in records], places)
+    return {str(r["id"]): r["caption"] for r in records}
+
+
 def sample_id(source_id: str, k: int) -> str:
     return f"{source_id}_{k:03d}"
 
@@ -386,7 +398,8 @@ def control_tensor(colormaps: list[np.ndarray], device: torch.device | str = "cp
 
 # ---------------------------------------------------------------- the output folder
 
-def check_output(out: Path, settings: Settings, models: dict, manifest: Path | None = None) -> set[str]:
+def check_output(out: Path, settings: Settings, models: dict, manifest: Path | None = None, only=None,
+                 share: tuple[int, int] | None = None) -> set[str]:
     """Ids already written in out (a rerun skips them). An output folder holding another run's
     samples made with different settings or models is an error: mixing them would break provenance.
     Models are compared by where they are (the recorded paths resolved from out, `models` from here), so
@@ -394,7 +407,9 @@ def check_output(out: Path, settings: Settings, models: dict, manifest: Path | N
 
     Reads the ids and the first line only, streaming (common/data/manifest.py `read_ids`, `first_record`): a
     resume of a million-line folder keeps ~100 bytes per id, not every record (issue 18 item 1).
-    manifest: another manifest family to check the same way instead of out's (masksyn's rejected.jsonl)."""
+    manifest: another manifest family to check the same way instead of out's (masksyn's rejected.jsonl).
+    only: the ids to keep (a set, or id -> bool): a task's share, written by whichever task of any run;
+    share: (I, N) of the task: only the files whose shares meet it are read (manifest.share_files)."""
     if manifest is None and not out.is_dir():
         return set()
     path = out if manifest is None else manifest
@@ -407,7 +422,7 @@ def check_output(out: Path, settings: Settings, models: dict, manifest: Path | N
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
             raise SegGenError(f"--out {out} holds samples of another run with different settings ({shown}): "
                               f"pass another --out, or the same settings to resume it")
-    return read_ids(path) if first is not None else set()
+    return read_ids(path, only, share) if first is not None else set()
 
 
 def sample_record(method: str, sid: str, source_id: str, k: int, caption: str, settings: Settings, models: dict,
@@ -559,7 +574,18 @@ def find_record(out: Path, wanted: str) -> dict:
 def progress(name: str, state, *columns):
     """The bar of the main process: done/total, samples/s, extra columns, elapsed, ETA. The task's
     `rate` field (and any field the extra columns name) is set by the caller."""
-    return progress_bar(console, "samples/s", *columns, name=f"[bold]{name}", enabled=state.is_main_process)
+    return progress_bar(console, "samples/s", *columns, name=f"[bold]{name}", enabled=show_progress(state))
+
+
+def show_progress(state) -> bool:
+    """Every task shows its bar (a scheduler's task has a log of its own), except the processes of one
+    torchrun beside the first (they share a terminal)."""
+    return state.is_main_process or not os.environ.get("LOCAL_RANK") or os.environ.get("LOCAL_RANK") == "0"
+
+
+def share_ids(batches: list[list[tuple[str, int]]]) -> set[str]:
+    """The sample ids of a task's batches: what it reads back from the folder to resume."""
+    return {sample_id(s, k) for b in batches for s, k in b}
 
 
 def report(s: dict, compared: str) -> int:
@@ -582,8 +608,14 @@ def report(s: dict, compared: str) -> int:
         console.print(f"[yellow]short:[/] {short}")
     if len(s.get("short", [])) > 10:
         console.print(f"[yellow]short:[/] ... {len(s['short']) - 10} more caption(s) (all in tally.json)")
+    if s.get("finalize"):
+        console.print(f"{s.get('task', 'this task')} has ended; once every task has, run: {s['finalize']} "
+                      f"(readers such as train_seg run it by themselves)")
     for f in s["failures"][:3]:
         console.print(f"[red]failed:[/] {f}")
+    if s.get("share") == 0:  # more tasks than blocks of work: this one had none, which is no failure
+        console.print(f"{s.get('task', 'this task')}: no work in its share (more tasks than batches or caption blocks)")
+        return 0
     if s["written"] == 0 and s["skipped"] == 0:  # the folder holds no sample: say why, loudly, and what to change
         if s.get("rejected"):
             why = (f"every mask drawn was rejected ({', '.join(f'{k} {v}' for k, v in sorted(s.get('rejections', {}).items()))}; "
