@@ -253,6 +253,7 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path, tiny_models, mo
     ("trained", "--output-dir {tmp}/run holds a trained model"),
     ("cache-latents", "--cache-latents needs --center-crop"),
     ("leftover", "holds checkpoints of an earlier run: pass --resume latest"),
+    ("lr", "Invalid value for '--lr': must be a finite number (got inf)"),
 ])
 def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
     base, out = tiny_models("sdxl"), tmp_path / "run"
@@ -275,6 +276,8 @@ def test_bad_inputs_get_one_clear_error(tmp_path, tiny_models, case, message):
         args += ["--cache-latents"]
     elif case == "leftover":
         (out / "checkpoint-5").mkdir(parents=True)
+    elif case == "lr":  # inf trained NaNs from the second step
+        args += ["--lr", "inf"]
     result = run(args)
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in " ".join(result.output.split())

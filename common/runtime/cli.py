@@ -102,14 +102,15 @@ ResolutionOpt = Annotated[int, typer.Option(min=8, max=4096, help="Training reso
 MaxStepsOpt = Annotated[int, typer.Option(min=1, help="Optimizer steps (appendix A.4: 30,000).", rich_help_panel="Training")]
 GlobalBatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per optimizer step over all processes: the same experiment on any number of GPUs (split into per-process micro-batches of at most --batch-size and gradient accumulation; refused when it cannot be split evenly). A.4 gives no batch size; 32 = the paper preset's 4 per GPU on 8 GPUs.", rich_help_panel="Training")]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Memory cap: at most this many samples per process per micro-step; the global batch is reached by gradient accumulation (it does not change the experiment).", rich_help_panel="Training")]
-def positive_finite(value: float) -> float:
-    """A learning rate: typer's min=0 lets 0, inf and nan through, and each trains nothing or NaNs."""
-    if not math.isfinite(value) or value <= 0:
-        raise typer.BadParameter(f"must be a positive finite number (got {value})")
+def finite(value: float) -> float:
+    """A learning rate: typer's min=0 lets inf and nan through, and they train NaNs (0 is kept: a run that only
+    starts from its weights, as tests and bench/toy_quality.sh use it)."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number (got {value})")
     return value
 
 
-LrOpt = Annotated[float, typer.Option(min=0, callback=positive_finite, help="Learning rate (appendix A.4: 1e-5).", rich_help_panel="Training")]
+LrOpt = Annotated[float, typer.Option(min=0, callback=finite, help="Learning rate (appendix A.4: 1e-5).", rich_help_panel="Training")]
 LrScheduleOpt = Annotated[Schedule, typer.Option(help="LR schedule after warm-up.", rich_help_panel="Training")]
 LrWarmupStepsOpt = Annotated[int, typer.Option(min=0, help="Linear LR warm-up steps.", rich_help_panel="Training")]
 WeightDecayOpt = Annotated[float, typer.Option(min=0, help="AdamW weight decay.", rich_help_panel="Training")]
