@@ -37,6 +37,7 @@ from common.data import subset
 from common.runtime.cli import Data, Precision, RealSubsetOpt, Split, precision_dtype, user_errors
 from common.masks.colormap import class_names
 from common.data.datasets import Sample, default_data_root, load_image, load_label, read_dataset
+from common.runtime.cluster import ignore_sigterm, on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.ids import check_ids, refuse_stem_clashes
 from common.data.manifest import ManifestWriter, read_ids, task_path
@@ -165,6 +166,7 @@ def caption(*args, **kwargs) -> dict:
     """Caption a dataset split (the arguments of `_caption`); returns the summary {"captioned", "skipped", "failed",
     "seconds", "out"}."""
     with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        held.enter_context(on_sigterm())  # SIGTERM: the batch in flight is written, then exit PREEMPTED (cluster.py)
         return _caption(held, *args, **kwargs)
 
 
@@ -225,6 +227,7 @@ def _caption(
         if captioner == "labels":
             names = class_names(data)
             for sample in todo:
+                stop_if_sigterm("caption.py")  # the captions written so far are whole lines
                 try:  # only the item's own failure (bad label) is caught: a write error (disk full) stops the run
                     text = labels_caption(sample, data, names)
                 except SegGenError as e:
@@ -241,8 +244,9 @@ def _caption(
             gen = generation_config(net, max_new_tokens, num_beams)
             text = prompt_inputs(processor, prompt)  # the same prompt for every image: tokenised once
             loader = DataLoader(ImageFolder(todo, processor.image_processor), batch_size=batch_size, num_workers=num_workers,
-                                collate_fn=_collate)
+                                collate_fn=_collate, worker_init_fn=ignore_sigterm if num_workers else None)
             for batch in loader:
+                stop_if_sigterm("caption.py")  # the captions written so far are whole lines
                 good = [(i, px) for i, px, err in batch if err is None]
                 for i, _, err in batch:
                     if err is not None:

@@ -40,9 +40,10 @@ from common import SegGenError
 from common.runtime import cli
 from common.synthesis import synth
 from common.seg import labels, quality as q
-from common.runtime.cli import Data, Split
+from common.runtime.cli import Data, Split, user_errors
 from common.masks.colormap import label_to_color, palette_for
 from common.data.datasets import Sample, load_image, read_dataset, read_synthetic
+from common.runtime.cluster import on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.manifest import ManifestWriter, atomic_save, first_record, rank_path, read_ids, read_manifest
 from common.runtime.shard import shard, this_task
@@ -176,7 +177,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
     folder = Path(synthetic)
     samples = read_synthetic(folder)  # a bad --synthetic fails here, before any lock or model
     # one run per folder; its tasks side by side (common/runtime/lock.py task_lock)
-    with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"):
+    with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"), on_sigterm():
         real = read_dataset(data, data_root, split)
         names = labels.class_names(data)
         seg = load_segmenter(segmenter, len(names), state.device, data=data)
@@ -210,6 +211,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
             task = progress.add_task("judging", total=len(todo), rate=0.0)
             with ManifestWriter(rank_path(out, state.process_index, state.num_processes)) as writer:
                 for s in todo:
+                    stop_if_sigterm("quality.py")  # every figure written so far is a whole line
                     figures, loss, label, _ = figures_of(seg, s, data, size)
                     if filter and means is not None:
                         write_filtered(s, loss, label)
@@ -228,6 +230,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
                 left = [s for s in mine if not q.filtered_path(folder, s).is_file()]
                 task = progress.add_task("filtering", total=len(left), rate=0.0)
                 for s in left:
+                    stop_if_sigterm("quality.py")
                     _, loss, label, _ = figures_of(seg, s, data, size)
                     write_filtered(s, loss, label)
                     progress.update(task, advance=1, rate=summary["filtered"] / (time.perf_counter() - start))
@@ -278,15 +281,12 @@ def main(
     shard: ShardOpt = None,
 ):
     """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
-    try:
+    with user_errors(console):  # a bad input: one line, exit 2; SIGTERM: exit PREEMPTED (common/runtime/cli.py)
         size = size or eval_size(segmenter, data.value)
         if data_root is None and recorded(segmenter, "data") == data.value and recorded(segmenter, "data_root"):
             data_root = Path(recorded(segmenter, "data_root"))  # the real data the segmenter was trained on
             console.print(f"--data-root {data_root} (the segmenter's train_seg run)")
         s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst, shard)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
     if s.get("pending"):
         console.print(f"judged {s['written']}, skipped {s['skipped']} (already done), filtered {s['filtered']} "
                       f"[{s['seconds']:.1f} s] -> {s['out']}; {s['pending']}")

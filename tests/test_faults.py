@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from conftest import ADE_ROOT, write_captions
+from conftest import ADE_ROOT, TRAIN_CAPTIONS, write_captions
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -896,6 +896,82 @@ def case_quality_path_escapes_the_folder(w, tmp):
     lines[1] = json.dumps({**json.loads(lines[1]), "image": "../secret.jpg"})
     m.write_text("\n".join(lines) + "\n")
     return Case(q_args(w, folder), 2, ["../secret.jpg"])
+
+
+# ---------------------------------------------------------------- SIGTERM in the generation stages (issue 28 item 4)
+
+def sigterm_in(obj, attr: str) -> list:
+    """A patch: the first call of obj.attr sends this process a real SIGTERM (what a scheduler sends before
+    SIGKILL) in the middle of the first batch, which must still end whole."""
+    import signal
+
+    real = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        if not wrapped.sent:
+            wrapped.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    wrapped.sent = False
+    return [(obj, attr, wrapped)]
+
+
+def ends_whole_and_resumes(manifest: Path, rerun: list, stage, want: list, files=("image", "annotation", "colormap")):
+    """After the SIGTERM: the first batch's line only, its files complete; the same command then finishes."""
+    from common.data.datasets import load_image
+
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert len(lines) == 1, f"{manifest}: {len(lines)} line(s) after SIGTERM in the first batch, want 1"
+    for key in files:
+        if key in lines[0]:
+            load_image(manifest.parent / lines[0][key])  # complete, readable
+    r = CliRunner().invoke(cli_app(stage), [str(a) for a in rerun])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(x)["id"] for x in manifest.read_text().splitlines()) == want
+
+
+PREEMPTED_NAMES = ["SIGTERM", "Run the same command again"]
+
+
+@case("caption")
+def case_caption_sigterm_mid_run(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+
+    out, args = tmp / "c.jsonl", cap_args(ADE_ROOT, tmp / "c.jsonl")
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(caption, "labels_caption"),
+                after=lambda text: ends_whole_and_resumes(out, args, caption, VAL, files=()))
+
+
+@case("imgsyn")
+def case_imgsyn_sigterm_mid_batch(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+    from common.synthesis import synth
+
+    out = tmp / "o"
+    args = img_args(w, out)
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(synth, "sample_images"),
+                after=lambda text: ends_whole_and_resumes(out / "manifest.jsonl", args, imgsyn, [f"{v}_000" for v in VAL]))
+
+
+@case("masksyn")
+def case_masksyn_sigterm_mid_batch(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+    from common.synthesis import synth
+
+    out = tmp / "o"
+    args = ms_args(w, out)
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(synth, "sample_images"),
+                after=lambda text: ends_whole_and_resumes(out / "manifest.jsonl", args, masksyn, [f"{c}_000" for c in TRAIN_CAPTIONS]))
+
+
+@case("quality")
+def case_quality_sigterm_mid_run(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+
+    folder = synthetic(tmp / "syn")
+    args = q_args(w, folder, "--reference", "folder")
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(quality, "figures_of"),
+                after=lambda text: ends_whole_and_resumes(folder / "quality.jsonl", args, quality, [f"{v}_000" for v in VAL], files=()))
 
 
 # ---------------------------------------------------------------- the catalogue
