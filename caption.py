@@ -40,7 +40,7 @@ from common.data.datasets import Sample, default_data_root, load_image, load_lab
 from common.runtime.cluster import ignore_sigterm, on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.ids import check_ids, refuse_stem_clashes
-from common.data.manifest import ManifestWriter, read_ids, task_path
+from common.data.manifest import CAPTION_FIELDS, ManifestWriter, check_appending, read_ids, task_path
 from common.data.paths import captions_path
 from common.runtime.progress import progress_bar
 from common.runtime.shard import shard, this_task
@@ -194,8 +194,14 @@ def _caption(
     refuse_stem_clashes(sorted({str(s.image.parent) for s in samples}), f"--data {data} --split {split}")
     check_ids([s.id for s in samples], [str(s.image) for s in samples])
     mine = shard(samples, state)
+    meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
+            "model": model if captioner == "blip2" else None}  # on every line: what made it
     # one run per captions file; its tasks side by side (common/runtime/lock.py task_lock)
     held.enter_context(task_lock(out, state.process_index, state.num_processes, "caption", "--out", file=True))
+    # another stage's manifest, or captions of another captioner / prompt / model: refused, not appended to
+    check_appending(out, option="--out", kind="caption", fields=CAPTION_FIELDS, made_with=meta,
+                    fix=f"pass the same --captioner / --prompt / --model to resume it, or another --out for these captions "
+                        f"(the default is captions/{data}_{split}.jsonl), or delete {out} to caption again")
     # this share's ids only, streaming, from the files whose shares meet it, whichever task wrote them
     done = read_ids(out, {s.id for s in mine}, (state.process_index, state.num_processes))
     todo = [s for s in mine if s.id not in done]
@@ -207,8 +213,6 @@ def _caption(
     failures = []
     start = time.perf_counter()
     progress = progress_bar(console, "img/s", name="[bold]captioning", enabled=True)
-    meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
-            "model": model if captioner == "blip2" else None}
     with ManifestWriter(task_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
         task = progress.add_task("", total=len(todo), rate=0.0)
 

@@ -381,19 +381,19 @@ def case_caption_image_palette_mode(w, tmp):
     return caption_converted(w, tmp, "P")
 
 
-def existing_captions(tmp):
-    """A captions file already holding one line, from a run cut after one image."""
+def existing_captions(tmp, blip2=None):
+    """A captions file already holding one line, from a run cut after one image (by BLIP-2 at blip2)."""
     out = tmp / "c.jsonl"
-    CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out, "--limit", "1")])
+    CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out, "--limit", "1", blip2=blip2)])
     assert len(out.read_text().splitlines()) == 1
     return out
 
 
 @case("caption")
 def case_caption_disk_full(w, tmp):
-    out = existing_captions(tmp)
+    out = existing_captions(tmp, w["blip2"])
     return Case(cap_args(ADE_ROOT, out, blip2=w["blip2"]), 2, [str(out), "No space left"], out=out, grows=True,
-                patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out))
+                patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out, w["blip2"]))
 
 
 @case("caption")
@@ -403,9 +403,9 @@ def case_caption_labels_disk_full(w, tmp):
                 patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out))
 
 
-def rerun_completes(out):
+def rerun_completes(out, blip2=None):
     """Once the disk has room again, the same command finishes the file: every id once."""
-    r = CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out)])
+    r = CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out, blip2=blip2)])
     assert r.exit_code == 0, r.output
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == VAL
 
@@ -414,6 +414,20 @@ def rerun_completes(out):
 def case_caption_second_writer(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "in use by another job", "pid"], out=out, hold=(out, True))
+
+
+@case("caption")
+def case_caption_out_is_a_synthetic_manifest(w, tmp):
+    folder = synthetic(tmp / "syn")
+    return Case(cap_args(ADE_ROOT, folder / "manifest.jsonl"), 2, [str(folder / "manifest.jsonl"), "not a caption manifest",
+                                                                   "another --out"], out=folder)
+
+
+@case("caption")
+def case_caption_resumed_with_another_captioner(w, tmp):
+    out = existing_captions(tmp)  # made by --captioner labels
+    return Case(cap_args(ADE_ROOT, out, blip2=w["blip2"]), 2, [str(out), "'captioner': 'labels'", "'captioner': 'blip2'",
+                                                                 "--captioner"], out=out)
 
 
 @case("caption")
