@@ -912,6 +912,60 @@ def case_quality_path_escapes_the_folder(w, tmp):
     return Case(q_args(w, folder), 2, ["../secret.jpg"])
 
 
+def edit_manifest(folder: Path, line: int, **fields) -> Path:
+    """Set fields of one line of folder/manifest.jsonl (0-based), written as json.dumps writes them."""
+    m = folder / "manifest.jsonl"
+    lines = m.read_text().splitlines()
+    lines[line] = json.dumps({**json.loads(lines[line]), **fields})
+    m.write_text("\n".join(lines) + "\n")
+    return m
+
+
+@case("quality")
+def case_quality_folder_drawn_for_another_data(w, tmp):
+    folder = synthetic(tmp / "syn")
+    for n in range(len(VAL)):
+        edit_manifest(folder, n, settings={"data": "coco"})
+    return Case(q_args(w, folder), 2, ["--synthetic", str(folder), "--data coco", "not --data ade20k"], out=folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5, -1, "1"])
+def test_a_draw_that_is_not_a_whole_number_is_refused_naming_file_and_line(tmp_path, bad):
+    from common import SegGenError
+    from common.data.datasets import read_synthetic
+
+    m = edit_manifest(synthetic(tmp_path / "syn"), 1, k=bad)
+    with pytest.raises(SegGenError, match=rf"{re.escape(str(m))}:2: k must be a whole number"):
+        read_synthetic(m.parent)
+
+
+@case("quality")
+def case_quality_nan_k(w, tmp):
+    folder = synthetic(tmp / "syn")
+    m = edit_manifest(folder, 1, k=float("nan"))
+    return Case(q_args(w, folder), 2, [f"{m}:2", "k must be a whole number", "got nan"], out=folder)
+
+
+def retrained(src: Path, dst: Path) -> Path:
+    """The segmenter at dst trained again: the same files, other weights."""
+    from safetensors.torch import load_file, save_file
+
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(f).items()}, f)
+    return dst
+
+
+@case("quality")
+def case_quality_resumed_after_the_segmenter_was_retrained(w, tmp):
+    folder, seg = synthetic(tmp / "syn"), tmp / "seg"
+    shutil.copytree(w["mask2former"], seg)
+    first = CliRunner().invoke(cli_app(quality), [str(a) for a in q_args(w, folder, "--reference", "folder", segmenter=seg)])
+    assert first.exit_code == 0, first.output
+    retrained(w["mask2former"], seg)
+    return Case(q_args(w, folder, "--reference", "folder", segmenter=seg), 2,
+                [f"--segmenter {seg} has changed since", str(folder / "quality.jsonl"), "to judge again"], out=folder)
+
+
 # ---------------------------------------------------------------- SIGTERM in the generation stages (issue 28 item 4)
 
 def sigterm_in(obj, attr: str) -> list:
