@@ -115,6 +115,7 @@ def reference(real: list[Sample], seg: Segmenter, a: dict, state, progress) -> d
             task = progress.add_task("real split", total=len(mine), rate=0.0)
             records, start = [], time.perf_counter()
             for s in mine:
+                stop_if_sigterm("quality.py")  # this part is saved whole or not at all: nothing to finish
                 records.append({"loss": figures_of(seg, s, a["data"], a["size"])[0]["loss"]})
                 progress.update(task, advance=1, rate=len(records) / (time.perf_counter() - start))
             c = len(a["names"])
