@@ -40,7 +40,7 @@ from common.data.datasets import Sample, default_data_root, load_image, load_lab
 from common.runtime.cluster import ignore_sigterm, on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.ids import check_ids, refuse_stem_clashes
-from common.data.manifest import CAPTION_FIELDS, ManifestWriter, check_appending, read_ids, task_path
+from common.data.manifest import CAPTION_FIELDS, SYNTHETIC_FIELDS, ManifestWriter, check_appending, read_ids, task_path
 from common.data.paths import captions_path
 from common.runtime.progress import progress_bar
 from common.runtime.shard import shard, this_task
@@ -200,6 +200,7 @@ def _caption(
     held.enter_context(task_lock(out, state.process_index, state.num_processes, "caption", "--out", file=True))
     # another stage's manifest, or captions of another captioner / prompt / model: refused, not appended to
     check_appending(out, option="--out", kind="caption", fields=CAPTION_FIELDS, made_with=meta,
+                    foreign=tuple(set(SYNTHETIC_FIELDS) - set(CAPTION_FIELDS)),  # a synthetic folder's lines
                     fix=f"pass the same --captioner / --prompt / --model to resume it, or another --out for these captions "
                         f"(the default is captions/{data}_{split}.jsonl), or delete {out} to caption again")
     # this share's ids only, streaming, from the files whose shares meet it, whichever task wrote them

@@ -422,19 +422,19 @@ def first_record(path: str | Path) -> dict | None:
     return None
 
 
-def check_appending(path: str | Path, *, option: str, kind: str, fields: tuple[str, ...], made_with: dict, fix: str) -> None:
+def check_appending(path: str | Path, *, option: str, kind: str, fields: tuple[str, ...], foreign: tuple[str, ...],
+                    made_with: dict, fix: str) -> None:
     """Before a run appends to an existing manifest family (issue 28 item 2): its first record must be one
-    of this run's kind (it holds `fields` and none of another kind's distinctive fields) and be made with
-    the same `made_with` (each key the record holds is compared). Otherwise refused, naming the file, what
-    it holds and `fix`: one run's output is never mixed into another's, nor old results kept silently."""
+    of this run's kind (it holds `fields` and none of the `foreign` fields that mark another stage's
+    output) and be made with the same `made_with` (each key the record holds is compared). Otherwise
+    refused, naming the file, what it holds and `fix`: one run's output is never mixed into another's,
+    nor old results kept silently."""
     first = first_record(path)
     if first is None:
         return
     where = manifest_files(path)[0]
-    own = set(fields)
-    other = {"caption": set(SYNTHETIC_FIELDS) - set(CAPTION_FIELDS), "synthetic": set(CAPTION_FIELDS) - set(SYNTHETIC_FIELDS)}
-    foreign = sorted(set(first) & other.get(kind, set()) - own)
-    missing = sorted(own - set(first))
+    foreign = sorted(set(first) & set(foreign))
+    missing = sorted(set(fields) - set(first))
     if missing or foreign:
         holds = f"fields {foreign} of another stage's output" if foreign else f"no {missing}"
         raise SegGenError(f"{option} {path}: {where}:1 is not a {kind} manifest ({holds}); this run would append its "
