@@ -37,9 +37,10 @@ from common.data import subset
 from common.runtime.cli import Data, Precision, RealSubsetOpt, Split, precision_dtype, user_errors
 from common.masks.colormap import class_names
 from common.data.datasets import Sample, default_data_root, load_image, load_label, read_dataset
+from common.runtime.cluster import ignore_sigterm, on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.ids import check_ids, refuse_stem_clashes
-from common.data.manifest import ManifestWriter, read_ids, task_path
+from common.data.manifest import CAPTION_FIELDS, SYNTHETIC_FIELDS, ManifestWriter, check_appending, read_ids, task_path
 from common.data.paths import captions_path
 from common.runtime.progress import progress_bar
 from common.runtime.shard import shard, this_task
@@ -165,6 +166,7 @@ def caption(*args, **kwargs) -> dict:
     """Caption a dataset split (the arguments of `_caption`); returns the summary {"captioned", "skipped", "failed",
     "seconds", "out"}."""
     with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        held.enter_context(on_sigterm())  # SIGTERM: the batch in flight is written, then exit PREEMPTED (cluster.py)
         return _caption(held, *args, **kwargs)
 
 
@@ -192,8 +194,15 @@ def _caption(
     refuse_stem_clashes(sorted({str(s.image.parent) for s in samples}), f"--data {data} --split {split}")
     check_ids([s.id for s in samples], [str(s.image) for s in samples])
     mine = shard(samples, state)
+    meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
+            "model": model if captioner == "blip2" else None}  # on every line: what made it
     # one run per captions file; its tasks side by side (common/runtime/lock.py task_lock)
     held.enter_context(task_lock(out, state.process_index, state.num_processes, "caption", "--out", file=True))
+    # another stage's manifest, or captions of another captioner / prompt / model: refused, not appended to
+    check_appending(out, option="--out", kind="caption", fields=CAPTION_FIELDS, made_with=meta,
+                    foreign=tuple(set(SYNTHETIC_FIELDS) - set(CAPTION_FIELDS)),  # a synthetic folder's lines
+                    fix=f"pass the same --captioner / --prompt / --model to resume it, or another --out for these captions "
+                        f"(the default is captions/{data}_{split}.jsonl), or delete {out} to caption again")
     # this share's ids only, streaming, from the files whose shares meet it, whichever task wrote them
     done = read_ids(out, {s.id for s in mine}, (state.process_index, state.num_processes))
     todo = [s for s in mine if s.id not in done]
@@ -205,8 +214,6 @@ def _caption(
     failures = []
     start = time.perf_counter()
     progress = progress_bar(console, "img/s", name="[bold]captioning", enabled=True)
-    meta = {"captioner": captioner, "prompt": prompt if captioner == "blip2" else None,
-            "model": model if captioner == "blip2" else None}
     with ManifestWriter(task_path(out, state.process_index, state.num_processes), path_fields=("image",)) as writer, progress:
         task = progress.add_task("", total=len(todo), rate=0.0)
 
@@ -225,6 +232,7 @@ def _caption(
         if captioner == "labels":
             names = class_names(data)
             for sample in todo:
+                stop_if_sigterm("caption.py")  # the captions written so far are whole lines
                 try:  # only the item's own failure (bad label) is caught: a write error (disk full) stops the run
                     text = labels_caption(sample, data, names)
                 except SegGenError as e:
@@ -241,8 +249,9 @@ def _caption(
             gen = generation_config(net, max_new_tokens, num_beams)
             text = prompt_inputs(processor, prompt)  # the same prompt for every image: tokenised once
             loader = DataLoader(ImageFolder(todo, processor.image_processor), batch_size=batch_size, num_workers=num_workers,
-                                collate_fn=_collate)
+                                collate_fn=_collate, worker_init_fn=ignore_sigterm if num_workers else None)
             for batch in loader:
+                stop_if_sigterm("caption.py")  # the captions written so far are whole lines
                 good = [(i, px) for i, px, err in batch if err is None]
                 for i, _, err in batch:
                     if err is not None:

@@ -42,6 +42,7 @@ from common.data import subset
 from common.synthesis import finalize, synth
 from common.masks.colormap import Palette, label_to_color, panoptic_to_color, resize_nearest
 from common.data.datasets import Sample, load_label, load_panoptic, read_dataset
+from common.runtime.cluster import on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.manifest import ManifestWriter, atomic_save, task_path
 from common.data.paths import captions_path, mask2img_dir, require, synth_dir
@@ -146,6 +147,7 @@ def imgsyn(**options) -> dict:
     """Run ImgSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
     "failed", "seconds", "out", ...}."""
     with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        held.enter_context(on_sigterm())  # SIGTERM: the batch in flight is finished, then exit PREEMPTED (cluster.py)
         return _imgsyn(held, **options)
 
 
@@ -216,6 +218,7 @@ def _imgsyn(held: ExitStack, **options) -> dict:
     with writer, sink, progress:
         task = progress.add_task("", total=sum(len(b) for b in todo), rate=0.0)
         for batch in todo:
+            stop_if_sigterm("imgsyn.py")  # the batches put so far are committed by the sink on the way out
             for gone in set(cache) - {s for s, _ in batch}:  # keep the sources of this batch only
                 del cache[gone]
             sink.forget(cache)

@@ -55,6 +55,7 @@ from common.synthesis import finalize, redraws, synth
 from common.masks.colormap import (IGNORE, Palette, color_to_label, color_to_panoptic, label_to_color, off_palette_fraction,
                              panoptic_to_color, panoptic_to_semantic)
 from common.data.datasets import id_to_rgb
+from common.runtime.cluster import on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.manifest import ManifestWriter, atomic_save, task_path
 from common.data.paths import captions_path, mask2img_dir, require, synth_dir, text2mask_dir
@@ -177,6 +178,7 @@ def masksyn(**options) -> dict:
     """Run MaskSyn with the options of `Job` (keyword arguments); returns the summary {"written", "skipped",
     "rejected", "failed", "seconds", "out", ...}."""
     with ExitStack() as held:  # the lock on --out, taken once it is known, released however the run ends
+        held.enter_context(on_sigterm())  # SIGTERM: the batch in flight is finished, then exit PREEMPTED (cluster.py)
         return _masksyn(held, **options)
 
 
@@ -257,6 +259,7 @@ def _masksyn(held: ExitStack, **options) -> dict:
                 total += sum(len(b) for b in todo)
                 progress.update(task, total=total)
                 for batch in todo:
+                    stop_if_sigterm("masksyn.py")  # the batches put so far are committed by the sink on the way out
                     if gens is None:  # models load once there is work
                         gens = load_models(models, settings, state.device)
                         if state.is_main_process:

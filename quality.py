@@ -40,9 +40,11 @@ from common import SegGenError
 from common.runtime import cli
 from common.synthesis import synth
 from common.seg import labels, quality as q
-from common.runtime.cli import Data, Split
+from common.runtime.cli import Data, Split, user_errors
 from common.masks.colormap import label_to_color, palette_for
 from common.data.datasets import Sample, load_image, read_dataset, read_synthetic
+from common.seg.data import check_made_for
+from common.runtime.cluster import on_sigterm, stop_if_sigterm
 from common.runtime.lock import task_lock
 from common.data.manifest import ManifestWriter, atomic_save, first_record, rank_path, read_ids, read_manifest
 from common.runtime.shard import shard, this_task
@@ -113,6 +115,7 @@ def reference(real: list[Sample], seg: Segmenter, a: dict, state, progress) -> d
             task = progress.add_task("real split", total=len(mine), rate=0.0)
             records, start = [], time.perf_counter()
             for s in mine:
+                stop_if_sigterm("quality.py")  # this part is saved whole or not at all: nothing to finish
                 records.append({"loss": figures_of(seg, s, a["data"], a["size"])[0]["loss"]})
                 progress.update(task, advance=1, rate=len(records) / (time.perf_counter() - start))
             c = len(a["names"])
@@ -163,6 +166,23 @@ def check_filter_settings(folder: Path, settings: dict, state) -> None:
         atomic_save(path, lambda p: p.write_text(json.dumps(settings)))
 
 
+def check_resume(out: Path, settings: dict) -> None:
+    """Figures already in `out` continue only when made by the same segmenter (its identity, whatever its
+    path) at the same --size; a segmenter retrained in place is named as such (issue 28 item 6)."""
+    first = first_record(out)
+    old = (first or {}).get("settings") or {}
+    if first is None or all(old.get(k) == settings[k] for k in ("identity", "size")):
+        return
+    if old.get("size") != settings["size"]:
+        raise SegGenError(f"--size {settings['size']}: {out} holds figures at --size {old.get('size')}; pass that to resume, "
+                          f"or delete {out} to judge again")
+    changed = ("has changed since (retrained or replaced: its files differ)" if old.get("segmenter") == settings["segmenter"]
+               else f"is not the segmenter that judged them ({old.get('segmenter')})")
+    raise SegGenError(f"--segmenter {settings['segmenter']} {changed}; {out} holds figures of segmenter {old.get('identity') or '(not recorded: an older quality.py)'}, "
+                      f"not {settings['identity']}: delete {out} (and {q.REFERENCE_FILE}, {q.FILTERED_DIR}/) to judge again with "
+                      f"this one, or pass the segmenter that judged them")
+
+
 def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = None, split: str = "train", size: int = SIZE,
         reference_on: str = "real", filter: bool = False, tolerance: float = q.TOLERANCE, worst: int = WORST,
         shard_spec: str | None = None) -> dict:
@@ -175,19 +195,18 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
     state = this_task(shard_spec)  # bad --shard fails here
     folder = Path(synthetic)
     samples = read_synthetic(folder)  # a bad --synthetic fails here, before any lock or model
+    check_made_for(folder, samples, data)  # drawn for another --data: its label values are other classes
     # one run per folder; its tasks side by side (common/runtime/lock.py task_lock)
-    with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"):
+    with task_lock(folder, state.process_index, state.num_processes, "quality", "--synthetic"), on_sigterm():
         real = read_dataset(data, data_root, split)
         names = labels.class_names(data)
         seg = load_segmenter(segmenter, len(names), state.device, data=data)
         ensure_finalized(folder, console.print)  # a sharded run's folder: its index etc., written once (common/synthesis/finalize.py)
-        a = {"folder": folder, "segmenter": str(segmenter), "data": data, "split": split, "size": size, "names": names}
+        identity = q.segmenter_identity(segmenter)  # its files' bytes, not its path: a retrained segmenter judges again
+        a = {"folder": folder, "segmenter": identity, "data": data, "split": split, "size": size, "names": names}
         out = folder / q.QUALITY_FILE
-        settings = {"segmenter": str(segmenter), "size": size}
-        first = first_record(out)
-        if first is not None and first.get("settings") != settings:
-            raise SegGenError(f"--segmenter / --size: {out} holds figures of {first.get('settings')}, not {settings}; "
-                              f"pass those to resume, or delete {out}")
+        settings = {"segmenter": str(segmenter), "identity": identity, "size": size}
+        check_resume(out, settings)
         mine = shard(samples, state)
         done = read_ids(out, {s.id for s in mine})  # this share's ids only, whichever task wrote them
         todo = [s for s in mine if s.id not in done]
@@ -200,7 +219,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
             ref = reference(real, seg, a, state, progress) if reference_on == "real" else None
             means = np.array([np.nan if m is None else m for m in ref["class_means"]]) if ref else None
             if filter:
-                check_filter_settings(folder, {"tolerance": tolerance, "reference": reference_on, **settings}, state)
+                check_filter_settings(folder, {"tolerance": tolerance, "reference": reference_on, "identity": identity, "size": size}, state)
 
             def write_filtered(s, loss, label):
                 q.write_filtered(s, q.noisy_pixels(loss, label, means, tolerance), q.filtered_path(folder, s))
@@ -210,6 +229,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
             task = progress.add_task("judging", total=len(todo), rate=0.0)
             with ManifestWriter(rank_path(out, state.process_index, state.num_processes)) as writer:
                 for s in todo:
+                    stop_if_sigterm("quality.py")  # every figure written so far is a whole line
                     figures, loss, label, _ = figures_of(seg, s, data, size)
                     if filter and means is not None:
                         write_filtered(s, loss, label)
@@ -228,6 +248,7 @@ def run(data: str, synthetic: Path, segmenter: Path, data_root: Path | None = No
                 left = [s for s in mine if not q.filtered_path(folder, s).is_file()]
                 task = progress.add_task("filtering", total=len(left), rate=0.0)
                 for s in left:
+                    stop_if_sigterm("quality.py")
                     _, loss, label, _ = figures_of(seg, s, data, size)
                     write_filtered(s, loss, label)
                     progress.update(task, advance=1, rate=summary["filtered"] / (time.perf_counter() - start))
@@ -278,15 +299,12 @@ def main(
     shard: ShardOpt = None,
 ):
     """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
-    try:
+    with user_errors(console):  # a bad input: one line, exit 2; SIGTERM: exit PREEMPTED (common/runtime/cli.py)
         size = size or eval_size(segmenter, data.value)
         if data_root is None and recorded(segmenter, "data") == data.value and recorded(segmenter, "data_root"):
             data_root = Path(recorded(segmenter, "data_root"))  # the real data the segmenter was trained on
             console.print(f"--data-root {data_root} (the segmenter's train_seg run)")
         s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst, shard)
-    except SegGenError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
     if s.get("pending"):
         console.print(f"judged {s['written']}, skipped {s['skipped']} (already done), filtered {s['filtered']} "
                       f"[{s['seconds']:.1f} s] -> {s['out']}; {s['pending']}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from conftest import ADE_ROOT, write_captions
+from conftest import ADE_ROOT, TRAIN_CAPTIONS, write_captions
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -381,19 +381,19 @@ def case_caption_image_palette_mode(w, tmp):
     return caption_converted(w, tmp, "P")
 
 
-def existing_captions(tmp):
-    """A captions file already holding one line, from a run cut after one image."""
+def existing_captions(tmp, blip2=None):
+    """A captions file already holding one line, from a run cut after one image (by BLIP-2 at blip2)."""
     out = tmp / "c.jsonl"
-    CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out, "--limit", "1")])
+    CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out, "--limit", "1", blip2=blip2)])
     assert len(out.read_text().splitlines()) == 1
     return out
 
 
 @case("caption")
 def case_caption_disk_full(w, tmp):
-    out = existing_captions(tmp)
+    out = existing_captions(tmp, w["blip2"])
     return Case(cap_args(ADE_ROOT, out, blip2=w["blip2"]), 2, [str(out), "No space left"], out=out, grows=True,
-                patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out))
+                patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out, w["blip2"]))
 
 
 @case("caption")
@@ -403,9 +403,9 @@ def case_caption_labels_disk_full(w, tmp):
                 patches=fail_writes_under(tmp, errno.ENOSPC), after=lambda text: rerun_completes(out))
 
 
-def rerun_completes(out):
+def rerun_completes(out, blip2=None):
     """Once the disk has room again, the same command finishes the file: every id once."""
-    r = CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out)])
+    r = CliRunner().invoke(cli_app(caption), [str(a) for a in cap_args(ADE_ROOT, out, blip2=blip2)])
     assert r.exit_code == 0, r.output
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == VAL
 
@@ -414,6 +414,20 @@ def rerun_completes(out):
 def case_caption_second_writer(w, tmp):
     out = existing_captions(tmp)
     return Case(cap_args(ADE_ROOT, out), 2, [str(out), "in use by another job", "pid"], out=out, hold=(out, True))
+
+
+@case("caption")
+def case_caption_out_is_a_synthetic_manifest(w, tmp):
+    folder = synthetic(tmp / "syn")
+    return Case(cap_args(ADE_ROOT, folder / "manifest.jsonl"), 2, [str(folder / "manifest.jsonl"), "not a caption manifest",
+                                                                   "another --out"], out=folder)
+
+
+@case("caption")
+def case_caption_resumed_with_another_captioner(w, tmp):
+    out = existing_captions(tmp)  # made by --captioner labels
+    return Case(cap_args(ADE_ROOT, out, blip2=w["blip2"]), 2, [str(out), "'captioner': 'labels'", "'captioner': 'blip2'",
+                                                                 "--captioner"], out=out)
 
 
 @case("caption")
@@ -896,6 +910,136 @@ def case_quality_path_escapes_the_folder(w, tmp):
     lines[1] = json.dumps({**json.loads(lines[1]), "image": "../secret.jpg"})
     m.write_text("\n".join(lines) + "\n")
     return Case(q_args(w, folder), 2, ["../secret.jpg"])
+
+
+def edit_manifest(folder: Path, line: int, **fields) -> Path:
+    """Set fields of one line of folder/manifest.jsonl (0-based), written as json.dumps writes them."""
+    m = folder / "manifest.jsonl"
+    lines = m.read_text().splitlines()
+    lines[line] = json.dumps({**json.loads(lines[line]), **fields})
+    m.write_text("\n".join(lines) + "\n")
+    return m
+
+
+@case("quality")
+def case_quality_folder_drawn_for_another_data(w, tmp):
+    folder = synthetic(tmp / "syn")
+    for n in range(len(VAL)):
+        edit_manifest(folder, n, settings={"data": "coco"})
+    return Case(q_args(w, folder), 2, ["--synthetic", str(folder), "--data coco", "not --data ade20k"], out=folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5, -1, "1"])
+def test_a_draw_that_is_not_a_whole_number_is_refused_naming_file_and_line(tmp_path, bad):
+    from common import SegGenError
+    from common.data.datasets import read_synthetic
+
+    m = edit_manifest(synthetic(tmp_path / "syn"), 1, k=bad)
+    with pytest.raises(SegGenError, match=rf"{re.escape(str(m))}:2: k must be a whole number"):
+        read_synthetic(m.parent)
+
+
+@case("quality")
+def case_quality_nan_k(w, tmp):
+    folder = synthetic(tmp / "syn")
+    m = edit_manifest(folder, 1, k=float("nan"))
+    return Case(q_args(w, folder), 2, [f"{m}:2", "k must be a whole number", "got nan"], out=folder)
+
+
+def retrained(src: Path, dst: Path) -> Path:
+    """The segmenter at dst trained again: the same files, other weights."""
+    from safetensors.torch import load_file, save_file
+
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(f).items()}, f)
+    return dst
+
+
+@case("quality")
+def case_quality_resumed_after_the_segmenter_was_retrained(w, tmp):
+    folder, seg = synthetic(tmp / "syn"), tmp / "seg"
+    shutil.copytree(w["mask2former"], seg)
+    first = CliRunner().invoke(cli_app(quality), [str(a) for a in q_args(w, folder, "--reference", "folder", segmenter=seg)])
+    assert first.exit_code == 0, first.output
+    retrained(w["mask2former"], seg)
+    return Case(q_args(w, folder, "--reference", "folder", segmenter=seg), 2,
+                [f"--segmenter {seg} has changed since", str(folder / "quality.jsonl"), "to judge again"], out=folder)
+
+
+# ---------------------------------------------------------------- SIGTERM in the generation stages (issue 28 item 4)
+
+def sigterm_in(obj, attr: str) -> list:
+    """A patch: the first call of obj.attr sends this process a real SIGTERM (what a scheduler sends before
+    SIGKILL) in the middle of the first batch, which must still end whole."""
+    import signal
+
+    real = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        if not wrapped.sent:
+            wrapped.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    wrapped.sent = False
+    return [(obj, attr, wrapped)]
+
+
+def ends_whole_and_resumes(manifest: Path, rerun: list, stage, want: list, files=("image", "annotation", "colormap")):
+    """After the SIGTERM: the first batch's line only, its files complete; the same command then finishes."""
+    from common.data.datasets import load_image
+
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert len(lines) == 1, f"{manifest}: {len(lines)} line(s) after SIGTERM in the first batch, want 1"
+    for key in files:
+        if key in lines[0]:
+            load_image(manifest.parent / lines[0][key])  # complete, readable
+    r = CliRunner().invoke(cli_app(stage), [str(a) for a in rerun])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(x)["id"] for x in manifest.read_text().splitlines()) == want
+
+
+PREEMPTED_NAMES = ["SIGTERM", "Run the same command again"]
+
+
+@case("caption")
+def case_caption_sigterm_mid_run(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+
+    out, args = tmp / "c.jsonl", cap_args(ADE_ROOT, tmp / "c.jsonl")
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(caption, "labels_caption"),
+                after=lambda text: ends_whole_and_resumes(out, args, caption, VAL, files=()))
+
+
+@case("imgsyn")
+def case_imgsyn_sigterm_mid_batch(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+    from common.synthesis import synth
+
+    out = tmp / "o"
+    args = img_args(w, out)
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(synth, "sample_images"),
+                after=lambda text: ends_whole_and_resumes(out / "manifest.jsonl", args, imgsyn, [f"{v}_000" for v in VAL]))
+
+
+@case("masksyn")
+def case_masksyn_sigterm_mid_batch(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+    from common.synthesis import synth
+
+    out = tmp / "o"
+    args = ms_args(w, out)
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(synth, "sample_images"),
+                after=lambda text: ends_whole_and_resumes(out / "manifest.jsonl", args, masksyn, [f"{c}_000" for c in TRAIN_CAPTIONS]))
+
+
+@case("quality")
+def case_quality_sigterm_mid_run(w, tmp):
+    from common.runtime.cluster import PREEMPTED
+
+    folder = synthetic(tmp / "syn")
+    args = q_args(w, folder, "--reference", "folder")
+    return Case(args, PREEMPTED, PREEMPTED_NAMES, patches=sigterm_in(quality, "figures_of"),
+                after=lambda text: ends_whole_and_resumes(folder / "quality.jsonl", args, quality, [f"{v}_000" for v in VAL], files=()))
 
 
 # ---------------------------------------------------------------- the catalogue

@@ -278,3 +278,17 @@ def test_default_size_is_the_segmenter_runs_eval_size(tmp_path):
     assert eval_size(run / "model", "ade20k") == SIZE == 512 and eval_size(run / "model", "toy") == 64
     (run / "options.json").write_text(json.dumps({"data": "toy", "eval_size": 96}))
     assert eval_size(run / "model", "toy") == 96  # what train_seg recorded wins
+
+
+def test_the_segmenters_identity_follows_its_bytes_not_its_path(tmp_path, tiny_models):
+    """quality.py's resume key (issue 28 item 6): a copy elsewhere is the same segmenter, one retrained in
+    place (other weights, same path) is another."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models("mask2former")
+    copy = tmp_path / "moved" / "model"
+    shutil.copytree(src, copy)
+    assert q.segmenter_identity(copy) == q.segmenter_identity(src)
+    for f in copy.glob("*.safetensors"):
+        save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(f).items()}, f)
+    assert q.segmenter_identity(copy) != q.segmenter_identity(src)

@@ -140,6 +140,74 @@ def test_imgsyn_array_killed_task_finished_at_another_n_equals_one_process(tmp_p
     assert not list(out.rglob(".*tmp*"))
 
 
+# ---------------------------------------------------------------- preemption (issue 28 item 4)
+
+PAUSES_IN_SECOND_BATCH = r"""
+import os, runpy, sys, time
+from common.synthesis import synth
+real, calls = synth.sample_images, [0]
+def paused(*a, **k):  # the second batch says it has begun and waits until the test has sent SIGTERM
+    calls[0] += 1
+    if calls[0] == 2:
+        open(os.environ["BEGUN"], "w").close()
+        while not os.path.exists(os.environ["GO"]):
+            time.sleep(0.05)
+    return real(*a, **k)
+synth.sample_images = paused
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_imgsyn_sigterm_mid_batch_ends_the_batch_exits_preempted_and_resumes(tmp_path, tiny_models):
+    """A scheduler's SIGTERM to a real imgsyn process in its second batch: that batch's files and lines are
+    written whole, the process exits with PREEMPTED (the trainers' code), and the same command finishes the
+    folder, equal to an uninterrupted run."""
+    import signal
+    import time
+
+    from common.runtime.cluster import PREEMPTED
+
+    models = {"mask2img": str(tiny_models("controlnet")), "base": str(tiny_models("sdxl"))}
+    captions = write_captions(tmp_path / "ade20k_val.jsonl", "ade20k", ADE_ROOT, "val")
+    opts = dict(per_sample=2, batch_size=1)  # 2 sources x 2 = 4 batches of one
+    one = tmp_path / "one"
+    imgsyn.imgsyn(data="ade20k", data_root=ADE_ROOT, split="val", captions=captions, out=one, **models, **opts, **FAST)
+
+    out, begun, go = tmp_path / "out", tmp_path / "begun", tmp_path / "go"
+    (tmp_path / "task.py").write_text(PAUSES_IN_SECOND_BATCH)
+    args = [str(ROOT / "imgsyn.py"), "--data-root", str(ADE_ROOT), "--split", "val", "--captions", str(captions),
+            "--mask2img", models["mask2img"], "--base", models["base"], "--per-sample", "2", "--batch-size", "1",
+            "--steps", "2", "--resolution", "64", "--guidance", "3.0", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", BEGUN=str(begun), GO=str(go))
+    p = subprocess.Popen([sys.executable, str(tmp_path / "task.py"), *args], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not begun.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert begun.exists(), p.communicate()[1][-2000:]
+        p.send_signal(signal.SIGTERM)  # in the middle of batch 2
+        time.sleep(0.5)
+        assert p.poll() is None  # noted, not obeyed at once
+    finally:
+        go.touch()
+        stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == PREEMPTED, stderr[-2000:]
+    assert "SIGTERM" in " ".join((stdout + stderr).split())
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 2  # batches 1 and 2, whole; nothing of batch 3
+    for r in lines:  # every line's files complete: they read back as images
+        for key in ("image", "annotation", "colormap"):
+            Image.open(out / r[key]).load()
+    assert not list(out.rglob(".*tmp*"))
+
+    rerun = imgsyn.imgsyn(data="ade20k", data_root=ADE_ROOT, split="val", captions=captions, out=out, **models, **opts, **FAST)
+    assert (rerun["written"], rerun["skipped"]) == (2, 2)
+    assert same_folder(out, one) == [f"ADE_val_0000000{i}_00{k}" for i in (1, 2) for k in range(2)]
+
+
 # ---------------------------------------------------------------- masksyn: two tasks (lighter), redraws inside each
 
 SOME = dict(per_sample=3, batch_size=1, max_off_palette=0.64, text2mask_steps=2, mask2img_steps=2, resolution=64, guidance=3.0)

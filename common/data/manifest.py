@@ -191,12 +191,25 @@ def check_caption(rec: dict, where: str, empty_ok: bool = False) -> None:
         raise SegGenError(f"{where}: caption must be a non-empty string (got {cap!r}); recaption it or drop the line")
 
 
+INTEGER_FIELDS = ("k", "seed", "attempt")  # a sample's draw: whole numbers ≥ 0 wherever a record holds them
+
+
+def check_integers(rec: dict, where: str) -> None:
+    """`INTEGER_FIELDS` a record holds are whole numbers ≥ 0 (json.loads takes NaN, Infinity and 1.5): a
+    sample's k and seed name its files and redraw it, so a bad one is refused naming file:line."""
+    for key in INTEGER_FIELDS:
+        value = rec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise SegGenError(f"{where}: {key} must be a whole number ≥ 0 (got {value!r}); the line was edited or written "
+                              f"by another tool: restore it from the stage's output, or drop the line and rerun the stage")
+
+
 def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fields: tuple[str, ...] = (),
                   captions: bool | None = None, places: list[str] | None = None) -> list[dict]:
     """Every record of a manifest family (see manifest_files), validated.
 
     Raises SegGenError naming file and line for bad JSON or UTF-8, a missing field, an absolute or
-    escaping path, an id written twice, or (captions; by default when `required` holds "caption") a
+    escaping path, a k / seed / attempt that is not a whole number ≥ 0 (NaN, inf, 1.5), an id written twice, or (captions; by default when `required` holds "caption") a
     caption that is not a string, or (for CAPTION_FIELDS manifests) an empty one. A last line without
     its newline (a write cut by a kill) is skipped. `places`, if given, receives each record's "file:line".
     """
@@ -218,6 +231,7 @@ def read_manifest(path: str | Path, required: tuple[str, ...] = ("id",), path_fi
                 raise SegGenError(f"{where}: missing field(s) {', '.join(missing)}")
             for key in path_fields:
                 check_relative(str(rec[key]), where)
+            check_integers(rec, where)
             if captions:
                 check_caption(rec, where, empty_ok)
             rid = str(rec["id"])
@@ -406,3 +420,27 @@ def first_record(path: str | Path) -> dict | None:
         for n, _, line in iter_lines(file):
             return parse_line(line, f"{file}:{n}")
     return None
+
+
+def check_appending(path: str | Path, *, option: str, kind: str, fields: tuple[str, ...], foreign: tuple[str, ...],
+                    made_with: dict, fix: str) -> None:
+    """Before a run appends to an existing manifest family (issue 28 item 2): its first record must be one
+    of this run's kind (it holds `fields` and none of the `foreign` fields that mark another stage's
+    output) and be made with the same `made_with` (each key the record holds is compared). Otherwise
+    refused, naming the file, what it holds and `fix`: one run's output is never mixed into another's,
+    nor old results kept silently."""
+    first = first_record(path)
+    if first is None:
+        return
+    where = manifest_files(path)[0]
+    foreign = sorted(set(first) & set(foreign))
+    missing = sorted(set(fields) - set(first))
+    if missing or foreign:
+        holds = f"fields {foreign} of another stage's output" if foreign else f"no {missing}"
+        raise SegGenError(f"{option} {path}: {where}:1 is not a {kind} manifest ({holds}); this run would append its "
+                          f"lines to it: {fix}")
+    old = {k: first[k] for k in made_with if k in first}
+    new = {k: made_with[k] for k in old}
+    if old != new:
+        raise SegGenError(f"{option} {path} holds output made with {old}, not {new} ({where}:1); resuming would keep "
+                          f"its old lines as if they were this run's: {fix}")

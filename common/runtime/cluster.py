@@ -5,6 +5,8 @@
 - preemption that loses nothing (`on_sigterm`, `stop_requested`, `Preempted`): a scheduler's SIGTERM is
   noted, the step in progress ends, a checkpoint is saved and the run exits with PREEMPTED, so that the
   scheduler's requeue continues it with `--resume latest` (docs/training-on-clusters.md);
+- the same for the generation stages (`stop_if_sigterm`): the batch in flight is finished, files and
+  manifest lines, and the stage exits with PREEMPTED; rerunning the command continues it;
 - a process-group timeout for long steps (`process_group_kwargs`): torch's default 10 minutes is shorter
   than a checkpoint save or a validation pass of a paper-size model while the other ranks wait.
 """
@@ -110,6 +112,16 @@ def stop_requested(accelerator) -> bool:
 def preempted_message(step: int, checkpoint) -> str:
     return (f"stopped by SIGTERM after step {step}; checkpoint {checkpoint} saved. Continue with the same command and "
             f"--resume latest (exit code {PREEMPTED}: a scheduler may requeue the job)")
+
+
+def stop_if_sigterm(stage: str) -> None:
+    """Between two batches of a generation stage (caption.py, masksyn.py, imgsyn.py, quality.py), inside
+    `on_sigterm`: when SIGTERM was noted, stop here (Preempted). Every batch before it is complete on disk,
+    files and manifest lines (the stage's writers drain on Preempted); the same command continues, since
+    every stage resumes by the ids already written. These stages run as independent tasks: no collective."""
+    if _requested[0]:
+        raise Preempted(f"{stage}: stopped by SIGTERM between two batches; every batch before it is complete on disk. "
+                        f"Run the same command again to continue (exit code {PREEMPTED}: a scheduler may requeue the job)")
 
 
 def ignore_sigterm(worker_id: int) -> None:

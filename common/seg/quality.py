@@ -31,6 +31,25 @@ from common.data.index import provenance, sample_ids
 from common.data.ids import safe_name
 from common.data.manifest import atomic_save, read_manifest
 
+# ---------------------------------------------------------------- the segmenter's identity
+
+def segmenter_identity(folder: Path) -> str:
+    """What a resume of quality.py is keyed by (issue 28 item 6): a hash of the bytes of every file in the
+    segmenter's model folder (config, processor, weights), not its path, so that a segmenter retrained in
+    the same place is a different segmenter, and a copied or moved one is the same. 16 hex digits; reading
+    the weights costs about a second per GB, once per run."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(f.relative_to(folder).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------- defaults and their source
 
 TOLERANCE = 1.25  # FreeMask filter.py --tolerance-margin (default 1.25)

@@ -31,6 +31,7 @@ from common import SegGenError
 from common.diffusion import sdxl
 from common.masks.colormap import Palette, label_to_color, palette_for
 from common.data.manifest import atomic_save, first_record, iter_lines, line_id, manifest_files, parse_line, read_ids
+from common.runtime.cluster import Preempted
 from common.runtime.progress import console, progress_bar
 from common.diffusion import sampler as edm
 from common.diffusion.sampler import Cond, EpsDenoiser
@@ -533,7 +534,8 @@ class SampleSink:
         return self
 
     def __exit__(self, kind, *exc):
-        self.close(error=kind is not None)
+        # SIGTERM between batches (common/runtime/cluster.py stop_if_sigterm) is no error: what was put is committed
+        self.close(error=kind is not None and not issubclass(kind, Preempted))
 
 
 def save_jpeg(path: Path, image: np.ndarray) -> None:
