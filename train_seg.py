@@ -55,7 +55,7 @@ import typer
 
 from common import SegGenError
 from common.runtime.checkpoint import resolve_seg_resume, start_seg
-from common.runtime.cli import Data, MixedPrecision, ProcessGroupTimeoutOpt, Tracker, user_errors
+from common.runtime.cli import ConfigOpt, Data, MixedPrecision, ProcessGroupTimeoutOpt, Tracker, user_errors
 from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, check_seg_batch, on_sigterm, process_group_kwargs
 from common.runtime.cli import run as run_cli
 from common.data.datasets import default_data_root, read_dataset
@@ -200,9 +200,10 @@ def main(
     eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N steps (and at each phase's end) at a single scale (Fig. 11; Mask2Former's configs: TEST.EVAL_PERIOD 5000): metrics_history.jsonl, the trackers, the best model in model-best/. 0: only at the end.", rich_help_panel="Evaluation")] = 0,
     eval_samples: Annotated[int | None, typer.Option(min=1, show_default="all", help="--eval-every on a fixed subset of this many validation images (evenly spaced over the split; the final evaluation stays whole).", rich_help_panel="Evaluation")] = None,
     process_group_timeout: ProcessGroupTimeoutOpt = PROCESS_GROUP_TIMEOUT,
+    config: ConfigOpt = None,
 ):
     """Train Mask2Former (or HRNet) on real + synthetic data (paper §3.4) and write metrics.json."""
-    args = SimpleNamespace(**locals())
+    args = SimpleNamespace(**{k: v for k, v in locals().items() if k != "config"})  # --config: defaults only
     quiet.quiet()
     plan = threads.configure()
     with user_errors(console):

@@ -51,6 +51,7 @@ from common.runtime.cluster import PROCESS_GROUP_TIMEOUT, on_sigterm
 from common.report.card import card_for_run
 from common.runtime.checkpoint import load as load_checkpoint
 from common.runtime.cli import (  # the command line both trainers share: choices and options, declared once
+    ConfigOpt,
     AllowTf32Opt, BatchSizeOpt, CacheLatentsOpt, CaptionDropoutOpt, CaptionsOpt, CenterCropOpt, CheckpointingStepsOpt,
     CheckpointsTotalLimitOpt, Data, DataOpt, DataRootOpt, EmaDecayOpt, GlobalBatchSizeOpt,
     GradientCheckpointingOpt, ProcessGroupTimeoutOpt, LrOpt, LrScheduleOpt, LrWarmupStepsOpt, MaxGradNormOpt, MaxStepsOpt, MaxTrainSamplesOpt, RealSubsetOpt,
@@ -290,6 +291,7 @@ def main(
     validation_inference_steps: ValidationInferenceStepsOpt = 30,
     validation_guidance: ValidationGuidanceOpt = 5.0,
     report_to: ReportToOpt = Tracker.tensorboard,
+    config: ConfigOpt = None,
 ):
     """Fine-tune the SDXL-base UNet into Text2Mask on (caption, colour map) pairs (paper §3.2, A.4)."""
     call(train, locals(), console)

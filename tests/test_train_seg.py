@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import train_seg
 from common.seg import data as segdata
+from common.seg import hrnet
 from common.seg import evaluate as segeval
 from common.seg import inference as seginfer
 from common.seg import model as segmodel
@@ -891,3 +892,20 @@ def test_eval_only_never_replaces_a_training_runs_metrics(tiny, tmp_path):
     _ok(_cli(["--eval-only", "--checkpoint", copy, "--data-root", ADE_ROOT, "--eval-size", "64"]))
     assert json.loads((tmp_path / "models/eval-model/metrics.json").read_text())["checkpoint"] == str(copy)
     _ok(_cli(["--eval-only", "--checkpoint", copy, "--data-root", ADE_ROOT, "--eval-size", "64"]))  # an evaluation may be redone
+
+
+def test_a_run_replays_from_its_options_json(tmp_path):
+    """--config RUN/options.json repeats a run (the same weights, the same metrics); a flag given beside it wins."""
+    first = ["--data-root", ADE_ROOT, "--strategy", "real", "--max-steps", "3", "--seed", "3", "--checkpoint-every", "0", *HRNET]
+    _ok(_cli([*first, "--output-dir", tmp_path / "a"]))
+    _ok(_cli(["--config", tmp_path / "a/options.json", "--output-dir", tmp_path / "b"]))
+    a, b = hrnet.load(tmp_path / "a/model").state_dict(), hrnet.load(tmp_path / "b/model").state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    metrics = [json.loads((tmp_path / f"{r}/metrics.json").read_text())["single_scale"]["mIoU"] for r in "ab"]
+    assert metrics[0] == metrics[1]
+    _ok(_cli(["--config", tmp_path / "a/options.json", "--max-steps", "1", "--output-dir", tmp_path / "c"]))
+    assert json.loads((tmp_path / "c/options.json").read_text())["max_steps"] == 1  # the command line wins
+    assert json.loads((tmp_path / "c/options.json").read_text())["seed"] == 3  # the record gives the rest
+    r = _cli(["--config", tmp_path / "nope.json", "--output-dir", tmp_path / "d"])
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())  # the error box, unwrapped
+    assert r.exit_code == 2 and "'--config'" in said and "not a run's options.json" in said, r.output

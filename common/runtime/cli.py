@@ -4,6 +4,7 @@ entry points that turn a SegGenError into one red line and exit code 2."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from contextlib import contextmanager
@@ -179,10 +180,36 @@ def our_message(error: SegGenError) -> str:
     return last.split("SegGenError: ", 1)[-1] + " (in a DataLoader worker)"
 
 
+NOT_REPLAYED = {"config", "resume", "output_dir", "history"}  # a replay is a new run, in a folder of its own
+
+
+def replay_config(ctx: typer.Context, param, value: Path | None) -> Path | None:
+    """--config RUN/options.json: the options a run recorded become this run's defaults, so flags given on the
+    command line win (click's default_map, filled before the other options are read: the option is eager)."""
+    if value is None:
+        return None
+    try:
+        recorded = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{value}: not a run's options.json ({e})") from None
+    if not isinstance(recorded, dict):
+        raise typer.BadParameter(f"{value}: not a run's options.json (a JSON object)")
+    names = {p.name for p in ctx.command.params} - NOT_REPLAYED
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in recorded.items() if k in names and v is not None}}
+    return value
+
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", is_eager=True, callback=replay_config, rich_help_panel="Output",
+    help="Repeat a run: RUN/options.json's recorded options are the defaults, and flags given here win (give the replay "
+         "its own --output-dir; --resume and --output-dir are never taken from the record).")]
+
+
 def call(train, options: dict, console) -> None:
     """What a trainer's `main` does with its options: plain values (Enum -> str) into train(), under user_errors."""
     from types import SimpleNamespace
 
+    options = {k: v for k, v in options.items() if k != "config"}  # how the options were given is not part of them
     with user_errors(console):
         train(SimpleNamespace(**{k: (v.value if isinstance(v, Enum) else v) for k, v in options.items()}))
 

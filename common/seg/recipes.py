@@ -163,7 +163,7 @@ def check(a, key: tuple[str, str]) -> None:
         value = getattr(a, flag)
         if not math.isfinite(value) or (flag == "lr" and value <= 0):
             raise SegGenError(f"--{flag.replace('_', '-')} must be a {'positive ' if flag == 'lr' else ''}finite number (got {value})")
-    if getattr(a, "p_aug", None) is not None and a.strategy != Strategy.aug:
+    if getattr(a, "p_aug", None) not in (None, P_AUG) and a.strategy != Strategy.aug:  # P_AUG: every run records it
         raise SegGenError(f"--p-aug applies to --strategy aug only (got --strategy {a.strategy.value}, where it would be "
                           f"ignored): drop --p-aug, or train with --strategy aug")
     metrics_file = getattr(a, "metrics_file", None)
