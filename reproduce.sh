@@ -463,6 +463,8 @@ if [ "$PRESET" = toy ]; then
   spawn seg-all "$PY" train_seg.py --data toy --data-root "$DATA_ROOT" --strategy real --max-steps "$SEG_STEPS" \
     --output-dir "$SEG_ALL" "${SEG_ARGS[@]}"
   spawn eval-floor "${TOY[@]}" floor --base "$BASE" --world "$DATA_ROOT" --out "$EVAL/floor" --n "$EVAL_N" --steps "$SAMPLE_STEPS"
+  # a perfect generator's folders for Table 4's oracle rows: the real images of ImgSyn's labels, raw and through the base's VAE
+  spawn oracle "${TOY[@]}" oracle --world "$DATA_ROOT" --limit "${IS[1]}" --vae "$BASE" --out "$WORK/synth"
   join
   spawn masksyn "$PY" masksyn.py --data toy --captions "$CAPTIONS" --text2mask "$T2M" --mask2img "$M2I" --out "$MASKSYN" "${MASKSYN_ARGS[@]}"
   spawn imgsyn "$PY" imgsyn.py --data toy --data-root "$DATA_ROOT" --split train --captions "$CAPTIONS" --mask2img "$M2I" \
@@ -475,11 +477,14 @@ if [ "$PRESET" = toy ]; then
   # base images, caption only (floor)
   spawn eval-alignment "${TOY[@]}" align --segmenter "$SEG_ALL/model" --world "$DATA_ROOT" --imgsyn "$IMGSYN" --floor "$EVAL/floor" \
     --vae "$BASE" --out "$EVAL/alignment.json"
-  # Table 4 at toy scale: N real samples x {real, +ImgSyn, +MaskSyn, +both}, --strategy aug --p-aug 0.6, seeds
+  # Table 4 at toy scale: N real samples x {real, +ImgSyn, +MaskSyn, +both, + the two oracles}, --strategy aug --p-aug 0.6,
+  # seeds. The oracle rows (issue 24) put the real images of ImgSyn's labels, raw or through the base's VAE, where
+  # ImgSyn's images go: each synthetic row reads as a share of what a perfect generator behind this decoder gives.
   for n in "${TABLE_N[@]}"; do
-    for syn in real imgsyn masksyn both; do
+    for syn in real imgsyn masksyn both oracle-real oracle-vae; do
       case $syn in real) S=(--strategy real) ;; imgsyn) S=(--strategy aug --p-aug 0.6 --synthetic "$IMGSYN") ;;
-        masksyn) S=(--strategy aug --p-aug 0.6 --synthetic "$MASKSYN") ;; both) S=(--strategy aug --p-aug 0.6 --synthetic "$IMGSYN" --synthetic "$MASKSYN") ;; esac
+        masksyn) S=(--strategy aug --p-aug 0.6 --synthetic "$MASKSYN") ;; both) S=(--strategy aug --p-aug 0.6 --synthetic "$IMGSYN" --synthetic "$MASKSYN") ;;
+        oracle-*) S=(--strategy aug --p-aug 0.6 --synthetic "$WORK/synth/$syn-toy") ;; esac
       if [ "$DRY" = 0 ] && [ "$syn" != real ] && ! has_samples "${S[@]}"; then
         echo "== table4 $syn: skipped, a synthetic folder has no samples (see its tally.json)"; continue
       fi

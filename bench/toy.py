@@ -18,6 +18,16 @@ unions summed over images, as train_seg's evaluator) on (a) ImgSyn images agains
 drawn for, (b) real validation images (the ceiling), (c) images the base draws from the same caption with
 no map (the floor, written by `floor` as PNGs beside their source ids); with --vae BASE also (d) the real
 validation images through the base's VAE and back: what a perfect generator behind that decoder could reach.
+Every mIoU is also given over the stuff classes and over the thing classes alone (`_stuff_thing`): the
+toy world's things (ball, box, tree, car, figure) are small, and the all-class mean can hide that a
+segmenter sees none of them.
+
+oracle: the synthetic folders of a perfect generator (issue 24), for Table 4's oracle rows: for the
+same training labels ImgSyn draws from (the first --limit captioned sources in id order, as imgsyn.py),
+the real image itself ("oracle-real") or the real image once through the base's VAE ("oracle-vae").
+Both go through train_seg's synthetic path exactly as ImgSyn's folder does (JPEG, manifest, --p-aug).
+
+    python bench/toy.py oracle --world WORLD --limit 48 --vae BASE --out WORK/synth   # oracle-real-toy/, oracle-vae-toy/
 """
 
 from __future__ import annotations
@@ -111,8 +121,18 @@ def floor(base: Annotated[str, typer.Option()], world: Annotated[Path, typer.Opt
     print(f"floor: {len(images)} base images for their captions alone -> {out}")
 
 
-def _miou(seg, pairs) -> float:
-    """Dataset-level mIoU (%) over the classes present in labels or predictions."""
+def _stuff_thing(iou: np.ndarray, seen: np.ndarray) -> dict[str, float | None]:
+    """{"miou", "stuff", "thing"} (%): the mean IoU over the classes seen, over all of them and over the
+    stuff and the thing classes of the toy world alone (None when none of a kind was seen)."""
+    from common.toy.world import TOY_CLASSES
+
+    stuff = np.array([c["is_stuff"] for c in TOY_CLASSES])
+    mean = lambda keep: float(100 * iou[keep].mean()) if keep.any() else None  # noqa: E731
+    return {"miou": mean(seen), "stuff": mean(seen & stuff), "thing": mean(seen & ~stuff)}
+
+
+def _miou(seg, pairs) -> dict[str, float | None]:
+    """Dataset-level mIoU (%) over the classes present in labels or predictions: all, stuff, things."""
     from common.seg.labels import ade20k_train_ids
     from quality import predict
 
@@ -126,7 +146,8 @@ def _miou(seg, pairs) -> float:
             p, g = (pred == k) & ok, gt == k
             inter[k] += (p & g).sum()
             union[k] += (p | g).sum()
-    return float(100 * np.mean(inter[union > 0] / union[union > 0]))
+    seen = union > 0
+    return _stuff_thing(np.where(seen, inter / np.maximum(union, 1), 0.0), seen)
 
 
 @app.command()
@@ -142,20 +163,61 @@ def align(segmenter: Annotated[Path, typer.Option()], world: Annotated[Path, typ
     by_id = {s.id: s for s in read_dataset("toy", world, "train")}
     floor_pairs = [(rgb(p), load_label(by_id[p.stem], "toy")) for p in sorted(floor_dir.glob("*.png"))]
     val_images, val_labels = [rgb(s.image) for s in val], [load_label(s, "toy") for s in val]
-    res = {"imgsyn": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in syn]),
-           "ceiling": _miou(seg, zip(val_images, val_labels)),
-           "floor": _miou(seg, floor_pairs),
-           "images": {"imgsyn": len(syn), "ceiling": len(val), "floor": len(floor_pairs)}, "segmenter": str(segmenter)}
+    scores = {"imgsyn": _miou(seg, [(rgb(s.image), load_label(s, "toy")) for s in syn]),
+              "ceiling": _miou(seg, zip(val_images, val_labels)),
+              "floor": _miou(seg, floor_pairs)}
     if vae:  # the ceiling of any generator behind this VAE: real val images encoded and decoded once
-        from common.diffusion.vae_roundtrip import load_vae, vae_roundtrip
-
-        roundtrip = vae_roundtrip(load_vae(vae, "cpu"), "cpu")
-        res["vae_ceiling"] = _miou(seg, zip([y for i in range(0, len(val_images), 32) for y in roundtrip(val_images[i:i + 32])],
-                                            val_labels))
+        scores["vae_ceiling"] = _miou(seg, zip(_through_vae(vae, val_images), val_labels))
+    # "imgsyn", "ceiling", ...: all-class mIoU (as before issue 24); "stuff"/"thing": {row: the mean over that kind}
+    res = {k: v["miou"] for k, v in scores.items()}
+    res.update({kind: {k: v[kind] for k, v in scores.items()} for kind in ("stuff", "thing")})
+    res.update({"images": {"imgsyn": len(syn), "ceiling": len(val), "floor": len(floor_pairs)}, "segmenter": str(segmenter)})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    vc = f", the base VAE's round trip of real images {res['vae_ceiling']:.1f}%" if vae else ""
-    print(f"alignment mIoU: ImgSyn {res['imgsyn']:.1f}%, ceiling {res['ceiling']:.1f}%{vc}, floor {res['floor']:.1f}% -> {out}")
+    row = lambda k: f"{res[k]:.1f}% (stuff {_pct(res['stuff'][k])}, things {_pct(res['thing'][k])})"  # noqa: E731
+    vc = f", the base VAE's round trip of real images {row('vae_ceiling')}" if vae else ""
+    print(f"alignment mIoU: ImgSyn {row('imgsyn')}, ceiling {row('ceiling')}{vc}, floor {row('floor')} -> {out}")
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}%"
+
+
+def _through_vae(vae: str, images: list[np.ndarray], batch: int = 32) -> list[np.ndarray]:
+    """The images encoded (posterior mode) and decoded once by the VAE of `vae` (a pipeline folder)."""
+    from common.diffusion.vae_roundtrip import load_vae, vae_roundtrip
+
+    roundtrip = vae_roundtrip(load_vae(vae, "cpu"), "cpu")
+    return [y for i in range(0, len(images), batch) for y in roundtrip(images[i:i + batch])]
+
+
+@app.command()
+def oracle(world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option(help="writes OUT/oracle-real-toy and OUT/oracle-vae-toy")],
+           limit: Annotated[int, typer.Option(min=1, help="the first N captioned training sources, as imgsyn.py --limit")],
+           vae: Annotated[str, typer.Option(help="the base (pipeline folder) whose VAE the oracle-vae images go through")],
+           captions: Annotated[Path | None, typer.Option(help="default WORLD/captions_train.jsonl")] = None) -> None:
+    """A perfect generator's synthetic folders: real training images for their own labels, raw and through the VAE."""
+    from common.synthesis.synth import save_jpeg, save_png
+
+    samples, texts = read_captions(captions or world / "captions_train.jsonl", read_dataset("toy", world, "train"))
+    chosen = sorted(zip(samples, texts), key=lambda st: st[0].id)[:limit]  # imgsyn.py: sorted(caption ids)[:limit]
+    images = [np.asarray(Image.open(s.image).convert("RGB")) for s, _ in chosen]
+    for method, pictures in (("oracle-real", images), ("oracle-vae", _through_vae(vae, images))):
+        folder = out / f"{method}-toy"
+        for sub in ("images", "annotations", "colormaps"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for (s, text), picture in zip(chosen, pictures):
+            sid = f"{s.id}_0"
+            label = load_label(s, "toy")
+            save_jpeg(folder / "images" / f"{sid}.jpg", picture)  # through the same JPEG as imgsyn.py's images
+            save_png(folder / "annotations" / f"{sid}.png", label)
+            save_png(folder / "colormaps" / f"{sid}.png", colormap(label))
+            lines.append(json.dumps({"id": sid, "source_id": s.id, "k": 0, "method": method, "image": f"images/{sid}.jpg",
+                                     "annotation": f"annotations/{sid}.png", "colormap": f"colormaps/{sid}.png",
+                                     "caption": text, "seed": 0, "models": {"vae": vae} if method == "oracle-vae" else {}}))
+        (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        print(f"{method}: {len(lines)} samples -> {folder}")
 
 
 def colormap(label: np.ndarray) -> np.ndarray:

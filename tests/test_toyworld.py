@@ -211,3 +211,51 @@ def test_toybase_map_roundtrip_scores_what_comes_back(world):
     shifted[:, :, :32] = maps[:1, :, -1:, :1]  # top half (sky) painted the first map's bottom-left (ground) colour
     wrong = map_roundtrip(Fake(lambda z: shifted), maps, labels)
     assert wrong["class_right"] < 1.0 and wrong["off_palette"] == 0.0
+
+
+# ---------------------------------------------------------------- issue 24: oracle rows, stuff and things apart
+
+def test_oracle_folders_hold_the_real_images_of_imgsyns_labels(world, tmp_path):
+    """bench/toy.py oracle: the first --limit training labels in id order (imgsyn.py's choice), with the real
+    image (oracle-real) or the image through the shipped base's VAE (oracle-vae), readable as a synthetic folder."""
+    from common.data.datasets import read_synthetic
+
+    r = subprocess.run([sys.executable, "bench/toy.py", "oracle", "--world", str(world), "--limit", "3",
+                        "--vae", "common/assets/toybase", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    train = sorted(read_dataset("toy", world, "train"), key=lambda s: s.id)[:3]
+    for method in ("oracle-real", "oracle-vae"):
+        syn = read_synthetic(tmp_path / f"{method}-toy")
+        assert [s.meta["source_id"] for s in syn] == [s.id for s in train]
+        assert all(s.meta["method"] == method for s in syn)
+        for s, real in zip(syn, train):
+            assert np.array_equal(load_label(s, "toy"), load_label(real, "toy"))
+            err = np.abs(np.asarray(load_image(s.image), int) - np.asarray(load_image(real.image), int)).mean()
+            assert err < 8 if method == "oracle-real" else 2 < err < 60  # JPEG only / the VAE's blur too
+
+
+def test_stuff_and_thing_means_from_per_class_iou():
+    from common.report.toy import stuff_thing
+
+    iou = {c["name"]: (0.8 if c["is_stuff"] else 0.1) for c in TOY_CLASSES}
+    iou["ball"] = None  # absent from the val labels: left out, not counted as 0
+    assert stuff_thing(iou) == {"stuff": 80.0, "thing": 10.0}
+    assert stuff_thing({"sky": 0.5})["thing"] is None
+
+
+def test_table4_reads_every_row_kind_and_reports_the_oracle_share(tmp_path):
+    from common.report.toy import table4, table4_lines
+
+    names = [c["name"] for c in TOY_CLASSES]
+    for row, m in (("real", 0.40), ("imgsyn", 0.42), ("oracle-vae", 0.44), ("oracle-real", 0.46), ("both-p20", 0.41)):
+        for seed in (0, 1):
+            run = tmp_path / "runs/table4" / f"n50-{row}-s{seed}"
+            run.mkdir(parents=True)
+            per = {n: m for n in names}
+            (run / "metrics.json").write_text(json.dumps({"single_scale": {"mIoU": m, "per_class_iou": per}}))
+    rows = table4(tmp_path)
+    assert sorted({r["synthetic"] for r in rows}) == ["both-p20", "imgsyn", "oracle-real", "oracle-vae", "real"]
+    assert all(r["stuff"] == r["thing"] == r["miou"] for r in rows)
+    text = "\n".join(table4_lines(rows, "T"))
+    assert "+ oracle-VAE" in text and "+ oracle-real" in text and "both-p20" in text
+    assert "+ oracle-VAE +4.00 over real only" in text and "+ ImgSyn +50%" in text

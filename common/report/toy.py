@@ -17,8 +17,14 @@ from PIL import Image, ImageDraw
 from common.masks.colormap import label_to_color, palette_for
 from common.data.datasets import load_label, read_dataset, read_synthetic
 
-SYNTHETIC = ("real", "imgsyn", "masksyn", "both")
-LABEL = {"real": "real only", "imgsyn": "+ ImgSyn", "masksyn": "+ MaskSyn", "both": "+ both"}
+# Table 4's rows: real only, the paper's three synthetic rows, the same from generators trained on the N real
+# samples alone (--real-subset, the paper's 1,000-sample row; "-subset"), and a perfect generator's two oracle
+# rows (issue 24: the real images of ImgSyn's labels, raw and through the base's VAE; bench/toy.py oracle).
+SYNTHETIC = ("real", "imgsyn", "masksyn", "both", "imgsyn-subset", "masksyn-subset", "both-subset", "oracle-real", "oracle-vae")
+LABEL = {"real": "real only", "imgsyn": "+ ImgSyn", "masksyn": "+ MaskSyn", "both": "+ both",
+         "imgsyn-subset": "+ ImgSyn (generators on the N samples)", "masksyn-subset": "+ MaskSyn (generators on the N samples)",
+         "both-subset": "+ both (generators on the N samples)",
+         "oracle-real": "+ oracle-real (real images of ImgSyn's labels)", "oracle-vae": "+ oracle-VAE (the same through the base's VAE)"}
 
 
 def _json(path: Path) -> dict | None:
@@ -34,14 +40,29 @@ def stage_times(work: Path) -> dict[str, float]:
     return times
 
 
-def table4(work: Path) -> list[dict]:
+def stuff_thing(per_class_iou: dict[str, float | None]) -> dict[str, float | None]:
+    """{"stuff", "thing"}: mean IoU (%) over the toy world's stuff classes and over its things, from
+    train_seg's per-class IoU (None: a class absent from the val labels)."""
+    from common.toy.world import TOY_CLASSES
+
+    out = {}
+    for kind, want in (("stuff", True), ("thing", False)):
+        v = [per_class_iou.get(c["name"]) for c in TOY_CLASSES if c["is_stuff"] == want]
+        v = [x for x in v if x is not None]
+        out[kind] = round(100 * sum(v) / len(v), 2) if v else None
+    return out
+
+
+def table4(work: Path, folder: str = "runs/table4") -> list[dict]:
+    """One row per finished run WORK/FOLDER/n{N}-{synthetic}-s{seed}: mIoU and its stuff / thing means (%)."""
     rows = []
-    for run in sorted((work / "runs/table4").glob("n*-*-s*")):
-        m = re.fullmatch(r"n(\d+)-(\w+)-s(\d+)", run.name)
+    for run in sorted((work / folder).glob("n*-*-s*")):
+        m = re.fullmatch(r"n(\d+)-([\w-]+)-s(\d+)", run.name)
         metrics = _json(run / "metrics.json")
         if m and metrics:
+            single = metrics["single_scale"]
             rows.append({"real_samples": int(m[1]), "synthetic": m[2], "seed": int(m[3]),
-                         "miou": round(100 * metrics["single_scale"]["mIoU"], 2)})
+                         "miou": round(100 * single["mIoU"], 2), **stuff_thing(single.get("per_class_iou", {}))})
     return rows
 
 
@@ -63,6 +84,9 @@ def results(work: Path) -> dict:
         "text2mask_off_palette": {"finetuned": ft and ft["off_palette"], "base": base and base["off_palette"]},
         "text2mask_histogram_tv": {"finetuned": ft and ft["histogram_tv"], "base": base and base["histogram_tv"]},
         "alignment_miou": {k: align and round(align[k], 2) for k in ("imgsyn", "ceiling", "floor")},
+        # the same over the stuff classes and over the things alone (bench/toy.py align, issue 24)
+        **{f"alignment_{kind}": {k: v if v is None else round(v, 2) for k, v in align[kind].items()}
+           for kind in ("stuff", "thing") if align and kind in align},
         # the segmenter on real val images through the base's VAE and back: a perfect generator's ceiling
         "alignment_vae_ceiling": align and align.get("vae_ceiling") and round(align["vae_ceiling"], 2),
         "table4": table4(work),
@@ -79,6 +103,42 @@ def results(work: Path) -> dict:
 
 def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def table4_lines(rows: list[dict], title: str) -> list[str]:
+    """Table 4 as markdown: one line per row kind, for each N the mIoU and its stuff / thing means (mean ± std
+    over seeds, n = seeds), then each synthetic row's gain over real only as a share of + oracle-VAE's."""
+    if not rows:
+        return []
+    ns = sorted({r["real_samples"] for r in rows})
+    present = {r["synthetic"] for r in rows}
+    kinds = [k for k in SYNTHETIC if k in present] + sorted(present - set(SYNTHETIC))  # knobs' rows (bench/toy_table4.sh) last
+    cell = lambda n, k, key: [r[key] for r in rows if r["real_samples"] == n and r["synthetic"] == k and r.get(key) is not None]  # noqa: E731
+    lines = ["", title, "", "| row | " + " | ".join(f"N = {n}: mIoU | stuff | things" for n in ns) + " |",
+             "| --- |" + " --- | --- | --- |" * len(ns)]
+    for k in kinds:
+        cells = []
+        for n in ns:
+            v = cell(n, k, "miou")
+            cells += [f"{_mean_std(v)} (n={len(v)})" if v else "—"]
+            cells += [_mean_std(cell(n, k, key)) if cell(n, k, key) else "—" for key in ("stuff", "thing")]
+        lines.append(f"| {LABEL.get(k, k)} | " + " | ".join(cells) + " |")
+    shares = []
+    for n in ns:
+        real, oracle = cell(n, "real", "miou"), cell(n, "oracle-vae", "miou")
+        if real and oracle and statistics.mean(oracle) != statistics.mean(real):
+            gain = statistics.mean(oracle) - statistics.mean(real)
+            parts = [f"{LABEL.get(k, k)} {(statistics.mean(cell(n, k, 'miou')) - statistics.mean(real)) / gain:+.0%}"
+                     for k in kinds if k not in ("real", "oracle-vae") and cell(n, k, "miou")]
+            shares.append(f"N = {n}: + oracle-VAE {gain:+.2f} over real only; as a share of it: " + ", ".join(parts))
+    if shares:
+        lines += ["", "Each row's gain over real only as a share of + oracle-VAE's (a perfect generator behind this decoder):", ""]
+        lines += [f"- {x}" for x in shares]
+    return lines
 
 
 def write_toy_report(work: Path) -> Path:
@@ -114,20 +174,19 @@ def write_toy_report(work: Path) -> Path:
         lines += [f"| real validation images through the base's VAE and back (a perfect generator's ceiling) | {fmt(vc / 100, True)} |"]
     lines += [f"| ImgSyn images vs the labels they were drawn for | {fmt(a['imgsyn'] and a['imgsyn'] / 100, True)} |",
               f"| base images for the caption alone (floor) | {fmt(a['floor'] and a['floor'] / 100, True)} |"]
+    if "alignment_stuff" in res:
+        names = {"ceiling": "real validation images (ceiling)", "vae_ceiling": "through the base's VAE",
+                 "imgsyn": "ImgSyn images", "floor": "caption only (floor)"}
+        st, th = res["alignment_stuff"], res["alignment_thing"]
+        lines += ["", "The same over the stuff classes and over the things alone (mIoU %):", "",
+                  "| images | stuff | things |", "| --- | --- | --- |"]
+        lines += [f"| {names[k]} | {_num(st.get(k))} | {_num(th.get(k))} |" for k in names if k in st]
     if "alignment_progress" in res:
         lines += ["", f"ImgSyn sits {100 * res['alignment_progress']:.0f}% of the way from the floor to the ceiling"
                   + (f" ({100 * (a['imgsyn'] - a['floor']) / (vc - a['floor']):.0f}% of the way to the VAE's ceiling)."
                      if vc is not None and vc != a["floor"] else ".")]
-    rows = res["table4"]
-    if rows:
-        lines += ["", "## Table 4 at toy scale (HRNet-small, `--strategy aug --p-aug 0.6`, mIoU % on the toy val split, mean ± std over seeds)", "",
-                  "| real samples | " + " | ".join(LABEL[s] for s in SYNTHETIC) + " |", "| --- |" + " --- |" * len(SYNTHETIC)]
-        for n in sorted({r["real_samples"] for r in rows}):
-            cells = []
-            for s in SYNTHETIC:
-                v = [r["miou"] for r in rows if r["real_samples"] == n and r["synthetic"] == s]
-                cells.append(f"{_mean_std(v)} (n={len(v)})" if v else "—")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += table4_lines(res["table4"], "## Table 4 at toy scale (HRNet-small, `--strategy aug --p-aug 0.6`, mIoU % on "
+                          "the toy val split, mean ± std over seeds)")
     times = res["stage_seconds"]
     if times:
         lines += ["", "## Stage times (s)", "", "| stage | seconds |", "| --- | --- |"]
