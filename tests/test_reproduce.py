@@ -141,10 +141,12 @@ def test_toy_preset_dry_run_prints_the_chain_and_table4():
     assert "common.toy.base runs/toy/base --world runs/toy/world" in rebuilt[1]
     assert all("--pretrained runs/toy/base" in x for x in rebuilt if "train_text2mask.py" in x or "train_mask2img.py" in x)
     table = [x for x in lines if "runs/table4/" in x]
-    assert len(table) == 2 * 4 * 3  # two N x {real, +ImgSyn, +MaskSyn, +both} x three seeds
+    assert len(table) == 2 * 6 * 3  # two N x {real, +ImgSyn, +MaskSyn, +both, +oracle-real, +oracle-VAE} x three seeds
     assert all("--backbone hrnet-small" in x and "--max-real-samples" in x for x in table)
-    assert all("--strategy aug --p-aug 0.6" in x for x in table if "-real-s" not in x)
-    assert sum("--synthetic" in x for x in table) == 18
+    assert all("--strategy aug --p-aug 0.6" in x for x in table if "-real-s" not in x or "oracle-real" in x)
+    assert sum("--synthetic" in x for x in table) == 30
+    assert sum("runs/toy/synth/oracle-vae-toy" in x for x in table) == 6  # issue 24: a perfect generator behind the VAE
+    assert any("bench/toy.py oracle --world runs/toy/world --limit 200 --vae common/assets/toybase" in x for x in lines)
     assert sorted(ROOT.iterdir()) == before
 
 
@@ -163,13 +165,14 @@ def test_toy_smoke_chain_writes_report_and_results(tmp_path):
     assert set(res["alignment_miou"]) == {"imgsyn", "ceiling", "floor"}
     assert all(0.0 <= v <= 100.0 for v in res["alignment_miou"].values())
     assert 0.0 <= res["alignment_vae_ceiling"] <= 100.0  # the segmenter on val images through the base's VAE
-    assert sorted(r["synthetic"] for r in res["table4"]) == ["both", "imgsyn", "masksyn", "real"]
-    assert all(set(r) == {"real_samples", "synthetic", "seed", "miou"} and r["real_samples"] == 8 for r in res["table4"])
+    assert sorted(r["synthetic"] for r in res["table4"]) == ["both", "imgsyn", "masksyn", "oracle-real", "oracle-vae", "real"]
+    assert all(set(r) == {"real_samples", "synthetic", "seed", "miou", "stuff", "thing"} and r["real_samples"] == 8 for r in res["table4"])
+    assert set(res["alignment_stuff"]) == set(res["alignment_thing"]) == {"imgsyn", "ceiling", "floor", "vae_ceiling"}
     built = json.loads((work / "base/toybase.json").read_text())  # smoke builds its base: the report reads that one
     assert res["base_vae"]["vae_colormaps_val"] == built["vae_colormaps_val"]
     report = (work / "report.md").read_text()
     assert "## Text2Mask quality" in report and "+ MaskSyn" in report and "## Mask2Img alignment" in report
-    assert "through the base's VAE and back" in report
+    assert "through the base's VAE and back" in report and "+ oracle-VAE" in report and "| images | stuff | things |" in report
     assert Image.open(work / "contact_sheet.png").size[1] >= 6 * 96  # six rows: real, MaskSyn, ImgSyn, two Text2Mask, floor
 
 
