@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 24's experiments, in the order they were run: the toy Table 4 in the paper's regime with oracle rows,
+# the paper's other knobs, and one Mask2Img lever. Every part skips what is finished, so a rerun resumes.
+#
+#   bench/toy_issue24.sh RUN EXP [PART...]
+#
+# RUN: a finished `./reproduce.sh --preset toy --size demo --work RUN` (its world, base and generators);
+# EXP: where everything goes. PART: curve pools table4 knobs pool-size lever segall n400 (default: all, in order).
+#   curve      real only, N = 50, seed 0, 3200 steps, scored every 400 (bench/toy_curve.py): has it plateaued?
+#   pools      ImgSyn, MaskSyn (RUN's generators) and the two oracles on the first 200 training labels, 1 each;
+#              ImgSyn's alignment with RUN's alignment segmenter
+#   table4     N = 50, $STEPS steps, seeds 0 1 2: real, + oracle-VAE, + oracle-real, + ImgSyn, + MaskSyn, + both
+#   knobs      N = 50, seed 0: p_aug 0.2 / 0.4 / 0.8 (Fig. 7), pretrain -> finetune vs real -> real (Table 6)
+#   pool-size  N = 50, seeds 0 1 2: + oracle-VAE and + both from RUN's own 48-label pools (Fig. 8: how many labels)
+#   lever      Mask2Img trained on to $LEVER_STEPS steps (resumed from RUN's), its ImgSyn, alignment, Table 4 rows
+#   segall     the alignment segmenter's curve: all 400 real images, 3000 steps, scored every 1000 (does it see things?)
+#   n400       N = 400 (all of the demo world), seed 0: real, + oracle-VAE, + both
+# lever runs one process; it was run beside the others (a second bench/toy_issue24.sh RUN EXP lever).
+# Tables: python bench/toy_table4.py EXP/table4 (and EXP/knobs, EXP/pool-size, EXP/lever, EXP/n400).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
+RUN=$1 EXP=$2; shift 2
+PARTS=${*:-curve pools table4 knobs pool-size lever n400}
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=$(pwd) HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE SEGGEN_THREADS=1 PYTHON=$PY
+STEPS=${STEPS:-800} LEVER_STEPS=${LEVER_STEPS:-3000}
+W=$RUN/world CAP=$RUN/world/captions_train.jsonl BASE=common/assets/toybase
+SEG=(--backbone hrnet-small --batch-size 8 --num-workers 0 --log-every 100)
+SAMPLE=(--resolution 64 --batch-size 16 --preview 0)
+mkdir -p "$EXP/synth"
+[ -e "$EXP/world" ] || ln -s "$(realpath "$W")" "$EXP/world"
+log() { echo "== $(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg): $*"; }
+for part in $PARTS; do
+  log "$part"
+  case $part in
+    curve)
+      [ -f "$EXP/curve/n50-real-s0/metrics.json" ] || "$PY" train_seg.py --data toy --data-root "$W" --strategy real --max-real-samples 50 \
+        --seed 0 --max-steps 3200 --checkpoint-every 400 --keep-checkpoints 0 --output-dir "$EXP/curve/n50-real-s0" "${SEG[@]}"
+      "$PY" bench/toy_curve.py "$EXP/curve/n50-real-s0" ;;
+    pools)
+      [ -f "$EXP/synth/oracle-vae-toy/manifest.jsonl" ] || "$PY" bench/toy.py oracle --world "$W" --limit 200 --vae "$BASE" --out "$EXP/synth"
+      "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$RUN/runs/mask2img-toy" \
+        --out "$EXP/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 "${SAMPLE[@]}" &
+      "$PY" masksyn.py --data toy --captions "$CAP" --text2mask "$RUN/runs/text2mask-toy" --mask2img "$RUN/runs/mask2img-toy" \
+        --out "$EXP/synth/masksyn-toy" --limit 200 --per-sample 1 --text2mask-steps 15 --mask2img-steps 15 "${SAMPLE[@]}"
+      wait
+      "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$EXP/synth/imgsyn-toy" \
+        --floor "$RUN/eval/floor" --vae "$BASE" --out "$EXP/alignment.json" ;;
+    table4)
+      N=50 STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/table4" real oracle-vae oracle-real imgsyn masksyn both ;;
+    knobs)
+      N=50 SEEDS=0 STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/knobs" both-p20 both-p40 both-p80 oracle-vae-p20 oracle-vae-p80 \
+        real-pretrain both-pretrain ;;
+    pool-size)
+      N=50 STEPS=$STEPS bench/toy_table4.sh "$RUN" "$EXP/pool-size" oracle-vae both ;;
+    lever)
+      M2I=$EXP/runs/mask2img-toy-$LEVER_STEPS
+      if [ ! -f "$M2I/.done" ]; then
+        mkdir -p "$M2I" && cp -rn "$RUN/runs/mask2img-toy/." "$M2I/"
+        "$PY" train_mask2img.py --data toy --data-root "$W" --captions "$CAP" --output-dir "$M2I" --max-steps "$LEVER_STEPS" \
+          --pretrained "$BASE" --resolution 64 --lr 1e-3 --batch-size 16 --num-workers 0 --caption-dropout 0.1 --ema \
+          --cache-latents --center-crop --checkpointing-steps 500 --validation-steps 0 --report-to none --resume latest
+        touch "$M2I/.done"
+      fi
+      L=$EXP/lever
+      mkdir -p "$L/synth" && ln -sfn "$(realpath "$W")" "$L/world"
+      "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$M2I" \
+        --out "$L/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 "${SAMPLE[@]}"
+      "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$L/synth/imgsyn-toy" \
+        --floor "$RUN/eval/floor" --vae "$BASE" --out "$L/alignment.json"
+      N=50 STEPS=$STEPS bench/toy_table4.sh "$L" "$L/table4" imgsyn ;;
+    segall)
+      [ -f "$EXP/curve/all-real-s0/metrics.json" ] || "$PY" train_seg.py --data toy --data-root "$W" --strategy real --seed 0 \
+        --max-steps 3000 --checkpoint-every 1000 --keep-checkpoints 0 --output-dir "$EXP/curve/all-real-s0" "${SEG[@]}"
+      "$PY" bench/toy_curve.py "$EXP/curve/all-real-s0" ;;
+    n400)
+      N=400 SEEDS=0 STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/n400" real oracle-vae both ;;
+    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools table4 knobs pool-size lever segall n400)" >&2; exit 2 ;;
+  esac
+done
+log "done"
