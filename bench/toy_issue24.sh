@@ -5,10 +5,10 @@
 #   bench/toy_issue24.sh RUN EXP [PART...]
 #
 # RUN: a finished `./reproduce.sh --preset toy --size demo --work RUN` (its world, base and generators);
-# EXP: where everything goes. PART: curve pools table4 knobs pool-size lever segall n400 (default: all, in order).
+# EXP: where everything goes. PART: curve pools align table4 knobs pool-size lever segall n400 (default: all, in order).
 #   curve      real only, N = 50, seed 0, 3200 steps, scored every 400 (bench/toy_curve.py): has it plateaued?
-#   pools      ImgSyn, MaskSyn (RUN's generators) and the two oracles on the first 200 training labels, 1 each;
-#              ImgSyn's alignment with RUN's alignment segmenter
+#   pools      ImgSyn, MaskSyn (RUN's generators) and the two oracles on the first 200 training labels, 1 each
+#   align      that ImgSyn's alignment, with RUN's alignment segmenter and floor
 #   table4     N = 50, $STEPS steps, seeds 0 1 2: real, + oracle-VAE, + oracle-real, + ImgSyn, + MaskSyn, + both
 #   knobs      N = 50, seed 0: p_aug 0.2 / 0.4 / 0.8 (Fig. 7), pretrain -> finetune vs real -> real (Table 6)
 #   pool-size  N = 50, seeds 0 1 2: + oracle-VAE and + both from RUN's own 48-label pools (Fig. 8: how many labels)
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
 RUN=$1 EXP=$2; shift 2
-PARTS=${*:-curve pools table4 knobs pool-size lever n400}
+PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$(pwd) HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE SEGGEN_THREADS=1 PYTHON=$PY
 STEPS=${STEPS:-800} LEVER_STEPS=${LEVER_STEPS:-3000}
@@ -44,7 +44,8 @@ for part in $PARTS; do
         --out "$EXP/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 "${SAMPLE[@]}" &
       "$PY" masksyn.py --data toy --captions "$CAP" --text2mask "$RUN/runs/text2mask-toy" --mask2img "$RUN/runs/mask2img-toy" \
         --out "$EXP/synth/masksyn-toy" --limit 200 --per-sample 1 --text2mask-steps 15 --mask2img-steps 15 "${SAMPLE[@]}"
-      wait
+      wait ;;
+    align)
       "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$EXP/synth/imgsyn-toy" \
         --floor "$RUN/eval/floor" --vae "$BASE" --out "$EXP/alignment.json" ;;
     table4)
@@ -76,7 +77,7 @@ for part in $PARTS; do
       "$PY" bench/toy_curve.py "$EXP/curve/all-real-s0" ;;
     n400)
       N=400 SEEDS=0 STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/n400" real oracle-vae both ;;
-    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools table4 knobs pool-size lever segall n400)" >&2; exit 2 ;;
+    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400)" >&2; exit 2 ;;
   esac
 done
 log "done"
