@@ -109,6 +109,17 @@ def _num(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
+def _paired(rows: list[dict], n: int, kind: str) -> str:
+    """Mean ± std over seeds of (row - real only) with the same seed: the same N real samples (train_seg's
+    --max-real-samples draws them from --seed), so the subset's luck cancels."""
+    by_seed = lambda k: {r["seed"]: r["miou"] for r in rows if r["real_samples"] == n and r["synthetic"] == k}  # noqa: E731
+    real, row = by_seed("real"), by_seed(kind)
+    d = [row[s] - real[s] for s in sorted(row) if s in real]
+    if kind == "real" or not d:
+        return "—"
+    return f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}" if len(d) > 1 else f"{d[0]:+.2f}"
+
+
 def table4_lines(rows: list[dict], title: str) -> list[str]:
     """Table 4 as markdown: one line per row kind, for each N the mIoU and its stuff / thing means (mean ± std
     over seeds, n = seeds), then each synthetic row's gain over real only as a share of + oracle-VAE's."""
@@ -118,13 +129,13 @@ def table4_lines(rows: list[dict], title: str) -> list[str]:
     present = {r["synthetic"] for r in rows}
     kinds = [k for k in SYNTHETIC if k in present] + sorted(present - set(SYNTHETIC))  # knobs' rows (bench/toy_table4.sh) last
     cell = lambda n, k, key: [r[key] for r in rows if r["real_samples"] == n and r["synthetic"] == k and r.get(key) is not None]  # noqa: E731
-    lines = ["", title, "", "| row | " + " | ".join(f"N = {n}: mIoU | stuff | things" for n in ns) + " |",
-             "| --- |" + " --- | --- | --- |" * len(ns)]
+    lines = ["", title, "", "| row | " + " | ".join(f"N = {n}: mIoU | Δ vs real only, same seed | stuff | things" for n in ns) + " |",
+             "| --- |" + " --- | --- | --- | --- |" * len(ns)]
     for k in kinds:
         cells = []
         for n in ns:
             v = cell(n, k, "miou")
-            cells += [f"{_mean_std(v)} (n={len(v)})" if v else "—"]
+            cells += [f"{_mean_std(v)} (n={len(v)})" if v else "—", _paired(rows, n, k)]
             cells += [_mean_std(cell(n, k, key)) if cell(n, k, key) else "—" for key in ("stuff", "thing")]
         lines.append(f"| {LABEL.get(k, k)} | " + " | ".join(cells) + " |")
     shares = []
