@@ -24,7 +24,9 @@ segmenter sees none of them.
 
 oracle: the synthetic folders of a perfect generator (issue 24), for Table 4's oracle rows: for the
 same training labels ImgSyn draws from (the first --limit captioned sources in id order, as imgsyn.py),
-the real image itself ("oracle-real") or the real image once through the base's VAE ("oracle-vae").
+the real image itself ("oracle-real"), the real image once through the base's VAE ("oracle-vae"), or
+halved and doubled again, bilinear ("oracle-down2": a decoder that loses only resolution, no colours or
+textures; the alignment segmenter scores such images between the VAE's and the real ones).
 Both go through train_seg's synthetic path exactly as ImgSyn's folder does (JPEG, manifest, --p-aug).
 
     python bench/toy.py oracle --world WORLD --limit 48 --vae BASE --out WORK/synth   # oracle-real-toy/, oracle-vae-toy/
@@ -192,7 +194,7 @@ def _through_vae(vae: str, images: list[np.ndarray], batch: int = 32) -> list[np
 
 
 @app.command()
-def oracle(world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option(help="writes OUT/oracle-real-toy and OUT/oracle-vae-toy")],
+def oracle(world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Option(help="writes OUT/oracle-{real,vae,down2}-toy")],
            limit: Annotated[int, typer.Option(min=1, help="the first N captioned training sources, as imgsyn.py --limit")],
            vae: Annotated[str, typer.Option(help="the base (pipeline folder) whose VAE the oracle-vae images go through")],
            captions: Annotated[Path | None, typer.Option(help="default WORLD/captions_train.jsonl")] = None) -> None:
@@ -202,7 +204,8 @@ def oracle(world: Annotated[Path, typer.Option()], out: Annotated[Path, typer.Op
     samples, texts = read_captions(captions or world / "captions_train.jsonl", read_dataset("toy", world, "train"))
     chosen = sorted(zip(samples, texts), key=lambda st: st[0].id)[:limit]  # imgsyn.py: sorted(caption ids)[:limit]
     images = [np.asarray(Image.open(s.image).convert("RGB")) for s, _ in chosen]
-    for method, pictures in (("oracle-real", images), ("oracle-vae", _through_vae(vae, images))):
+    down2 = [np.asarray(Image.fromarray(x).resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BILINEAR)) for x in images]
+    for method, pictures in (("oracle-real", images), ("oracle-vae", _through_vae(vae, images)), ("oracle-down2", down2)):
         folder = out / f"{method}-toy"
         for sub in ("images", "annotations", "colormaps"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@
 # IoU); finished runs are skipped, two run side by side, one torch thread each. ROW is one of
 #   real                              --strategy real (the baseline)
 #   imgsyn masksyn both               --strategy aug --p-aug $P_AUG with RUN's ImgSyn / MaskSyn / both
-#   oracle-real oracle-vae            the same with a perfect generator's folder (bench/toy.py oracle)
+#   oracle-real oracle-vae oracle-down2   the same with a perfect generator's folder (bench/toy.py oracle)
 #   imgsyn-subset masksyn-subset both-subset   with $SUBSET_RUN's folders (generators trained on the N samples)
 #   ROW-pNN                           ROW at --p-aug 0.NN (Fig. 7's sweep), e.g. both-p20
 #   ROW-pretrain                      --strategy pretrain: ROW's synthetic data for $STEPS, then real for $STEPS
@@ -35,7 +35,7 @@ folders() {  # folders KIND: the --synthetic flags of a row kind
   case ${1%-subset} in
     imgsyn) echo "--synthetic $from/imgsyn-toy$K" ;; masksyn) echo "--synthetic $from/masksyn-toy$K" ;;
     both) echo "--synthetic $from/imgsyn-toy$K --synthetic $from/masksyn-toy$K" ;;
-    oracle-real|oracle-vae) echo "--synthetic $S/${1}-toy$K" ;;
+    oracle-real|oracle-vae|oracle-down2) echo "--synthetic $S/${1}-toy$K" ;;
     *) echo "bench/toy_table4.sh: unknown row $1 (see bench/toy_table4.sh's header)" >&2; exit 2 ;;
   esac
 }

@@ -20,11 +20,12 @@ from common.data.datasets import load_label, read_dataset, read_synthetic
 # Table 4's rows: real only, the paper's three synthetic rows, the same from generators trained on the N real
 # samples alone (--real-subset, the paper's 1,000-sample row; "-subset"), and a perfect generator's two oracle
 # rows (issue 24: the real images of ImgSyn's labels, raw and through the base's VAE; bench/toy.py oracle).
-SYNTHETIC = ("real", "imgsyn", "masksyn", "both", "imgsyn-subset", "masksyn-subset", "both-subset", "oracle-real", "oracle-vae")
+SYNTHETIC = ("real", "imgsyn", "masksyn", "both", "imgsyn-subset", "masksyn-subset", "both-subset", "oracle-real", "oracle-vae", "oracle-down2")
 LABEL = {"real": "real only", "imgsyn": "+ ImgSyn", "masksyn": "+ MaskSyn", "both": "+ both",
          "imgsyn-subset": "+ ImgSyn (generators on the N samples)", "masksyn-subset": "+ MaskSyn (generators on the N samples)",
          "both-subset": "+ both (generators on the N samples)",
-         "oracle-real": "+ oracle-real (real images of ImgSyn's labels)", "oracle-vae": "+ oracle-VAE (the same through the base's VAE)"}
+         "oracle-real": "+ oracle-real (real images of ImgSyn's labels)", "oracle-vae": "+ oracle-VAE (the same through the base's VAE)",
+         "oracle-down2": "+ oracle-down2 (the same halved and doubled)"}
 
 
 def _json(path: Path) -> dict | None:
