@@ -258,5 +258,5 @@ def test_table4_reads_every_row_kind_and_reports_the_oracle_share(tmp_path):
     assert all(r["stuff"] == r["thing"] == r["miou"] for r in rows)
     text = "\n".join(table4_lines(rows, "T"))
     assert "+ oracle-VAE" in text and "+ oracle-real" in text and "both-p20" in text
-    assert "+ oracle-VAE +4.00 over real only" in text and "+ ImgSyn +50%" in text
+    assert "+ oracle-VAE (the same through the base's VAE) +4.00 over real only" in text and "+ ImgSyn +50%" in text
     assert "| +4.00 ± 0.00 |" in text  # the paired difference, seed by seed
