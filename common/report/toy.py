@@ -148,8 +148,8 @@ def table4_lines(rows: list[dict], title: str) -> list[str]:
                 continue
             gain = statistics.mean(oracle) - statistics.mean(real)
             spread = _paired(rows, n, ref)
-            if "±" in spread and abs(gain) <= float(spread.split("±")[1]):
-                shares.append(f"N = {n}: {LABEL[ref]} {spread} over real only (same seed) is within its seeds' spread: no share")
+            if gain <= 0 or ("±" in spread and gain <= float(spread.split("±")[1])):
+                shares.append(f"N = {n}: {LABEL[ref]} {spread} over real only (same seed): no gain beyond the seeds' spread, no share")
                 continue
             parts = [f"{LABEL.get(k, k)} {(statistics.mean(cell(n, k, 'miou')) - statistics.mean(real)) / gain:+.0%}"
                      for k in kinds if k not in ("real", ref) and not k.startswith("oracle") and cell(n, k, "miou")]
