@@ -65,19 +65,20 @@ class Reference(str, Enum):
 
 # ---------------------------------------------------------------- the segmenter
 
-def recorded(segmenter: Path, option: str):
-    """An option of the segmenter's train_seg run (RUN/options.json beside RUN/model), None when not recorded."""
+def segmenter_run(segmenter: Path) -> dict:
+    """The options of the segmenter's train_seg run (RUN/options.json beside RUN/model); {} when there is none."""
     opts = Path(segmenter).parent / "options.json"
     try:
-        return json.loads(opts.read_text()).get(option) if opts.is_file() else None
+        recorded = json.loads(opts.read_text()) if opts.is_file() else {}
     except (OSError, ValueError):
-        return None
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
-def eval_size(segmenter: Path, data: str) -> int:
+def eval_size(segmenter: Path, data: str, run: dict | None = None) -> int:
     """The short side the segmenter was evaluated at: its train_seg run's --eval-size, else train_seg's size
     for the dataset (toy 64; ADE20K/COCO 512)."""
-    size = recorded(segmenter, "eval_size")
+    size = (segmenter_run(segmenter) if run is None else run).get("eval_size")
     return int(size) if size else (64 if data == "toy" else SIZE)
 
 
@@ -300,9 +301,10 @@ def main(
 ):
     """Judge a synthetic folder with a real-data segmenter (alignment, loss); optionally filter noisy regions."""
     with user_errors(console):  # a bad input: one line, exit 2; SIGTERM: exit PREEMPTED (common/runtime/cli.py)
-        size = size or eval_size(segmenter, data.value)
-        if data_root is None and recorded(segmenter, "data") == data.value and recorded(segmenter, "data_root"):
-            data_root = Path(recorded(segmenter, "data_root"))  # the real data the segmenter was trained on
+        trained = segmenter_run(segmenter)  # read once: the eval size and data root it recorded
+        size = size or eval_size(segmenter, data.value, trained)
+        if data_root is None and trained.get("data") == data.value and trained.get("data_root"):
+            data_root = Path(trained["data_root"])  # the real data the segmenter was trained on
             console.print(f"--data-root {data_root} (the segmenter's train_seg run)")
         s = run(data.value, synthetic, segmenter, data_root, split.value, size, reference.value, filter, tolerance, worst, shard)
     if s.get("pending"):

@@ -18,6 +18,7 @@ import argparse
 import copy
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -96,7 +97,7 @@ def main():
     print(f"  bare processor+generate loop (images pre-decoded), img/s: {', '.join(f'{b:.2f}' for b in bare)}")
     print(f"  caption.py (decode, batch, generate, write), img/s:       {', '.join(f'{o:.2f}' for o in ours)}")
     print(f"  ratio caption.py / bare loop by round: {', '.join(f'{x:.2f}' for x in ratios)}")
-    print(f"  ratio caption.py / bare loop: {rounds.median(ratios):.2f}  (median of {len(ratios)} rounds; goal >= 0.9)")
+    print(f"  ratio caption.py / bare loop: {statistics.median(ratios):.2f}  (median of {len(ratios)} rounds; goal >= 0.9)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@
 A script's speed on a shared machine drifts by more than the gaps we measure, so one run of the script
 against one bare run minutes later measures the drift as much as the script. Instead: a bare run, then
 `rounds` times (script, bare); each script run is compared with the mean of the bare runs on either side
-of it, and the median of those ratios is the result.
+of it, and the median of those ratios (statistics.median) is the result.
 """
 
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 
@@ -29,7 +28,3 @@ def around(bares: list[float]) -> list[float]:
 def ratios(scripts: list[float], bares: list[float]) -> list[float]:
     """Each script run's figure over the bare figure around it."""
     return [s / b for s, b in zip(scripts, around(bares))]
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -155,7 +156,7 @@ def main():
     print(f"bare forward/backward/step, it/s: {', '.join(f'{b:.2f}' for b in bare)}")
     print(f"train_seg.py (p_aug 0.6, augmentation, {args.num_workers} worker(s)), it/s: {', '.join(f'{f:.2f}' for f in full)}")
     print(f"ratio ours / bare by round: {', '.join(f'{x:.2f}' for x in ratios)}")
-    print(f"ratio ours / bare: {rounds.median(ratios):.2f} (median of {len(ratios)} rounds; goal >= 0.9)")
+    print(f"ratio ours / bare: {statistics.median(ratios):.2f} (median of {len(ratios)} rounds; goal >= 0.9)")
 
 
 if __name__ == "__main__":

@@ -29,21 +29,27 @@ with output_lock(sys.argv[2], rank=int(sys.argv[3])):
 
 
 @pytest.fixture
-def holder():
+def holders():
+    """spawn(SCRIPT, ARG...): a lock holder in its own process, started once it says "locked"; all killed at the end."""
     procs = []
 
-    def start(out, rank=0):
-        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(out), str(rank), "holder-marker"],
+    def spawn(script, *args):
+        p = subprocess.Popen([sys.executable, "-c", script, str(ROOT), *map(str, args)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(p)
         assert p.stdout.readline().strip() == "locked"
         return p
 
-    yield start
+    yield spawn
     for p in procs:
         if p.poll() is None:
             p.kill()
         p.wait()
+
+
+@pytest.fixture
+def holder(holders):
+    return lambda out, rank=0: holders(HOLDER, out, rank, "holder-marker")
 
 
 def test_second_job_stops_at_once_naming_the_holder(tmp_path, holder):
@@ -156,21 +162,8 @@ with task_lock(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]):
 
 
 @pytest.fixture
-def task_holder():
-    procs = []
-
-    def start(out, index, count, stage="imgsyn"):
-        p = subprocess.Popen([sys.executable, "-c", TASK_HOLDER, str(ROOT), str(out), str(index), str(count), stage],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        procs.append(p)
-        assert p.stdout.readline().strip() == "locked"
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
+def task_holder(holders):
+    return lambda out, index, count, stage="imgsyn": holders(TASK_HOLDER, out, index, count, stage)
 
 
 def test_tasks_of_one_run_share_a_folder_and_a_second_run_is_refused(tmp_path, task_holder):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from common import SegGenError
-from common.data.manifest import iter_lines, line_id, manifest_files, parse_line, read_manifest
+from common.data.manifest import atomic_save, iter_lines, manifest_files, parse_line, read_manifest
 from common.data.sample import Sample
-from common.masks.colormap import class_names, coco_categories, label_to_color, palette_for, panoptic_to_color
+from common.masks.colormap import class_names, label_to_color, palette_for, panoptic_to_color
 
 FORMATS = ("hf", "webdataset")
 SHARD_SIZE = 1000  # samples per shard: ~200 MB of 768 px samples (webdataset's advice: 100 MB - 1 GB a shard)
@@ -158,12 +157,7 @@ def finished(path: Path, write) -> bool:
     """write(tmp) then rename to path, unless path is there already (a resumed export). True if written now."""
     if path.is_file():
         return False
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save(path, write)  # a temporary name unique across hosts and containers, renamed when complete
     return True
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common import SegGenError
+from common.runtime.record import read_json
 
 CITATION = """@article{ye2023seggen,
   title={SegGen: Supercharging Segmentation Models with Text2Mask and Mask2Img Synthesis},
@@ -137,13 +138,6 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 # ---------------------------------------------------------------- from a finished run folder
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SegGenError(f"{path}: not readable JSON ({e})") from e
-
 
 def last_step(run: Path) -> int | None:
     """The step of stats.jsonl's last line (None when there is no such file)."""
