@@ -28,9 +28,9 @@ cd "$(dirname "$0")"
 REPO=$(pwd)
 
 NODES=1 NODE_RANK=0 MAIN_IP="" MAIN_PORT=29500
-PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT="" BUILD_BASE=0
+PRESET=paper DATA=ade20k DATA_ROOT="" GPUS=1 WORK="" DRY=0 MAX_STEPS="" SIZE=full COCO_MASKSYN=0 EXPERIMENT="" BUILD_BASE=0 GIVEN_BASE=""
 BACKBONE=r50 SEEDS=1 ADAM8=0
-usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset; tiny: its plumbing) --seeds N (experiments: each segmentation run under seeds 0..N-1) --backbone {r50,swin-l,hrnet-w48} (paper preset, plain chain) --use-8bit-adam (paper preset: 8-bit AdamW for Text2Mask / Mask2Img) --nodes N --node-rank R --main-ip HOST --main-port P (the trainers over N machines, --gpus each)"; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo "options: --preset {paper,toy,tiny} --size {full,demo,smoke} (toy) --data {ade20k,coco} --data-root PATH --gpus N --work DIR --max-steps N --dry-run --coco-masksyn (COCO: add MaskSyn, beyond the paper) --build-base (toy: build the base here instead of using the shipped one) --base DIR (toy: a base of your own, a folder python -m common.toy.base wrote, instead of the shipped one) --experiment {NAME[,NAME...],all,list} (paper preset; tiny: its plumbing) --seeds N (experiments: each segmentation run under seeds 0..N-1) --backbone {r50,swin-l,hrnet-w48} (paper preset, plain chain) --use-8bit-adam (paper preset: 8-bit AdamW for Text2Mask / Mask2Img) --nodes N --node-rank R --main-ip HOST --main-port P (the trainers over N machines, --gpus each)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -46,6 +46,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1; shift ;;
     --coco-masksyn) COCO_MASKSYN=1; shift ;;
     --build-base) BUILD_BASE=1; shift ;;
+    --base) GIVEN_BASE=$2; shift 2 ;;
     --experiment) EXPERIMENT=$2; shift 2 ;;
     --max-steps) MAX_STEPS=$2; shift 2 ;;
     --backbone) BACKBONE=$2; shift 2 ;;
@@ -70,6 +71,7 @@ case "$BACKBONE" in r50|swin-l|hrnet-w48) ;; *) echo "reproduce.sh: --backbone m
 [ "$BACKBONE" = r50 ] || [ "$PRESET" = paper ] || { echo "reproduce.sh: --backbone is for --preset paper" >&2; exit 2; }
 [ "$BACKBONE" != hrnet-w48 ] || [ "$DATA" = ade20k ] || { echo "reproduce.sh: --backbone hrnet-w48 is the paper's ADE20K semantic segmenter (A.3, Table 4b): use --data ade20k" >&2; exit 2; }
 [ "$ADAM8" = 0 ] || [ "$PRESET" = paper ] || { echo "reproduce.sh: --use-8bit-adam is for --preset paper" >&2; exit 2; }
+[ -z "$GIVEN_BASE" ] || [ "$PRESET" = toy ] || { echo "reproduce.sh: --base is for --preset toy (the paper preset starts from SDXL-base)" >&2; exit 2; }
 
 set_flag() {  # set_flag ARRAY FLAG VALUE: the flag's value in the named array replaced (appended when absent)
   local -n arr=$1; local i
@@ -120,6 +122,11 @@ elif [ "$PRESET" = toy ]; then
   # builds a quick one (the build's code path, in seconds).
   BASE=common/assets/toybase
   if [ "$BUILD_BASE" = 1 ] || [ "$SIZE" = smoke ]; then BASE=$WORK/base; fi
+  if [ -n "$GIVEN_BASE" ]; then  # --base DIR: a base built elsewhere (e.g. with other VAE settings, docs/toy-results.md)
+    [ -f "$GIVEN_BASE/model_index.json" ] || { echo "reproduce.sh: --base $GIVEN_BASE is not a pipeline folder (no model_index.json); build one with python -m common.toy.base DIR --world WORLD" >&2; exit 2; }
+    [ "$BUILD_BASE" = 0 ] || { echo "reproduce.sh: --base and --build-base exclude each other (one gives a base, the other builds one)" >&2; exit 2; }
+    BASE=$GIVEN_BASE
+  fi
   # Step counts are sized by wall time (a Text2Mask step costs about half a Mask2Img step; the two train side by
   # side), not by the results; docs/toy-results.md has the measurements. lr 1e-3, not the paper's 1e-5: these
   # models are ~1000x smaller than SDXL (measured on the demo: Mask2Img at 1e-4 did not leave the floor). At that

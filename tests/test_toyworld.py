@@ -164,6 +164,24 @@ def test_toybase_quick_build_loads_as_a_pipeline(world, tmp_path):
                                pipe.text_encoder.state_dict())
 
 
+def test_toybase_with_16_latent_channels_samples_and_the_unet_follows(world, tmp_path):
+    """--vae-latent-channels 16 (SD3's and FLUX's choice): the UNet reads and writes 16 channels, the sampler draws
+    16-channel noise, and the result is still a pipeline folder; a --vae-width the GroupNorm cannot split is refused."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from common.toy.base import BaseConfig, build, sample
+
+    cfg = BaseConfig.quick()
+    cfg.vae_latent_channels, cfg.vae_channels = 16, (16, 32, 64, 64)
+    build(tmp_path / "base", world, cfg)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base")
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels == 16
+    assert sample(pipe, ["a red ball on grass under a sky"], steps=2).shape == (1, 64, 64, 3)
+    r = subprocess.run([sys.executable, "-m", "common.toy.base", str(tmp_path / "odd"), "--world", str(world), "--quick",
+                        "--vae-width", "9"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--vae-width must be a multiple of 2" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_word_tokenizer_one_token_per_word_and_words_added_later_change_nothing_before():
     from common.toy.base import word_tokenizer
 

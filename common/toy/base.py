@@ -63,6 +63,7 @@ class BaseConfig:
     # takes far longer than a few hundred steps to shrink a unit-std posterior, whose noise then caps
     # what the latents carry (measured: L1 0.426 vs 0.453 after 100 steps, same seed and batches)
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)  # 4 blocks: downsampling by 8, as SDXL's VAE (FACTORS)
+    vae_latent_channels: int = 4  # SDXL's 4; SD3 and FLUX use 16 to keep fine detail at the same factor 8
     unet_steps: int = 2500
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -87,11 +88,11 @@ class BaseConfig:
 FACTORS = {8: ((8, 16, 32, 32), (32, 64)), 4: ((8, 16, 32), (32, 64))}
 
 
-def _vae(channels, logvar_init: float = 0.0, groups: int = 2):
+def _vae(channels, logvar_init: float = 0.0, groups: int = 2, latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels), layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(channels), layers_per_block=1,
         norm_num_groups=groups, sample_size=64, scaling_factor=1.0,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
     )
@@ -143,14 +144,14 @@ def vae_factor(channels) -> int:
     return 2 ** (len(channels) - 1)
 
 
-def _unet(channels, latent_size: int, groups: int = 8):
+def _unet(channels, latent_size: int, groups: int = 8, latent_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     from common.models.tiny import sdxl_unet
 
     unet = sdxl_unet()
     return UNet2DConditionModel.from_config(unet.config, block_out_channels=tuple(channels), sample_size=latent_size,
-                                            norm_num_groups=groups)
+                                            norm_num_groups=groups, in_channels=latent_channels, out_channels=latent_channels)
 
 
 def load_world(world: Path, split: str) -> tuple[torch.Tensor, list[str]]:
@@ -243,7 +244,7 @@ def train_vae(vae, images: torch.Tensor, maps: torch.Tensor, cfg: BaseConfig, pr
 def train_unet(unet, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, scheduler, cfg: BaseConfig, progress) -> list[float]:
     """Text-to-image: ε-prediction MSE at a uniform DDPM timestep (what SDXL was trained with).
 
-    latents: (N, 2, 4, h, w) scaled posterior means and stds (h = w = 64 / VAE factor); embeds (N, 77, 64); pooled (N, 32)."""
+    latents: (N, 2, C, h, w) scaled posterior means and stds (h = w = 64 / VAE factor); embeds (N, 77, 64); pooled (N, 32)."""
     from common.diffusion.sdxl import time_ids
     from common.diffusion.training import noisy_latents
 
@@ -310,7 +311,7 @@ def sample(pipe, captions: list[str], steps: int = 30, guidance: float = 5.0, se
     cond = Cond(embeds, pooled, time_ids((64, 64), (0, 0), (64, 64)).expand(len(captions), 6))
     denoise = EpsDenoiser(pipe.unet.eval(), pipe.scheduler.alphas_cumprod)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
-    noise = torch.stack([torch.randn(4, side, side, generator=gen) for gen in gens])
+    noise = torch.stack([torch.randn(pipe.unet.config.in_channels, side, side, generator=gen) for gen in gens])
     z = edm_sampler(lambda x, s: denoise(x, s, cond, guidance=guidance), noise, denoise.schedule(steps), sampler=sampler)
     x = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -343,8 +344,8 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
     pipe.text_encoder = CLIPTextModel(_clip_text_config(tok, 32, 32))
     pipe.text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tok_2, 32, 32))
     pipe.register_modules(tokenizer=tok, tokenizer_2=tok_2, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
-    pipe.vae = _vae(cfg.vae_channels, cfg.vae_logvar_init, cfg.vae_groups)
-    pipe.unet = _unet(cfg.unet_channels, 64 // vae_factor(cfg.vae_channels), cfg.unet_groups)
+    pipe.vae = _vae(cfg.vae_channels, cfg.vae_logvar_init, cfg.vae_groups, cfg.vae_latent_channels)
+    pipe.unet = _unet(cfg.unet_channels, 64 // vae_factor(cfg.vae_channels), cfg.unet_groups, cfg.vae_latent_channels)
     pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
     record = {"world": str(world), "train_images": len(images), "config": asdict(cfg), "torch_threads": torch.get_num_threads()}
     cpu0 = time.process_time()
@@ -399,6 +400,10 @@ def main(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the weights and of the training batches.")] = 0,
     vae_factor: Annotated[int, typer.Option(help="How much the VAE downsamples: 8 (SDXL's factor, 8x8 latents) or 4 "
                                                  "(16x16 latents, UNet (16, 32)).")] = 8,
+    vae_latent_channels: Annotated[int, typer.Option(min=1, help="The VAE's latent channels: 4 as SDXL (default), 16 as "
+                                                                 "SD3 and FLUX, which keep finer detail at the same factor.")] = 4,
+    vae_width: Annotated[int, typer.Option(min=2, help="Channels of the VAE's first block; the others scale with it "
+                                                       "(default 8: blocks 8, 16, 32, 32). A step costs about width².")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="torch threads; 1 is fastest for these tiny models on a shared "
                                                      "2-core machine (measured under load).")] = 1,
 ):
@@ -413,6 +418,11 @@ def main(
         console.print(f"[red]error:[/] --vae-factor must be one of {sorted(FACTORS)} (got {vae_factor})")
         raise typer.Exit(2)
     cfg.vae_channels, cfg.unet_channels = FACTORS[vae_factor]
+    if vae_width % cfg.vae_groups:
+        console.print(f"[red]error:[/] --vae-width must be a multiple of {cfg.vae_groups} (its GroupNorm groups; got {vae_width})")
+        raise typer.Exit(2)
+    cfg.vae_channels = tuple(c * vae_width // 8 for c in cfg.vae_channels)
+    cfg.vae_latent_channels = vae_latent_channels
     cfg.vae_steps = vae_steps or cfg.vae_steps
     cfg.unet_steps = unet_steps or cfg.unet_steps
     try:
