@@ -206,8 +206,6 @@ def test_toybase_map_roundtrip_scores_what_comes_back(world):
     a map painted a class off reads those pixels back wrong."""
     from types import SimpleNamespace
 
-    import torch
-
     from common.toy.base import load_maps, map_roundtrip
 
     maps, labels = load_maps(world, "val")  # (N, 3, 64, 64) in [-1, 1], (N, 64, 64)
