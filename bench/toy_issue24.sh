@@ -5,7 +5,8 @@
 #   bench/toy_issue24.sh RUN EXP [PART...]
 #
 # RUN: a finished `./reproduce.sh --preset toy --size demo --work RUN` (its world, base and generators);
-# EXP: where everything goes. PART: curve pools align table4 knobs pool-size lever segall n400 (default: all, in order).
+# EXP: where everything goes. PART: curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds
+# (default: all, in order).
 #   curve      real only, N = 50, seed 0, 3200 steps, scored every 400 (bench/toy_curve.py): has it plateaued?
 #   pools      ImgSyn, MaskSyn (RUN's generators) and the two oracles on the first 200 training labels, 1 each
 #   align      that ImgSyn's alignment, with RUN's alignment segmenter and floor
@@ -15,6 +16,10 @@
 #   lever      Mask2Img trained on to $LEVER_STEPS steps (resumed from RUN's), its ImgSyn, alignment, Table 4 rows
 #   segall     the alignment segmenter's curve: all 400 real images, 3000 steps, scored every 1000 (does it see things?)
 #   n400       N = 400 (all of the demo world), seeds 0 1 2: real, + oracle-VAE, + both
+#   subset     Table 4's other generators: Text2Mask and Mask2Img trained on one fixed 50-sample subset (--real-subset,
+#              RUN's steps), its ImgSyn and MaskSyn (4 per subset label), and N = 50 on that subset, seeds 0 1 2:
+#              real, + ImgSyn / + both from these generators and from RUN's all-data ones, + oracle-VAE, + oracle-real
+#   knobs-seeds  the knobs above under seeds 1 and 2 (the first session ran seed 0 only)
 # lever runs one process; it was run beside the others (a second bench/toy_issue24.sh RUN EXP lever). As run for
 # docs/toy-results.md: every part with the defaults, except lever with LEVER_STEPS=2000 (the 3000-step run was
 # stopped at its step-2000 checkpoint for time and resumed to 2000).
@@ -23,11 +28,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
 RUN=$1 EXP=$2; shift 2
-PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400}
+PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$(pwd) HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE SEGGEN_THREADS=1 PYTHON=$PY
 STEPS=${STEPS:-800} LEVER_STEPS=${LEVER_STEPS:-3000}
-W=$RUN/world CAP=$RUN/world/captions_train.jsonl BASE=common/assets/toybase
+W=$RUN/world CAP=$RUN/world/captions_train.jsonl BASE=${BASE:-common/assets/toybase}  # BASE=DIR: RUN was made with --base DIR
 SEG=(--backbone hrnet-small --batch-size 8 --num-workers 0 --log-every 100)
 SAMPLE=(--resolution 64 --batch-size 16 --preview 0)
 mkdir -p "$EXP/synth"
@@ -79,7 +84,31 @@ for part in $PARTS; do
       "$PY" bench/toy_curve.py "$EXP/curve/all-real-s0" ;;
     n400)
       N=400 STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/n400" real oracle-vae both ;;
-    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400)" >&2; exit 2 ;;
+    subset)
+      S=$EXP/subset SUB=$EXP/subset/subsets/n50.txt
+      mkdir -p "$S/synth" "$S/subsets" && ln -sfn "$(realpath "$W")" "$S/world"
+      [ -f "$SUB" ] || "$PY" -m common.data.subset --data toy --data-root "$W" --n 50 --seed 0 --out "$SUB"
+      GEN=(--data toy --data-root "$W" --captions "$CAP" --real-subset "$SUB" --pretrained "$BASE" --resolution 64 --lr 1e-3
+           --global-batch-size 16 --batch-size 16 --num-workers 0 --caption-dropout 0.1 --ema --cache-latents --center-crop --checkpointing-steps 500
+           --validation-steps 0 --report-to none)
+      resume() { compgen -G "$1/checkpoint-*" > /dev/null && echo "--resume latest" || true; }  # a cut run continues
+      [ -f "$S/runs/text2mask-toy/.done" ] || { "$PY" train_text2mask.py "${GEN[@]}" --output-dir "$S/runs/text2mask-toy" --max-steps 2500 \
+        $(resume "$S/runs/text2mask-toy") && touch "$S/runs/text2mask-toy/.done"; } &
+      [ -f "$S/runs/mask2img-toy/.done" ] || "$PY" train_mask2img.py "${GEN[@]}" --output-dir "$S/runs/mask2img-toy" --max-steps 1500 \
+        $(resume "$S/runs/mask2img-toy") && touch "$S/runs/mask2img-toy/.done"
+      wait
+      [ -f "$S/runs/text2mask-toy/.done" ] && [ -f "$S/runs/mask2img-toy/.done" ] || { echo "bench/toy_issue24.sh: subset's generators did not finish" >&2; exit 1; }
+      "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --real-subset "$SUB" --mask2img "$S/runs/mask2img-toy" \
+        --out "$S/synth/imgsyn-toy" --per-sample 4 --steps 15 "${SAMPLE[@]}" &
+      "$PY" masksyn.py --data toy --captions "$CAP" --real-subset "$SUB" --text2mask "$S/runs/text2mask-toy" --mask2img "$S/runs/mask2img-toy" \
+        --out "$S/synth/masksyn-toy" --per-sample 4 --text2mask-steps 15 --mask2img-steps 15 "${SAMPLE[@]}"
+      wait
+      N=50 STEPS=$STEPS SUBSETS=$S/subsets SUBSET_RUN=$S bench/toy_table4.sh "$EXP" "$S/table4" real oracle-vae oracle-real imgsyn both \
+        imgsyn-subset both-subset ;;
+    knobs-seeds)
+      N=50 SEEDS="1 2" STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/knobs" both-p20 both-p40 both-p80 oracle-vae-p20 oracle-vae-p80 \
+        real-pretrain both-pretrain ;;
+    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds)" >&2; exit 2 ;;
   esac
 done
 log "done"
