@@ -18,8 +18,14 @@
 #   n400       N = 400 (all of the demo world), seeds 0 1 2: real, + oracle-VAE, + both
 #   subset     Table 4's other generators: Text2Mask and Mask2Img trained on one fixed 50-sample subset (--real-subset,
 #              RUN's steps), its ImgSyn and MaskSyn (4 per subset label), and N = 50 on that subset, seeds 0 1 2:
-#              real, + ImgSyn / + both from these generators and from RUN's all-data ones, + oracle-VAE, + oracle-real
+#              real, + ImgSyn / + both from these generators and from RUN's all-data ones (and + MaskSyn from those),
+#              + oracle-VAE, + oracle-real
 #   knobs-seeds  the knobs above under seeds 1 and 2 (the first session ran seed 0 only)
+#   vae-probe  VAEs alone on the base's 2000-image world (bench/toy_vae_probe.py $VAES), each behind the oracle in
+#              Table 4's N = 50 rows (random subsets, seeds 0 1 2)
+#   sharper    a base rebuilt with $BASE_ARGS (default: the probe's best, 16 latent channels, width 16, 3000 VAE
+#              steps) in EXP/base-$NAME, the demo's chain on it (reproduce.sh --base), its 200-label pools and
+#              alignment, and Table 4 on PART subset's fixed subset: + oracle-VAE, + ImgSyn, + MaskSyn, + both
 # lever runs one process; it was run beside the others (a second bench/toy_issue24.sh RUN EXP lever). As run for
 # docs/toy-results.md: every part with the defaults, except lever with LEVER_STEPS=2000 (the 3000-step run was
 # stopped at its step-2000 checkpoint for time and resumed to 2000).
@@ -28,10 +34,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
 RUN=$1 EXP=$2; shift 2
-PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds}
+[ -f "$RUN/world/captions_train.jsonl" ] || { echo "bench/toy_issue24.sh: RUN $RUN has no world/captions_train.jsonl; make it with ./reproduce.sh --preset toy --size demo --work $RUN" >&2; exit 2; }
+PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds vae-probe sharper}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$(pwd) HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE SEGGEN_THREADS=1 PYTHON=$PY
 STEPS=${STEPS:-800} LEVER_STEPS=${LEVER_STEPS:-3000}
+VAES=${VAES:-lat16-w8-s1500 f4-lat4-w8-s1500 lat16-w16-s3000} NAME=${NAME:-lat16-w16-s3000}
+BASE_ARGS=${BASE_ARGS:---vae-latent-channels 16 --vae-width 16 --vae-steps 3000}
 W=$RUN/world CAP=$RUN/world/captions_train.jsonl BASE=${BASE:-common/assets/toybase}  # BASE=DIR: RUN was made with --base DIR
 SEG=(--backbone hrnet-small --batch-size 8 --num-workers 0 --log-every 100)
 SAMPLE=(--resolution 64 --batch-size 16 --preview 0)
@@ -103,12 +112,29 @@ for part in $PARTS; do
       "$PY" masksyn.py --data toy --captions "$CAP" --real-subset "$SUB" --text2mask "$S/runs/text2mask-toy" --mask2img "$S/runs/mask2img-toy" \
         --out "$S/synth/masksyn-toy" --per-sample 4 --text2mask-steps 15 --mask2img-steps 15 "${SAMPLE[@]}"
       wait
-      N=50 STEPS=$STEPS SUBSETS=$S/subsets SUBSET_RUN=$S bench/toy_table4.sh "$EXP" "$S/table4" real oracle-vae oracle-real imgsyn both \
-        imgsyn-subset both-subset ;;
+      N=50 STEPS=$STEPS SUBSETS=$S/subsets SUBSET_RUN=$S bench/toy_table4.sh "$EXP" "$S/table4" real oracle-vae oracle-real imgsyn masksyn \
+        both imgsyn-subset both-subset ;;
     knobs-seeds)
       N=50 SEEDS="1 2" STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/knobs" both-p20 both-p40 both-p80 oracle-vae-p20 oracle-vae-p80 \
         real-pretrain both-pretrain ;;
-    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds)" >&2; exit 2 ;;
+    vae-probe)
+      [ -f "$EXP/world2000/captions_val.jsonl" ] || "$PY" -m common.toy.world "$EXP/world2000" --train 2000 --val 200 --seed 0
+      for v in $VAES; do
+        [ -f "$EXP/vae/$v/probe.json" ] || "$PY" bench/toy_vae_probe.py "$EXP/world2000" "$EXP/vae" "$v"
+        O=$EXP/vae/$v/run && mkdir -p "$O" && ln -sfn "$(realpath "$W")" "$O/world"
+        [ -f "$O/synth/oracle-vae-toy/manifest.jsonl" ] || "$PY" bench/toy.py oracle --world "$W" --limit 200 --vae "$EXP/vae/$v/vae" --out "$O/synth"
+        N=50 STEPS=$STEPS bench/toy_table4.sh "$O" "$O/table4" oracle-vae
+      done ;;
+    sharper)
+      [ -f "$EXP/world2000/captions_val.jsonl" ] || "$PY" -m common.toy.world "$EXP/world2000" --train 2000 --val 200 --seed 0
+      B=$EXP/base-$NAME D=$EXP/demo-$NAME
+      # shellcheck disable=SC2086
+      [ -f "$B/toybase.json" ] || "$PY" -m common.toy.base "$B" --world "$EXP/world2000" $BASE_ARGS
+      ./reproduce.sh --preset toy --size demo --base "$B" --work "$D"
+      BASE=$B "$0" "$D" "$D/exp" pools align
+      T=$D/exp/table4-fixed && mkdir -p "$T"
+      N=50 STEPS=$STEPS SUBSETS=$EXP/subset/subsets bench/toy_table4.sh "$D/exp" "$T" real oracle-real oracle-vae imgsyn masksyn both ;;
+    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds vae-probe sharper)" >&2; exit 2 ;;
   esac
 done
 log "done"

@@ -62,6 +62,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 4:
         sys.exit(__doc__)
     world, out = Path(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(1)  # one thread: the fastest for these tiny models on 2 cores (common/toy/base.py)
     for name in sys.argv[3:]:
         r = probe(world, out, name)
         print(f"{name}: {r['seconds']:.0f} s; val images PSNR {r['reconstruction_val']['psnr_db']:.2f} dB, "
