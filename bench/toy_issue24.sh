@@ -21,6 +21,8 @@
 #              real, + ImgSyn / + both from these generators and from RUN's all-data ones (and + MaskSyn from those),
 #              + oracle-VAE, + oracle-real
 #   knobs-seeds  the knobs above under seeds 1 and 2 (the first session ran seed 0 only)
+#   guidance   ImgSyn drawn again at classifier-free guidance $GUIDANCES (the demo's is 5), its alignment, and
+#              Table 4 on PART subset's fixed subset (+ ImgSyn per guidance)
 #   vae-probe  VAEs alone on the base's 2000-image world (bench/toy_vae_probe.py $VAES), each behind the oracle in
 #              Table 4's N = 50 rows (random subsets, seeds 0 1 2)
 #   sharper    a base rebuilt with $BASE_ARGS (default: the probe's best, 16 latent channels, width 16, 3000 VAE
@@ -35,11 +37,11 @@ cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
 RUN=$1 EXP=$2; shift 2
 [ -f "$RUN/world/captions_train.jsonl" ] || { echo "bench/toy_issue24.sh: RUN $RUN has no world/captions_train.jsonl; make it with ./reproduce.sh --preset toy --size demo --work $RUN" >&2; exit 2; }
-PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds vae-probe sharper}
+PARTS=${*:-curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds guidance vae-probe sharper}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$(pwd) HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE SEGGEN_THREADS=1 PYTHON=$PY
 STEPS=${STEPS:-800} LEVER_STEPS=${LEVER_STEPS:-3000}
-VAES=${VAES:-lat16-w8-s1500 f4-lat4-w8-s1500 lat16-w16-s3000} NAME=${NAME:-lat16-w16-s3000}
+GUIDANCES=${GUIDANCES:-1 2 8} VAES=${VAES:-lat16-w8-s1500 f4-lat4-w8-s1500 lat16-w16-s3000} NAME=${NAME:-lat16-w16-s3000}
 BASE_ARGS=${BASE_ARGS:---vae-latent-channels 16 --vae-width 16 --vae-steps 3000}
 W=$RUN/world CAP=$RUN/world/captions_train.jsonl BASE=${BASE:-common/assets/toybase}  # BASE=DIR: RUN was made with --base DIR
 SEG=(--backbone hrnet-small --batch-size 8 --num-workers 0 --log-every 100)
@@ -117,6 +119,15 @@ for part in $PARTS; do
     knobs-seeds)
       N=50 SEEDS="1 2" STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/knobs" both-p20 both-p40 both-p80 oracle-vae-p20 oracle-vae-p80 \
         real-pretrain both-pretrain ;;
+    guidance)
+      for g in $GUIDANCES; do
+        G=$EXP/guidance/g$g && mkdir -p "$G/synth" && ln -sfn "$(realpath "$W")" "$G/world"
+        "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$RUN/runs/mask2img-toy" \
+          --out "$G/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 --guidance "$g" "${SAMPLE[@]}"
+        "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$G/synth/imgsyn-toy" \
+          --floor "$RUN/eval/floor" --vae "$BASE" --out "$G/alignment.json"
+        N=50 STEPS=$STEPS SUBSETS=$EXP/subset/subsets bench/toy_table4.sh "$G" "$G/table4" imgsyn
+      done ;;
     vae-probe)
       [ -f "$EXP/world2000/captions_val.jsonl" ] || "$PY" -m common.toy.world "$EXP/world2000" --train 2000 --val 200 --seed 0
       for v in $VAES; do
@@ -134,7 +145,7 @@ for part in $PARTS; do
       BASE=$B "$0" "$D" "$D/exp" pools align
       T=$D/exp/table4-fixed && mkdir -p "$T"
       N=50 STEPS=$STEPS SUBSETS=$EXP/subset/subsets bench/toy_table4.sh "$D/exp" "$T" real oracle-real oracle-vae imgsyn masksyn both ;;
-    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds vae-probe sharper)" >&2; exit 2 ;;
+    *) echo "bench/toy_issue24.sh: unknown part $part (curve pools align table4 knobs pool-size lever segall n400 subset knobs-seeds guidance vae-probe sharper)" >&2; exit 2 ;;
   esac
 done
 log "done"
