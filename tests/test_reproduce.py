@@ -150,6 +150,24 @@ def test_toy_preset_dry_run_prints_the_chain_and_table4():
     assert sorted(ROOT.iterdir()) == before
 
 
+def test_toy_base_of_ones_own_reaches_every_stage_and_bad_ones_are_named(tmp_path):
+    """--base DIR (e.g. a base built with a sharper VAE, docs/toy-results.md): the trainers, the floor and the
+    oracle read it instead of the shipped one; a folder that is no pipeline, a paper run, or --base with
+    --build-base is refused with the flag named."""
+    base = tmp_path / "mybase"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    lines = run("--preset", "toy", "--dry-run", "--base", str(base)).stdout.splitlines()[1:]
+    users = [x for x in lines if any(k in x for k in ("train_text2mask.py", "train_mask2img.py", " floor ", " oracle "))]
+    assert len(users) == 4 and all(str(base) in x for x in users)
+    assert not any("common/assets/toybase" in x for x in lines)
+    for args, message in [(("--preset", "toy", "--base", str(tmp_path)), "is not a pipeline folder (no model_index.json)"),
+                          (("--preset", "paper", "--base", str(base)), "--base is for --preset toy"),
+                          (("--preset", "toy", "--base", str(base), "--build-base"), "--base and --build-base exclude each other")]:
+        r = run(*args, "--dry-run")
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
 def test_toy_smoke_chain_writes_report_and_results(tmp_path):
     work = tmp_path / "toy"
     env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, whatever virtualenv it is
