@@ -31,6 +31,12 @@
 # lever runs one process; it was run beside the others (a second bench/toy_issue24.sh RUN EXP lever). As run for
 # docs/toy-results.md: every part with the defaults, except lever with LEVER_STEPS=2000 (the 3000-step run was
 # stopped at its step-2000 checkpoint for time and resumed to 2000).
+# Second session (docs/toy-results.md, "Issue 24, continued"): subset, guidance, knobs-seeds and vae-probe with the
+# defaults; sharper twice, with the defaults and with NAME=lat4-w16-s3000 BASE_ARGS="--vae-latent-channels 4
+# --vae-width 16 --vae-steps 3000" (the base shipped since ab1762b); its real and oracle-real rows were linked from
+# PART subset's runs rather than run again (they do not depend on the base). Every part before sharper ran with
+# the base shipped before ab1762b: to repeat them as run, pass BASE=DIR with that base
+# (git worktree add OLD a21da22; BASE=OLD/common/assets/toybase) and a RUN made from it (--base the same).
 # Tables: python bench/toy_table4.py EXP/table4 (and EXP/knobs, EXP/pool-size, EXP/lever, EXP/n400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
