@@ -40,7 +40,7 @@ def probe(world: Path, out: Path, name: str) -> dict:
     val_images, _ = load_world(world, "val")
     val_maps, val_labels = load_maps(world, "val")
     torch.manual_seed(cfg.seed)
-    vae = _vae(cfg.vae_channels, cfg.vae_logvar_init, cfg.vae_groups, cfg.vae_latent_channels)
+    vae = _vae(cfg.vae_channels, logvar_init=cfg.vae_logvar_init, groups=cfg.vae_groups, latent_channels=cfg.vae_latent_channels)
     t, cpu = time.perf_counter(), time.process_time()
     with Progress() as progress:
         losses = train_vae(vae, images, maps, cfg, progress)

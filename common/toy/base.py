@@ -21,7 +21,8 @@ encoders, "text_time" conditioning, a VAE with 4 latent channels downsampling by
 Measured (docs/toy-results.md): GroupNorm with one channel per group (8 groups on 8 channels) left 31% of
 colour-map pixels off the palette after 300 VAE steps, 4 channels per group 17%; the VAE shipped before
 issue 24's second session (blocks 8, 16, 32, 32; 1500 steps) left 5.6%, the shipped one (blocks 16, 32, 64,
-64; 3000 steps) 2.3%, and the demo's generators on it met both demo marks (docs/toy-results.md). `--vae-factor 4` gives 16x16 latents (a UNet step then costs ~3x more). The result is written with
+64; 3000 steps) 2.3%, and the demo's generators on it met both demo marks (docs/toy-results.md).
+`--vae-factor 4` gives 16x16 latents (a UNet step then costs ~3x more). The result is written with
 save_pretrained, so `--pretrained OUT` loads it like any pipeline folder. Same world, same seed, same
 settings give the same weights (on one machine; float reductions may differ across CPUs).
 OUT/toybase.json records the settings, losses, timings (wall and CPU), the VAE's held-out
@@ -347,8 +348,10 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
     pipe.text_encoder = CLIPTextModel(_clip_text_config(tok, 32, 32))
     pipe.text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tok_2, 32, 32))
     pipe.register_modules(tokenizer=tok, tokenizer_2=tok_2, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
-    pipe.vae = _vae(cfg.vae_channels, cfg.vae_logvar_init, cfg.vae_groups, cfg.vae_latent_channels)
-    pipe.unet = _unet(cfg.unet_channels, 64 // vae_factor(cfg.vae_channels), cfg.unet_groups, cfg.vae_latent_channels)
+    pipe.vae = _vae(cfg.vae_channels, logvar_init=cfg.vae_logvar_init, groups=cfg.vae_groups,
+                    latent_channels=cfg.vae_latent_channels)
+    pipe.unet = _unet(cfg.unet_channels, latent_size=64 // vae_factor(cfg.vae_channels), groups=cfg.unet_groups,
+                      latent_channels=cfg.vae_latent_channels)
     pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
     record = {"world": str(world), "train_images": len(images), "config": asdict(cfg), "torch_threads": torch.get_num_threads()}
     cpu0 = time.process_time()
