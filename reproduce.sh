@@ -3,7 +3,7 @@
 #   caption -> train Text2Mask -> train Mask2Img -> MaskSyn + ImgSyn -> Mask2Former (real | real+synthetic) -> metrics
 #
 #   ./reproduce.sh --preset paper --data ade20k --data-root PATH --gpus 8     the paper's settings
-#   ./reproduce.sh --preset toy                                               the toy world, learned from scratch on 2 CPU cores (~45 min)
+#   ./reproduce.sh --preset toy                                               the toy world, learned from scratch on 2 CPU cores (~24 min)
 #   ./reproduce.sh --preset toy --size demo                                   the same at reduced size (make demo, ~10 min)
 #   ./reproduce.sh --preset tiny                                              tiny random models, built-in samples (plumbing smoke test)
 #   ./reproduce.sh ... --dry-run                                              print the exact commands, run nothing
