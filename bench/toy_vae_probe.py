@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from common.toy.base import BaseConfig, _vae, load_maps, load_world, map_roundtrip, reconstruction_error, train_vae
+from common.toy.base import (BaseConfig, _vae, load_maps, load_world, map_roundtrip, reconstruction_error, set_scaling_factor,
+                             train_vae)
 
 
 def config(name: str) -> BaseConfig:
@@ -48,9 +49,7 @@ def probe(world: Path, out: Path, name: str) -> dict:
               "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
               "torch_threads": torch.get_num_threads(), "loss_last100": sum(losses[-100:]) / 100}
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        mean = torch.cat([vae.encode(images[i:i + 200]).latent_dist.mean for i in range(0, len(images), 200)])
-    vae.register_to_config(scaling_factor=float(1 / mean.std()))  # SD's rule, as common/toy/base.py build
+    set_scaling_factor(vae, images)  # as common/toy/base.py build
     record["reconstruction_val"] = reconstruction_error(vae, val_images)
     record["colormaps_val"] = map_roundtrip(vae, val_maps, val_labels)
     vae.save_pretrained(out / name / "vae")

@@ -211,6 +211,16 @@ def map_roundtrip(vae, maps: torch.Tensor, labels: np.ndarray) -> dict:
     return {"psnr_db": float(-10 * torch.log10(mse)), "class_right": float(right), "off_palette": float(off)}
 
 
+@torch.no_grad()
+def set_scaling_factor(vae, images: torch.Tensor, batch: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the VAE's scaling_factor by SD's rule, 1 / std of the latents (unit-variance latents for the diffusion
+    model), from the posteriors of `images`; returns those posteriors' means and stds, unscaled."""
+    posts = [vae.encode(images[i:i + batch]).latent_dist for i in range(0, len(images), batch)]
+    mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
+    vae.register_to_config(scaling_factor=float(1 / mean.std()))
+    return mean, std
+
+
 def _log_line(progress, task) -> None:
     """A plain line every 100 steps when stderr is a log file (rich draws its bar only on a terminal)."""
     t = progress.tasks[task]
@@ -362,11 +372,8 @@ def build(out: Path, world: Path, cfg: BaseConfig) -> dict:
         vae_losses = train_vae(pipe.vae, images, maps, cfg, progress)
         pipe.vae.eval().requires_grad_(False)
         record["vae_seconds"] = time.perf_counter() - t
-        with torch.no_grad():  # posterior (mean, std) of every training image, unscaled
-            posts = [pipe.vae.encode(images[i:i + 200]).latent_dist for i in range(0, len(images), 200)]
-            mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
-        scale = float(1 / mean.std())  # SD's rule: unit-variance latents for the diffusion model
-        pipe.vae.register_to_config(scaling_factor=scale)
+        mean, std = set_scaling_factor(pipe.vae, images)
+        scale = pipe.vae.config.scaling_factor
         record["vae_scaling_factor"] = scale
         record["vae_reconstruction_val"] = reconstruction_error(pipe.vae, val_images)
         record["vae_colormaps_val"] = map_roundtrip(pipe.vae, val_maps, val_labels)
