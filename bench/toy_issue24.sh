@@ -52,6 +52,20 @@ BASE_ARGS=${BASE_ARGS:---vae-latent-channels 16 --vae-width 16 --vae-steps 3000}
 W=$RUN/world CAP=$RUN/world/captions_train.jsonl BASE=${BASE:-common/assets/toybase}  # BASE=DIR: RUN was made with --base DIR
 SEG=(--backbone hrnet-small --batch-size 8 --num-workers 0 --log-every 100)
 SAMPLE=(--resolution 64 --batch-size 16 --preview 0)
+# the demo's generator training flags (reproduce.sh's toy GEN_TRAIN_ARGS)
+GEN=(--data toy --data-root "$W" --captions "$CAP" --pretrained "$BASE" --resolution 64 --lr 1e-3 --global-batch-size 16
+     --batch-size 16 --num-workers 0 --caption-dropout 0.1 --ema --cache-latents --center-crop --checkpointing-steps 500
+     --validation-steps 0 --report-to none)
+imgsyn() {  # imgsyn MASK2IMG OUT [FLAG...]: one ImgSyn image for each of the first 200 training labels
+  local m2i=$1 out=$2; shift 2
+  "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$m2i" --out "$out" --limit 200 \
+    --per-sample 1 --steps 15 "${SAMPLE[@]}" "$@"
+}
+align() {  # align IMGSYN OUT: its alignment with RUN's alignment segmenter and floor
+  "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$1" --floor "$RUN/eval/floor" \
+    --vae "$BASE" --out "$2"
+}
+world2000() { [ -f "$EXP/world2000/captions_val.jsonl" ] || "$PY" -m common.toy.world "$EXP/world2000" --train 2000 --val 200 --seed 0; }
 mkdir -p "$EXP/synth"
 [ -e "$EXP/world" ] || ln -s "$(realpath "$W")" "$EXP/world"
 log() { echo "== $(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg): $*"; }
@@ -64,14 +78,12 @@ for part in $PARTS; do
       "$PY" bench/toy_curve.py "$EXP/curve/n50-real-s0" ;;
     pools)
       [ -f "$EXP/synth/oracle-vae-toy/manifest.jsonl" ] || "$PY" bench/toy.py oracle --world "$W" --limit 200 --vae "$BASE" --out "$EXP/synth"
-      "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$RUN/runs/mask2img-toy" \
-        --out "$EXP/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 "${SAMPLE[@]}" &
+      imgsyn "$RUN/runs/mask2img-toy" "$EXP/synth/imgsyn-toy" &
       "$PY" masksyn.py --data toy --captions "$CAP" --text2mask "$RUN/runs/text2mask-toy" --mask2img "$RUN/runs/mask2img-toy" \
         --out "$EXP/synth/masksyn-toy" --limit 200 --per-sample 1 --text2mask-steps 15 --mask2img-steps 15 "${SAMPLE[@]}"
       wait ;;
     align)
-      "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$EXP/synth/imgsyn-toy" \
-        --floor "$RUN/eval/floor" --vae "$BASE" --out "$EXP/alignment.json" ;;
+      align "$EXP/synth/imgsyn-toy" "$EXP/alignment.json" ;;
     table4)
       N=50 STEPS=$STEPS bench/toy_table4.sh "$EXP" "$EXP/table4" real oracle-vae oracle-real imgsyn masksyn both ;;
     knobs)
@@ -83,17 +95,13 @@ for part in $PARTS; do
       M2I=$EXP/runs/mask2img-toy-$LEVER_STEPS
       if [ ! -f "$M2I/.done" ]; then
         mkdir -p "$M2I" && cp -rn "$RUN/runs/mask2img-toy/." "$M2I/"
-        "$PY" train_mask2img.py --data toy --data-root "$W" --captions "$CAP" --output-dir "$M2I" --max-steps "$LEVER_STEPS" \
-          --pretrained "$BASE" --resolution 64 --lr 1e-3 --batch-size 16 --num-workers 0 --caption-dropout 0.1 --ema \
-          --cache-latents --center-crop --checkpointing-steps 500 --validation-steps 0 --report-to none --resume latest
+        "$PY" train_mask2img.py "${GEN[@]}" --output-dir "$M2I" --max-steps "$LEVER_STEPS" --resume latest
         touch "$M2I/.done"
       fi
       L=$EXP/lever
       mkdir -p "$L/synth" && ln -sfn "$(realpath "$W")" "$L/world"
-      "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$M2I" \
-        --out "$L/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 "${SAMPLE[@]}"
-      "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$L/synth/imgsyn-toy" \
-        --floor "$RUN/eval/floor" --vae "$BASE" --out "$L/alignment.json"
+      imgsyn "$M2I" "$L/synth/imgsyn-toy"
+      align "$L/synth/imgsyn-toy" "$L/alignment.json"
       N=50 STEPS=$STEPS bench/toy_table4.sh "$L" "$L/table4" imgsyn ;;
     segall)
       [ -f "$EXP/curve/all-real-s0/metrics.json" ] || "$PY" train_seg.py --data toy --data-root "$W" --strategy real --seed 0 \
@@ -105,13 +113,10 @@ for part in $PARTS; do
       S=$EXP/subset SUB=$EXP/subset/subsets/n50.txt
       mkdir -p "$S/synth" "$S/subsets" && ln -sfn "$(realpath "$W")" "$S/world"
       [ -f "$SUB" ] || "$PY" -m common.data.subset --data toy --data-root "$W" --n 50 --seed 0 --out "$SUB"
-      GEN=(--data toy --data-root "$W" --captions "$CAP" --real-subset "$SUB" --pretrained "$BASE" --resolution 64 --lr 1e-3
-           --global-batch-size 16 --batch-size 16 --num-workers 0 --caption-dropout 0.1 --ema --cache-latents --center-crop --checkpointing-steps 500
-           --validation-steps 0 --report-to none)
       resume() { compgen -G "$1/checkpoint-*" > /dev/null && echo "--resume latest" || true; }  # a cut run continues
-      [ -f "$S/runs/text2mask-toy/.done" ] || { "$PY" train_text2mask.py "${GEN[@]}" --output-dir "$S/runs/text2mask-toy" --max-steps 2500 \
+      [ -f "$S/runs/text2mask-toy/.done" ] || { "$PY" train_text2mask.py "${GEN[@]}" --real-subset "$SUB" --output-dir "$S/runs/text2mask-toy" --max-steps 2500 \
         $(resume "$S/runs/text2mask-toy") && touch "$S/runs/text2mask-toy/.done"; } &
-      [ -f "$S/runs/mask2img-toy/.done" ] || "$PY" train_mask2img.py "${GEN[@]}" --output-dir "$S/runs/mask2img-toy" --max-steps 1500 \
+      [ -f "$S/runs/mask2img-toy/.done" ] || "$PY" train_mask2img.py "${GEN[@]}" --real-subset "$SUB" --output-dir "$S/runs/mask2img-toy" --max-steps 1500 \
         $(resume "$S/runs/mask2img-toy") && touch "$S/runs/mask2img-toy/.done"
       wait
       [ -f "$S/runs/text2mask-toy/.done" ] && [ -f "$S/runs/mask2img-toy/.done" ] || { echo "bench/toy_issue24.sh: subset's generators did not finish" >&2; exit 1; }
@@ -128,14 +133,12 @@ for part in $PARTS; do
     guidance)
       for g in $GUIDANCES; do
         G=$EXP/guidance/g$g && mkdir -p "$G/synth" && ln -sfn "$(realpath "$W")" "$G/world"
-        "$PY" imgsyn.py --data toy --data-root "$W" --split train --captions "$CAP" --mask2img "$RUN/runs/mask2img-toy" \
-          --out "$G/synth/imgsyn-toy" --limit 200 --per-sample 1 --steps 15 --guidance "$g" "${SAMPLE[@]}"
-        "$PY" bench/toy.py align --segmenter "$RUN/runs/seg-toy-all/model" --world "$W" --imgsyn "$G/synth/imgsyn-toy" \
-          --floor "$RUN/eval/floor" --vae "$BASE" --out "$G/alignment.json"
+        imgsyn "$RUN/runs/mask2img-toy" "$G/synth/imgsyn-toy" --guidance "$g"
+        align "$G/synth/imgsyn-toy" "$G/alignment.json"
         N=50 STEPS=$STEPS SUBSETS=$EXP/subset/subsets bench/toy_table4.sh "$G" "$G/table4" imgsyn
       done ;;
     vae-probe)
-      [ -f "$EXP/world2000/captions_val.jsonl" ] || "$PY" -m common.toy.world "$EXP/world2000" --train 2000 --val 200 --seed 0
+      world2000
       for v in $VAES; do
         [ -f "$EXP/vae/$v/probe.json" ] || "$PY" bench/toy_vae_probe.py "$EXP/world2000" "$EXP/vae" "$v"
         O=$EXP/vae/$v/run && mkdir -p "$O" && ln -sfn "$(realpath "$W")" "$O/world"
@@ -143,7 +146,7 @@ for part in $PARTS; do
         N=50 STEPS=$STEPS bench/toy_table4.sh "$O" "$O/table4" oracle-vae
       done ;;
     sharper)
-      [ -f "$EXP/world2000/captions_val.jsonl" ] || "$PY" -m common.toy.world "$EXP/world2000" --train 2000 --val 200 --seed 0
+      world2000
       B=$EXP/base-$NAME D=$EXP/demo-$NAME
       # shellcheck disable=SC2086
       [ -f "$B/toybase.json" ] || "$PY" -m common.toy.base "$B" --world "$EXP/world2000" $BASE_ARGS
